@@ -1,0 +1,19 @@
+//! The database schema, as sea-orm migrations that run the same on SQLite and PostgreSQL.
+//!
+//! Run them with the `migrations` command (`migrations up|down|status`) or, in tests and
+//! the first-run script, through [`Migrator`] directly.
+
+pub use sea_orm_migration::MigratorTrait;
+use sea_orm_migration::prelude::*;
+
+mod m0001_initial;
+
+/// Every migration, oldest first.
+pub struct Migrator;
+
+#[async_trait::async_trait]
+impl MigratorTrait for Migrator {
+    fn migrations() -> Vec<Box<dyn MigrationTrait>> {
+        vec![Box::new(m0001_initial::Migration)]
+    }
+}

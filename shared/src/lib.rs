@@ -1,0 +1,20 @@
+//! Code shared by the `web` and `worker` binaries.
+//!
+//! - [`domain`]: validated domain types (parse, don't validate).
+//! - [`entities`]: sea-orm entities, one file per table.
+//! - [`queries`]: database queries, generic over `ConnectionTrait` so they run inside a
+//!   transaction or on a pool, from either binary.
+//! - [`jobs`]: job payloads put on the Redis queue.
+//! - [`queue`]: the producer side of the Redis queue (enqueue + wake the workers).
+//! - [`settings`]: configuration read from the environment.
+//! - [`telemetry`]: tracing set-up.
+//! - [`db`]: database connections.
+
+pub mod db;
+pub mod domain;
+pub mod entities;
+pub mod jobs;
+pub mod queries;
+pub mod queue;
+pub mod settings;
+pub mod telemetry;

@@ -1,0 +1,87 @@
+//! The dispatch outbox (see [`crate::entities::dispatch`]).
+
+use chrono::{DateTime, Utc};
+use sea_orm::sea_query::{Expr, ExprTrait};
+use sea_orm::{
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
+    QueryOrder, QuerySelect, Set,
+};
+
+use crate::entities::dispatch::{self, Column, Entity};
+
+/// Writes a dispatch for `feedback_id`, due at `due_at`; returns its id.
+pub async fn create<C: ConnectionTrait>(db: &C, feedback_id: i64, due_at: DateTime<Utc>) -> Result<i64, DbErr> {
+    let model = dispatch::ActiveModel {
+        feedback_id: Set(feedback_id),
+        created_at: Set(super::now()),
+        due_at: Set(due_at),
+        enqueued_at: Set(None),
+        enqueue_count: Set(0),
+        completed_at: Set(None),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    Ok(model.id)
+}
+
+/// Records that dispatch `id` was handed to Redis.
+pub async fn mark_enqueued<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+    Entity::update_many()
+        .col_expr(Column::EnqueuedAt, Expr::value(super::now()))
+        .col_expr(Column::EnqueueCount, Expr::col(Column::EnqueueCount).add(1))
+        .filter(Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Records that a job for dispatch `id` finished (whatever the deliveries' outcomes).
+pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+    Entity::update_many()
+        .col_expr(Column::CompletedAt, Expr::value(super::now()))
+        .filter(Column::Id.eq(id))
+        .filter(Column::CompletedAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Dispatches the relay should enqueue now, oldest first, at most `limit`:
+/// due and never enqueued (and older than `grace`, leaving the web time to enqueue it
+/// itself), or enqueued before `stuck_before` and still not completed (the job was lost).
+pub async fn due_for_relay<C: ConnectionTrait>(
+    db: &C,
+    grace: chrono::Duration,
+    stuck_before: DateTime<Utc>,
+    limit: u64,
+) -> Result<Vec<dispatch::Model>, DbErr> {
+    let now = super::now();
+    Entity::find()
+        .filter(Column::CompletedAt.is_null())
+        .filter(Column::DueAt.lte(now))
+        .filter(
+            Condition::any()
+                .add(
+                    Condition::all()
+                        .add(Column::EnqueuedAt.is_null())
+                        .add(Column::CreatedAt.lte(now - grace)),
+                )
+                .add(
+                    Condition::all()
+                        .add(Column::EnqueuedAt.is_null())
+                        .add(Expr::col(Column::DueAt).gt(Expr::col(Column::CreatedAt))),
+                )
+                .add(Column::EnqueuedAt.lt(stuck_before)),
+        )
+        .order_by_asc(Column::DueAt)
+        .limit(limit)
+        .all(db)
+        .await
+}
+
+/// Outstanding (not completed) dispatches: the backlog not yet announced.
+pub async fn outstanding<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
+    use sea_orm::PaginatorTrait;
+    Entity::find().filter(Column::CompletedAt.is_null()).count(db).await
+}

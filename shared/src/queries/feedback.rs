@@ -1,0 +1,69 @@
+//! Feedback messages.
+
+use sea_orm::{
+    ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, Set, TransactionSession, TransactionTrait,
+};
+
+use crate::domain::NewFeedback;
+use crate::entities::{dispatch, feedback_message};
+
+/// Ids written by [`insert_with_dispatch`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Submitted {
+    /// The new feedback message.
+    pub feedback_id: i64,
+    /// Its dispatch record (the job to enqueue after commit).
+    pub dispatch_id: i64,
+}
+
+/// Stores `feedback` and its dispatch record in one transaction.
+///
+/// When this returns `Ok`, both rows are committed: the visitor's message is durable and
+/// will be announced even if enqueueing fails afterwards (the relay picks it up).
+pub async fn insert_with_dispatch<C>(db: &C, feedback: &NewFeedback) -> Result<Submitted, DbErr>
+where
+    C: TransactionTrait,
+{
+    let txn = db.begin().await?;
+    let submitted = insert_with_dispatch_in(&txn, feedback).await?;
+    txn.commit().await?;
+    Ok(submitted)
+}
+
+/// The inserts of [`insert_with_dispatch`], on a caller's connection or transaction.
+pub async fn insert_with_dispatch_in<C>(db: &C, feedback: &NewFeedback) -> Result<Submitted, DbErr>
+where
+    C: ConnectionTrait,
+{
+    let now = super::now();
+    let message = feedback_message::ActiveModel {
+        submitter_name: Set(feedback.submitter_name.as_str().to_owned()),
+        submitter_email: Set(feedback.submitter_email.as_str().to_owned()),
+        content: Set(feedback.content.as_str().to_owned()),
+        created_at: Set(now),
+        read_at: Set(None),
+        handled_at: Set(None),
+        ..Default::default()
+    }
+    .insert(db)
+    .await?;
+    let dispatch_id = super::dispatch::create(db, message.id, now).await?;
+    Ok(Submitted {
+        feedback_id: message.id,
+        dispatch_id,
+    })
+}
+
+/// The feedback message `id`, if it exists.
+pub async fn find<C: ConnectionTrait>(db: &C, id: i64) -> Result<Option<feedback_message::Model>, DbErr> {
+    feedback_message::Entity::find_by_id(id).one(db).await
+}
+
+/// Counts feedback messages (used by tests and status pages).
+pub async fn count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
+    use sea_orm::PaginatorTrait;
+    feedback_message::Entity::find().count(db).await
+}
+
+/// The dispatch entity, re-exported for callers that inspect the outbox.
+pub use dispatch::Entity as DispatchEntity;

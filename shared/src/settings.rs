@@ -1,0 +1,233 @@
+//! Configuration, read once at start-up from the environment (and a `.env` file if present).
+//!
+//! Variables read (see the README for the full reference):
+//! `DATABASE_URL`, `REDIS_URL`, `REDIS_NAMESPACE`, `BIND`, `PUBLIC_URL`, `SECRET_KEY`,
+//! `VAPID_PRIVATE_KEY`, `VAPID_PUBLIC_KEY`, `VAPID_SUBJECT`, `PUSH_ALLOWED_HOSTS`,
+//! `SUBMIT_RATE_LIMIT`, `PUSH_TTL_SECS`, `PUSH_TIMEOUT_MS`, `PUSH_CONCURRENCY`,
+//! `PUSH_MAX_ATTEMPTS`, `PUSH_RETRY_BASE_MS`, `PUSH_RETRY_CAP_SECS`, `RELAY_INTERVAL_MS`,
+//! `RELAY_GRACE_MS`, `QUEUE_POLL_MS`, `SHUTDOWN_TIMEOUT_SECS`, `LOG_FORMAT`.
+//!
+//! Everything is parsed here (URLs, durations, numbers), so a bad value stops the
+//! process at start-up with a message naming the variable, never later at first use.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use secrecy::SecretString;
+use url::Url;
+
+use crate::domain::PushHostPolicy;
+
+/// A variable that is missing or can't be parsed.
+#[derive(Debug, thiserror::Error)]
+#[error("{name}: {problem}")]
+pub struct SettingsError {
+    /// The environment variable at fault.
+    pub name: &'static str,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// Everything either binary can be configured with.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Database connection URL (`sqlite://...` or `postgres://...`).
+    pub database_url: String,
+    /// Redis connection URL; a database index (`/7`) isolates an instance.
+    pub redis_url: String,
+    /// Prefix of every Redis key Tidings writes, so several instances (or tests) can
+    /// share one Redis database.
+    pub redis_namespace: String,
+    /// Web settings.
+    pub web: WebSettings,
+    /// Web Push settings (VAPID keys, allowed push services, delivery policy).
+    pub push: PushSettings,
+    /// Worker and queue settings.
+    pub worker: WorkerSettings,
+}
+
+/// Settings of the web process.
+#[derive(Debug, Clone)]
+pub struct WebSettings {
+    /// Address to listen on; port 0 picks a free port (tests).
+    pub bind: SocketAddr,
+    /// Base of absolute links (notification click targets).
+    pub public_url: Url,
+    /// Key for CSRF tokens and session cookies; at least 32 bytes.
+    pub secret_key: Option<SecretString>,
+    /// Feedback submissions allowed per client address per minute; 0 = no limit.
+    pub submit_rate_limit: u32,
+}
+
+/// Settings of Web Push delivery.
+#[derive(Debug, Clone)]
+pub struct PushSettings {
+    /// VAPID private key: the raw 32-byte P-256 scalar, base64url.
+    pub vapid_private_key: Option<SecretString>,
+    /// VAPID public key: the 65-byte uncompressed point, base64url (given to browsers).
+    pub vapid_public_key: Option<String>,
+    /// VAPID `sub` claim: a `mailto:` or `https:` contact for the push services.
+    pub vapid_subject: String,
+    /// Which push-service endpoints subscriptions may point at.
+    pub allowed_hosts: PushHostPolicy,
+    /// How long the push service keeps an undelivered message.
+    pub ttl: Duration,
+    /// Time limit of one request to a push service.
+    pub request_timeout: Duration,
+    /// Pushes in flight at once per fan-out job.
+    pub concurrency: usize,
+    /// Attempts per delivery before it is recorded as failed.
+    pub max_attempts: u32,
+    /// First retry delay; doubles each attempt, with jitter.
+    pub retry_base: Duration,
+    /// Longest retry delay.
+    pub retry_cap: Duration,
+}
+
+/// Settings of worker processes and the queue.
+#[derive(Debug, Clone)]
+pub struct WorkerSettings {
+    /// How often the dispatch relay runs (once per tick across all workers).
+    pub relay_interval: Duration,
+    /// Age a dispatch record must reach before the relay enqueues it, leaving the web
+    /// time to enqueue it itself after commit.
+    pub relay_grace: Duration,
+    /// Fallback poll interval of idle workers (they are normally woken on push).
+    pub poll_interval: Duration,
+    /// Time in-flight jobs get to finish on SIGTERM/SIGINT.
+    pub shutdown_timeout: Duration,
+}
+
+impl Settings {
+    /// Reads `.env` (if present) and then the process environment.
+    pub fn from_env() -> Result<Self, SettingsError> {
+        // A missing .env is normal; a malformed one is reported by the values it breaks.
+        let _ = dotenvy::dotenv();
+        Self::from_map(&std::env::vars().collect())
+    }
+
+    /// Builds settings from a map of variables (the environment, or a test's map).
+    pub fn from_map(vars: &HashMap<String, String>) -> Result<Self, SettingsError> {
+        let env = Env(vars);
+        let bind: SocketAddr = env.parse("BIND", "127.0.0.1:8000")?;
+        let public_url = match env.get("PUBLIC_URL") {
+            Some(raw) => parse_url("PUBLIC_URL", raw)?,
+            None => parse_url("PUBLIC_URL", &format!("http://{bind}"))?,
+        };
+        let secret_key = env.get("SECRET_KEY").map(|s| SecretString::from(s.to_owned()));
+        if let Some(key) = env.get("SECRET_KEY")
+            && key.len() < 32
+        {
+            return Err(SettingsError {
+                name: "SECRET_KEY",
+                problem: "must be at least 32 characters".into(),
+            });
+        }
+        let allowed_hosts = match env.get("PUSH_ALLOWED_HOSTS") {
+            Some(raw) => PushHostPolicy::parse(raw).map_err(|e| SettingsError {
+                name: "PUSH_ALLOWED_HOSTS",
+                problem: e.to_string(),
+            })?,
+            None => PushHostPolicy::default(),
+        };
+        let vapid_subject = env.get("VAPID_SUBJECT").unwrap_or("mailto:admin@localhost");
+        if !(vapid_subject.starts_with("mailto:") || vapid_subject.starts_with("https:")) {
+            return Err(SettingsError {
+                name: "VAPID_SUBJECT",
+                problem: "must start with mailto: or https:".into(),
+            });
+        }
+        Ok(Self {
+            database_url: env
+                .get("DATABASE_URL")
+                .unwrap_or("sqlite://data/tidings.sqlite?mode=rwc")
+                .to_owned(),
+            redis_url: env
+                .get("REDIS_URL")
+                .unwrap_or("redis://127.0.0.1:6379")
+                .to_owned(),
+            redis_namespace: env.get("REDIS_NAMESPACE").unwrap_or("tidings").to_owned(),
+            web: WebSettings {
+                bind,
+                public_url,
+                secret_key,
+                submit_rate_limit: env.parse("SUBMIT_RATE_LIMIT", "10")?,
+            },
+            push: PushSettings {
+                vapid_private_key: env
+                    .get("VAPID_PRIVATE_KEY")
+                    .map(|s| SecretString::from(s.to_owned())),
+                vapid_public_key: env.get("VAPID_PUBLIC_KEY").map(str::to_owned),
+                vapid_subject: vapid_subject.to_owned(),
+                allowed_hosts,
+                ttl: Duration::from_secs(env.parse("PUSH_TTL_SECS", "3600")?),
+                request_timeout: Duration::from_millis(env.parse("PUSH_TIMEOUT_MS", "10000")?),
+                concurrency: env.parse("PUSH_CONCURRENCY", "64")?,
+                max_attempts: env.parse("PUSH_MAX_ATTEMPTS", "5")?,
+                retry_base: Duration::from_millis(env.parse("PUSH_RETRY_BASE_MS", "1000")?),
+                retry_cap: Duration::from_secs(env.parse("PUSH_RETRY_CAP_SECS", "600")?),
+            },
+            worker: WorkerSettings {
+                relay_interval: Duration::from_millis(env.parse("RELAY_INTERVAL_MS", "1000")?),
+                relay_grace: Duration::from_millis(env.parse("RELAY_GRACE_MS", "5000")?),
+                poll_interval: Duration::from_millis(env.parse("QUEUE_POLL_MS", "1000")?),
+                shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECS", "30")?),
+            },
+        })
+    }
+}
+
+fn parse_url(name: &'static str, raw: &str) -> Result<Url, SettingsError> {
+    Url::parse(raw).map_err(|e| SettingsError {
+        name,
+        problem: format!("not a URL: {e}"),
+    })
+}
+
+/// Read access to the variables, treating empty values as unset.
+struct Env<'a>(&'a HashMap<String, String>);
+
+impl Env<'_> {
+    fn get(&self, name: &str) -> Option<&str> {
+        self.0.get(name).map(|s| s.trim()).filter(|s| !s.is_empty())
+    }
+
+    fn parse<T>(&self, name: &'static str, default: &str) -> Result<T, SettingsError>
+    where
+        T: std::str::FromStr,
+        T::Err: std::fmt::Display,
+    {
+        let raw = self.get(name).unwrap_or(default);
+        raw.parse().map_err(|e| SettingsError {
+            name,
+            problem: format!("{raw:?} is not valid: {e}"),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_apply_when_nothing_is_set() {
+        let settings = Settings::from_map(&HashMap::new()).expect("defaults are valid");
+        assert_eq!(settings.redis_url, "redis://127.0.0.1:6379");
+        assert_eq!(settings.web.bind.port(), 8000);
+        assert_eq!(settings.push.ttl, Duration::from_secs(3600));
+    }
+
+    #[test]
+    fn a_bad_number_names_its_variable() {
+        let vars = HashMap::from([("SUBMIT_RATE_LIMIT".to_owned(), "ten".to_owned())]);
+        let err = Settings::from_map(&vars).expect_err("must fail");
+        assert_eq!(err.name, "SUBMIT_RATE_LIMIT");
+    }
+
+    #[test]
+    fn a_short_secret_key_is_refused() {
+        let vars = HashMap::from([("SECRET_KEY".to_owned(), "short".to_owned())]);
+        assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "SECRET_KEY");
+    }
+}
