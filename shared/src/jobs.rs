@@ -7,8 +7,8 @@
 
 use serde::{Deserialize, Serialize};
 
-/// Name of the queue that carries [`FanOut`] jobs (the apalis-redis namespace).
-pub const FAN_OUT_QUEUE: &str = "tidings:fanout";
+/// Name of the queue that carries [`FanOut`] jobs (inside the Redis namespace).
+pub const FAN_OUT_QUEUE: &str = "fanout";
 
 /// Why a payload can't be run by this build.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

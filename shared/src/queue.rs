@@ -1,1 +1,228 @@
-//! placeholder (being written)
+//! The Redis job queue, as both binaries see it.
+//!
+//! apalis-redis is the engine; this module fixes what its defaults get wrong for us
+//! (see `docs/ARCHITECTURE.md`):
+//!
+//! - **Wake on push.** After every push the producer `PUBLISH`es on the namespace's wake
+//!   channel; workers subscribe to it and fetch at once, with a slow fallback timer
+//!   (`QUEUE_POLL_MS`) in case a message is missed.
+//! - **Payloads never crash a worker.** Jobs travel as raw bytes ([`RawJob`]) through a
+//!   codec that cannot fail ([`RawCodec`]); the handler parses them and dead-letters what
+//!   it can't read, so a malformed payload can't kill the worker's fetch loop.
+//! - **No task-locking `LREM` per job** (`lock_tasks(false)`): every job is idempotent
+//!   against the database, which is what guards against double work.
+//! - **Idempotency keys on**: a dispatch record is enqueued at most once per enqueue
+//!   attempt, so a relay racing the web can't pile up copies.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use apalis_core::backend::codec::Codec;
+use apalis_core::task::builder::TaskBuilder;
+use apalis_redis::{Config, ConnectionManager};
+use redis::AsyncCommands;
+use serde::{Deserialize, Serialize};
+
+use crate::jobs::{FAN_OUT_QUEUE, FanOut};
+
+/// How long pushes may take before a submission stops waiting for Redis.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Attempts apalis-redis may make of one job when the handler reports an
+/// infrastructure error (database down). Per-delivery retries are ours, in the database.
+pub const JOB_MAX_ATTEMPTS: usize = 25;
+
+/// Why the queue could not take a job.
+#[derive(Debug, thiserror::Error)]
+pub enum QueueError {
+    /// Redis refused or could not be reached.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// apalis-redis failed to push.
+    #[error("queue: {0}")]
+    Backend(#[from] apalis_redis::Error),
+    /// Redis did not answer in time.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// The payload could not be encoded.
+    #[error("payload: {0}")]
+    Encode(#[from] serde_json::Error),
+}
+
+/// A job's payload exactly as stored in Redis; parsed by the handler, not the engine.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RawJob(pub Vec<u8>);
+
+impl RawJob {
+    /// Parses the payload; the error text is what a dead letter records.
+    pub fn parse<T: for<'de> Deserialize<'de>>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_slice(&self.0)
+    }
+}
+
+/// A codec that hands the stored bytes to the handler untouched, so decoding never fails
+/// inside apalis (where a failure would stop the worker).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RawCodec;
+
+impl Codec<RawJob> for RawCodec {
+    type Error = Infallible;
+    type Compact = Vec<u8>;
+
+    fn encode(&self, val: &RawJob) -> Result<Vec<u8>, Infallible> {
+        Ok(val.0.clone())
+    }
+
+    fn decode(&self, val: &Vec<u8>) -> Result<RawJob, Infallible> {
+        Ok(RawJob(val.clone()))
+    }
+}
+
+/// The apalis-redis configuration of `queue` inside `namespace`.
+pub fn config_for_queue(namespace: &str, queue: &str) -> Config {
+    Config::default()
+        .queue(format!("{namespace}:{queue}"))
+        .lock_tasks(false)
+        .idempotency_ttl(Some(Duration::from_secs(24 * 3600)))
+        .persist_results(false)
+        .emit_events(false)
+}
+
+/// The pub/sub channel producers publish on after each push.
+pub fn wake_channel(namespace: &str) -> String {
+    format!("{namespace}:wake")
+}
+
+/// The Redis list malformed or abandoned jobs are kept in, newest first.
+pub fn dead_letter_list(namespace: &str) -> String {
+    format!("{namespace}:dead-letters")
+}
+
+/// A dead letter: a job the worker will not run, kept for an operator.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeadLetter {
+    /// The queue the job came from.
+    pub queue: String,
+    /// The stored payload, lossily decoded as text.
+    pub payload: String,
+    /// Why it was not run.
+    pub error: String,
+    /// Attempt number when it was given up.
+    pub attempt: usize,
+    /// When it was given up (RFC 3339).
+    pub at: String,
+}
+
+/// Redis as a job queue: push jobs and wake the workers.
+#[derive(Clone)]
+pub struct JobQueue {
+    conn: ConnectionManager,
+    namespace: String,
+    fan_out: Config,
+}
+
+impl std::fmt::Debug for JobQueue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("JobQueue").field("namespace", &self.namespace).finish_non_exhaustive()
+    }
+}
+
+impl JobQueue {
+    /// Connects to `redis_url`, giving up after [`CONNECT_TIMEOUT`].
+    pub async fn connect(redis_url: &str, namespace: &str) -> Result<Self, QueueError> {
+        let client = redis::Client::open(redis_url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(CONNECT_TIMEOUT))
+            .set_response_timeout(Some(CONNECT_TIMEOUT))
+            .set_number_of_retries(1);
+        let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_connection_manager_with_config(config))
+            .await
+            .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
+        Ok(Self {
+            conn,
+            namespace: namespace.to_owned(),
+            fan_out: config_for_queue(namespace, FAN_OUT_QUEUE),
+        })
+    }
+
+    /// The key namespace every key of this queue lives under.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The apalis-redis configuration of the fan-out queue.
+    pub fn fan_out_config(&self) -> &Config {
+        &self.fan_out
+    }
+
+    /// A connection sharing this queue's multiplexed link.
+    pub fn connection(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Puts a fan-out job on the queue and wakes a worker.
+    ///
+    /// The idempotency key is the dispatch record and its enqueue count, so the same
+    /// enqueue attempt retried lands once, while a deliberate re-enqueue (relay of a lost
+    /// job) is accepted.
+    pub async fn enqueue_fan_out(&self, job: FanOut, enqueue_count: i32) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(&job)?;
+        let task = TaskBuilder::new(payload)
+            .max_attempts(JOB_MAX_ATTEMPTS)
+            .idempotency_key(format!("dispatch-{}-{}", job.dispatch_id, enqueue_count))
+            .build();
+        let mut conn = self.conn.clone();
+        let push = async {
+            apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, &[task]).await?;
+            let _: i64 = conn.publish(wake_channel(&self.namespace), FAN_OUT_QUEUE).await?;
+            Ok::<_, QueueError>(())
+        };
+        tokio::time::timeout(CONNECT_TIMEOUT, push)
+            .await
+            .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))?
+    }
+
+    /// Stores a dead letter for an operator to inspect.
+    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let body = serde_json::to_string(letter)?;
+        let _: i64 = conn.lpush(dead_letter_list(&self.namespace), body).await?;
+        Ok(())
+    }
+
+    /// The stored dead letters, newest first.
+    pub async fn dead_letters(&self, limit: isize) -> Result<Vec<DeadLetter>, QueueError> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = conn.lrange(dead_letter_list(&self.namespace), 0, limit - 1).await?;
+        Ok(raw.iter().filter_map(|r| serde_json::from_str(r).ok()).collect())
+    }
+
+    /// `PING`: is Redis answering?
+    pub async fn ping(&self) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        tokio::time::timeout(CONNECT_TIMEOUT, redis::cmd("PING").query_async::<String>(&mut conn))
+            .await
+            .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_codec_never_fails_and_round_trips() {
+        let garbage = vec![0xff, 0x00, b'{'];
+        let job = RawCodec.decode(&garbage).expect("infallible");
+        assert_eq!(RawCodec.encode(&job).expect("infallible"), garbage);
+        assert!(job.parse::<FanOut>().is_err());
+    }
+
+    #[test]
+    fn keys_live_under_the_namespace() {
+        assert_eq!(wake_channel("t1"), "t1:wake");
+        assert_eq!(dead_letter_list("t1"), "t1:dead-letters");
+        assert!(config_for_queue("t1", FAN_OUT_QUEUE).scheduled_jobs_set().contains("t1:"));
+    }
+}

@@ -1,0 +1,3 @@
+//! Admin authentication: password hashing (and, in submodules, sessions and login).
+
+pub mod password;

@@ -1,0 +1,74 @@
+//! The after-commit step: hand a committed feedback's dispatch record to the queue.
+//!
+//! It runs after the transaction committed, in the background, so the visitor's answer
+//! never waits for Redis. If Redis is down the record stays un-enqueued and the worker's
+//! relay enqueues it later: nothing is lost, and nothing is ever enqueued for a
+//! transaction that rolled back (this code only sees committed ids).
+
+use sea_orm::DatabaseConnection;
+use shared::jobs::FanOut;
+use shared::queries::feedback::Submitted;
+use shared::queue::JobQueue;
+use tokio::sync::Mutex;
+
+/// Connects to Redis lazily and re-connects after failures, so the web starts and keeps
+/// accepting feedback while Redis is down.
+pub struct Dispatcher {
+    /// Database pool, to mark records enqueued.
+    db: DatabaseConnection,
+    /// Redis URL of the queue.
+    redis_url: String,
+    /// Key namespace of the queue.
+    namespace: String,
+    /// The connected queue, once a connection succeeded.
+    queue: Mutex<Option<JobQueue>>,
+}
+
+impl Dispatcher {
+    /// A dispatcher for the queue at `redis_url` / `namespace`; connects on first use.
+    pub fn new(db: DatabaseConnection, redis_url: &str, namespace: &str) -> Self {
+        Self {
+            db,
+            redis_url: redis_url.to_owned(),
+            namespace: namespace.to_owned(),
+            queue: Mutex::new(None),
+        }
+    }
+
+    /// The queue, connecting if needed.
+    pub async fn queue(&self) -> Option<JobQueue> {
+        let mut guard = self.queue.lock().await;
+        if guard.is_none() {
+            match JobQueue::connect(&self.redis_url, &self.namespace).await {
+                Ok(queue) => *guard = Some(queue),
+                Err(e) => tracing::warn!(error = %e, "queue.connect failed; the relay will enqueue later"),
+            }
+        }
+        guard.clone()
+    }
+
+    /// Enqueues the job of a committed submission and marks its record; failures are
+    /// logged and left to the relay.
+    pub async fn announce(&self, submitted: Submitted) {
+        let Some(queue) = self.queue().await else { return };
+        let job = FanOut::new(submitted.feedback_id, submitted.dispatch_id);
+        if let Err(e) = queue.enqueue_fan_out(job, 0).await {
+            tracing::warn!(
+                feedback_id = submitted.feedback_id,
+                error = %e,
+                "queue.enqueue failed; the relay will enqueue later"
+            );
+            return;
+        }
+        if let Err(e) = shared::queries::dispatch::mark_enqueued(&self.db, submitted.dispatch_id).await {
+            // The job is queued; at worst the relay enqueues it once more (jobs are idempotent).
+            tracing::warn!(dispatch_id = submitted.dispatch_id, error = %e, "dispatch.mark_enqueued failed");
+        }
+    }
+
+    /// Runs [`Dispatcher::announce`] in the background.
+    pub fn announce_in_background(self: &std::sync::Arc<Self>, submitted: Submitted) {
+        let this = std::sync::Arc::clone(self);
+        tokio::spawn(async move { this.announce(submitted).await });
+    }
+}

@@ -1,0 +1,105 @@
+//! The outermost layer: turns every error into a uniform page (HTML, or JSON under the
+//! JSON routes) and puts the security headers on every response, errors included.
+//!
+//! poem's `SetHeader` skips error responses, and its own error bodies can carry internal
+//! text (the static-files 403 leaks paths), so neither is used for this.
+
+use poem::http::{HeaderValue, StatusCode, header};
+use poem::{Endpoint, IntoResponse, Request, Response};
+
+use crate::error::WebError;
+
+/// Content-Security-Policy: no inline script anywhere, no framing.
+const CSP: &str = "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
+connect-src 'self'; worker-src 'self'; manifest-src 'self'; object-src 'none'; base-uri 'none'; \
+form-action 'self'; frame-ancestors 'none'";
+
+/// Whether responses under `path` are JSON.
+fn is_json_route(path: &str) -> bool {
+    path.starts_with("/api/") || path.starts_with("/admin/push/")
+}
+
+/// Wraps an endpoint: errors rendered, security headers added.
+pub async fn respond<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response> {
+    let json = is_json_route(req.uri().path());
+    let https = req.uri().scheme_str() == Some("https")
+        || req.headers().get("x-forwarded-proto").is_some_and(|v| v == "https");
+    let mut response = match ep.call(req).await {
+        Ok(response) => response.into_response(),
+        Err(e) => error_response(&e, json),
+    };
+    add_security_headers(&mut response, https);
+    Ok(response)
+}
+
+fn error_response(e: &poem::Error, json: bool) -> Response {
+    let (status, message, retry_after) = match e.downcast_ref::<WebError>() {
+        Some(web) => {
+            // WebError::as_response logs 5xx causes; rendering here must log them too.
+            let _ = poem::error::ResponseError::as_response(web);
+            let retry = match web {
+                WebError::RateLimited { retry_after_secs } => Some(*retry_after_secs),
+                _ => None,
+            };
+            if let (true, WebError::Validation(errors)) = (json, web) {
+                return poem::web::Json(serde_json::json!({ "errors": errors }))
+                    .with_status(StatusCode::UNPROCESSABLE_ENTITY)
+                    .into_response();
+            }
+            (web.status(), web.public_message(), retry)
+        }
+        None => {
+            let status = e.status();
+            if status.is_server_error() {
+                tracing::error!(error = %e, "request.internal_error");
+            }
+            (status, generic_message(status).to_owned(), None)
+        }
+    };
+    let mut response = if json {
+        poem::web::Json(serde_json::json!({ "error": message }))
+            .with_status(status)
+            .into_response()
+    } else {
+        crate::templates::error_page(status, &message)
+    };
+    if let Some(secs) = retry_after {
+        response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+    }
+    response
+}
+
+/// A message for errors raised outside our handlers (routing, body parsing).
+fn generic_message(status: StatusCode) -> &'static str {
+    match status {
+        StatusCode::NOT_FOUND => "There is no page at this address.",
+        StatusCode::METHOD_NOT_ALLOWED => "This address does not accept that method.",
+        StatusCode::PAYLOAD_TOO_LARGE => "The request is too large.",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "The request body has an unsupported content type.",
+        StatusCode::FORBIDDEN => "You are not allowed to do that.",
+        StatusCode::UNAUTHORIZED => "Please log in first.",
+        s if s.is_client_error() => "The request could not be understood.",
+        StatusCode::SERVICE_UNAVAILABLE => "The service is briefly unavailable. Please try again in a moment.",
+        _ => "Something went wrong on our side. Please try again.",
+    }
+}
+
+fn add_security_headers(response: &mut Response, https: bool) {
+    let headers = response.headers_mut();
+    let fixed = [
+        (header::CONTENT_SECURITY_POLICY, CSP),
+        (header::X_FRAME_OPTIONS, "DENY"),
+        (header::X_CONTENT_TYPE_OPTIONS, "nosniff"),
+        (header::REFERRER_POLICY, "same-origin"),
+    ];
+    for (name, value) in fixed {
+        headers.insert(name, HeaderValue::from_static(value));
+    }
+    headers.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
+    if https {
+        headers.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=63072000; includeSubDomains"),
+        );
+    }
+}

@@ -1,0 +1,42 @@
+//! `GET /healthz` (the process is up) and `GET /readyz` (database and Redis answer).
+
+use std::time::Duration;
+
+use poem::http::StatusCode;
+use poem::web::{Data, Json};
+use poem::{IntoResponse, Response, Route, get, handler};
+use sea_orm::ConnectionTrait;
+
+use crate::state::AppState;
+
+/// The routes of this module, mounted at `/`.
+pub fn router() -> Route {
+    Route::new().at("/healthz", get(healthz)).at("/readyz", get(readyz))
+}
+
+#[handler]
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+#[handler]
+async fn readyz(state: Data<&AppState>) -> Response {
+    let database = tokio::time::timeout(Duration::from_secs(2), state.db.execute_unprepared("SELECT 1"))
+        .await
+        .is_ok_and(|r| r.is_ok());
+    let redis = redis_answers(&state.settings.redis_url).await;
+    let status = if database && redis { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let word = |ok: bool| if ok { "ok" } else { "unavailable" };
+    Json(serde_json::json!({ "database": word(database), "redis": word(redis) }))
+        .with_status(status)
+        .into_response()
+}
+
+async fn redis_answers(url: &str) -> bool {
+    let ping = async {
+        let client = redis::Client::open(url)?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        redis::cmd("PING").query_async::<String>(&mut conn).await
+    };
+    matches!(tokio::time::timeout(Duration::from_secs(2), ping).await, Ok(Ok(_)))
+}
