@@ -1,0 +1,245 @@
+//! The worker process: connects, builds the apalis worker and the periodic tasks, and
+//! runs until SIGTERM/SIGINT (or [`ShutdownHandle::shutdown`]).
+//!
+//! It fails loudly: if the apalis worker dies (Redis errors it cannot get past), the
+//! returned error makes `worker run` exit non-zero so a supervisor restarts it, instead
+//! of the stock behaviour of logging a warning and exiting 0.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use apalis::prelude::WorkerBuilderExt;
+use apalis_core::backend::ext::BackendExt;
+use apalis_core::task::attempt::Attempt;
+use apalis_core::task::data::Data;
+use apalis_core::worker::builder::WorkerBuilder;
+use apalis_redis::RedisStorage;
+use secrecy::SecretString;
+use shared::jobs::FanOut;
+use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob};
+use shared::settings::Settings;
+use tokio::sync::watch;
+
+use crate::context::WorkerContext;
+use crate::jobs::{JobError, fan_out, relay};
+use crate::push::{PushSender, PushSenderConfig};
+use crate::queue::{Periodic, wake_stream, worker_name};
+
+/// A built worker process, ready to run.
+pub struct Application {
+    ctx: WorkerContext,
+    concurrency: usize,
+    name: String,
+    stop_tx: watch::Sender<bool>,
+}
+
+/// Stops a running [`Application`] as SIGTERM would: no new jobs, in-flight ones finish.
+#[derive(Clone)]
+pub struct ShutdownHandle {
+    stop_tx: watch::Sender<bool>,
+}
+
+impl ShutdownHandle {
+    /// Asks the worker to stop.
+    pub fn shutdown(&self) {
+        let _ = self.stop_tx.send(true);
+    }
+}
+
+impl Application {
+    /// Connects to the database and Redis and prepares a worker running up to
+    /// `concurrency` jobs at once.
+    pub async fn build(settings: Settings, concurrency: usize) -> anyhow::Result<Self> {
+        let private_key = settings.push.vapid_private_key.clone().context(
+            "VAPID_PRIVATE_KEY is not set: run `web vapid generate` and put its output in .env",
+        )?;
+        let sender = PushSender::new(sender_config(&settings, private_key))?;
+        let db = shared::db::connect(&settings.database_url).await?;
+        let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
+            .await
+            .context("connecting to Redis (REDIS_URL)")?;
+        let name = worker_name(shared::jobs::FAN_OUT_QUEUE);
+        let (stop_tx, _) = watch::channel(false);
+        Ok(Self {
+            ctx: WorkerContext {
+                db,
+                sender: Arc::new(sender),
+                queue,
+                settings: Arc::new(settings),
+            },
+            concurrency: concurrency.max(1),
+            name,
+            stop_tx,
+        })
+    }
+
+    /// This process's unique worker name.
+    pub fn worker_name(&self) -> &str {
+        &self.name
+    }
+
+    /// A handle that stops this worker.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle {
+            stop_tx: self.stop_tx.clone(),
+        }
+    }
+
+    /// Runs until a signal or the shutdown handle; an error means a worker died.
+    pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        let Self {
+            ctx,
+            concurrency,
+            name,
+            stop_tx,
+        } = self;
+        let settings = Arc::clone(&ctx.settings);
+
+        // OS signals feed the same stop channel as the handle.
+        let signal_tx = stop_tx.clone();
+        tokio::spawn(async move {
+            shutdown_signal().await;
+            let _ = signal_tx.send(true);
+        });
+        let stopped = {
+            let rx = stop_tx.subscribe();
+            move || wait_for_stop(rx.clone())
+        };
+
+        let periodic = Periodic::new(ctx.queue.connection(), ctx.queue.namespace());
+        let relay_ctx = ctx.clone();
+        let relay = tokio::spawn(periodic.every(
+            "relay",
+            settings.worker.relay_interval,
+            stopped(),
+            move || {
+                let ctx = relay_ctx.clone();
+                async move {
+                    if let Err(e) = relay::run(&ctx).await {
+                        tracing::warn!(error = %e, "relay.failed");
+                    }
+                }
+            },
+        ));
+
+        let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
+            .with_config(ctx.queue.fan_out_config().clone())
+            .with_codec(RawCodec)
+            .poll_with_stream(wake_stream(
+                &settings.redis_url,
+                shared::queue::wake_channel(ctx.queue.namespace()),
+                settings.worker.poll_interval,
+            ));
+        let worker = WorkerBuilder::new(name.clone())
+            .backend(storage)
+            .data(ctx.clone())
+            .concurrency(concurrency)
+            .build(handle_fan_out);
+        tracing::info!(worker = %name, concurrency, "worker.started");
+
+        let shutdown_timeout = settings.worker.shutdown_timeout;
+        let stop = stopped();
+        let result = worker
+            .run_until(async move {
+                stop.await;
+                tracing::info!("worker.draining");
+                Ok::<(), std::io::Error>(())
+            })
+            .await;
+        // The relay stops on the same signal; don't wait on it longer than the drain.
+        let _ = tokio::time::timeout(shutdown_timeout, relay).await;
+        match result {
+            Ok(()) => {
+                tracing::info!(worker = %name, "worker.stopped");
+                Ok(())
+            }
+            Err(e) => {
+                tracing::error!(worker = %name, error = %e, "worker.died");
+                Err(anyhow::anyhow!("worker {name} died: {e}"))
+            }
+        }
+    }
+}
+
+fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {
+    PushSenderConfig {
+        vapid_private_key: private_key,
+        vapid_subject: settings.push.vapid_subject.clone(),
+        ttl: settings.push.ttl,
+        request_timeout: settings.push.request_timeout,
+        allowed_hosts: settings.push.allowed_hosts.clone(),
+    }
+}
+
+async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
+    // An error means every sender is gone: nobody can stop us any more, so stop now.
+    let _ = rx.wait_for(|stop| *stop).await;
+}
+
+/// The apalis handler of the fan-out queue: parses the payload, runs the job, and
+/// dead-letters what can never run instead of failing the worker.
+async fn handle_fan_out(
+    job: RawJob,
+    ctx: Data<WorkerContext>,
+    attempt: Attempt,
+) -> Result<(), JobError> {
+    let parsed = job
+        .parse::<FanOut>()
+        .map_err(|e| JobError::Permanent(format!("malformed payload: {e}")))
+        .and_then(|payload| {
+            payload
+                .check_version()
+                .map(|()| payload)
+                .map_err(|e| JobError::Permanent(e.to_string()))
+        });
+    let result = match parsed {
+        Ok(payload) => fan_out::run(payload, &ctx).await,
+        Err(e) => Err(e),
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(JobError::Permanent(reason)) => {
+            tracing::error!(attempt = attempt.current(), %reason, "job.dead_lettered");
+            let letter = DeadLetter {
+                queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
+                payload: String::from_utf8_lossy(&job.0).into_owned(),
+                error: reason,
+                attempt: attempt.current(),
+                at: chrono::Utc::now().to_rfc3339(),
+            };
+            // Completing the job keeps it from being retried; the letter keeps it visible.
+            ctx.queue
+                .dead_letter(&letter)
+                .await
+                .map_err(|e| JobError::Retryable(e.into()))
+        }
+        Err(e @ JobError::Retryable(_)) => {
+            tracing::warn!(attempt = attempt.current(), error = %e, "job.failed; apalis will retry it");
+            Err(e)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("worker.shutdown_requested");
+}

@@ -1,0 +1,22 @@
+//! The context every job runs with.
+
+use std::sync::Arc;
+
+use sea_orm::DatabaseConnection;
+use shared::queue::JobQueue;
+use shared::settings::Settings;
+
+use crate::push::PushSender;
+
+/// Shared by all jobs of a worker process; cheap to clone.
+#[derive(Clone)]
+pub struct WorkerContext {
+    /// Database pool.
+    pub db: DatabaseConnection,
+    /// Sends Web Pushes (one HTTP client and VAPID signature cache per process).
+    pub sender: Arc<PushSender>,
+    /// Producer side of the queue, used by the relay and to schedule retries.
+    pub queue: JobQueue,
+    /// The process's settings.
+    pub settings: Arc<Settings>,
+}

@@ -1,0 +1,246 @@
+//! The fan-out job: send one feedback message to every push subscription.
+//!
+//! Subscriptions are read in pages (memory stays flat however many there are) and each
+//! delivery is *claimed* in the database before its push is sent (see
+//! `shared::queries::delivery`), so re-running the job — a retry, a second worker during
+//! a graceful drain, the relay re-enqueueing a lost job — never sends a subscription the
+//! same message twice. Deliveries that may succeed later are retried on their own: the
+//! job records when each is due and leaves a dispatch record for that time.
+
+use std::time::Duration;
+
+use chrono::Utc;
+use futures::StreamExt;
+use shared::domain::Notification;
+use shared::entities::push_subscription;
+use shared::jobs::FanOut;
+use shared::queries::delivery::{self, Outcome};
+use shared::queries::{dispatch, feedback, subscription};
+
+use super::{JobError, backoff};
+use crate::context::WorkerContext;
+use crate::push::{PushMessage, PushOutcome, PushTarget, Urgency};
+
+/// Subscriptions read and claimed per page.
+const PAGE: u64 = 500;
+
+/// Runs one fan-out job.
+pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
+    job.check_version()
+        .map_err(|e| JobError::Permanent(e.to_string()))?;
+    let Some(message) = feedback::find(&ctx.db, job.feedback_id).await? else {
+        // Deleted since it was submitted: there is nothing left to announce.
+        dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
+        return Ok(());
+    };
+    let notification = Notification::for_feedback(
+        message.id,
+        &message.submitter_name,
+        &message.content,
+        &ctx.settings.web.public_url,
+    );
+    let run = Run {
+        ctx,
+        feedback_id: message.id,
+        payload: notification.to_payload(),
+        topic: format!("feedback{}", message.id),
+        token: uuid::Uuid::new_v4().simple().to_string(),
+    };
+    let stats = run.deliver_all().await?;
+    if let Some(due) = delivery::next_due(&ctx.db, message.id).await? {
+        dispatch::create(&ctx.db, message.id, due).await?;
+    }
+    dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
+    tracing::info!(
+        feedback_id = message.id,
+        sent = stats.sent,
+        retrying = stats.retrying,
+        failed = stats.failed,
+        gone = stats.gone,
+        "fan_out.finished"
+    );
+    Ok(())
+}
+
+/// Counts of outcomes in one run.
+#[derive(Debug, Default, Clone, Copy)]
+struct Stats {
+    sent: usize,
+    retrying: usize,
+    failed: usize,
+    gone: usize,
+}
+
+impl Stats {
+    fn add(&mut self, other: Stats) {
+        self.sent += other.sent;
+        self.retrying += other.retrying;
+        self.failed += other.failed;
+        self.gone += other.gone;
+    }
+}
+
+/// One execution of the job.
+struct Run<'a> {
+    ctx: &'a WorkerContext,
+    feedback_id: i64,
+    payload: Vec<u8>,
+    topic: String,
+    /// Marks the deliveries this run claimed.
+    token: String,
+}
+
+impl Run<'_> {
+    /// How long a claim holds: longer than any single send can take.
+    fn lease(&self) -> chrono::DateTime<Utc> {
+        let hold = self.ctx.settings.push.request_timeout * 2 + Duration::from_secs(10);
+        shared::queries::now()
+            + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(60))
+    }
+
+    async fn deliver_all(&self) -> Result<Stats, JobError> {
+        let db = &self.ctx.db;
+        let mut stats = Stats::default();
+        // Retries that are due, and claims abandoned by a crashed worker.
+        delivery::claim_due(db, self.feedback_id, &self.token, self.lease()).await?;
+        stats.add(self.send_claimed().await?);
+        let mut after = 0;
+        loop {
+            let ids = subscription::ids_after(db, after, PAGE).await?;
+            let Some(&last) = ids.last() else { break };
+            after = last;
+            delivery::claim_new(db, self.feedback_id, &ids, &self.token, self.lease()).await?;
+            stats.add(self.send_claimed().await?);
+        }
+        Ok(stats)
+    }
+
+    /// Sends every delivery this run holds a claim on, with bounded concurrency.
+    async fn send_claimed(&self) -> Result<Stats, JobError> {
+        let db = &self.ctx.db;
+        let claimed = delivery::claimed(db, self.feedback_id, &self.token).await?;
+        if claimed.is_empty() {
+            return Ok(Stats::default());
+        }
+        let ids: Vec<i64> = claimed.iter().map(|c| c.subscription_id).collect();
+        let subscriptions = subscription::by_ids(db, &ids).await?;
+        let attempts_of = |id: i64| {
+            claimed
+                .iter()
+                .find(|c| c.subscription_id == id)
+                .map_or(1, |c| c.attempts)
+        };
+        let concurrency = self.ctx.settings.push.concurrency.max(1);
+        let results: Vec<Result<Stats, JobError>> = futures::stream::iter(subscriptions)
+            .map(|sub| {
+                let attempts = attempts_of(sub.id);
+                async move { self.deliver(sub, attempts).await }
+            })
+            .buffer_unordered(concurrency)
+            .collect()
+            .await;
+        let mut stats = Stats::default();
+        for result in results {
+            stats.add(result?);
+        }
+        Ok(stats)
+    }
+
+    /// Sends to one subscription and records the outcome.
+    async fn deliver(
+        &self,
+        sub: push_subscription::Model,
+        attempts: i32,
+    ) -> Result<Stats, JobError> {
+        let db = &self.ctx.db;
+        let push = &self.ctx.settings.push;
+        let target = PushTarget {
+            endpoint: &sub.endpoint,
+            p256dh: &sub.p256dh,
+            auth: &sub.auth,
+        };
+        let message = PushMessage {
+            payload: &self.payload,
+            topic: &self.topic,
+            urgency: Urgency::High,
+        };
+        let outcome = self.ctx.sender.send(&target, &message).await;
+        let mut stats = Stats::default();
+        match outcome {
+            PushOutcome::Delivered => {
+                delivery::finish(db, self.feedback_id, sub.id, &self.token, &Outcome::Sent).await?;
+                subscription::record_success(db, sub.id).await?;
+                stats.sent = 1;
+            }
+            PushOutcome::Gone { status } => {
+                tracing::info!(subscription_id = sub.id, status, "push.subscription_gone");
+                subscription::delete(db, sub.id).await?;
+                stats.gone = 1;
+            }
+            PushOutcome::Retry {
+                reason,
+                retry_after,
+            } => {
+                let attempts = u32::try_from(attempts).unwrap_or(1);
+                if attempts >= push.max_attempts {
+                    let reason = format!("gave up after {attempts} attempts: {reason}");
+                    tracing::warn!(subscription_id = sub.id, feedback_id = self.feedback_id, %reason, "push.failed");
+                    delivery::finish(
+                        db,
+                        self.feedback_id,
+                        sub.id,
+                        &self.token,
+                        &Outcome::Failed {
+                            reason: reason.clone(),
+                        },
+                    )
+                    .await?;
+                    subscription::record_failure(db, sub.id, &reason).await?;
+                    stats.failed = 1;
+                } else {
+                    let wait =
+                        backoff::delay(attempts, push.retry_base, push.retry_cap, retry_after);
+                    let at = shared::queries::now()
+                        + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
+                    tracing::info!(
+                        subscription_id = sub.id,
+                        feedback_id = self.feedback_id,
+                        attempt = attempts,
+                        retry_in_ms = wait.as_millis() as u64,
+                        %reason,
+                        "push.retry_scheduled"
+                    );
+                    delivery::finish(
+                        db,
+                        self.feedback_id,
+                        sub.id,
+                        &self.token,
+                        &Outcome::Retry { at, reason },
+                    )
+                    .await?;
+                    stats.retrying = 1;
+                }
+            }
+            PushOutcome::Rejected { status, reason } => {
+                let reason = match status {
+                    Some(code) => format!("{code}: {reason}"),
+                    None => reason,
+                };
+                tracing::warn!(subscription_id = sub.id, feedback_id = self.feedback_id, %reason, "push.rejected");
+                delivery::finish(
+                    db,
+                    self.feedback_id,
+                    sub.id,
+                    &self.token,
+                    &Outcome::Failed {
+                        reason: reason.clone(),
+                    },
+                )
+                .await?;
+                subscription::record_failure(db, sub.id, &reason).await?;
+                stats.failed = 1;
+            }
+        }
+        Ok(stats)
+    }
+}

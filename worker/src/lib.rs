@@ -1,0 +1,15 @@
+//! The Tidings worker: consumes jobs from Redis, sends Web Pushes, runs periodic work.
+//!
+//! - [`context`]: what every job gets (database, push sender, settings, queue producer).
+//! - [`jobs`]: one module per job (fan-out, relay), each `pub` so tests can run it directly.
+//! - [`push`]: the Web Push sender (VAPID, aes128gcm, outcome classification).
+//! - [`queue`]: apalis wiring: polling, wake-up on push, graceful shutdown, periodic ticks.
+//! - [`app`]: the worker process: builds everything and runs until stopped.
+//! - [`status`]: `worker status`, what an operator checks first.
+
+pub mod app;
+pub mod context;
+pub mod jobs;
+pub mod push;
+pub mod queue;
+pub mod status;
