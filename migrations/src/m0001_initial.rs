@@ -2,8 +2,8 @@
 
 use sea_orm_migration::prelude::*;
 use sea_orm_migration::schema::{
-    big_integer, big_pk_auto, integer, string, string_null, string_uniq, text, text_uniq,
-    timestamp_with_time_zone, timestamp_with_time_zone_null,
+    big_integer, big_pk_auto, integer, string, string_null, string_uniq, text, text_uniq, timestamp_with_time_zone,
+    timestamp_with_time_zone_null,
 };
 
 /// Creates the initial tables and indexes.
@@ -147,11 +147,7 @@ impl MigrationTrait for Migration {
                     .col(string_null(Deliveries::LastError))
                     .col(timestamp_with_time_zone_null(Deliveries::SentAt))
                     .col(timestamp_with_time_zone(Deliveries::UpdatedAt))
-                    .primary_key(
-                        Index::create()
-                            .col(Deliveries::FeedbackId)
-                            .col(Deliveries::SubscriptionId),
-                    )
+                    .primary_key(Index::create().col(Deliveries::FeedbackId).col(Deliveries::SubscriptionId))
                     .foreign_key(
                         ForeignKey::create()
                             .from(Deliveries::Table, Deliveries::FeedbackId)
@@ -210,9 +206,7 @@ impl MigrationTrait for Migration {
         // proportional to the backlog, not to history (same syntax on both backends).
         manager
             .get_connection()
-            .execute_unprepared(
-                "CREATE INDEX dispatches_outstanding ON dispatches (due_at) WHERE completed_at IS NULL",
-            )
+            .execute_unprepared("CREATE INDEX dispatches_outstanding ON dispatches (due_at) WHERE completed_at IS NULL")
             .await?;
         Ok(())
     }

@@ -23,11 +23,14 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
         .connect_timeout(Duration::from_secs(3))
         .acquire_timeout(Duration::from_secs(3))
         .sqlx_logging(false);
-    let db = Database::connect(options)
-        .await
-        .context("connecting to the database (DATABASE_URL)")?;
+    let db = Database::connect(options).await.context("connecting to the database (DATABASE_URL)")?;
     if db.get_database_backend() == DbBackend::Sqlite {
-        for pragma in ["PRAGMA journal_mode = WAL", "PRAGMA busy_timeout = 5000", "PRAGMA foreign_keys = ON", "PRAGMA synchronous = NORMAL"] {
+        for pragma in [
+            "PRAGMA journal_mode = WAL",
+            "PRAGMA busy_timeout = 5000",
+            "PRAGMA foreign_keys = ON",
+            "PRAGMA synchronous = NORMAL",
+        ] {
             db.execute_unprepared(pragma).await.with_context(|| pragma.to_owned())?;
         }
     }

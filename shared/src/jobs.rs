@@ -40,20 +40,13 @@ impl FanOut {
 
     /// A job for `feedback_id`, created from dispatch record `dispatch_id`.
     pub fn new(feedback_id: i64, dispatch_id: i64) -> Self {
-        Self {
-            version: Self::VERSION,
-            feedback_id,
-            dispatch_id,
-        }
+        Self { version: Self::VERSION, feedback_id, dispatch_id }
     }
 
     /// Refuses payloads written by a newer build.
     pub fn check_version(&self) -> Result<(), PayloadError> {
         if self.version > Self::VERSION {
-            return Err(PayloadError::UnsupportedVersion {
-                found: self.version,
-                supported: Self::VERSION,
-            });
+            return Err(PayloadError::UnsupportedVersion { found: self.version, supported: Self::VERSION });
         }
         Ok(())
     }

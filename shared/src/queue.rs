@@ -138,11 +138,7 @@ impl JobQueue {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_connection_manager_with_config(config))
             .await
             .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
-        Ok(Self {
-            conn,
-            namespace: namespace.to_owned(),
-            fan_out: config_for_queue(namespace, FAN_OUT_QUEUE),
-        })
+        Ok(Self { conn, namespace: namespace.to_owned(), fan_out: config_for_queue(namespace, FAN_OUT_QUEUE) })
     }
 
     /// The key namespace every key of this queue lives under.
@@ -177,9 +173,7 @@ impl JobQueue {
             let _: i64 = conn.publish(wake_channel(&self.namespace), FAN_OUT_QUEUE).await?;
             Ok::<_, QueueError>(())
         };
-        tokio::time::timeout(CONNECT_TIMEOUT, push)
-            .await
-            .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))?
+        tokio::time::timeout(CONNECT_TIMEOUT, push).await.map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))?
     }
 
     /// Stores a dead letter for an operator to inspect.

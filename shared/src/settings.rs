@@ -119,45 +119,24 @@ impl Settings {
         if let Some(key) = env.get("SECRET_KEY")
             && key.len() < 32
         {
-            return Err(SettingsError {
-                name: "SECRET_KEY",
-                problem: "must be at least 32 characters".into(),
-            });
+            return Err(SettingsError { name: "SECRET_KEY", problem: "must be at least 32 characters".into() });
         }
         let allowed_hosts = match env.get("PUSH_ALLOWED_HOSTS") {
-            Some(raw) => PushHostPolicy::parse(raw).map_err(|e| SettingsError {
-                name: "PUSH_ALLOWED_HOSTS",
-                problem: e.to_string(),
-            })?,
+            Some(raw) => PushHostPolicy::parse(raw)
+                .map_err(|e| SettingsError { name: "PUSH_ALLOWED_HOSTS", problem: e.to_string() })?,
             None => PushHostPolicy::default(),
         };
         let vapid_subject = env.get("VAPID_SUBJECT").unwrap_or("mailto:admin@localhost");
         if !(vapid_subject.starts_with("mailto:") || vapid_subject.starts_with("https:")) {
-            return Err(SettingsError {
-                name: "VAPID_SUBJECT",
-                problem: "must start with mailto: or https:".into(),
-            });
+            return Err(SettingsError { name: "VAPID_SUBJECT", problem: "must start with mailto: or https:".into() });
         }
         Ok(Self {
-            database_url: env
-                .get("DATABASE_URL")
-                .unwrap_or("sqlite://data/tidings.sqlite?mode=rwc")
-                .to_owned(),
-            redis_url: env
-                .get("REDIS_URL")
-                .unwrap_or("redis://127.0.0.1:6379")
-                .to_owned(),
+            database_url: env.get("DATABASE_URL").unwrap_or("sqlite://data/tidings.sqlite?mode=rwc").to_owned(),
+            redis_url: env.get("REDIS_URL").unwrap_or("redis://127.0.0.1:6379").to_owned(),
             redis_namespace: env.get("REDIS_NAMESPACE").unwrap_or("tidings").to_owned(),
-            web: WebSettings {
-                bind,
-                public_url,
-                secret_key,
-                submit_rate_limit: env.parse("SUBMIT_RATE_LIMIT", "10")?,
-            },
+            web: WebSettings { bind, public_url, secret_key, submit_rate_limit: env.parse("SUBMIT_RATE_LIMIT", "10")? },
             push: PushSettings {
-                vapid_private_key: env
-                    .get("VAPID_PRIVATE_KEY")
-                    .map(|s| SecretString::from(s.to_owned())),
+                vapid_private_key: env.get("VAPID_PRIVATE_KEY").map(|s| SecretString::from(s.to_owned())),
                 vapid_public_key: env.get("VAPID_PUBLIC_KEY").map(str::to_owned),
                 vapid_subject: vapid_subject.to_owned(),
                 allowed_hosts,
@@ -179,10 +158,7 @@ impl Settings {
 }
 
 fn parse_url(name: &'static str, raw: &str) -> Result<Url, SettingsError> {
-    Url::parse(raw).map_err(|e| SettingsError {
-        name,
-        problem: format!("not a URL: {e}"),
-    })
+    Url::parse(raw).map_err(|e| SettingsError { name, problem: format!("not a URL: {e}") })
 }
 
 /// Read access to the variables, treating empty values as unset.
@@ -199,10 +175,7 @@ impl Env<'_> {
         T::Err: std::fmt::Display,
     {
         let raw = self.get(name).unwrap_or(default);
-        raw.parse().map_err(|e| SettingsError {
-            name,
-            problem: format!("{raw:?} is not valid: {e}"),
-        })
+        raw.parse().map_err(|e| SettingsError { name, problem: format!("{raw:?} is not valid: {e}") })
     }
 }
 

@@ -50,9 +50,11 @@ impl Application {
     /// Connects to the database and Redis and prepares a worker running up to
     /// `concurrency` jobs at once.
     pub async fn build(settings: Settings, concurrency: usize) -> anyhow::Result<Self> {
-        let private_key = settings.push.vapid_private_key.clone().context(
-            "VAPID_PRIVATE_KEY is not set: run `web vapid generate` and put its output in .env",
-        )?;
+        let private_key = settings
+            .push
+            .vapid_private_key
+            .clone()
+            .context("VAPID_PRIVATE_KEY is not set: run `web vapid generate` and put its output in .env")?;
         let sender = PushSender::new(sender_config(&settings, private_key))?;
         let db = shared::db::connect(&settings.database_url).await?;
         let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
@@ -61,12 +63,7 @@ impl Application {
         let name = worker_name(shared::jobs::FAN_OUT_QUEUE);
         let (stop_tx, _) = watch::channel(false);
         Ok(Self {
-            ctx: WorkerContext {
-                db,
-                sender: Arc::new(sender),
-                queue,
-                settings: Arc::new(settings),
-            },
+            ctx: WorkerContext { db, sender: Arc::new(sender), queue, settings: Arc::new(settings) },
             concurrency: concurrency.max(1),
             name,
             stop_tx,
@@ -80,19 +77,12 @@ impl Application {
 
     /// A handle that stops this worker.
     pub fn shutdown_handle(&self) -> ShutdownHandle {
-        ShutdownHandle {
-            stop_tx: self.stop_tx.clone(),
-        }
+        ShutdownHandle { stop_tx: self.stop_tx.clone() }
     }
 
     /// Runs until a signal or the shutdown handle; an error means a worker died.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self {
-            ctx,
-            concurrency,
-            name,
-            stop_tx,
-        } = self;
+        let Self { ctx, concurrency, name, stop_tx } = self;
         let settings = Arc::clone(&ctx.settings);
 
         // OS signals feed the same stop channel as the handle.
@@ -108,19 +98,14 @@ impl Application {
 
         let periodic = Periodic::new(ctx.queue.connection(), ctx.queue.namespace());
         let relay_ctx = ctx.clone();
-        let relay = tokio::spawn(periodic.every(
-            "relay",
-            settings.worker.relay_interval,
-            stopped(),
-            move || {
-                let ctx = relay_ctx.clone();
-                async move {
-                    if let Err(e) = relay::run(&ctx).await {
-                        tracing::warn!(error = %e, "relay.failed");
-                    }
+        let relay = tokio::spawn(periodic.every("relay", settings.worker.relay_interval, stopped(), move || {
+            let ctx = relay_ctx.clone();
+            async move {
+                if let Err(e) = relay::run(&ctx).await {
+                    tracing::warn!(error = %e, "relay.failed");
                 }
-            },
-        ));
+            }
+        }));
 
         let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
             .with_config(ctx.queue.fan_out_config().clone())
@@ -178,20 +163,11 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 
 /// The apalis handler of the fan-out queue: parses the payload, runs the job, and
 /// dead-letters what can never run instead of failing the worker.
-async fn handle_fan_out(
-    job: RawJob,
-    ctx: Data<WorkerContext>,
-    attempt: Attempt,
-) -> Result<(), JobError> {
+async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt) -> Result<(), JobError> {
     let parsed = job
         .parse::<FanOut>()
         .map_err(|e| JobError::Permanent(format!("malformed payload: {e}")))
-        .and_then(|payload| {
-            payload
-                .check_version()
-                .map(|()| payload)
-                .map_err(|e| JobError::Permanent(e.to_string()))
-        });
+        .and_then(|payload| payload.check_version().map(|()| payload).map_err(|e| JobError::Permanent(e.to_string())));
     let result = match parsed {
         Ok(payload) => fan_out::run(payload, &ctx).await,
         Err(e) => Err(e),
@@ -208,10 +184,7 @@ async fn handle_fan_out(
                 at: chrono::Utc::now().to_rfc3339(),
             };
             // Completing the job keeps it from being retried; the letter keeps it visible.
-            ctx.queue
-                .dead_letter(&letter)
-                .await
-                .map_err(|e| JobError::Retryable(e.into()))
+            ctx.queue.dead_letter(&letter).await.map_err(|e| JobError::Retryable(e.into()))
         }
         Err(e @ JobError::Retryable(_)) => {
             tracing::warn!(attempt = attempt.current(), error = %e, "job.failed; apalis will retry it");

@@ -6,11 +6,7 @@ use clap::{Parser, Subcommand};
 use shared::settings::Settings;
 
 #[derive(Parser)]
-#[command(
-    name = "worker",
-    version,
-    about = "Sends Web Pushes and runs Tidings' periodic work."
-)]
+#[command(name = "worker", version, about = "Sends Web Pushes and runs Tidings' periodic work.")]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -17,9 +17,7 @@ use reqwest::dns::{Addrs, Name, Resolve, Resolving};
 use secrecy::{ExposeSecret, SecretString};
 use shared::domain::{PushEndpoint, PushHostPolicy};
 use url::Url;
-use web_push::{
-    ContentEncoding, SubscriptionInfo, VapidSignature, VapidSignatureBuilder, WebPushMessageBuilder,
-};
+use web_push::{ContentEncoding, SubscriptionInfo, VapidSignature, VapidSignatureBuilder, WebPushMessageBuilder};
 
 /// How long a VAPID JWT is valid (push services accept at most 24 h).
 const SIGNATURE_LIFETIME: Duration = Duration::from_secs(12 * 3600);
@@ -131,9 +129,7 @@ pub struct PushSender {
 
 impl std::fmt::Debug for PushSender {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("PushSender")
-            .field("ttl", &self.config.ttl)
-            .finish_non_exhaustive()
+        f.debug_struct("PushSender").field("ttl", &self.config.ttl).finish_non_exhaustive()
     }
 }
 
@@ -141,9 +137,7 @@ impl PushSender {
     /// Builds the sender and its HTTP client.
     pub fn new(config: PushSenderConfig) -> Result<Self, PushSetupError> {
         let private_key = padded_private_key(config.vapid_private_key.expose_secret())?;
-        let resolver = PublicOnlyResolver {
-            allowed: Arc::new(config.allowed_hosts.explicit_origins()),
-        };
+        let resolver = PublicOnlyResolver { allowed: Arc::new(config.allowed_hosts.explicit_origins()) };
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .no_proxy()
@@ -153,12 +147,7 @@ impl PushSender {
             .dns_resolver(Arc::new(resolver))
             .user_agent(concat!("tidings/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Self {
-            client,
-            config,
-            private_key,
-            signatures: Mutex::new(HashMap::new()),
-        })
+        Ok(Self { client, config, private_key, signatures: Mutex::new(HashMap::new()) })
     }
 
     /// Sends `message` to `target` and classifies the answer. Never panics, never hangs
@@ -170,27 +159,16 @@ impl PushSender {
         }
     }
 
-    async fn try_send(
-        &self,
-        target: &PushTarget<'_>,
-        message: &PushMessage<'_>,
-    ) -> Result<PushOutcome, PushOutcome> {
-        let rejected = |reason: String| PushOutcome::Rejected {
-            status: None,
-            reason,
-        };
+    async fn try_send(&self, target: &PushTarget<'_>, message: &PushMessage<'_>) -> Result<PushOutcome, PushOutcome> {
+        let rejected = |reason: String| PushOutcome::Rejected { status: None, reason };
         let endpoint = PushEndpoint::parse(target.endpoint, &self.config.allowed_hosts)
             .map_err(|e| rejected(format!("endpoint refused: {e}")))?;
-        let url = Url::parse(endpoint.as_str())
-            .map_err(|e| rejected(format!("endpoint refused: {e}")))?;
+        let url = Url::parse(endpoint.as_str()).map_err(|e| rejected(format!("endpoint refused: {e}")))?;
         if let Some(reason) = self.refuse_address(&url) {
             return Err(rejected(reason));
         }
         if message.payload.len() > MAX_PAYLOAD {
-            return Err(rejected(format!(
-                "payload of {} bytes exceeds {MAX_PAYLOAD}",
-                message.payload.len()
-            )));
+            return Err(rejected(format!("payload of {} bytes exceeds {MAX_PAYLOAD}", message.payload.len())));
         }
         let info = SubscriptionInfo::new(target.endpoint, target.p256dh, target.auth);
         let signature = self.signature_for(&url, &info).map_err(rejected)?;
@@ -203,9 +181,7 @@ impl PushSender {
         });
         builder.set_topic(message.topic.to_owned());
         builder.set_vapid_signature(signature);
-        let built = builder
-            .build()
-            .map_err(|e| rejected(format!("could not build the push: {e}")))?;
+        let built = builder.build().map_err(|e| rejected(format!("could not build the push: {e}")))?;
         let request = web_push::request_builder::build_request::<Vec<u8>>(built);
 
         // web-push speaks `http` 0.2, reqwest `http` 1.x: copy the parts across.
@@ -218,21 +194,11 @@ impl PushSender {
         let response = match outgoing.body(request.into_body()).send().await {
             Ok(response) => response,
             Err(e) if e.is_timeout() => {
-                return Ok(PushOutcome::Retry {
-                    reason: "timed out".into(),
-                    retry_after: None,
-                });
+                return Ok(PushOutcome::Retry { reason: "timed out".into(), retry_after: None });
             }
             Err(e) => {
-                let kind = if e.is_connect() {
-                    "connection failed"
-                } else {
-                    "request failed"
-                };
-                return Ok(PushOutcome::Retry {
-                    reason: kind.into(),
-                    retry_after: None,
-                });
+                let kind = if e.is_connect() { "connection failed" } else { "request failed" };
+                return Ok(PushOutcome::Retry { reason: kind.into(), retry_after: None });
             }
         };
         let status = response.status().as_u16();
@@ -250,23 +216,16 @@ impl PushSender {
         let audience = url.origin().ascii_serialization();
         let now = Instant::now();
         {
-            let cache = self
-                .signatures
-                .lock()
-                .map_err(|_| "signature cache poisoned".to_owned())?;
+            let cache = self.signatures.lock().map_err(|_| "signature cache poisoned".to_owned())?;
             if let Some(cached) = cache.get(&audience)
                 && cached.refresh_at > now
             {
                 return Ok(cached.signature.clone());
             }
         }
-        let expires = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default()
-            + SIGNATURE_LIFETIME;
-        let mut builder =
-            VapidSignatureBuilder::from_base64(self.private_key.expose_secret(), info)
-                .map_err(|e| format!("VAPID key: {e}"))?;
+        let expires = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + SIGNATURE_LIFETIME;
+        let mut builder = VapidSignatureBuilder::from_base64(self.private_key.expose_secret(), info)
+            .map_err(|e| format!("VAPID key: {e}"))?;
         builder.add_claim("sub", self.config.vapid_subject.as_str());
         // web-push would drop the port from `aud`; push services check the full origin.
         builder.add_claim("aud", audience.as_str());
@@ -274,13 +233,7 @@ impl PushSender {
         let signature = builder.build().map_err(|e| format!("VAPID signing: {e}"))?;
         let refresh_at = now + SIGNATURE_LIFETIME - SIGNATURE_REFRESH_MARGIN;
         if let Ok(mut cache) = self.signatures.lock() {
-            cache.insert(
-                audience,
-                CachedSignature {
-                    signature: signature.clone(),
-                    refresh_at,
-                },
-            );
+            cache.insert(audience, CachedSignature { signature: signature.clone(), refresh_at });
         }
         Ok(signature)
     }
@@ -303,22 +256,13 @@ impl PushSender {
 /// What an HTTP answer from a push service means.
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &str) -> PushOutcome {
     let detail = body.chars().take(200).collect::<String>();
-    let reason = if detail.trim().is_empty() {
-        format!("HTTP {status}")
-    } else {
-        format!("HTTP {status}: {}", detail.trim())
-    };
+    let reason =
+        if detail.trim().is_empty() { format!("HTTP {status}") } else { format!("HTTP {status}: {}", detail.trim()) };
     match status {
         200..=299 => PushOutcome::Delivered,
         404 | 410 => PushOutcome::Gone { status },
-        408 | 429 | 500..=599 => PushOutcome::Retry {
-            reason,
-            retry_after,
-        },
-        _ => PushOutcome::Rejected {
-            status: Some(status),
-            reason,
-        },
+        408 | 429 | 500..=599 => PushOutcome::Retry { reason, retry_after },
+        _ => PushOutcome::Rejected { status: Some(status), reason },
     }
 }
 
@@ -335,9 +279,8 @@ pub fn parse_retry_after(value: &str) -> Option<Duration> {
 
 /// `web-push` wants exactly 32 bytes; a scalar with leading zero bytes may be shorter.
 fn padded_private_key(raw: &str) -> Result<SecretString, PushSetupError> {
-    let bytes = URL_SAFE_NO_PAD
-        .decode(raw.trim().trim_end_matches('='))
-        .map_err(|_| PushSetupError::InvalidVapidKey)?;
+    let bytes =
+        URL_SAFE_NO_PAD.decode(raw.trim().trim_end_matches('=')).map_err(|_| PushSetupError::InvalidVapidKey)?;
     if bytes.is_empty() || bytes.len() > 32 {
         return Err(PushSetupError::InvalidVapidKey);
     }
@@ -408,9 +351,7 @@ mod tests {
         assert_eq!(classify(404, None, ""), PushOutcome::Gone { status: 404 });
         assert_eq!(classify(410, None, ""), PushOutcome::Gone { status: 410 });
         let wait = Some(Duration::from_secs(3));
-        assert!(
-            matches!(classify(429, wait, ""), PushOutcome::Retry { retry_after, .. } if retry_after == wait)
-        );
+        assert!(matches!(classify(429, wait, ""), PushOutcome::Retry { retry_after, .. } if retry_after == wait));
         assert!(matches!(classify(503, None, ""), PushOutcome::Retry { .. }));
         for status in [400, 401, 403, 413] {
             assert!(
@@ -422,10 +363,7 @@ mod tests {
     #[test]
     fn retry_after_accepts_seconds_and_dates() {
         assert_eq!(parse_retry_after("7"), Some(Duration::from_secs(7)));
-        assert_eq!(
-            parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"),
-            Some(Duration::ZERO)
-        );
+        assert_eq!(parse_retry_after("Wed, 21 Oct 2015 07:28:00 GMT"), Some(Duration::ZERO));
         assert_eq!(parse_retry_after("soon"), None);
     }
 
@@ -433,9 +371,7 @@ mod tests {
     fn short_private_keys_are_padded_to_32_bytes() {
         let short = URL_SAFE_NO_PAD.encode([7u8; 31]);
         let padded = padded_private_key(&short).expect("valid");
-        let bytes = URL_SAFE_NO_PAD
-            .decode(padded.expose_secret())
-            .expect("base64");
+        let bytes = URL_SAFE_NO_PAD.decode(padded.expose_secret()).expect("base64");
         assert_eq!(bytes.len(), 32);
         assert_eq!(bytes[0], 0);
         assert!(padded_private_key("not base64 !").is_err());

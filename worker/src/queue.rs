@@ -23,10 +23,7 @@ const REPEAT_WAKE_AFTER: Duration = Duration::from_millis(15);
 
 /// A name for this worker process that no other process has used.
 pub fn worker_name(queue: &str) -> String {
-    let host = std::env::var("HOSTNAME")
-        .ok()
-        .filter(|h| !h.is_empty())
-        .unwrap_or_else(|| "worker".into());
+    let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into());
     let id = uuid::Uuid::new_v4().simple().to_string();
     format!("{queue}-{host}-{}-{}", std::process::id(), &id[..8])
 }
@@ -63,16 +60,10 @@ pub fn wake_stream(
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|()| ((), rx))
-    }))
+    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) }))
 }
 
-async fn forward_wakes(
-    redis_url: &str,
-    channel: &str,
-    tx: &mpsc::Sender<()>,
-) -> redis::RedisResult<()> {
+async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) -> redis::RedisResult<()> {
     let client = redis::Client::open(redis_url)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;
@@ -87,10 +78,7 @@ async fn forward_wakes(
             let _ = tx.try_send(());
         });
     }
-    Err(redis::RedisError::from((
-        redis::ErrorKind::Io,
-        "pub/sub connection closed",
-    )))
+    Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection closed")))
 }
 
 /// Periodic work shared by all worker processes: each tick runs in exactly one of them.
@@ -103,18 +91,13 @@ pub struct Periodic {
 impl Periodic {
     /// Periodic work on the Redis of `conn`, keys under `namespace`.
     pub fn new(conn: ConnectionManager, namespace: &str) -> Self {
-        Self {
-            conn,
-            namespace: namespace.to_owned(),
-        }
+        Self { conn, namespace: namespace.to_owned() }
     }
 
     /// Claims tick `tick` of task `name`; true for exactly one caller per tick.
     pub async fn claim(&self, name: &str, tick: u64, every: Duration) -> redis::RedisResult<bool> {
         let key = format!("{}:tick:{name}:{tick}", self.namespace);
-        let ttl = u64::try_from((every * 4).as_millis())
-            .unwrap_or(u64::MAX)
-            .max(1000);
+        let ttl = u64::try_from((every * 4).as_millis()).unwrap_or(u64::MAX).max(1000);
         let mut conn = self.conn.clone();
         let set: Option<String> = redis::cmd("SET")
             .arg(&key)
@@ -129,13 +112,8 @@ impl Periodic {
 
     /// Runs `work` once per `every` (aligned to wall-clock multiples of `every`, so all
     /// processes agree on tick numbers) until `stop` resolves.
-    pub async fn every<F, Fut>(
-        self,
-        name: &'static str,
-        every: Duration,
-        stop: impl Future<Output = ()>,
-        work: F,
-    ) where
+    pub async fn every<F, Fut>(self, name: &'static str, every: Duration, stop: impl Future<Output = ()>, work: F)
+    where
         F: Fn() -> Fut,
         Fut: Future<Output = ()>,
     {
@@ -143,13 +121,8 @@ impl Periodic {
         let period_ms = u64::try_from(every.as_millis()).unwrap_or(u64::MAX);
         tokio::pin!(stop);
         loop {
-            let now_ms = u64::try_from(
-                SystemTime::now()
-                    .duration_since(UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis(),
-            )
-            .unwrap_or(u64::MAX);
+            let now_ms = u64::try_from(SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis())
+                .unwrap_or(u64::MAX);
             let tick = now_ms / period_ms;
             let next = (tick + 1) * period_ms;
             match self.claim(name, tick, every).await {
@@ -168,9 +141,7 @@ impl Periodic {
     /// Number of ticks of `name` claimed and still remembered (for tests and status).
     pub async fn remembered_ticks(&self, name: &str) -> redis::RedisResult<usize> {
         let mut conn = self.conn.clone();
-        let keys: Vec<String> = conn
-            .keys(format!("{}:tick:{name}:*", self.namespace))
-            .await?;
+        let keys: Vec<String> = conn.keys(format!("{}:tick:{name}:*", self.namespace)).await?;
         Ok(keys.len())
     }
 }

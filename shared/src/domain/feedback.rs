@@ -51,10 +51,7 @@ impl FeedbackContent {
     /// Trims and checks `raw`; line breaks and tabs are kept, other control characters refused.
     pub fn parse(raw: &str) -> Result<Self, TextError> {
         let trimmed = checked_text(raw, Self::MAX_LEN)?;
-        if trimmed
-            .chars()
-            .any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t'))
-        {
+        if trimmed.chars().any(|c| c.is_control() && !matches!(c, '\n' | '\r' | '\t')) {
             return Err(TextError::ControlCharacters);
         }
         Ok(Self(trimmed.to_owned()))
@@ -96,11 +93,9 @@ impl NewFeedback {
         let email = errors.check("submitter_email", EmailAddress::parse(email));
         let content = errors.check("content", FeedbackContent::parse(content));
         match (name, email, content) {
-            (Some(submitter_name), Some(submitter_email), Some(content)) => Ok(Self {
-                submitter_name,
-                submitter_email,
-                content,
-            }),
+            (Some(submitter_name), Some(submitter_email), Some(content)) => {
+                Ok(Self { submitter_name, submitter_email, content })
+            }
             _ => Err(errors),
         }
     }

@@ -44,10 +44,8 @@ impl FieldErrors {
 
 impl std::fmt::Display for FieldErrors {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let parts: Vec<String> = self
-            .iter()
-            .map(|(field, messages)| format!("{field}: {}", messages.join(", ")))
-            .collect();
+        let parts: Vec<String> =
+            self.iter().map(|(field, messages)| format!("{field}: {}", messages.join(", "))).collect();
         f.write_str(&parts.join("; "))
     }
 }

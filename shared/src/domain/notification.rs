@@ -30,12 +30,7 @@ impl Notification {
             .join(&format!("admin/feedback/{id}"))
             .map(String::from)
             .unwrap_or_else(|_| format!("/admin/feedback/{id}"));
-        Self {
-            title: format!("{name}:"),
-            body,
-            url,
-            tag: format!("feedback-{id}"),
-        }
+        Self { title: format!("{name}:"), body, url, tag: format!("feedback-{id}") }
     }
 
     /// The push payload: this notification as JSON.

@@ -33,10 +33,7 @@ pub struct PushHostPolicyError(String);
 
 impl Default for PushHostPolicy {
     fn default() -> Self {
-        Self {
-            hosts: KNOWN_PUSH_SERVICES.iter().map(|h| (*h).to_owned()).collect(),
-            origins: Vec::new(),
-        }
+        Self { hosts: KNOWN_PUSH_SERVICES.iter().map(|h| (*h).to_owned()).collect(), origins: Vec::new() }
     }
 }
 
@@ -51,11 +48,7 @@ impl PushHostPolicy {
                     return Err(PushHostPolicyError(entry.to_owned()));
                 }
                 policy.origins.push(origin_of(&url));
-            } else if entry
-                .trim_start_matches('.')
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.')
-            {
+            } else if entry.trim_start_matches('.').chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.') {
                 policy.hosts.push(entry.to_ascii_lowercase());
             } else {
                 return Err(PushHostPolicyError(entry.to_owned()));

@@ -42,18 +42,11 @@ fn decode(raw: &str) -> Result<Vec<u8>, KeyError> {
         return Err(KeyError::Empty);
     }
     // Browsers send unpadded base64url; accept padding too, as some libraries add it.
-    URL_SAFE_NO_PAD
-        .decode(raw)
-        .or_else(|_| URL_SAFE.decode(raw))
-        .map_err(|_| KeyError::NotBase64)
+    URL_SAFE_NO_PAD.decode(raw).or_else(|_| URL_SAFE.decode(raw)).map_err(|_| KeyError::NotBase64)
 }
 
 fn exact_len(bytes: &[u8], expected: usize) -> Result<(), KeyError> {
-    if bytes.len() == expected {
-        Ok(())
-    } else {
-        Err(KeyError::WrongLength { expected, found: bytes.len() })
-    }
+    if bytes.len() == expected { Ok(()) } else { Err(KeyError::WrongLength { expected, found: bytes.len() }) }
 }
 
 impl P256dhKey {
@@ -129,10 +122,7 @@ mod tests {
 
     #[test]
     fn wrong_lengths_and_non_points_are_refused() {
-        assert_eq!(
-            AuthSecret::parse("AAAA"),
-            Err(KeyError::WrongLength { expected: 16, found: 3 })
-        );
+        assert_eq!(AuthSecret::parse("AAAA"), Err(KeyError::WrongLength { expected: 16, found: 3 }));
         let not_a_point = URL_SAFE_NO_PAD.encode([4u8; 65]);
         assert_eq!(P256dhKey::parse(&not_a_point), Err(KeyError::NotAPoint));
         assert_eq!(P256dhKey::parse("!!!"), Err(KeyError::NotBase64));
@@ -140,8 +130,8 @@ mod tests {
 
     #[test]
     fn all_subscription_errors_are_reported_by_field() {
-        let errors = NewSubscription::parse("http://evil.example/", "x", "", &PushHostPolicy::default())
-            .expect_err("invalid");
+        let errors =
+            NewSubscription::parse("http://evil.example/", "x", "", &PushHostPolicy::default()).expect_err("invalid");
         assert_eq!(errors.get("endpoint"), ["must use https"]);
         assert_eq!(errors.get("keys.p256dh"), ["is not base64url"]);
         assert_eq!(errors.get("keys.auth"), ["is required"]);

@@ -26,7 +26,10 @@ pub async fn upsert<C: ConnectionTrait>(db: &C, email: &EmailAddress, password_h
 }
 
 /// The admin with this email, if any.
-pub async fn find_by_email<C: ConnectionTrait>(db: &C, email: &EmailAddress) -> Result<Option<admin_user::Model>, DbErr> {
+pub async fn find_by_email<C: ConnectionTrait>(
+    db: &C,
+    email: &EmailAddress,
+) -> Result<Option<admin_user::Model>, DbErr> {
     Entity::find().filter(Column::Email.eq(email.normalized())).one(db).await
 }
 

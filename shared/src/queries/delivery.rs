@@ -7,9 +7,7 @@
 
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
-use sea_orm::{
-    ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect, Set,
-};
+use sea_orm::{ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QuerySelect, Set};
 
 use crate::entities::delivery::{self, Column, Entity, FAILED, RETRY, SENDING, SENT};
 
@@ -91,10 +89,7 @@ pub async fn claimed<C: ConnectionTrait>(db: &C, feedback_id: i64, token: &str) 
         .into_tuple()
         .all(db)
         .await?;
-    Ok(rows
-        .into_iter()
-        .map(|(subscription_id, attempts)| Claimed { subscription_id, attempts })
-        .collect())
+    Ok(rows.into_iter().map(|(subscription_id, attempts)| Claimed { subscription_id, attempts }).collect())
 }
 
 /// How a claimed delivery ended.

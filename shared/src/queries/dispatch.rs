@@ -3,8 +3,8 @@
 use chrono::{DateTime, Utc};
 use sea_orm::sea_query::{Expr, ExprTrait};
 use sea_orm::{
-    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter,
-    QueryOrder, QuerySelect, Set,
+    ActiveModelTrait, ColumnTrait, Condition, ConnectionTrait, DbErr, EntityTrait, QueryFilter, QueryOrder,
+    QuerySelect, Set,
 };
 
 use crate::entities::dispatch::{self, Column, Entity};
@@ -62,11 +62,7 @@ pub async fn due_for_relay<C: ConnectionTrait>(
         .filter(Column::DueAt.lte(now))
         .filter(
             Condition::any()
-                .add(
-                    Condition::all()
-                        .add(Column::EnqueuedAt.is_null())
-                        .add(Column::CreatedAt.lte(now - grace)),
-                )
+                .add(Condition::all().add(Column::EnqueuedAt.is_null()).add(Column::CreatedAt.lte(now - grace)))
                 .add(
                     Condition::all()
                         .add(Column::EnqueuedAt.is_null())

@@ -1,8 +1,6 @@
 //! Feedback messages.
 
-use sea_orm::{
-    ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, Set, TransactionSession, TransactionTrait,
-};
+use sea_orm::{ActiveModelTrait, ConnectionTrait, DbErr, EntityTrait, Set, TransactionSession, TransactionTrait};
 
 use crate::domain::NewFeedback;
 use crate::entities::{dispatch, feedback_message};
@@ -48,10 +46,7 @@ where
     .insert(db)
     .await?;
     let dispatch_id = super::dispatch::create(db, message.id, now).await?;
-    Ok(Submitted {
-        feedback_id: message.id,
-        dispatch_id,
-    })
+    Ok(Submitted { feedback_id: message.id, dispatch_id })
 }
 
 /// The feedback message `id`, if it exists.

@@ -2,8 +2,7 @@
 
 use sea_orm::sea_query::{Expr, ExprTrait, OnConflict};
 use sea_orm::{
-    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder,
-    QuerySelect, Set,
+    ColumnTrait, ConnectionTrait, DbErr, EntityTrait, PaginatorTrait, QueryFilter, QueryOrder, QuerySelect, Set,
 };
 
 use crate::domain::NewSubscription;
@@ -86,11 +85,7 @@ pub async fn by_ids<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<Vec<push_
 
 /// All subscriptions of admin `owner`, newest first.
 pub async fn of_owner<C: ConnectionTrait>(db: &C, owner: i64) -> Result<Vec<push_subscription::Model>, DbErr> {
-    Entity::find()
-        .filter(Column::AdminUserId.eq(owner))
-        .order_by_desc(Column::Id)
-        .all(db)
-        .await
+    Entity::find().filter(Column::AdminUserId.eq(owner)).order_by_desc(Column::Id).all(db).await
 }
 
 /// Counts subscriptions.

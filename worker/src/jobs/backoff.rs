@@ -10,12 +10,7 @@ use rand::Rng;
 /// keeps half of it fixed and randomises the other half, so retries of many
 /// subscriptions that failed together (a push-service outage) spread out instead of
 /// returning as one burst. A push service's `Retry-After` is a floor (capped too).
-pub fn delay(
-    attempts: u32,
-    base: Duration,
-    cap: Duration,
-    retry_after: Option<Duration>,
-) -> Duration {
+pub fn delay(attempts: u32, base: Duration, cap: Duration, retry_after: Option<Duration>) -> Duration {
     let exponent = attempts.saturating_sub(1).min(20);
     let exponential = base.saturating_mul(1 << exponent).min(cap);
     let half = exponential / 2;

@@ -26,19 +26,14 @@ const PAGE: u64 = 500;
 
 /// Runs one fan-out job.
 pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
-    job.check_version()
-        .map_err(|e| JobError::Permanent(e.to_string()))?;
+    job.check_version().map_err(|e| JobError::Permanent(e.to_string()))?;
     let Some(message) = feedback::find(&ctx.db, job.feedback_id).await? else {
         // Deleted since it was submitted: there is nothing left to announce.
         dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
         return Ok(());
     };
-    let notification = Notification::for_feedback(
-        message.id,
-        &message.submitter_name,
-        &message.content,
-        &ctx.settings.web.public_url,
-    );
+    let notification =
+        Notification::for_feedback(message.id, &message.submitter_name, &message.content, &ctx.settings.web.public_url);
     let run = Run {
         ctx,
         feedback_id: message.id,
@@ -94,8 +89,7 @@ impl Run<'_> {
     /// How long a claim holds: longer than any single send can take.
     fn lease(&self) -> chrono::DateTime<Utc> {
         let hold = self.ctx.settings.push.request_timeout * 2 + Duration::from_secs(10);
-        shared::queries::now()
-            + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(60))
+        shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(60))
     }
 
     async fn deliver_all(&self) -> Result<Stats, JobError> {
@@ -124,12 +118,7 @@ impl Run<'_> {
         }
         let ids: Vec<i64> = claimed.iter().map(|c| c.subscription_id).collect();
         let subscriptions = subscription::by_ids(db, &ids).await?;
-        let attempts_of = |id: i64| {
-            claimed
-                .iter()
-                .find(|c| c.subscription_id == id)
-                .map_or(1, |c| c.attempts)
-        };
+        let attempts_of = |id: i64| claimed.iter().find(|c| c.subscription_id == id).map_or(1, |c| c.attempts);
         let concurrency = self.ctx.settings.push.concurrency.max(1);
         let results: Vec<Result<Stats, JobError>> = futures::stream::iter(subscriptions)
             .map(|sub| {
@@ -147,23 +136,11 @@ impl Run<'_> {
     }
 
     /// Sends to one subscription and records the outcome.
-    async fn deliver(
-        &self,
-        sub: push_subscription::Model,
-        attempts: i32,
-    ) -> Result<Stats, JobError> {
+    async fn deliver(&self, sub: push_subscription::Model, attempts: i32) -> Result<Stats, JobError> {
         let db = &self.ctx.db;
         let push = &self.ctx.settings.push;
-        let target = PushTarget {
-            endpoint: &sub.endpoint,
-            p256dh: &sub.p256dh,
-            auth: &sub.auth,
-        };
-        let message = PushMessage {
-            payload: &self.payload,
-            topic: &self.topic,
-            urgency: Urgency::High,
-        };
+        let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
+        let message = PushMessage { payload: &self.payload, topic: &self.topic, urgency: Urgency::High };
         let outcome = self.ctx.sender.send(&target, &message).await;
         let mut stats = Stats::default();
         match outcome {
@@ -177,10 +154,7 @@ impl Run<'_> {
                 subscription::delete(db, sub.id).await?;
                 stats.gone = 1;
             }
-            PushOutcome::Retry {
-                reason,
-                retry_after,
-            } => {
+            PushOutcome::Retry { reason, retry_after } => {
                 let attempts = u32::try_from(attempts).unwrap_or(1);
                 if attempts >= push.max_attempts {
                     let reason = format!("gave up after {attempts} attempts: {reason}");
@@ -190,16 +164,13 @@ impl Run<'_> {
                         self.feedback_id,
                         sub.id,
                         &self.token,
-                        &Outcome::Failed {
-                            reason: reason.clone(),
-                        },
+                        &Outcome::Failed { reason: reason.clone() },
                     )
                     .await?;
                     subscription::record_failure(db, sub.id, &reason).await?;
                     stats.failed = 1;
                 } else {
-                    let wait =
-                        backoff::delay(attempts, push.retry_base, push.retry_cap, retry_after);
+                    let wait = backoff::delay(attempts, push.retry_base, push.retry_cap, retry_after);
                     let at = shared::queries::now()
                         + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
                     tracing::info!(
@@ -210,14 +181,7 @@ impl Run<'_> {
                         %reason,
                         "push.retry_scheduled"
                     );
-                    delivery::finish(
-                        db,
-                        self.feedback_id,
-                        sub.id,
-                        &self.token,
-                        &Outcome::Retry { at, reason },
-                    )
-                    .await?;
+                    delivery::finish(db, self.feedback_id, sub.id, &self.token, &Outcome::Retry { at, reason }).await?;
                     stats.retrying = 1;
                 }
             }
@@ -232,9 +196,7 @@ impl Run<'_> {
                     self.feedback_id,
                     sub.id,
                     &self.token,
-                    &Outcome::Failed {
-                        reason: reason.clone(),
-                    },
+                    &Outcome::Failed { reason: reason.clone() },
                 )
                 .await?;
                 subscription::record_failure(db, sub.id, &reason).await?;

@@ -19,17 +19,12 @@ const LOST_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 
 /// Runs one relay pass; returns how many jobs it enqueued.
 pub async fn run(ctx: &WorkerContext) -> Result<usize, JobError> {
-    let grace = chrono::Duration::from_std(ctx.settings.worker.relay_grace)
-        .unwrap_or(chrono::Duration::seconds(5));
-    let due =
-        dispatch::due_for_relay(&ctx.db, grace, shared::queries::now() - LOST_AFTER, BATCH).await?;
+    let grace = chrono::Duration::from_std(ctx.settings.worker.relay_grace).unwrap_or(chrono::Duration::seconds(5));
+    let due = dispatch::due_for_relay(&ctx.db, grace, shared::queries::now() - LOST_AFTER, BATCH).await?;
     let mut enqueued = 0;
     for record in due {
         ctx.queue
-            .enqueue_fan_out(
-                FanOut::new(record.feedback_id, record.id),
-                record.enqueue_count,
-            )
+            .enqueue_fan_out(FanOut::new(record.feedback_id, record.id), record.enqueue_count)
             .await
             .map_err(|e| JobError::Retryable(e.into()))?;
         dispatch::mark_enqueued(&ctx.db, record.id).await?;
