@@ -1,0 +1,65 @@
+//! The job queue's own promises: bad payloads are dead-lettered and the worker goes on.
+
+use std::time::Duration;
+
+use apalis_core::task::builder::TaskBuilder;
+use shared::jobs::FAN_OUT_QUEUE;
+use shared::queue::{JobQueue, config_for_queue, wake_channel};
+use tidings_tests::harness::{Options, TestApp, spawn_app_with};
+
+use crate::pipeline::wait_until;
+
+/// Puts `payload` on the fan-out queue as a producer would, bypassing our own encoder.
+async fn push_raw(app: &TestApp, payload: &[u8]) {
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let mut conn = queue.connection();
+    let config = config_for_queue(&app.settings.redis_namespace, FAN_OUT_QUEUE);
+    let task = TaskBuilder::new(payload.to_vec()).build();
+    apalis_redis::queries::push_tasks(&mut conn, &config, &[task]).await.expect("pushed");
+    let _: i64 = redis::AsyncCommands::publish(&mut conn, wake_channel(&app.settings.redis_namespace), "x")
+        .await
+        .expect("published");
+}
+
+async fn dead_letters(app: &TestApp) -> Vec<shared::queue::DeadLetter> {
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    queue.dead_letters(100).await.expect("dead letters")
+}
+
+#[tokio::test]
+async fn malformed_and_too_new_payloads_are_dead_lettered_and_the_worker_keeps_going() {
+    // Arrange
+    let app = spawn_app_with(Options::default()).await;
+    let browser = app.subscribe_browser().await;
+
+    // Act: garbage, valid JSON of the wrong shape, and a payload from a newer build.
+    push_raw(&app, b"\xff not json").await;
+    push_raw(&app, br#"{"hello":"world"}"#).await;
+    push_raw(&app, br#"{"version":99,"feedback_id":1,"dispatch_id":1}"#).await;
+
+    // Assert: each is kept with its error…
+    assert!(wait_until(|| async { dead_letters(&app).await.len() == 3 }).await, "three dead letters");
+    let letters = dead_letters(&app).await;
+    assert!(letters.iter().any(|l| l.error.contains("malformed payload") && l.payload.contains("not json")));
+    assert!(letters.iter().any(|l| l.error.contains("version 99")));
+    assert!(letters.iter().all(|l| l.queue == FAN_OUT_QUEUE && !l.at.is_empty()));
+    // …and the same worker still delivers real work.
+    app.submit_valid_feedback("Ann", "still working").await;
+    let received = app.push.wait_for_received(1, Duration::from_secs(15)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, browser.endpoint);
+}
+
+#[tokio::test]
+async fn a_job_for_deleted_feedback_completes_without_sending() {
+    let app = spawn_app_with(Options::default()).await;
+    app.subscribe_browser().await;
+    let dispatch_id = shared::queries::dispatch::create(&app.db, 424_242, shared::queries::now()).await;
+    // The foreign key refuses a dispatch for missing feedback on PostgreSQL; either way
+    // a job naming a missing feedback must finish quietly.
+    let dispatch_id = dispatch_id.unwrap_or(0);
+    push_raw(&app, format!(r#"{{"version":1,"feedback_id":424242,"dispatch_id":{dispatch_id}}}"#).as_bytes()).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(app.push.attempts().is_empty());
+    assert!(dead_letters(&app).await.is_empty());
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real web and worker in-process, real PostgreSQL / SQLite and
+//! Redis, and the local push-service stand-in. One module per feature.
+
+mod api;
+mod jobs;
+mod feedback_form;
+mod outages;
+mod pipeline;
+mod push_failures;

@@ -1,0 +1,111 @@
+//! What the worker does with each kind of answer from the push service.
+
+use std::time::Duration;
+
+use sea_orm::{EntityTrait, PaginatorTrait};
+use tidings_tests::harness::{Options, TestApp, spawn_app_with};
+use tidings_tests::push_service::Scripted;
+
+use crate::pipeline::wait_until;
+
+async fn app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+async fn subscription_exists(app: &TestApp, endpoint: &str) -> bool {
+    use sea_orm::{ColumnTrait, QueryFilter};
+    use shared::entities::push_subscription::{Column, Entity};
+    Entity::find().filter(Column::Endpoint.eq(endpoint)).count(&app.db).await.expect("query") > 0
+}
+
+#[tokio::test]
+async fn gone_subscriptions_are_deleted_while_the_others_still_get_theirs() {
+    let app = app().await;
+    let expired = app.subscribe_browser().await;
+    let unsubscribed = app.subscribe_browser().await;
+    let healthy = app.subscribe_browser().await;
+    app.push.script(&expired.endpoint, vec![Scripted::Status(404)]);
+    app.push.script(&unsubscribed.endpoint, vec![Scripted::Status(410)]);
+
+    app.submit_valid_feedback("Ann", "hello").await;
+
+    let received = app.push.wait_for_received(1, Duration::from_secs(15)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, healthy.endpoint);
+    assert!(wait_until(|| async { !subscription_exists(&app, &expired.endpoint).await }).await);
+    assert!(wait_until(|| async { !subscription_exists(&app, &unsubscribed.endpoint).await }).await);
+    assert!(subscription_exists(&app, &healthy.endpoint).await);
+}
+
+#[tokio::test]
+async fn throttled_and_failing_deliveries_are_retried_alone_without_duplicates() {
+    let app = app().await;
+    let throttled = app.subscribe_browser().await;
+    let flaky = app.subscribe_browser().await;
+    let healthy = app.subscribe_browser().await;
+    app.push.script(&throttled.endpoint, vec![Scripted::RetryAfter { status: 429, seconds: 1 }]);
+    app.push.script(&flaky.endpoint, vec![Scripted::Status(500), Scripted::Status(503)]);
+
+    app.submit_valid_feedback("Ann", "retry me").await;
+
+    let received = app.push.wait_for_received(3, Duration::from_secs(20)).await;
+    assert_eq!(received.len(), 3, "each subscription eventually got the message");
+    // Let any stray duplicate arrive before counting.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let received = app.push.received();
+    for browser in [&throttled, &flaky, &healthy] {
+        let copies = received.iter().filter(|p| p.endpoint == browser.endpoint).count();
+        assert_eq!(copies, 1, "exactly one accepted push per subscription");
+    }
+    let attempts = app.push.attempts();
+    let healthy_attempts = attempts.iter().filter(|a| a.endpoint == healthy.endpoint).count();
+    assert_eq!(healthy_attempts, 1, "the healthy subscription was not re-sent");
+    assert_eq!(attempts.iter().filter(|a| a.endpoint == flaky.endpoint).count(), 3);
+    let throttled_attempts: Vec<_> = attempts.iter().filter(|a| a.endpoint == throttled.endpoint).collect();
+    assert_eq!(throttled_attempts.len(), 2);
+    let waited = throttled_attempts[1].at - throttled_attempts[0].at;
+    assert!(waited >= Duration::from_millis(950), "Retry-After honoured, waited {waited:?}");
+}
+
+#[tokio::test]
+async fn permanent_rejections_are_recorded_as_failed_with_the_reason() {
+    let app = app().await;
+    let too_big = app.subscribe_browser().await;
+    app.push.script(&too_big.endpoint, vec![Scripted::Status(413)]);
+
+    app.submit_valid_feedback("Ann", "hello").await;
+
+    let failed = wait_until(|| async {
+        let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+        rows.len() == 1 && rows[0].status == "failed"
+    })
+    .await;
+    assert!(failed);
+    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+    assert!(rows[0].last_error.as_deref().is_some_and(|e| e.starts_with("413")), "{:?}", rows[0].last_error);
+    assert_eq!(app.push.attempts().len(), 1, "a permanent failure is not retried");
+    assert!(subscription_exists(&app, &too_big.endpoint).await, "413 does not delete the subscription");
+}
+
+#[tokio::test]
+async fn retries_stop_after_the_last_attempt_and_record_the_reason() {
+    let app = spawn_app_with(Options {
+        env: vec![("PUSH_MAX_ATTEMPTS".into(), "2".into())],
+        ..Options::default()
+    })
+    .await;
+    let down = app.subscribe_browser().await;
+    app.push.script(&down.endpoint, vec![Scripted::Status(502); 5]);
+
+    app.submit_valid_feedback("Ann", "hello").await;
+
+    let failed = wait_until(|| async {
+        let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+        rows.len() == 1 && rows[0].status == "failed"
+    })
+    .await;
+    assert!(failed);
+    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+    assert!(rows[0].last_error.as_deref().is_some_and(|e| e.contains("gave up after 2 attempts")));
+    assert_eq!(app.push.attempts().len(), 2);
+}

@@ -1,0 +1,312 @@
+//! `spawn_app()`: a running Tidings (web + worker, in-process) on its own database, its
+//! own Redis key namespace and its own push-service stand-in, so tests run in parallel.
+//!
+//! Set `TEST_LOG=1` to see the application's logs. `TEST_DATABASE_URL` names the
+//! PostgreSQL server databases are created on (default: the local server, user postgres).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use migrations::{Migrator, MigratorTrait};
+use sea_orm::{ConnectionTrait, Database, DatabaseConnection};
+use shared::settings::Settings;
+
+use crate::push_service::{BrowserSubscription, PushService};
+
+/// Which database a test runs on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backend {
+    /// A fresh SQLite file.
+    Sqlite,
+    /// A fresh PostgreSQL database.
+    Postgres,
+}
+
+/// Knobs a test may turn before the app starts.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Database backend.
+    pub backend: Backend,
+    /// Start a worker in-process.
+    pub worker: bool,
+    /// Extra or overriding environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self { backend: Backend::Postgres, worker: true, env: Vec::new() }
+    }
+}
+
+/// A running application and handles on everything around it.
+pub struct TestApp {
+    /// Base URL of the web, e.g. `http://127.0.0.1:40123`.
+    pub address: String,
+    /// The app's database.
+    pub db: DatabaseConnection,
+    /// The settings both processes run with.
+    pub settings: Settings,
+    /// The push-service stand-in.
+    pub push: PushService,
+    /// An HTTP client with a cookie store that does not follow redirects.
+    pub client: reqwest::Client,
+    /// Stops the in-process worker, if one runs.
+    worker_stop: Option<worker::app::ShutdownHandle>,
+    /// Deletes the namespace's Redis keys and the database when dropped.
+    _cleanup: Cleanup,
+}
+
+/// The environment every test app starts from.
+fn base_env(database_url: &str, namespace: &str, push_origin: &str) -> HashMap<String, String> {
+    let (private, public) = web::commands::new_vapid_keys();
+    let redis_url = std::env::var("TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+    [
+        ("DATABASE_URL", database_url.to_owned()),
+        ("REDIS_URL", redis_url),
+        ("REDIS_NAMESPACE", namespace.to_owned()),
+        ("BIND", "127.0.0.1:0".into()),
+        ("SECRET_KEY", "test-secret-key-that-is-long-enough-0123456789".into()),
+        ("VAPID_PRIVATE_KEY", private),
+        ("VAPID_PUBLIC_KEY", public),
+        ("VAPID_SUBJECT", "mailto:ops@tidings.test".into()),
+        ("PUSH_ALLOWED_HOSTS", push_origin.to_owned()),
+        ("SUBMIT_RATE_LIMIT", "0".into()),
+        ("PUSH_TIMEOUT_MS", "2000".into()),
+        ("PUSH_RETRY_BASE_MS", "200".into()),
+        ("PUSH_RETRY_CAP_SECS", "5".into()),
+        ("RELAY_INTERVAL_MS", "200".into()),
+        ("RELAY_GRACE_MS", "300".into()),
+        ("QUEUE_POLL_MS", "500".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
+/// Starts web and worker on PostgreSQL with default options.
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(Options::default()).await
+}
+
+/// Starts an app with `options`; panics with the reason if anything fails to start.
+pub async fn spawn_app_with(options: Options) -> TestApp {
+    init_test_logging();
+    try_spawn(options).await.expect("the test app starts")
+}
+
+async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
+    let push = PushService::start().await?;
+    let namespace = format!("test-{}", uuid::Uuid::new_v4().simple());
+    let (database_url, dropper) = create_database(options.backend, &namespace).await?;
+    let mut env = base_env(&database_url, &namespace, &push.origin());
+    env.extend(options.env);
+    let settings = Settings::from_map(&env)?;
+    push.expect_vapid_public_key(settings.push.vapid_public_key.as_deref().unwrap_or_default());
+
+    let db = shared::db::connect(&settings.database_url).await?;
+    Migrator::up(&db, None).await.context("migrating the test database")?;
+
+    let web_app = web::app::Application::build(settings.clone()).await?;
+    let address = format!("http://127.0.0.1:{}", web_app.port());
+    let mut settings = settings;
+    settings.web.public_url = url::Url::parse(&format!("{address}/"))?;
+    tokio::spawn(web_app.run_until_stopped());
+
+    let worker_stop = if options.worker {
+        let worker_app = worker::app::Application::build(settings.clone(), 2).await?;
+        let handle = worker_app.shutdown_handle();
+        tokio::spawn(worker_app.run_until_stopped());
+        Some(handle)
+    } else {
+        None
+    };
+
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
+        .timeout(Duration::from_secs(10))
+        .build()?;
+    let cleanup = Cleanup {
+        redis_url: settings.redis_url.clone(),
+        namespace,
+        database: dropper,
+    };
+    Ok(TestApp { address, db, settings, push, client, worker_stop, _cleanup: cleanup })
+}
+
+impl TestApp {
+    /// Stops the in-process worker (as SIGTERM would).
+    pub fn stop_worker(&mut self) {
+        if let Some(handle) = self.worker_stop.take() {
+            handle.shutdown();
+        }
+    }
+
+    /// A fresh subscription on the stand-in, stored for a new admin.
+    pub async fn subscribe_browser(&self) -> BrowserSubscription {
+        let browser = self.push.new_subscription();
+        let admin = self.create_admin().await;
+        let sub = shared::domain::NewSubscription::parse(
+            &browser.endpoint,
+            &browser.p256dh,
+            &browser.auth,
+            &self.settings.push.allowed_hosts,
+        )
+        .expect("the stand-in's subscription is valid");
+        shared::queries::subscription::upsert(&self.db, &sub, admin, Some("test browser"))
+            .await
+            .expect("subscription stored");
+        browser
+    }
+
+    /// Creates an admin account directly in the database; returns its id.
+    pub async fn create_admin(&self) -> i64 {
+        let email = format!("admin-{}@tidings.test", uuid::Uuid::new_v4().simple());
+        let email = shared::domain::EmailAddress::parse(&email).expect("valid");
+        // A precomputed hash would do too; hashing keeps the test honest about the format.
+        let hash = web::auth::password::hash(shared::domain::Password::parse(TEST_PASSWORD).expect("valid"))
+            .await
+            .expect("hashing works");
+        shared::queries::admin::upsert(&self.db, &email, &hash).await.expect("admin stored")
+    }
+
+    /// `GET /feedback` and the CSRF token from its hidden field.
+    pub async fn form_token(&self) -> String {
+        let html = self
+            .client
+            .get(format!("{}/feedback", self.address))
+            .send()
+            .await
+            .expect("GET /feedback")
+            .text()
+            .await
+            .expect("body");
+        extract_attribute(&html, "name=\"csrf_token\" value=\"").expect("the form has a csrf_token field")
+    }
+
+    /// Posts the feedback form (fetching a CSRF token first) with `fields`.
+    pub async fn post_feedback(&self, fields: &[(&str, &str)]) -> reqwest::Response {
+        let token = self.form_token().await;
+        let mut form: Vec<(&str, &str)> = vec![("csrf_token", token.as_str())];
+        form.extend_from_slice(fields);
+        self.client
+            .post(format!("{}/feedback", self.address))
+            .form(&form)
+            .send()
+            .await
+            .expect("POST /feedback")
+    }
+
+    /// Posts valid feedback through the form.
+    pub async fn submit_valid_feedback(&self, name: &str, content: &str) -> reqwest::Response {
+        self.post_feedback(&[("submitter_name", name), ("submitter_email", "ann@example.com"), ("content", content)])
+            .await
+    }
+
+    /// `POST /api/feedback` with a JSON body.
+    pub async fn post_api_feedback(&self, body: &serde_json::Value) -> reqwest::Response {
+        self.client
+            .post(format!("{}/api/feedback", self.address))
+            .json(body)
+            .send()
+            .await
+            .expect("POST /api/feedback")
+    }
+
+    /// Number of feedback rows stored.
+    pub async fn feedback_count(&self) -> u64 {
+        shared::queries::feedback::count(&self.db).await.expect("count")
+    }
+}
+
+/// The password of admins made by [`TestApp::create_admin`].
+pub const TEST_PASSWORD: &str = "a long test password";
+
+/// The text after `prefix` up to the next `"`.
+pub fn extract_attribute(html: &str, prefix: &str) -> Option<String> {
+    let start = html.find(prefix)? + prefix.len();
+    let end = html[start..].find('"')? + start;
+    Some(html[start..end].to_owned())
+}
+
+/// What to remove when a test ends.
+struct Cleanup {
+    redis_url: String,
+    namespace: String,
+    database: DatabaseDropper,
+}
+
+enum DatabaseDropper {
+    /// Removed (with the database file) when dropped.
+    Sqlite { _dir: tempfile::TempDir },
+    Postgres { server_url: String, name: String },
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if let Ok(client) = redis::Client::open(self.redis_url.as_str())
+            && let Ok(mut conn) = client.get_connection()
+        {
+            let pattern = format!("{}*", self.namespace);
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
+            }
+            // apalis-redis keeps some keys under its own prefixes built from the queue name.
+            let pattern = format!("*{}*", self.namespace);
+            let keys: Vec<String> = redis::cmd("KEYS").arg(&pattern).query(&mut conn).unwrap_or_default();
+            if !keys.is_empty() {
+                let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
+            }
+        }
+        if let DatabaseDropper::Postgres { server_url, name } = &self.database {
+            let server_url = server_url.clone();
+            let name = name.clone();
+            // Drop runs outside any runtime guarantee: use a short-lived one of our own.
+            let _ = std::thread::spawn(move || {
+                if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    rt.block_on(async {
+                        if let Ok(db) = Database::connect(&server_url).await {
+                            let _ = db
+                                .execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"))
+                                .await;
+                        }
+                    });
+                }
+            })
+            .join();
+        }
+    }
+}
+
+async fn create_database(backend: Backend, namespace: &str) -> anyhow::Result<(String, DatabaseDropper)> {
+    match backend {
+        Backend::Sqlite => {
+            let dir = tempfile::tempdir()?;
+            let url = format!("sqlite://{}?mode=rwc", dir.path().join("tidings.sqlite").display());
+            Ok((url, DatabaseDropper::Sqlite { _dir: dir }))
+        }
+        Backend::Postgres => {
+            let server_url = postgres_server_url();
+            let name = namespace.replace('-', "_");
+            let admin = Database::connect(&server_url).await.context("connecting to PostgreSQL")?;
+            admin.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await?;
+            let base = server_url.rsplit_once('/').map_or(server_url.as_str(), |(b, _)| b);
+            Ok((format!("{base}/{name}"), DatabaseDropper::Postgres { server_url: server_url.clone(), name }))
+        }
+    }
+}
+
+/// The PostgreSQL server tests create databases on.
+pub fn postgres_server_url() -> String {
+    std::env::var("TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+fn init_test_logging() {
+    if std::env::var("TEST_LOG").is_ok() {
+        shared::telemetry::init();
+    }
+}
+
