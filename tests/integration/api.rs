@@ -9,7 +9,9 @@ async fn a_valid_json_submission_gets_201_with_its_id() {
     let app = spawn_app().await;
 
     let response = app
-        .post_api_feedback(&json!({"submitter_name": "Ann", "submitter_email": "ann@example.com", "content": "Hi", "admin": true}))
+        .post_api_feedback(
+            &json!({"submitter_name": "Ann", "submitter_email": "ann@example.com", "content": "Hi", "admin": true}),
+        )
         .await;
 
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -22,9 +24,7 @@ async fn a_valid_json_submission_gets_201_with_its_id() {
 async fn invalid_fields_get_422_with_errors_per_field() {
     let app = spawn_app().await;
 
-    let response = app
-        .post_api_feedback(&json!({"submitter_name": "", "submitter_email": "nope"}))
-        .await;
+    let response = app.post_api_feedback(&json!({"submitter_name": "", "submitter_email": "nope"})).await;
 
     assert_eq!(response.status(), StatusCode::UNPROCESSABLE_ENTITY);
     let body: serde_json::Value = response.json().await.expect("json");

@@ -29,11 +29,8 @@ async fn each_invalid_field_gets_a_422_with_its_message_and_the_input_kept() {
         ("content", long_content.as_str(), "Message must be at most 5000 characters"),
     ];
     for (field, value, message) in cases {
-        let mut fields = vec![
-            ("submitter_name", "Ann"),
-            ("submitter_email", "ann@example.com"),
-            ("content", "Kept content"),
-        ];
+        let mut fields =
+            vec![("submitter_name", "Ann"), ("submitter_email", "ann@example.com"), ("content", "Kept content")];
         for f in &mut fields {
             if f.0 == field {
                 f.1 = value;
@@ -62,7 +59,7 @@ async fn user_input_is_escaped_when_the_form_is_re_rendered() {
 
     let html = response.text().await.expect("body");
     assert!(!html.contains("<script>alert(1)</script>"));
-    assert!(html.contains("&lt;script&gt;"));
+    assert!(html.contains("&lt;script&gt;") || html.contains("&#60;script&#62;"), "the name is shown escaped");
 }
 
 #[tokio::test]
@@ -112,9 +109,8 @@ async fn a_body_over_the_limit_gets_413() {
     let app = spawn_app().await;
     let huge = "x".repeat(200_000);
 
-    let response = app
-        .post_feedback(&[("submitter_name", "A"), ("submitter_email", "a@b.co"), ("content", &huge)])
-        .await;
+    let response =
+        app.post_feedback(&[("submitter_name", "A"), ("submitter_email", "a@b.co"), ("content", &huge)]).await;
 
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(app.feedback_count().await, 0);
@@ -122,11 +118,8 @@ async fn a_body_over_the_limit_gets_413() {
 
 #[tokio::test]
 async fn submissions_over_the_rate_limit_get_429_with_retry_after() {
-    let app = spawn_app_with(Options {
-        env: vec![("SUBMIT_RATE_LIMIT".into(), "2".into())],
-        ..Options::default()
-    })
-    .await;
+    let app =
+        spawn_app_with(Options { env: vec![("SUBMIT_RATE_LIMIT".into(), "2".into())], ..Options::default() }).await;
 
     for _ in 0..2 {
         assert_eq!(app.submit_valid_feedback("Ann", "hi").await.status(), StatusCode::SEE_OTHER);
@@ -144,7 +137,12 @@ async fn a_filled_honeypot_pretends_success_but_stores_nothing() {
     let app = spawn_app().await;
 
     let response = app
-        .post_feedback(&[("submitter_name", "Bot"), ("submitter_email", "bot@example.com"), ("content", "spam"), ("website", "http://spam.example")])
+        .post_feedback(&[
+            ("submitter_name", "Bot"),
+            ("submitter_email", "bot@example.com"),
+            ("content", "spam"),
+            ("website", "http://spam.example"),
+        ])
         .await;
 
     assert_eq!(response.status(), StatusCode::SEE_OTHER);
@@ -158,7 +156,10 @@ async fn security_headers_are_on_pages_and_on_errors() {
     for path in ["/feedback", "/no-such-page"] {
         let response = app.client.get(format!("{}{path}", app.address)).send().await.expect("GET");
         let headers = response.headers();
-        assert!(headers["content-security-policy"].to_str().expect("ascii").contains("frame-ancestors 'none'"), "{path}");
+        assert!(
+            headers["content-security-policy"].to_str().expect("ascii").contains("frame-ancestors 'none'"),
+            "{path}"
+        );
         assert_eq!(headers["x-frame-options"], "DENY", "{path}");
         assert_eq!(headers["x-content-type-options"], "nosniff", "{path}");
         assert_eq!(headers["referrer-policy"], "same-origin", "{path}");

@@ -2,8 +2,8 @@
 //! Redis, and the local push-service stand-in. One module per feature.
 
 mod api;
-mod jobs;
 mod feedback_form;
+mod jobs;
 mod outages;
 mod pipeline;
 mod push_failures;

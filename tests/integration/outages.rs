@@ -11,11 +11,7 @@ use tidings_tests::redis_server::RedisServer;
 async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() {
     // Arrange: the app runs on a Redis of its own, which then goes down.
     let mut redis = RedisServer::start().await.expect("redis-server starts");
-    let app = spawn_app_with(Options {
-        env: vec![("REDIS_URL".into(), redis.url())],
-        ..Options::default()
-    })
-    .await;
+    let app = spawn_app_with(Options { env: vec![("REDIS_URL".into(), redis.url())], ..Options::default() }).await;
     app.subscribe_browser().await;
     redis.stop();
 
@@ -45,7 +41,12 @@ async fn the_database_going_down_gives_a_503_page_and_the_app_recovers_by_itself
     let response = app
         .client
         .post(format!("{}/feedback", app.address))
-        .form(&[("csrf_token", token.as_str()), ("submitter_name", "Ann"), ("submitter_email", "a@example.com"), ("content", "during")])
+        .form(&[
+            ("csrf_token", token.as_str()),
+            ("submitter_name", "Ann"),
+            ("submitter_email", "a@example.com"),
+            ("content", "during"),
+        ])
         .send()
         .await
         .expect("POST");

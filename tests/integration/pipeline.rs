@@ -69,7 +69,9 @@ async fn an_api_submission_notifies_too() {
     app.subscribe_browser().await;
 
     let response = app
-        .post_api_feedback(&serde_json::json!({"submitter_name": "Bo", "submitter_email": "bo@example.com", "content": "Via API"}))
+        .post_api_feedback(
+            &serde_json::json!({"submitter_name": "Bo", "submitter_email": "bo@example.com", "content": "Via API"}),
+        )
         .await;
 
     assert_eq!(response.status(), StatusCode::CREATED);
@@ -85,7 +87,8 @@ async fn every_delivery_is_recorded_and_the_dispatch_completed() {
     app.push.wait_for_received(1, WAIT).await;
     let feedback_id = only_feedback_id(&app).await;
 
-    let outstanding = wait_until(|| async { shared::queries::dispatch::outstanding(&app.db).await.expect("query") == 0 }).await;
+    let outstanding =
+        wait_until(|| async { shared::queries::dispatch::outstanding(&app.db).await.expect("query") == 0 }).await;
 
     assert!(outstanding, "the dispatch record is completed");
     let deliveries = shared::queries::delivery::of_feedback(&app.db, feedback_id).await.expect("query");

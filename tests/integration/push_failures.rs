@@ -89,11 +89,8 @@ async fn permanent_rejections_are_recorded_as_failed_with_the_reason() {
 
 #[tokio::test]
 async fn retries_stop_after_the_last_attempt_and_record_the_reason() {
-    let app = spawn_app_with(Options {
-        env: vec![("PUSH_MAX_ATTEMPTS".into(), "2".into())],
-        ..Options::default()
-    })
-    .await;
+    let app =
+        spawn_app_with(Options { env: vec![("PUSH_MAX_ATTEMPTS".into(), "2".into())], ..Options::default() }).await;
     let down = app.subscribe_browser().await;
     app.push.script(&down.endpoint, vec![Scripted::Status(502); 5]);
 

@@ -128,11 +128,7 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
         .cookie_store(true)
         .timeout(Duration::from_secs(10))
         .build()?;
-    let cleanup = Cleanup {
-        redis_url: settings.redis_url.clone(),
-        namespace,
-        database: dropper,
-    };
+    let cleanup = Cleanup { redis_url: settings.redis_url.clone(), namespace, database: dropper };
     Ok(TestApp { address, db, settings, push, client, worker_stop, _cleanup: cleanup })
 }
 
@@ -191,12 +187,7 @@ impl TestApp {
         let token = self.form_token().await;
         let mut form: Vec<(&str, &str)> = vec![("csrf_token", token.as_str())];
         form.extend_from_slice(fields);
-        self.client
-            .post(format!("{}/feedback", self.address))
-            .form(&form)
-            .send()
-            .await
-            .expect("POST /feedback")
+        self.client.post(format!("{}/feedback", self.address)).form(&form).send().await.expect("POST /feedback")
     }
 
     /// Posts valid feedback through the form.
@@ -207,12 +198,7 @@ impl TestApp {
 
     /// `POST /api/feedback` with a JSON body.
     pub async fn post_api_feedback(&self, body: &serde_json::Value) -> reqwest::Response {
-        self.client
-            .post(format!("{}/api/feedback", self.address))
-            .json(body)
-            .send()
-            .await
-            .expect("POST /api/feedback")
+        self.client.post(format!("{}/api/feedback", self.address)).json(body).send().await.expect("POST /api/feedback")
     }
 
     /// Number of feedback rows stored.
@@ -240,8 +226,13 @@ struct Cleanup {
 
 enum DatabaseDropper {
     /// Removed (with the database file) when dropped.
-    Sqlite { _dir: tempfile::TempDir },
-    Postgres { server_url: String, name: String },
+    Sqlite {
+        _dir: tempfile::TempDir,
+    },
+    Postgres {
+        server_url: String,
+        name: String,
+    },
 }
 
 impl Drop for Cleanup {
@@ -309,4 +300,3 @@ fn init_test_logging() {
         shared::telemetry::init();
     }
 }
-

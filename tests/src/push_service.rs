@@ -305,12 +305,15 @@ fn check(inner: &Inner, id: &str, endpoint: &str, headers: &HeaderMap, body: &[u
     if header("Content-Encoding").as_deref() != Some("aes128gcm") {
         return Err(refuse(StatusCode::UNSUPPORTED_MEDIA_TYPE, "Content-Encoding must be aes128gcm"));
     }
-    let authorization = header("Authorization")
-        .ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "Authorization header missing"))?;
+    let authorization =
+        header("Authorization").ok_or_else(|| refuse(StatusCode::UNAUTHORIZED, "Authorization header missing"))?;
     let vapid = parse_vapid(&authorization).map_err(|e| refuse(StatusCode::UNAUTHORIZED, &e))?;
     let subject = verify_vapid(&vapid, &inner.origin).map_err(|e| refuse(StatusCode::UNAUTHORIZED, &e))?;
     if expected_key.is_some_and(|expected| expected != vapid.key.trim_end_matches('=')) {
-        return Err(refuse(StatusCode::FORBIDDEN, "VAPID key does not match the subscription's application server key"));
+        return Err(refuse(
+            StatusCode::FORBIDDEN,
+            "VAPID key does not match the subscription's application server key",
+        ));
     }
     let topic = header("Topic");
     if let Some(topic) = &topic
@@ -377,7 +380,8 @@ fn verify_vapid(vapid: &Vapid, origin: &str) -> Result<String, String> {
     }
     let signature = Signature::from_slice(&decode(signature)?).map_err(|_| "the JWT signature is not r||s")?;
     key.verify(format!("{header}.{claims}").as_bytes(), &signature).map_err(|_| "bad JWT signature")?;
-    let claims: serde_json::Value = serde_json::from_slice(&decode(claims)?).map_err(|_| "the JWT claims are not JSON")?;
+    let claims: serde_json::Value =
+        serde_json::from_slice(&decode(claims)?).map_err(|_| "the JWT claims are not JSON")?;
     if claims["aud"].as_str() != Some(origin) {
         return Err(format!("aud must be {origin}, got {}", claims["aud"]));
     }

@@ -1,11 +1,13 @@
 //! The worker process: connects, builds the apalis worker and the periodic tasks, and
 //! runs until SIGTERM/SIGINT (or [`ShutdownHandle::shutdown`]).
 //!
-//! It fails loudly: if the apalis worker dies (Redis errors it cannot get past), the
-//! returned error makes `worker run` exit non-zero so a supervisor restarts it, instead
-//! of the stock behaviour of logging a warning and exiting 0.
+//! It fails loudly instead of the stock behaviour (a warning, then exit 0): an apalis
+//! worker that dies (Redis unreachable) is logged as an error and rebuilt under a new
+//! name with a backoff, so the process reconnects by itself; an error while stopping
+//! makes `worker run` exit non-zero.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use apalis::prelude::WorkerBuilderExt;
@@ -107,43 +109,61 @@ impl Application {
             }
         }));
 
-        let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
-            .with_config(ctx.queue.fan_out_config().clone())
-            .with_codec(RawCodec)
-            .poll_with_stream(wake_stream(
-                &settings.redis_url,
-                shared::queue::wake_channel(ctx.queue.namespace()),
-                settings.worker.poll_interval,
-            ));
-        let worker = WorkerBuilder::new(name.clone())
-            .backend(storage)
-            .data(ctx.clone())
-            .concurrency(concurrency)
-            .build(handle_fan_out);
-        tracing::info!(worker = %name, concurrency, "worker.started");
-
-        let shutdown_timeout = settings.worker.shutdown_timeout;
-        let stop = stopped();
-        let result = worker
-            .run_until(async move {
-                stop.await;
-                tracing::info!("worker.draining");
-                Ok::<(), std::io::Error>(())
-            })
-            .await;
+        // A worker that dies (Redis unreachable) is rebuilt under a new name after a
+        // backoff, so the process reconnects by itself; each death is logged as an error
+        // and counted.
+        let mut restarts: u32 = 0;
+        let mut name = name;
+        let result = loop {
+            let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
+                .with_config(ctx.queue.fan_out_config().clone())
+                .with_codec(RawCodec)
+                .poll_with_stream(wake_stream(
+                    &settings.redis_url,
+                    shared::queue::wake_channel(ctx.queue.namespace()),
+                    settings.worker.poll_interval,
+                ));
+            let worker = WorkerBuilder::new(name.clone())
+                .backend(storage)
+                .data(ctx.clone())
+                .concurrency(concurrency)
+                .build(handle_fan_out);
+            tracing::info!(worker = %name, concurrency, restarts, "worker.started");
+            let stop = stopped();
+            let result = worker
+                .run_until(async move {
+                    stop.await;
+                    tracing::info!("worker.draining");
+                    Ok::<(), std::io::Error>(())
+                })
+                .await;
+            match result {
+                Ok(()) => break Ok(()),
+                Err(e) if *stop_tx.borrow() => break Err(anyhow::anyhow!("worker {name} failed while stopping: {e}")),
+                Err(e) => {
+                    restarts += 1;
+                    let wait = restart_delay(restarts);
+                    tracing::error!(worker = %name, error = %e, restarts, retry_in_ms = wait.as_millis() as u64, "worker.died");
+                    tokio::select! {
+                        () = stopped() => break Ok(()),
+                        () = tokio::time::sleep(wait) => {}
+                    }
+                    name = worker_name(shared::jobs::FAN_OUT_QUEUE);
+                }
+            }
+        };
         // The relay stops on the same signal; don't wait on it longer than the drain.
-        let _ = tokio::time::timeout(shutdown_timeout, relay).await;
-        match result {
-            Ok(()) => {
-                tracing::info!(worker = %name, "worker.stopped");
-                Ok(())
-            }
-            Err(e) => {
-                tracing::error!(worker = %name, error = %e, "worker.died");
-                Err(anyhow::anyhow!("worker {name} died: {e}"))
-            }
+        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, relay).await;
+        if result.is_ok() {
+            tracing::info!(worker = %name, "worker.stopped");
         }
+        result
     }
+}
+
+/// Backoff between restarts of a dead worker: 0.5 s doubling up to 30 s.
+fn restart_delay(restarts: u32) -> Duration {
+    Duration::from_millis(500).saturating_mul(1 << restarts.saturating_sub(1).min(6)).min(Duration::from_secs(30))
 }
 
 fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {
