@@ -25,7 +25,7 @@ use tokio::sync::watch;
 use crate::context::WorkerContext;
 use crate::jobs::{JobError, fan_out, relay};
 use crate::push::{PushSender, PushSenderConfig};
-use crate::queue::{Periodic, wake_stream, worker_name};
+use crate::queue::{Periodic, wake_strategy, worker_name};
 
 /// A built worker process, ready to run.
 pub struct Application {
@@ -118,7 +118,7 @@ impl Application {
             let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
                 .with_config(ctx.queue.fan_out_config().clone())
                 .with_codec(RawCodec)
-                .poll_with_stream(wake_stream(
+                .poll_with_strategy(wake_strategy(
                     &settings.redis_url,
                     shared::queue::wake_channel(ctx.queue.namespace()),
                     settings.worker.poll_interval,

@@ -1,6 +1,6 @@
 //! apalis wiring the stock defaults get wrong (see `docs/ARCHITECTURE.md`):
 //!
-//! - [`wake_stream`]: the poll strategy. apalis-redis's interval poller can stall until
+//! - [`wake_strategy`]: the poll strategy. apalis-redis's interval poller can stall until
 //!   the 30 s heartbeat, so workers fetch when a producer `PUBLISH`es on the wake
 //!   channel, plus on a fallback timer that re-arms itself correctly (tokio's interval).
 //! - [`Periodic`]: periodic work that runs once per tick across all worker processes:
@@ -10,9 +10,11 @@
 //!   waits for its previous incarnation's registration to expire.
 
 use std::future::Future;
+use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use futures::{Stream, StreamExt};
+use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy};
+use futures::StreamExt;
 use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 use tokio::sync::mpsc;
@@ -30,11 +32,7 @@ pub fn worker_name(queue: &str) -> String {
 
 /// Wakes the worker's fetch loop: once per message on the wake channel (with one repeat
 /// shortly after) and every `fallback` at the latest. Reconnects to Redis by itself.
-pub fn wake_stream(
-    redis_url: &str,
-    channel: String,
-    fallback: Duration,
-) -> impl Stream<Item = ()> + Unpin + Send + use<> {
+pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration) -> WakeStrategy {
     let (tx, rx) = mpsc::channel::<()>(1);
     let timer_tx = tx.clone();
     tokio::spawn(async move {
@@ -60,7 +58,31 @@ pub fn wake_stream(
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    Box::pin(futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|()| ((), rx)) }))
+    WakeStrategy { wakes: rx }
+}
+
+/// The poll strategy [`wake_strategy`] builds.
+///
+/// Unlike apalis' stream strategy it drains every pending wake and always leaves its
+/// waker registered, so a wake can never be consumed without arming the next one (the
+/// way the stock interval poller stalls until the heartbeat).
+#[derive(Debug)]
+pub struct WakeStrategy {
+    wakes: mpsc::Receiver<()>,
+}
+
+impl PollStrategy for WakeStrategy {
+    fn poll_drive(&mut self, cx: &mut Context<'_>, _: &PollSnapshot) -> Poll<Option<()>> {
+        let mut woken = false;
+        loop {
+            match self.wakes.poll_recv(cx) {
+                Poll::Ready(Some(())) => woken = true,
+                Poll::Ready(None) => return Poll::Ready(None),
+                Poll::Pending => break,
+            }
+        }
+        if woken { Poll::Ready(Some(())) } else { Poll::Pending }
+    }
 }
 
 async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) -> redis::RedisResult<()> {
