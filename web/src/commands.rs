@@ -20,22 +20,16 @@ pub fn vapid_generate() {
 pub fn new_vapid_keys() -> (String, String) {
     let secret = p256::SecretKey::random(&mut rand::rngs::OsRng);
     let public = secret.public_key().to_encoded_point(false);
-    (
-        URL_SAFE_NO_PAD.encode(secret.to_bytes()),
-        URL_SAFE_NO_PAD.encode(public.as_bytes()),
-    )
+    (URL_SAFE_NO_PAD.encode(secret.to_bytes()), URL_SAFE_NO_PAD.encode(public.as_bytes()))
 }
 
 /// Creates the admin `email` (or resets their password) with a password read from stdin.
 pub async fn admin_create(email: &str) -> anyhow::Result<()> {
     let email = EmailAddress::parse(email).map_err(|e| anyhow::anyhow!("--email {e}"))?;
     let mut line = String::new();
-    std::io::stdin()
-        .lock()
-        .read_line(&mut line)
-        .context("reading the password from standard input")?;
-    let password = Password::parse(line.trim_end_matches(['\r', '\n']))
-        .map_err(|e| anyhow::anyhow!("the password {e}"))?;
+    std::io::stdin().lock().read_line(&mut line).context("reading the password from standard input")?;
+    let password =
+        Password::parse(line.trim_end_matches(['\r', '\n'])).map_err(|e| anyhow::anyhow!("the password {e}"))?;
     let settings = shared::settings::Settings::from_env()?;
     let db = shared::db::connect(&settings.database_url).await?;
     let hash = crate::auth::password::hash(password).await?;

@@ -27,12 +27,7 @@ pub struct Dispatcher {
 impl Dispatcher {
     /// A dispatcher for the queue at `redis_url` / `namespace`; connects on first use.
     pub fn new(db: DatabaseConnection, redis_url: &str, namespace: &str) -> Self {
-        Self {
-            db,
-            redis_url: redis_url.to_owned(),
-            namespace: namespace.to_owned(),
-            queue: Mutex::new(None),
-        }
+        Self { db, redis_url: redis_url.to_owned(), namespace: namespace.to_owned(), queue: Mutex::new(None) }
     }
 
     /// The queue, connecting if needed.

@@ -84,7 +84,9 @@ impl WebError {
     /// The message safe to show the client.
     pub fn public_message(&self) -> String {
         match self {
-            Self::Unavailable(_) => "The service is briefly unavailable. Please try again in a moment; nothing you sent was stored.".into(),
+            Self::Unavailable(_) => {
+                "The service is briefly unavailable. Please try again in a moment; nothing you sent was stored.".into()
+            }
             Self::Internal(_) => "Something went wrong on our side. Please try again.".into(),
             other => other.to_string(),
         }
@@ -108,10 +110,9 @@ impl poem::error::ResponseError for WebError {
         self.log();
         let mut response = crate::templates::error_page(self.status(), &self.public_message()).into_response();
         if let Self::RateLimited { retry_after_secs } = self {
-            response.headers_mut().insert(
-                poem::http::header::RETRY_AFTER,
-                poem::http::HeaderValue::from(*retry_after_secs),
-            );
+            response
+                .headers_mut()
+                .insert(poem::http::header::RETRY_AFTER, poem::http::HeaderValue::from(*retry_after_secs));
         }
         response
     }

@@ -56,9 +56,7 @@ async fn main() -> ExitCode {
             web::commands::vapid_generate();
             Ok(())
         }
-        Command::Admin { command: AdminCommand::Create { email, .. } } => {
-            web::commands::admin_create(&email).await
-        }
+        Command::Admin { command: AdminCommand::Create { email, .. } } => web::commands::admin_create(&email).await,
         Command::Serve => serve().await,
     };
     match result {

@@ -66,10 +66,6 @@ pub struct ErrorPage<'a> {
 
 /// An HTML error page for `status` saying `message`.
 pub fn error_page(status: StatusCode, message: &str) -> Response {
-    let page = ErrorPage {
-        status: status.as_u16(),
-        title: status.canonical_reason().unwrap_or("Error"),
-        message,
-    };
+    let page = ErrorPage { status: status.as_u16(), title: status.canonical_reason().unwrap_or("Error"), message };
     render(status, &page)
 }

@@ -16,9 +16,7 @@ static HASHING: LazyLock<Semaphore> = LazyLock::new(|| Semaphore::new(2));
 
 /// A fixed hash verified when the account doesn't exist, so an unknown email takes as
 /// long as a wrong password (no account enumeration by timing).
-static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| {
-    hash_blocking("dummy password for timing").unwrap_or_default()
-});
+static DUMMY_HASH: LazyLock<String> = LazyLock::new(|| hash_blocking("dummy password for timing").unwrap_or_default());
 
 fn argon2() -> Argon2<'static> {
     // OWASP Password Storage Cheat Sheet: argon2id, m = 19 MiB, t = 2, p = 1.

@@ -11,11 +11,8 @@ pub const MAX_BODY_BYTES: usize = 64 * 1024;
 
 /// Wraps an endpoint with the body limit.
 pub async fn limit_body<E: Endpoint>(ep: E, mut req: Request) -> poem::Result<E::Output> {
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<usize>().ok());
+    let declared =
+        req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<usize>().ok());
     if declared.is_some_and(|len| len > MAX_BODY_BYTES) {
         return Err(poem::Error::from_status(StatusCode::PAYLOAD_TOO_LARGE));
     }
@@ -29,4 +26,3 @@ pub async fn limit_body<E: Endpoint>(ep: E, mut req: Request) -> poem::Result<E:
     }
     ep.call(req).await
 }
-

@@ -28,9 +28,8 @@ impl SubmitLimiter {
     /// `Ok` if `client` may submit now, else how long until it may.
     pub fn check(&self, client: IpAddr) -> Result<(), Duration> {
         let Some(limiter) = &self.limiter else { return Ok(()) };
-        let result = limiter.check_key(&client).map_err(|not_until| {
-            not_until.wait_time_from(DefaultClock::default().now())
-        });
+        let result =
+            limiter.check_key(&client).map_err(|not_until| not_until.wait_time_from(DefaultClock::default().now()));
         // Forget idle clients now and then so memory stays bounded.
         if limiter.len() > 10_000 {
             limiter.retain_recent();

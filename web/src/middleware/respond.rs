@@ -22,8 +22,8 @@ fn is_json_route(path: &str) -> bool {
 /// Wraps an endpoint: errors rendered, security headers added.
 pub async fn respond<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response> {
     let json = is_json_route(req.uri().path());
-    let https = req.uri().scheme_str() == Some("https")
-        || req.headers().get("x-forwarded-proto").is_some_and(|v| v == "https");
+    let https =
+        req.uri().scheme_str() == Some("https") || req.headers().get("x-forwarded-proto").is_some_and(|v| v == "https");
     let mut response = match ep.call(req).await {
         Ok(response) => response.into_response(),
         Err(e) => error_response(&e, json),
@@ -57,9 +57,7 @@ fn error_response(e: &poem::Error, json: bool) -> Response {
         }
     };
     let mut response = if json {
-        poem::web::Json(serde_json::json!({ "error": message }))
-            .with_status(status)
-            .into_response()
+        poem::web::Json(serde_json::json!({ "error": message })).with_status(status).into_response()
     } else {
         crate::templates::error_page(status, &message)
     };
@@ -97,9 +95,7 @@ fn add_security_headers(response: &mut Response, https: bool) {
     }
     headers.insert("cross-origin-opener-policy", HeaderValue::from_static("same-origin"));
     if https {
-        headers.insert(
-            header::STRICT_TRANSPORT_SECURITY,
-            HeaderValue::from_static("max-age=63072000; includeSubDomains"),
-        );
+        headers
+            .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=63072000; includeSubDomains"));
     }
 }

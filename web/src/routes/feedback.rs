@@ -12,9 +12,7 @@ use crate::templates::{FeedbackForm, FeedbackValues, Thanks, render};
 
 /// The routes of this module, mounted at `/feedback`.
 pub fn router() -> Route {
-    Route::new()
-        .at("/", get(show_form).post(submit))
-        .at("/thanks", get(thanks))
+    Route::new().at("/", get(show_form).post(submit)).at("/thanks", get(thanks))
 }
 
 /// The posted form. Only these fields are read: anything else a client sends is ignored,
@@ -36,11 +34,8 @@ pub struct FeedbackFormData {
 
 #[handler]
 async fn show_form(token: &CsrfToken) -> Response {
-    let form = FeedbackForm {
-        csrf_token: &token.0,
-        values: &FeedbackValues::default(),
-        errors: &FieldErrors::default(),
-    };
+    let form =
+        FeedbackForm { csrf_token: &token.0, values: &FeedbackValues::default(), errors: &FieldErrors::default() };
     render(StatusCode::OK, &form)
 }
 

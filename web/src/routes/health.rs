@@ -27,9 +27,7 @@ async fn readyz(state: Data<&AppState>) -> Response {
     let redis = redis_answers(&state.settings.redis_url).await;
     let status = if database && redis { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    Json(serde_json::json!({ "database": word(database), "redis": word(redis) }))
-        .with_status(status)
-        .into_response()
+    Json(serde_json::json!({ "database": word(database), "redis": word(redis) })).with_status(status).into_response()
 }
 
 async fn redis_answers(url: &str) -> bool {

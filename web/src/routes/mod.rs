@@ -2,9 +2,9 @@
 
 pub mod admin;
 pub mod api;
+pub mod assets;
 pub mod feedback;
 pub mod health;
-pub mod assets;
 
 use std::net::IpAddr;
 
@@ -12,8 +12,5 @@ use poem::Request;
 
 /// The client's address as seen by this process (the peer; proxy headers are not trusted).
 pub fn client_ip(req: &Request) -> IpAddr {
-    req.remote_addr()
-        .as_socket_addr()
-        .map(|addr| addr.ip())
-        .unwrap_or(IpAddr::from([0, 0, 0, 0]))
+    req.remote_addr().as_socket_addr().map(|addr| addr.ip()).unwrap_or(IpAddr::from([0, 0, 0, 0]))
 }
