@@ -1,6 +1,7 @@
 //! Integration tests: the real web and worker in-process, real PostgreSQL / SQLite and
 //! Redis, and the local push-service stand-in. One module per feature.
 
+mod admin;
 mod api;
 mod feedback_form;
 mod jobs;

@@ -123,11 +123,7 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
         None
     };
 
-    let client = reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .cookie_store(true)
-        .timeout(Duration::from_secs(10))
-        .build()?;
+    let client = new_client();
     let cleanup = Cleanup { redis_url: settings.redis_url.clone(), namespace, database: dropper };
     Ok(TestApp { address, db, settings, push, client, worker_stop, _cleanup: cleanup })
 }
@@ -159,13 +155,64 @@ impl TestApp {
 
     /// Creates an admin account directly in the database; returns its id.
     pub async fn create_admin(&self) -> i64 {
-        let email = format!("admin-{}@tidings.test", uuid::Uuid::new_v4().simple());
-        let email = shared::domain::EmailAddress::parse(&email).expect("valid");
+        self.create_admin_with_email(&format!("admin-{}@tidings.test", uuid::Uuid::new_v4().simple())).await
+    }
+
+    /// Creates (or resets) the admin `email` with [`TEST_PASSWORD`]; returns its id.
+    pub async fn create_admin_with_email(&self, email: &str) -> i64 {
+        let email = shared::domain::EmailAddress::parse(email).expect("valid");
         // A precomputed hash would do too; hashing keeps the test honest about the format.
         let hash = web::auth::password::hash(shared::domain::Password::parse(TEST_PASSWORD).expect("valid"))
             .await
             .expect("hashing works");
         shared::queries::admin::upsert(&self.db, &email, &hash).await.expect("admin stored")
+    }
+
+    /// Logs `client` in through the login form; returns the login answer.
+    pub async fn login(&self, client: &reqwest::Client, email: &str, password: &str) -> reqwest::Response {
+        let html = client
+            .get(format!("{}/admin/login", self.address))
+            .send()
+            .await
+            .expect("GET /admin/login")
+            .text()
+            .await
+            .expect("body");
+        let token = extract_attribute(&html, "name=\"csrf_token\" value=\"").expect("the login form has a token");
+        client
+            .post(format!("{}/admin/login", self.address))
+            .form(&[("csrf_token", token.as_str()), ("email", email), ("password", password)])
+            .send()
+            .await
+            .expect("POST /admin/login")
+    }
+
+    /// The CSRF token of the admin pages (from `<meta name="csrf-token">`).
+    pub async fn admin_csrf_token(&self, client: &reqwest::Client) -> String {
+        let html = client
+            .get(format!("{}/admin/", self.address))
+            .send()
+            .await
+            .expect("GET /admin/")
+            .text()
+            .await
+            .expect("body");
+        extract_attribute(&html, "<meta name=\"csrf-token\" content=\"").expect("admin pages carry a csrf-token meta")
+    }
+
+    /// `POST /admin/push/{action}` with `body` and the CSRF header.
+    pub async fn post_push(
+        &self,
+        client: &reqwest::Client,
+        action: &str,
+        token: Option<&str>,
+        body: &serde_json::Value,
+    ) -> reqwest::Response {
+        let mut request = client.post(format!("{}/admin/push/{action}", self.address)).json(body);
+        if let Some(token) = token {
+            request = request.header("X-CSRF-Token", token);
+        }
+        request.send().await.expect("POST /admin/push")
     }
 
     /// `GET /feedback` and the CSRF token from its hidden field.
@@ -205,6 +252,16 @@ impl TestApp {
     pub async fn feedback_count(&self) -> u64 {
         shared::queries::feedback::count(&self.db).await.expect("count")
     }
+}
+
+/// An HTTP client with its own cookie store that does not follow redirects.
+pub fn new_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .cookie_store(true)
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("the HTTP client builds")
 }
 
 /// The password of admins made by [`TestApp::create_admin`].

@@ -15,5 +15,6 @@ pub mod dispatch;
 pub mod error;
 pub mod middleware;
 pub mod routes;
+pub mod session;
 pub mod state;
 pub mod templates;

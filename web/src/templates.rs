@@ -69,3 +69,68 @@ pub fn error_page(status: StatusCode, message: &str) -> Response {
     let page = ErrorPage { status: status.as_u16(), title: status.canonical_reason().unwrap_or("Error"), message };
     render(status, &page)
 }
+
+/// `GET /admin/login`, and the page re-rendered after a failed login.
+#[derive(Template)]
+#[template(path = "admin_login.html")]
+pub struct AdminLogin<'a> {
+    /// The CSRF token for the hidden field and the meta tag.
+    pub csrf_token: &'a str,
+    /// The email typed, kept after a failure.
+    pub email: &'a str,
+    /// A message for the admin (empty on first view).
+    pub error: &'a str,
+}
+
+/// One line of the inbox.
+pub struct InboxLine {
+    /// The message.
+    pub id: i64,
+    /// Who wrote it.
+    pub submitter_name: String,
+    /// The first characters of the message.
+    pub content: String,
+    /// When it arrived.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// When it was first opened.
+    pub read_at: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+impl InboxLine {
+    /// The first 80 characters of the message.
+    pub fn preview(&self) -> String {
+        let mut preview: String = self.content.chars().take(80).collect();
+        if self.content.chars().count() > 80 {
+            preview.push('…');
+        }
+        preview
+    }
+}
+
+/// `GET /admin/`.
+#[derive(Template)]
+#[template(path = "admin_inbox.html")]
+pub struct AdminInbox<'a> {
+    /// For the meta tag and the logout form.
+    pub csrf_token: &'a str,
+    /// This page's messages, newest first.
+    pub messages: Vec<InboxLine>,
+    /// 1-based page number.
+    pub page: u64,
+    /// Whether an older page exists.
+    pub has_more: bool,
+    /// All messages.
+    pub total: u64,
+    /// Messages never opened.
+    pub unread: u64,
+}
+
+/// `GET /admin/feedback/{id}`.
+#[derive(Template)]
+#[template(path = "admin_feedback.html")]
+pub struct AdminFeedback<'a> {
+    /// For the meta tag and the logout form.
+    pub csrf_token: &'a str,
+    /// The message.
+    pub message: &'a shared::entities::feedback_message::Model,
+}

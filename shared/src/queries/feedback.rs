@@ -54,6 +54,36 @@ pub async fn find<C: ConnectionTrait>(db: &C, id: i64) -> Result<Option<feedback
     feedback_message::Entity::find_by_id(id).one(db).await
 }
 
+/// One page of the inbox, newest first: `per_page` messages after skipping `page` pages.
+pub async fn page<C: ConnectionTrait>(db: &C, page: u64, per_page: u64) -> Result<Vec<feedback_message::Model>, DbErr> {
+    use sea_orm::{QueryOrder, QuerySelect};
+    feedback_message::Entity::find()
+        .order_by_desc(feedback_message::Column::Id)
+        .offset(page.saturating_mul(per_page))
+        .limit(per_page)
+        .all(db)
+        .await
+}
+
+/// Counts unread feedback messages.
+pub async fn count_unread<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
+    use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};
+    feedback_message::Entity::find().filter(feedback_message::Column::ReadAt.is_null()).count(db).await
+}
+
+/// Records that an admin opened message `id` (the first time only).
+pub async fn mark_read<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, QueryFilter};
+    feedback_message::Entity::update_many()
+        .col_expr(feedback_message::Column::ReadAt, Expr::value(super::now()))
+        .filter(feedback_message::Column::Id.eq(id))
+        .filter(feedback_message::Column::ReadAt.is_null())
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Counts feedback messages (used by tests and status pages).
 pub async fn count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     use sea_orm::PaginatorTrait;

@@ -1,11 +1,211 @@
-//! The admin area (being written): login, logout, inbox, push subscriptions.
+//! The admin area, mounted at `/admin`: login and logout, the inbox, a message's page
+//! (the notification's click target) and the push-subscription endpoints.
+//!
+//! Every route sits behind a server-side session ([`crate::session::RedisSessions`]);
+//! every page and JSON answer is `Cache-Control: no-store`; every state change needs the
+//! CSRF token (form field, or `X-CSRF-Token` for JSON).
 
-use poem::Route;
+mod push;
 
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use poem::http::{HeaderValue, StatusCode, header};
+use poem::session::{CookieConfig, ServerSession, Session};
+use poem::web::cookie::SameSite;
+use poem::web::{CsrfToken, CsrfVerifier, Data, Form, Path, Query, Redirect};
+use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, handler, post};
+use serde::Deserialize;
+use shared::domain::EmailAddress;
+
+use crate::error::{Result, WebError};
+use crate::session::{ABSOLUTE_TIMEOUT, LoginThrottle, RedisSessions};
 use crate::state::AppState;
+use crate::templates::{AdminFeedback, AdminInbox, AdminLogin, InboxLine, render};
+
+/// Messages per inbox page.
+const PER_PAGE: u64 = 50;
+
+/// Session keys.
+const ADMIN_ID: &str = "admin_id";
+const LOGGED_IN_AT: &str = "logged_in_at";
 
 /// The routes of the admin area, mounted at `/admin`.
 pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
-    let _ = state;
-    poem::EndpointExt::boxed(Route::new())
+    let secure = state.settings.web.public_url.scheme() == "https";
+    let cookie = CookieConfig::new()
+        .name("tidings-session")
+        .path("/admin")
+        .http_only(true)
+        .secure(secure)
+        .same_site(SameSite::Lax)
+        .max_age(ABSOLUTE_TIMEOUT);
+    let sessions = RedisSessions::new(state.dispatcher.clone(), &state.settings.redis_namespace);
+    Route::new()
+        .at("/", get(inbox))
+        .at("/login", get(login_form).post(login))
+        .at("/logout", post(logout))
+        .at("/feedback/:id", get(detail))
+        .at("/push/subscribe", post(push::subscribe))
+        .at("/push/unsubscribe", post(push::unsubscribe))
+        .with(ServerSession::new(cookie, sessions))
+        .around(no_store)
+        .boxed()
+}
+
+/// Admin answers are private and change with every action: never stored by caches.
+async fn no_store<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response> {
+    let mut response = ep.call(req).await?.into_response();
+    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    Ok(response)
+}
+
+fn now_secs() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+/// The logged-in admin's id; `None` (and the session purged) once it expired.
+pub fn current_admin(session: &Session) -> Option<i64> {
+    let id = session.get::<i64>(ADMIN_ID)?;
+    let logged_in_at = session.get::<u64>(LOGGED_IN_AT).unwrap_or(0);
+    if now_secs().saturating_sub(logged_in_at) > ABSOLUTE_TIMEOUT.as_secs() {
+        session.purge();
+        return None;
+    }
+    Some(id)
+}
+
+/// A page that needs login sends visitors to the login form instead.
+fn to_login() -> Response {
+    Redirect::see_other("/admin/login").into_response()
+}
+
+#[handler]
+async fn login_form(session: &Session, token: &CsrfToken) -> Response {
+    if current_admin(session).is_some() {
+        return Redirect::see_other("/admin/").into_response();
+    }
+    render(StatusCode::OK, &AdminLogin { csrf_token: &token.0, email: "", error: "" })
+}
+
+/// The login form's fields; nothing else is read.
+#[derive(Debug, Deserialize)]
+struct LoginForm {
+    #[serde(default)]
+    csrf_token: String,
+    #[serde(default)]
+    email: String,
+    #[serde(default)]
+    password: String,
+}
+
+#[handler]
+async fn login(
+    req: &Request,
+    state: Data<&AppState>,
+    session: &Session,
+    token: &CsrfToken,
+    verifier: &CsrfVerifier,
+    Form(form): Form<LoginForm>,
+) -> Result<Response> {
+    if !verifier.is_valid(&form.csrf_token) {
+        return Err(WebError::Forbidden("This form has expired. Please reload the page and log in again."));
+    }
+    let address = super::client_ip(req).to_string();
+    let throttle = LoginThrottle::new(state.dispatcher.clone(), &state.settings.redis_namespace);
+    if let Err(retry_after_secs) = throttle.check(&form.email, &address).await.map_err(unavailable)? {
+        tracing::warn!("admin.login_throttled");
+        return Err(WebError::RateLimited { retry_after_secs });
+    }
+    let admin = match EmailAddress::parse(&form.email) {
+        Ok(email) => shared::queries::admin::find_by_email(&state.db, &email).await?,
+        Err(_) => None,
+    };
+    let hash = admin.as_ref().map(|a| a.password_hash.clone());
+    let valid = crate::auth::password::verify(form.password, hash).await.map_err(WebError::Internal)?;
+    match admin {
+        Some(admin) if valid => {
+            throttle.reset_account(&form.email, &address).await.map_err(unavailable)?;
+            // A new session id at login: a planted or leaked pre-login id is worthless.
+            session.renew();
+            session.set(ADMIN_ID, admin.id);
+            session.set(LOGGED_IN_AT, now_secs());
+            tracing::info!(admin_id = admin.id, "admin.logged_in");
+            Ok(Redirect::see_other("/admin/").into_response())
+        }
+        _ => {
+            throttle.record_failure(&form.email, &address).await.map_err(unavailable)?;
+            tracing::info!("admin.login_failed");
+            let page =
+                AdminLogin { csrf_token: &token.0, email: &form.email, error: "Email or password is incorrect." };
+            Ok(render(StatusCode::UNAUTHORIZED, &page))
+        }
+    }
+}
+
+fn unavailable(e: poem::Error) -> WebError {
+    WebError::Unavailable(anyhow::anyhow!("{e}"))
+}
+
+/// The logout form's field.
+#[derive(Debug, Deserialize)]
+struct LogoutForm {
+    #[serde(default)]
+    csrf_token: String,
+}
+
+#[handler]
+async fn logout(session: &Session, verifier: &CsrfVerifier, Form(form): Form<LogoutForm>) -> Result<Response> {
+    if !verifier.is_valid(&form.csrf_token) {
+        return Err(WebError::Forbidden("This form has expired. Please reload the page and try again."));
+    }
+    if let Some(id) = current_admin(session) {
+        tracing::info!(admin_id = id, "admin.logged_out");
+    }
+    session.purge();
+    Ok(Redirect::see_other("/admin/login").into_response())
+}
+
+/// `?page=` of the inbox, 1-based.
+#[derive(Debug, Deserialize)]
+struct PageQuery {
+    page: Option<u64>,
+}
+
+#[handler]
+async fn inbox(
+    state: Data<&AppState>,
+    session: &Session,
+    token: &CsrfToken,
+    Query(query): Query<PageQuery>,
+) -> Result<Response> {
+    if current_admin(session).is_none() {
+        return Ok(to_login());
+    }
+    let page = query.page.unwrap_or(1).max(1);
+    let mut rows = shared::queries::feedback::page(&state.db, page - 1, PER_PAGE + 1).await?;
+    let has_more = rows.len() as u64 > PER_PAGE;
+    rows.truncate(PER_PAGE as usize);
+    let messages = rows
+        .into_iter()
+        .map(|m| InboxLine {
+            id: m.id,
+            submitter_name: m.submitter_name,
+            content: m.content,
+            created_at: m.created_at,
+            read_at: m.read_at,
+        })
+        .collect();
+    let total = shared::queries::feedback::count(&state.db).await?;
+    let unread = shared::queries::feedback::count_unread(&state.db).await?;
+    Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, page, has_more, total, unread }))
+}
+
+#[handler]
+async fn detail(state: Data<&AppState>, session: &Session, token: &CsrfToken, Path(id): Path<i64>) -> Result<Response> {
+    if current_admin(session).is_none() {
+        return Ok(to_login());
+    }
+    let message = shared::queries::feedback::find(&state.db, id).await?.ok_or(WebError::NotFound)?;
+    shared::queries::feedback::mark_read(&state.db, id).await?;
+    Ok(render(StatusCode::OK, &AdminFeedback { csrf_token: &token.0, message: &message }))
 }
