@@ -3,6 +3,7 @@
 use std::time::Duration;
 
 use apalis_core::task::builder::TaskBuilder;
+use sea_orm::EntityTrait;
 use shared::jobs::FAN_OUT_QUEUE;
 use shared::queue::{JobQueue, config_for_queue, wake_channel};
 use tidings_tests::harness::{Options, TestApp, spawn_app_with};
@@ -62,4 +63,35 @@ async fn a_job_for_deleted_feedback_completes_without_sending() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert!(app.push.attempts().is_empty());
     assert!(dead_letters(&app).await.is_empty());
+}
+
+#[tokio::test]
+async fn stopping_the_worker_lets_the_job_in_flight_finish() {
+    // Arrange: a slow push service keeps the fan-out in flight.
+    let mut app = spawn_app_with(Options::default()).await;
+    let browser = app.subscribe_browser().await;
+    app.push.set_delay(Duration::from_millis(1500));
+    app.submit_valid_feedback("Ann", "in flight at shutdown").await;
+    assert!(wait_until(|| async { !app.push.attempts().is_empty() || pending_attempt(&app).await }).await);
+
+    // Act: SIGTERM, as a supervisor sends it.
+    app.stop_worker();
+
+    // Assert: the push in flight completed and was recorded, exactly once.
+    let received = app.push.wait_for_received(1, Duration::from_secs(15)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, browser.endpoint);
+    let recorded = wait_until(|| async {
+        let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+        rows.len() == 1 && rows[0].status == "sent"
+    })
+    .await;
+    assert!(recorded, "the delivery was recorded before the worker stopped");
+    assert_eq!(app.push.attempts().len(), 1);
+}
+
+/// Whether a delivery is claimed (its push is on the wire).
+async fn pending_attempt(app: &TestApp) -> bool {
+    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+    rows.iter().any(|r| r.status == "sending")
 }

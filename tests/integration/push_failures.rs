@@ -106,3 +106,20 @@ async fn retries_stop_after_the_last_attempt_and_record_the_reason() {
     assert!(rows[0].last_error.as_deref().is_some_and(|e| e.contains("gave up after 2 attempts")));
     assert_eq!(app.push.attempts().len(), 2);
 }
+
+#[tokio::test]
+async fn a_push_service_that_hangs_times_out_and_the_delivery_is_retried() {
+    let app =
+        spawn_app_with(Options { env: vec![("PUSH_TIMEOUT_MS".into(), "500".into())], ..Options::default() }).await;
+    let hanging = app.subscribe_browser().await;
+    let healthy = app.subscribe_browser().await;
+    app.push.script(&hanging.endpoint, vec![Scripted::Hang]);
+
+    app.submit_valid_feedback("Ann", "hello").await;
+
+    let received = app.push.wait_for_received(2, Duration::from_secs(20)).await;
+    assert_eq!(received.len(), 2, "the timed-out delivery went out on a retry");
+    let attempts = app.push.attempts();
+    assert_eq!(attempts.iter().filter(|a| a.endpoint == hanging.endpoint).count(), 2);
+    assert_eq!(attempts.iter().filter(|a| a.endpoint == healthy.endpoint).count(), 1);
+}
