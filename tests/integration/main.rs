@@ -5,6 +5,7 @@ mod admin;
 mod api;
 mod feedback_form;
 mod jobs;
+mod measure;
 mod outages;
 mod pipeline;
 mod push_failures;
