@@ -112,8 +112,8 @@ impl Settings {
         let env = Env(vars);
         let bind: SocketAddr = env.parse("BIND", "127.0.0.1:8000")?;
         let public_url = match env.get("PUBLIC_URL") {
-            Some(raw) => parse_url("PUBLIC_URL", raw)?,
-            None => parse_url("PUBLIC_URL", &format!("http://{bind}"))?,
+            Some(raw) => parse_base_url("PUBLIC_URL", raw)?,
+            None => parse_base_url("PUBLIC_URL", &format!("http://{bind}"))?,
         };
         let secret_key = env.get("SECRET_KEY").map(|s| SecretString::from(s.to_owned()));
         if let Some(key) = env.get("SECRET_KEY")
@@ -161,6 +161,17 @@ fn parse_url(name: &'static str, raw: &str) -> Result<Url, SettingsError> {
     Url::parse(raw).map_err(|e| SettingsError { name, problem: format!("not a URL: {e}") })
 }
 
+/// A base URL links are joined onto: http(s), and ending in `/` so that
+/// `https://example.com/tidings` keeps its path when `admin/...` is joined.
+fn parse_base_url(name: &'static str, raw: &str) -> Result<Url, SettingsError> {
+    let with_slash = if raw.ends_with('/') { raw.to_owned() } else { format!("{raw}/") };
+    let url = parse_url(name, &with_slash)?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(SettingsError { name, problem: "must be an http or https URL".into() });
+    }
+    Ok(url)
+}
+
 /// Read access to the variables, treating empty values as unset.
 struct Env<'a>(&'a HashMap<String, String>);
 
@@ -202,5 +213,14 @@ mod tests {
     fn a_short_secret_key_is_refused() {
         let vars = HashMap::from([("SECRET_KEY".to_owned(), "short".to_owned())]);
         assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "SECRET_KEY");
+    }
+
+    #[test]
+    fn public_url_keeps_its_path_as_a_base() {
+        let vars = HashMap::from([("PUBLIC_URL".to_owned(), "https://example.com/tidings".to_owned())]);
+        let settings = Settings::from_map(&vars).expect("valid");
+        assert_eq!(settings.web.public_url.as_str(), "https://example.com/tidings/");
+        let vars = HashMap::from([("PUBLIC_URL".to_owned(), "ftp://example.com/".to_owned())]);
+        assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "PUBLIC_URL");
     }
 }
