@@ -51,3 +51,84 @@ impl FanOut {
         Ok(())
     }
 }
+
+/// The `kind` of a [`TestPush`] payload ([`FanOut`] payloads carry no `kind`).
+pub const TEST_PUSH_KIND: &str = "test_push";
+
+/// Send a test notification to every device of one admin ("Send test notification").
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TestPush {
+    /// Always [`TEST_PUSH_KIND`].
+    pub kind: String,
+    /// Payload format version; see [`TestPush::VERSION`].
+    pub version: u16,
+    /// Whose devices get it.
+    pub admin_id: i64,
+}
+
+impl TestPush {
+    /// The payload version this build writes and understands.
+    pub const VERSION: u16 = 1;
+
+    /// A test push to admin `admin_id`'s devices.
+    pub fn new(admin_id: i64) -> Self {
+        Self { kind: TEST_PUSH_KIND.to_owned(), version: Self::VERSION, admin_id }
+    }
+
+    /// Refuses payloads written by a newer build.
+    pub fn check_version(&self) -> Result<(), PayloadError> {
+        if self.version > Self::VERSION {
+            return Err(PayloadError::UnsupportedVersion { found: self.version, supported: Self::VERSION });
+        }
+        Ok(())
+    }
+}
+
+/// Every job the fan-out queue carries, told apart by the payload's `kind`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QueuedJob {
+    /// A feedback message to announce.
+    FanOut(FanOut),
+    /// A test notification.
+    TestPush(TestPush),
+}
+
+impl QueuedJob {
+    /// Parses a stored payload; the error text is what a dead letter records.
+    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
+        let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("malformed payload: {e}"))?;
+        let job = match value.get("kind").and_then(|k| k.as_str()) {
+            None => {
+                let job: FanOut = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
+                job.check_version().map_err(|e| e.to_string())?;
+                Self::FanOut(job)
+            }
+            Some(TEST_PUSH_KIND) => {
+                let job: TestPush = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
+                job.check_version().map_err(|e| e.to_string())?;
+                Self::TestPush(job)
+            }
+            Some(other) => return Err(format!("unknown job kind {other:?}")),
+        };
+        Ok(job)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_told_apart_by_kind() {
+        let fan_out = serde_json::to_vec(&FanOut::new(1, 2)).expect("json");
+        assert_eq!(QueuedJob::parse(&fan_out), Ok(QueuedJob::FanOut(FanOut::new(1, 2))));
+        let test = serde_json::to_vec(&TestPush::new(3)).expect("json");
+        assert_eq!(QueuedJob::parse(&test), Ok(QueuedJob::TestPush(TestPush::new(3))));
+        assert!(QueuedJob::parse(br#"{"kind":"nope"}"#).is_err_and(|e| e.contains("unknown job kind")));
+        assert!(
+            QueuedJob::parse(br#"{"version":9,"feedback_id":1,"dispatch_id":1}"#)
+                .is_err_and(|e| e.contains("version 9"))
+        );
+        assert!(QueuedJob::parse(b"garbage").is_err_and(|e| e.starts_with("malformed payload")));
+    }
+}

@@ -23,7 +23,7 @@ use apalis_redis::{Config, ConnectionManager};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::{FAN_OUT_QUEUE, FanOut};
+use crate::jobs::{FAN_OUT_QUEUE, FanOut, TestPush};
 
 /// How long pushes may take before a submission stops waiting for Redis.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -167,6 +167,17 @@ impl JobQueue {
             .max_attempts(JOB_MAX_ATTEMPTS)
             .idempotency_key(format!("dispatch-{}-{}", job.dispatch_id, enqueue_count))
             .build();
+        self.push_and_wake(task).await
+    }
+
+    /// Puts a test-notification job on the queue and wakes a worker.
+    pub async fn enqueue_test_push(&self, job: &TestPush) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(job)?;
+        let task = TaskBuilder::new(payload).max_attempts(JOB_MAX_ATTEMPTS).build();
+        self.push_and_wake(task).await
+    }
+
+    async fn push_and_wake(&self, task: apalis_redis::RedisTask) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let push = async {
             apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, &[task]).await?;

@@ -6,6 +6,7 @@ mod api;
 mod feedback_form;
 mod jobs;
 mod measure;
+mod notifications;
 mod outages;
 mod pipeline;
 mod push_failures;

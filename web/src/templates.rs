@@ -134,3 +134,29 @@ pub struct AdminFeedback<'a> {
     /// The message.
     pub message: &'a shared::entities::feedback_message::Model,
 }
+
+/// One subscribed device on the notifications page.
+pub struct DeviceLine {
+    /// The subscription's id (for the remove button).
+    pub id: i64,
+    /// e.g. "Firefox on Linux".
+    pub browser: String,
+    /// When it was subscribed.
+    pub added: String,
+    /// When a push last reached it, or "never".
+    pub last_delivery: String,
+}
+
+/// `GET /admin/notifications`.
+#[derive(Template)]
+#[template(path = "admin_notifications.html")]
+pub struct AdminNotifications<'a> {
+    /// For the meta tag and the forms.
+    pub csrf_token: &'a str,
+    /// The application server key browsers subscribe with (empty when not configured).
+    pub vapid_public_key: &'a str,
+    /// This admin's devices.
+    pub devices: Vec<DeviceLine>,
+    /// The outcome of the last action, if any.
+    pub notice: &'a str,
+}

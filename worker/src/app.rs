@@ -17,13 +17,13 @@ use apalis_core::task::data::Data;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_redis::RedisStorage;
 use secrecy::SecretString;
-use shared::jobs::FanOut;
+use shared::jobs::QueuedJob;
 use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob};
 use shared::settings::Settings;
 use tokio::sync::watch;
 
 use crate::context::WorkerContext;
-use crate::jobs::{JobError, fan_out, relay};
+use crate::jobs::{JobError, fan_out, relay, test_push};
 use crate::push::{PushSender, PushSenderConfig};
 use crate::queue::{Periodic, wake_strategy, worker_name};
 
@@ -184,13 +184,10 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 /// The apalis handler of the fan-out queue: parses the payload, runs the job, and
 /// dead-letters what can never run instead of failing the worker.
 async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt) -> Result<(), JobError> {
-    let parsed = job
-        .parse::<FanOut>()
-        .map_err(|e| JobError::Permanent(format!("malformed payload: {e}")))
-        .and_then(|payload| payload.check_version().map(|()| payload).map_err(|e| JobError::Permanent(e.to_string())));
-    let result = match parsed {
-        Ok(payload) => fan_out::run(payload, &ctx).await,
-        Err(e) => Err(e),
+    let result = match QueuedJob::parse(&job.0) {
+        Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, &ctx).await,
+        Ok(QueuedJob::TestPush(payload)) => test_push::run(payload.admin_id, &ctx).await.map(|_| ()),
+        Err(reason) => Err(JobError::Permanent(reason)),
     };
     match result {
         Ok(()) => Ok(()),

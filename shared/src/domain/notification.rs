@@ -33,6 +33,17 @@ impl Notification {
         Self { title: format!("{name}:"), body, url, tag: format!("feedback-{id}") }
     }
 
+    /// The notification "Send test notification" sends to an admin's own devices.
+    pub fn test(public_url: &Url) -> Self {
+        let url = public_url.join("admin/notifications").map(String::from).unwrap_or_else(|_| "/admin/".into());
+        Self {
+            title: "Test notification".into(),
+            body: "Notifications from Tidings work on this device.".into(),
+            url,
+            tag: "test".into(),
+        }
+    }
+
     /// The push payload: this notification as JSON.
     pub fn to_payload(&self) -> Vec<u8> {
         // Serialising a struct of strings cannot fail.

@@ -56,6 +56,12 @@ pub async fn delete_owned<C: ConnectionTrait>(db: &C, endpoint: &str, owner: i64
     Ok(result.rows_affected > 0)
 }
 
+/// Deletes subscription `id` if `owner` owns it; true if one was deleted.
+pub async fn delete_owned_by_id<C: ConnectionTrait>(db: &C, id: i64, owner: i64) -> Result<bool, DbErr> {
+    let result = Entity::delete_many().filter(Column::Id.eq(id)).filter(Column::AdminUserId.eq(owner)).exec(db).await?;
+    Ok(result.rows_affected > 0)
+}
+
 /// Deletes subscription `id` (the push service said it is gone).
 pub async fn delete<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
     Entity::delete_by_id(id).exec(db).await?;

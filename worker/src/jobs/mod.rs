@@ -3,6 +3,7 @@
 pub mod backoff;
 pub mod fan_out;
 pub mod relay;
+pub mod test_push;
 
 /// How a job failed, which decides whether it is tried again.
 #[derive(Debug, thiserror::Error)]

@@ -5,6 +5,7 @@
 //! every page and JSON answer is `Cache-Control: no-store`; every state change needs the
 //! CSRF token (form field, or `X-CSRF-Token` for JSON).
 
+mod notifications;
 mod push;
 
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -45,6 +46,10 @@ pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
         .at("/login", get(login_form).post(login))
         .at("/logout", post(logout))
         .at("/feedback/:id", get(detail))
+        .at("/notifications", get(notifications::page))
+        .at("/notifications/test", post(notifications::send_test))
+        .at("/notifications/remove", post(notifications::remove))
+        .at("/sw.js", get(notifications::service_worker))
         .at("/push/subscribe", post(push::subscribe))
         .at("/push/unsubscribe", post(push::unsubscribe))
         .with(ServerSession::new(cookie, sessions))
@@ -55,7 +60,10 @@ pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
 /// Admin answers are private and change with every action: never stored by caches.
 async fn no_store<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response> {
     let mut response = ep.call(req).await?.into_response();
-    response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    // The service worker sets its own (`no-cache`): browsers must be able to keep it.
+    if !response.headers().contains_key(header::CACHE_CONTROL) {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+    }
     Ok(response)
 }
 
@@ -75,7 +83,7 @@ pub fn current_admin(session: &Session) -> Option<i64> {
 }
 
 /// A page that needs login sends visitors to the login form instead.
-fn to_login() -> Response {
+pub(super) fn to_login() -> Response {
     Redirect::see_other("/admin/login").into_response()
 }
 

@@ -56,7 +56,7 @@ fn authorize(req: &Request, session: &Session, verifier: &CsrfVerifier) -> Resul
 
 /// `Origin` (when sent) must name the host the request was sent to, and
 /// `Sec-Fetch-Site` (when sent) must not say cross-site.
-fn same_origin(req: &Request) -> bool {
+pub(super) fn same_origin(req: &Request) -> bool {
     let header = |name: &str| req.headers().get(name).and_then(|v| v.to_str().ok());
     if let Some(site) = header("sec-fetch-site")
         && !matches!(site, "same-origin" | "none")
