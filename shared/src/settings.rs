@@ -58,6 +58,8 @@ pub struct WebSettings {
     pub secret_key: Option<SecretString>,
     /// Feedback submissions allowed per client address per minute; 0 = no limit.
     pub submit_rate_limit: u32,
+    /// Pages the site service worker keeps for offline use (oldest dropped first).
+    pub sw_cache_entries: u32,
 }
 
 /// Settings of Web Push delivery.
@@ -134,7 +136,13 @@ impl Settings {
             database_url: env.get("DATABASE_URL").unwrap_or("sqlite://data/tidings.sqlite?mode=rwc").to_owned(),
             redis_url: env.get("REDIS_URL").unwrap_or("redis://127.0.0.1:6379").to_owned(),
             redis_namespace: env.get("REDIS_NAMESPACE").unwrap_or("tidings").to_owned(),
-            web: WebSettings { bind, public_url, secret_key, submit_rate_limit: env.parse("SUBMIT_RATE_LIMIT", "10")? },
+            web: WebSettings {
+                bind,
+                public_url,
+                secret_key,
+                submit_rate_limit: env.parse("SUBMIT_RATE_LIMIT", "10")?,
+                sw_cache_entries: env.parse("SW_CACHE_ENTRIES", "50")?,
+            },
             push: PushSettings {
                 vapid_private_key: env.get("VAPID_PRIVATE_KEY").map(|s| SecretString::from(s.to_owned())),
                 vapid_public_key: env.get("VAPID_PUBLIC_KEY").map(str::to_owned),

@@ -10,3 +10,4 @@ mod notifications;
 mod outages;
 mod pipeline;
 mod push_failures;
+mod pwa;

@@ -88,7 +88,7 @@ pub fn endpoint(state: &AppState) -> impl poem::Endpoint + use<> {
         .nest("/api", routes::api::router(env!("CARGO_PKG_VERSION")))
         .nest("/admin", routes::admin::router(state))
         .nest("/static", routes::assets::router())
-        .nest("/", routes::health::router())
+        .nest("/", routes::pwa::add_to(routes::health::router()))
         .with(
             Csrf::new()
                 .cookie_name("tidings-csrf")

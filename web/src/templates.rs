@@ -160,3 +160,8 @@ pub struct AdminNotifications<'a> {
     /// The outcome of the last action, if any.
     pub notice: &'a str,
 }
+
+/// `GET /offline`: what the site service worker shows without a connection.
+#[derive(Template)]
+#[template(path = "offline.html")]
+pub struct Offline;

@@ -29,6 +29,7 @@ pub async fn respond<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response>
         Err(e) => error_response(&e, json),
     };
     add_security_headers(&mut response, https);
+    default_html_to_no_cache(&mut response);
     Ok(response)
 }
 
@@ -79,6 +80,20 @@ fn generic_message(status: StatusCode) -> &'static str {
         s if s.is_client_error() => "The request could not be understood.",
         StatusCode::SERVICE_UNAVAILABLE => "The service is briefly unavailable. Please try again in a moment.",
         _ => "Something went wrong on our side. Please try again.",
+    }
+}
+
+/// HTML is revalidated on every use unless a route says otherwise (admin pages say
+/// `no-store`): a deploy is seen at once, while the service worker may still keep a copy
+/// for offline use.
+fn default_html_to_no_cache(response: &mut Response) {
+    let html = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    if html && !response.headers().contains_key(header::CACHE_CONTROL) {
+        response.headers_mut().insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     }
 }
 

@@ -27,9 +27,11 @@ struct Asset {
 
 /// Every embedded asset, hashed once at start-up.
 static ASSETS: LazyLock<Vec<Asset>> = LazyLock::new(|| {
-    let files: [(&str, &str, &[u8]); 4] = [
+    let files: [(&str, &str, &[u8]); 6] = [
         ("app.css", "text/css; charset=utf-8", include_bytes!("../../static/app.css")),
         ("admin.js", "text/javascript; charset=utf-8", include_bytes!("../../static/admin.js")),
+        ("site.js", "text/javascript; charset=utf-8", include_bytes!("../../static/site.js")),
+        ("outbox.js", "text/javascript; charset=utf-8", include_bytes!("../../static/outbox.js")),
         ("icon-192.png", "image/png", include_bytes!("../../static/icon-192.png")),
         ("icon-512.png", "image/png", include_bytes!("../../static/icon-512.png")),
     ];
@@ -75,6 +77,11 @@ pub fn url(name: &str) -> String {
 /// The deploy's asset version (part of the service workers' cache names).
 pub fn version() -> &'static str {
     &VERSION
+}
+
+/// The URLs of every asset (what the site service worker precaches).
+pub fn all_urls() -> Vec<String> {
+    ASSETS.iter().map(|a| format!("/static/{}", a.hashed)).collect()
 }
 
 /// The routes of this module, mounted at `/static`.

@@ -5,6 +5,7 @@ pub mod api;
 pub mod assets;
 pub mod feedback;
 pub mod health;
+pub mod pwa;
 
 use std::net::IpAddr;
 
