@@ -259,3 +259,33 @@ async fn logout_destroys_the_session_on_the_server() {
 
     assert_eq!(replay.status(), StatusCode::SEE_OTHER, "the session is gone on the server");
 }
+
+#[tokio::test]
+async fn a_cross_site_login_or_logout_is_refused() {
+    let app = spawn_app().await;
+    app.create_admin_with_email(ADMIN).await;
+    let client = new_client();
+    let html =
+        client.get(format!("{}/admin/login", app.address)).send().await.expect("form").text().await.expect("html");
+    let token = tidings_tests::harness::extract_attribute(&html, "name=\"csrf_token\" value=\"").expect("token");
+
+    let login = client
+        .post(format!("{}/admin/login", app.address))
+        .header("Origin", "https://evil.example")
+        .form(&[("csrf_token", token.as_str()), ("email", ADMIN), ("password", TEST_PASSWORD)])
+        .send()
+        .await
+        .expect("login");
+    let fetch_site = client
+        .post(format!("{}/admin/login", app.address))
+        .header("Sec-Fetch-Site", "cross-site")
+        .form(&[("csrf_token", token.as_str()), ("email", ADMIN), ("password", TEST_PASSWORD)])
+        .send()
+        .await
+        .expect("login");
+
+    assert_eq!(login.status(), StatusCode::FORBIDDEN);
+    assert_eq!(fetch_site.status(), StatusCode::FORBIDDEN);
+    let inbox = client.get(format!("{}/admin/", app.address)).send().await.expect("inbox");
+    assert_eq!(inbox.status(), StatusCode::SEE_OTHER, "no session was opened");
+}

@@ -115,7 +115,7 @@ async fn login(
     verifier: &CsrfVerifier,
     Form(form): Form<LoginForm>,
 ) -> Result<Response> {
-    if !verifier.is_valid(&form.csrf_token) {
+    if !verifier.is_valid(&form.csrf_token) || !push::same_origin(req) {
         return Err(WebError::Forbidden("This form has expired. Please reload the page and log in again."));
     }
     let address = super::client_ip(req).to_string();
@@ -162,8 +162,13 @@ struct LogoutForm {
 }
 
 #[handler]
-async fn logout(session: &Session, verifier: &CsrfVerifier, Form(form): Form<LogoutForm>) -> Result<Response> {
-    if !verifier.is_valid(&form.csrf_token) {
+async fn logout(
+    req: &Request,
+    session: &Session,
+    verifier: &CsrfVerifier,
+    Form(form): Form<LogoutForm>,
+) -> Result<Response> {
+    if !verifier.is_valid(&form.csrf_token) || !push::same_origin(req) {
         return Err(WebError::Forbidden("This form has expired. Please reload the page and try again."));
     }
     if let Some(id) = current_admin(session) {
