@@ -3,6 +3,7 @@
 
 mod admin;
 mod api;
+mod browser;
 mod feedback_form;
 mod jobs;
 mod measure;

@@ -153,7 +153,10 @@ impl PushService {
             state: Mutex::new(State::default()),
             arrived: Notify::new(),
         });
-        let app = Route::new().at("/push/:id", poem::post(receive)).data(Arc::clone(&inner));
+        let app = Route::new()
+            .at("/push/:id", poem::post(receive))
+            .at("/received", poem::get(list_received))
+            .data(Arc::clone(&inner));
         tokio::spawn(async move {
             let _ = Server::new_with_acceptor(acceptor).run(app).await;
         });
@@ -220,6 +223,19 @@ impl PushService {
     pub fn connections_opened(&self) -> usize {
         self.inner.state().peers.len()
     }
+}
+
+/// `GET /received`: the decrypted pushes as JSON, for tests driven from outside Rust
+/// (the browser tests poll it).
+#[handler]
+async fn list_received(inner: Data<&Arc<Inner>>) -> poem::web::Json<serde_json::Value> {
+    let received: Vec<serde_json::Value> = inner
+        .state()
+        .received
+        .iter()
+        .map(|p| serde_json::json!({ "endpoint": p.endpoint, "payload": String::from_utf8_lossy(&p.payload) }))
+        .collect();
+    poem::web::Json(serde_json::Value::Array(received))
 }
 
 /// A refusal: status and reason.

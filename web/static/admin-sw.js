@@ -43,13 +43,21 @@ self.addEventListener('notificationclick', (event) => {
   event.waitUntil(
     (async () => {
       const windows = await self.clients.matchAll({ type: 'window', includeUncontrolled: true });
+      const focus = async (client) => {
+        // Focusing needs the click's user activation; navigating does not.
+        try {
+          return await client.focus();
+        } catch (e) {
+          return client;
+        }
+      };
       for (const client of windows) {
-        if (client.url === target && 'focus' in client) return client.focus();
+        if (client.url === target) return focus(client);
       }
       for (const client of windows) {
         if (new URL(client.url).pathname.startsWith('/admin/') && 'navigate' in client) {
-          await client.focus();
-          return client.navigate(target);
+          const navigated = await client.navigate(target);
+          return focus(navigated || client);
         }
       }
       return self.clients.openWindow(target);
