@@ -60,6 +60,22 @@ pub struct WebSettings {
     pub submit_rate_limit: u32,
     /// Pages the site service worker keeps for offline use (oldest dropped first).
     pub sw_cache_entries: u32,
+    /// Reverse proxies whose `X-Forwarded-For` is believed; empty = use the peer address.
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+}
+
+impl WebSettings {
+    /// Whether cookies are marked `Secure`: always, except for plain http on this
+    /// machine (development), where a browser would drop them.
+    pub fn secure_cookies(&self) -> bool {
+        let local = match self.public_url.host() {
+            Some(url::Host::Domain(name)) => name == "localhost",
+            Some(url::Host::Ipv4(ip)) => ip.is_loopback(),
+            Some(url::Host::Ipv6(ip)) => ip.is_loopback(),
+            None => false,
+        };
+        !(self.public_url.scheme() == "http" && local)
+    }
 }
 
 /// Settings of Web Push delivery.
@@ -142,6 +158,7 @@ impl Settings {
                 secret_key,
                 submit_rate_limit: env.parse("SUBMIT_RATE_LIMIT", "10")?,
                 sw_cache_entries: env.parse("SW_CACHE_ENTRIES", "50")?,
+                trusted_proxies: parse_ip_list("TRUSTED_PROXIES", env.get("TRUSTED_PROXIES").unwrap_or_default())?,
             },
             push: PushSettings {
                 vapid_private_key: env.get("VAPID_PRIVATE_KEY").map(|s| SecretString::from(s.to_owned())),
@@ -167,6 +184,15 @@ impl Settings {
 
 fn parse_url(name: &'static str, raw: &str) -> Result<Url, SettingsError> {
     Url::parse(raw).map_err(|e| SettingsError { name, problem: format!("not a URL: {e}") })
+}
+
+/// A comma-separated list of IP addresses.
+fn parse_ip_list(name: &'static str, raw: &str) -> Result<Vec<std::net::IpAddr>, SettingsError> {
+    raw.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| SettingsError { name, problem: format!("{s:?} is not an IP address") }))
+        .collect()
 }
 
 /// A base URL links are joined onto: http(s), and ending in `/` so that
@@ -230,5 +256,25 @@ mod tests {
         assert_eq!(settings.web.public_url.as_str(), "https://example.com/tidings/");
         let vars = HashMap::from([("PUBLIC_URL".to_owned(), "ftp://example.com/".to_owned())]);
         assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "PUBLIC_URL");
+    }
+
+    #[test]
+    fn cookies_are_secure_except_for_plain_http_on_this_machine() {
+        let with = |url: &str| {
+            let vars = HashMap::from([("PUBLIC_URL".to_owned(), url.to_owned())]);
+            Settings::from_map(&vars).expect("valid").web.secure_cookies()
+        };
+        assert!(!with("http://127.0.0.1:8000/"));
+        assert!(!with("http://localhost:8000/"));
+        assert!(with("http://example.com/"));
+        assert!(with("https://example.com/"));
+    }
+
+    #[test]
+    fn trusted_proxies_are_ip_addresses() {
+        let vars = HashMap::from([("TRUSTED_PROXIES".to_owned(), "10.0.0.1, ::1".to_owned())]);
+        assert_eq!(Settings::from_map(&vars).expect("valid").web.trusted_proxies.len(), 2);
+        let vars = HashMap::from([("TRUSTED_PROXIES".to_owned(), "proxy.local".to_owned())]);
+        assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "TRUSTED_PROXIES");
     }
 }

@@ -289,3 +289,74 @@ async fn a_cross_site_login_or_logout_is_refused() {
     let inbox = client.get(format!("{}/admin/", app.address)).send().await.expect("inbox");
     assert_eq!(inbox.status(), StatusCode::SEE_OTHER, "no session was opened");
 }
+
+#[tokio::test]
+async fn messages_can_be_marked_handled_and_deleted() {
+    let (app, client) = logged_in().await;
+    app.submit_valid_feedback("Ann", "please handle me").await;
+    let id = shared::queries::feedback::page(&app.db, 0, 1).await.expect("query")[0].id;
+    let token = app.admin_csrf_token(&client).await;
+    let post = |path: String, form: Vec<(&'static str, String)>| {
+        client.post(format!("{}{path}", app.address)).form(&form).send()
+    };
+
+    let forged =
+        post(format!("/admin/feedback/{id}/handled"), vec![("csrf_token", "x".into()), ("handled", "true".into())]);
+    assert_eq!(forged.await.expect("sent").status(), StatusCode::FORBIDDEN);
+    let handled =
+        post(format!("/admin/feedback/{id}/handled"), vec![("csrf_token", token.clone()), ("handled", "true".into())]);
+    assert_eq!(handled.await.expect("sent").status(), StatusCode::SEE_OTHER);
+    let row = shared::queries::feedback::find(&app.db, id).await.expect("query").expect("still there");
+    assert!(row.handled_at.is_some());
+    let inbox = client.get(format!("{}/admin/", app.address)).send().await.expect("inbox").text().await.expect("html");
+    assert!(inbox.contains("handled"));
+
+    let deleted = post(format!("/admin/feedback/{id}/delete"), vec![("csrf_token", token.clone())]);
+    assert_eq!(deleted.await.expect("sent").status(), StatusCode::SEE_OTHER);
+    assert!(shared::queries::feedback::find(&app.db, id).await.expect("query").is_none());
+    let detail = client.get(format!("{}/admin/feedback/{id}", app.address)).send().await.expect("detail");
+    assert_eq!(detail.status(), StatusCode::NOT_FOUND);
+    let again = post(format!("/admin/feedback/{id}/delete"), vec![("csrf_token", token)]);
+    assert_eq!(again.await.expect("sent").status(), StatusCode::NOT_FOUND);
+}
+
+#[tokio::test]
+async fn forwarded_addresses_count_only_behind_a_trusted_proxy() {
+    use tidings_tests::harness::{Options, spawn_app_with};
+    // Without a trusted proxy, X-Forwarded-For is ignored: one client is one address.
+    let app =
+        spawn_app_with(Options { env: vec![("SUBMIT_RATE_LIMIT".into(), "2".into())], ..Options::default() }).await;
+    for i in 0..2 {
+        let response = app
+            .post_api_feedback(&serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": format!("{i}")}))
+            .await;
+        assert_eq!(response.status(), StatusCode::CREATED);
+    }
+    let spoofed = app
+        .client
+        .post(format!("{}/api/feedback", app.address))
+        .header("X-Forwarded-For", "203.0.113.9")
+        .json(&serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": "x"}))
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(spoofed.status(), StatusCode::TOO_MANY_REQUESTS, "a client cannot pick its own address");
+
+    // Behind a trusted proxy (here: this machine), each forwarded client has its own limit.
+    let proxied = spawn_app_with(Options {
+        env: vec![("SUBMIT_RATE_LIMIT".into(), "2".into()), ("TRUSTED_PROXIES".into(), "127.0.0.1".into())],
+        ..Options::default()
+    })
+    .await;
+    for client_ip in ["203.0.113.1", "203.0.113.1", "203.0.113.2", "203.0.113.2"] {
+        let response = proxied
+            .client
+            .post(format!("{}/api/feedback", proxied.address))
+            .header("X-Forwarded-For", client_ip)
+            .json(&serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": "x"}))
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(response.status(), StatusCode::CREATED, "{client_ip}");
+    }
+}

@@ -81,7 +81,7 @@ impl Application {
 /// The whole application as one endpoint.
 pub fn endpoint(state: &AppState) -> impl poem::Endpoint + use<> {
     let settings = &state.settings;
-    let secure_cookies = settings.web.public_url.scheme() == "https";
+    let secure_cookies = settings.web.secure_cookies();
     Route::new()
         .at("/", poem::endpoint::make_sync(|_| poem::web::Redirect::see_other("/feedback")))
         .nest("/feedback", routes::feedback::router())

@@ -94,6 +94,8 @@ pub struct InboxLine {
     pub created_at: chrono::DateTime<chrono::Utc>,
     /// When it was first opened.
     pub read_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Whether an admin marked it handled.
+    pub handled: bool,
 }
 
 impl InboxLine {

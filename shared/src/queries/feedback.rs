@@ -84,6 +84,25 @@ pub async fn mark_read<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr>
     Ok(())
 }
 
+/// Marks message `id` handled (or not); false when there is no such message.
+pub async fn set_handled<C: ConnectionTrait>(db: &C, id: i64, handled: bool) -> Result<bool, DbErr> {
+    use sea_orm::sea_query::Expr;
+    use sea_orm::{ColumnTrait, QueryFilter};
+    let at = if handled { Some(super::now()) } else { None };
+    let result = feedback_message::Entity::update_many()
+        .col_expr(feedback_message::Column::HandledAt, Expr::value(at))
+        .filter(feedback_message::Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected > 0)
+}
+
+/// Deletes message `id` with its deliveries and dispatch records; false when missing.
+pub async fn delete<C: ConnectionTrait>(db: &C, id: i64) -> Result<bool, DbErr> {
+    let result = feedback_message::Entity::delete_by_id(id).exec(db).await?;
+    Ok(result.rows_affected > 0)
+}
+
 /// Counts feedback messages (used by tests and status pages).
 pub async fn count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     use sea_orm::PaginatorTrait;

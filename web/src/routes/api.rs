@@ -76,7 +76,7 @@ impl FeedbackApi {
         state: poem::web::Data<&AppState>,
         body: Json<FeedbackRequest>,
     ) -> poem::Result<SubmitResponse> {
-        if let Err(wait) = state.submit_limiter.check(super::client_ip(req)) {
+        if let Err(wait) = state.submit_limiter.check(super::client_ip(req, &state.settings.web.trusted_proxies)) {
             let secs = wait.as_secs().max(1);
             let error = format!("Too many submissions; try again in {secs} s.");
             return Ok(SubmitResponse::RateLimited(Json(ErrorBody { error }), secs));

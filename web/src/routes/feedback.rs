@@ -52,7 +52,7 @@ async fn submit(
             "This form has expired or was not sent from this site. Please reload the page and send it again.",
         ));
     }
-    if let Err(wait) = state.submit_limiter.check(super::client_ip(req)) {
+    if let Err(wait) = state.submit_limiter.check(super::client_ip(req, &state.settings.web.trusted_proxies)) {
         return Err(WebError::RateLimited { retry_after_secs: wait.as_secs().max(1) });
     }
     if !data.website.is_empty() {

@@ -19,7 +19,7 @@ use serde::Deserialize;
 use shared::domain::EmailAddress;
 
 use crate::error::{Result, WebError};
-use crate::session::{ABSOLUTE_TIMEOUT, LoginThrottle, RedisSessions};
+use crate::session::{ABSOLUTE_TIMEOUT, IDLE_TIMEOUT, LoginThrottle, RedisSessions};
 use crate::state::AppState;
 use crate::templates::{AdminFeedback, AdminInbox, AdminLogin, InboxLine, render};
 
@@ -29,10 +29,15 @@ const PER_PAGE: u64 = 50;
 /// Session keys.
 const ADMIN_ID: &str = "admin_id";
 const LOGGED_IN_AT: &str = "logged_in_at";
+const SEEN_AT: &str = "seen_at";
+
+/// Activity is written back to the session at most this often (each write renews the
+/// idle timeout of the session's Redis key).
+const SEEN_RESOLUTION_SECS: u64 = 60;
 
 /// The routes of the admin area, mounted at `/admin`.
 pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
-    let secure = state.settings.web.public_url.scheme() == "https";
+    let secure = state.settings.web.secure_cookies();
     let cookie = CookieConfig::new()
         .name("tidings-session")
         .path("/admin")
@@ -46,6 +51,8 @@ pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
         .at("/login", get(login_form).post(login))
         .at("/logout", post(logout))
         .at("/feedback/:id", get(detail))
+        .at("/feedback/:id/handled", post(mark_handled))
+        .at("/feedback/:id/delete", post(delete))
         .at("/notifications", get(notifications::page))
         .at("/notifications/test", post(notifications::send_test))
         .at("/notifications/remove", post(notifications::remove))
@@ -71,13 +78,21 @@ fn now_secs() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
 }
 
-/// The logged-in admin's id; `None` (and the session purged) once it expired.
+/// The logged-in admin's id; `None` (and the session purged) once it expired: idle for
+/// longer than the idle timeout, or older than the absolute one.
 pub fn current_admin(session: &Session) -> Option<i64> {
     let id = session.get::<i64>(ADMIN_ID)?;
+    let now = now_secs();
     let logged_in_at = session.get::<u64>(LOGGED_IN_AT).unwrap_or(0);
-    if now_secs().saturating_sub(logged_in_at) > ABSOLUTE_TIMEOUT.as_secs() {
+    let seen_at = session.get::<u64>(SEEN_AT).unwrap_or(logged_in_at);
+    if now.saturating_sub(logged_in_at) > ABSOLUTE_TIMEOUT.as_secs()
+        || now.saturating_sub(seen_at) > IDLE_TIMEOUT.as_secs()
+    {
         session.purge();
         return None;
+    }
+    if now.saturating_sub(seen_at) >= SEEN_RESOLUTION_SECS {
+        session.set(SEEN_AT, now);
     }
     Some(id)
 }
@@ -118,7 +133,7 @@ async fn login(
     if !verifier.is_valid(&form.csrf_token) || !push::same_origin(req) {
         return Err(WebError::Forbidden("This form has expired. Please reload the page and log in again."));
     }
-    let address = super::client_ip(req).to_string();
+    let address = super::client_ip(req, &state.settings.web.trusted_proxies).to_string();
     let throttle = LoginThrottle::new(state.dispatcher.clone(), &state.settings.redis_namespace);
     if let Err(retry_after_secs) = throttle.check(&form.email, &address).await.map_err(unavailable)? {
         tracing::warn!("admin.login_throttled");
@@ -137,6 +152,7 @@ async fn login(
             session.renew();
             session.set(ADMIN_ID, admin.id);
             session.set(LOGGED_IN_AT, now_secs());
+            session.set(SEEN_AT, now_secs());
             tracing::info!(admin_id = admin.id, "admin.logged_in");
             Ok(Redirect::see_other("/admin/").into_response())
         }
@@ -206,11 +222,70 @@ async fn inbox(
             content: m.content,
             created_at: m.created_at,
             read_at: m.read_at,
+            handled: m.handled_at.is_some(),
         })
         .collect();
     let total = shared::queries::feedback::count(&state.db).await?;
     let unread = shared::queries::feedback::count_unread(&state.db).await?;
     Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, page, has_more, total, unread }))
+}
+
+/// The handled toggle's form.
+#[derive(Debug, Deserialize)]
+struct HandledForm {
+    #[serde(default)]
+    csrf_token: String,
+    /// `"true"` to mark handled, anything else to mark unhandled.
+    #[serde(default)]
+    handled: String,
+}
+
+#[handler]
+async fn mark_handled(
+    req: &Request,
+    state: Data<&AppState>,
+    session: &Session,
+    verifier: &CsrfVerifier,
+    Path(id): Path<i64>,
+    Form(form): Form<HandledForm>,
+) -> Result<Response> {
+    if !verifier.is_valid(&form.csrf_token) || !push::same_origin(req) {
+        return Err(WebError::Forbidden("This form has expired. Please reload the page and try again."));
+    }
+    let Some(admin) = current_admin(session) else { return Ok(to_login()) };
+    let handled = form.handled == "true";
+    if !shared::queries::feedback::set_handled(&state.db, id, handled).await? {
+        return Err(WebError::NotFound);
+    }
+    tracing::info!(admin_id = admin, feedback_id = id, handled, "feedback.handled_changed");
+    Ok(Redirect::see_other(format!("/admin/feedback/{id}")).into_response())
+}
+
+/// A form with only a CSRF token.
+#[derive(Debug, Deserialize)]
+struct TokenOnly {
+    #[serde(default)]
+    csrf_token: String,
+}
+
+#[handler]
+async fn delete(
+    req: &Request,
+    state: Data<&AppState>,
+    session: &Session,
+    verifier: &CsrfVerifier,
+    Path(id): Path<i64>,
+    Form(form): Form<TokenOnly>,
+) -> Result<Response> {
+    if !verifier.is_valid(&form.csrf_token) || !push::same_origin(req) {
+        return Err(WebError::Forbidden("This form has expired. Please reload the page and try again."));
+    }
+    let Some(admin) = current_admin(session) else { return Ok(to_login()) };
+    if !shared::queries::feedback::delete(&state.db, id).await? {
+        return Err(WebError::NotFound);
+    }
+    tracing::info!(admin_id = admin, feedback_id = id, "feedback.deleted");
+    Ok(Redirect::see_other("/admin/").into_response())
 }
 
 #[handler]
