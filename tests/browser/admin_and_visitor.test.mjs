@@ -95,6 +95,15 @@ test('an admin subscribes this browser, gets the notification and its click open
   assert.match(await admin.locator('table.devices').innerText(), /Chrome on Linux|Chrome/);
   await shot(admin, 'notifications-panel');
 
+  // A subscription the browser replaced silently is noticed on the next visit: the
+  // stale endpoint is dropped on the server and the current one registered again.
+  await admin.evaluate(() => localStorage.setItem('tidings.push.endpoint', 'https://fcm.googleapis.com/fcm/send/stale'));
+  await admin.reload();
+  await waitFor('the panel to reconcile', async () =>
+    (await admin.evaluate(() => localStorage.getItem('tidings.push.endpoint'))) === SUBSCRIPTION.endpoint,
+  );
+  await waitFor('the panel to say on again', async () => (await state.getAttribute('data-state')) === 'on');
+
   // A visitor sends feedback in another page; the worker pushes it to the stand-in.
   const visitor = await context.newPage();
   await visitor.goto(`${APP}/feedback`);

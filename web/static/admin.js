@@ -66,17 +66,24 @@
 
   /** Keeps the server in step with what the browser really has. */
   const reconcile = async (registration) => {
-    const subscription = await registration.pushManager.getSubscription();
+    let subscription = await registration.pushManager.getSubscription();
     const stored = localStorage.getItem(STORED_ENDPOINT);
-    if (stored && (!subscription || subscription.endpoint !== stored)) {
-      // The browser dropped or replaced our subscription without telling us.
-      await post('/admin/push/unsubscribe', { endpoint: stored }).catch(() => {});
-      localStorage.removeItem(STORED_ENDPOINT);
-      if (subscription && Notification.permission === 'granted') {
-        await post('/admin/push/subscribe', subscription.toJSON());
-        localStorage.setItem(STORED_ENDPOINT, subscription.endpoint);
-      }
+    if (!stored || (subscription && subscription.endpoint === stored)) return subscription;
+    // The browser dropped or replaced our subscription without telling us: forget the
+    // stale one on the server, and subscribe again (no prompt: permission was given).
+    await post('/admin/push/unsubscribe', { endpoint: stored }).catch(() => {});
+    localStorage.removeItem(STORED_ENDPOINT);
+    if (Notification.permission !== 'granted') return subscription;
+    if (!subscription) {
+      const key = meta('vapid-public-key');
+      if (!key) return null;
+      subscription = await registration.pushManager.subscribe({
+        userVisibleOnly: true,
+        applicationServerKey: base64UrlToBytes(key),
+      });
     }
+    await post('/admin/push/subscribe', subscription.toJSON());
+    localStorage.setItem(STORED_ENDPOINT, subscription.endpoint);
     return subscription;
   };
 
