@@ -170,6 +170,38 @@ impl JobQueue {
         self.push_and_wake(task).await
     }
 
+    /// Puts many fan-out jobs on the queue in one script call and wakes the workers.
+    pub async fn enqueue_fan_outs(&self, jobs: &[(FanOut, i32)]) -> Result<(), QueueError> {
+        if jobs.is_empty() {
+            return Ok(());
+        }
+        let mut tasks = Vec::with_capacity(jobs.len());
+        for (job, enqueue_count) in jobs {
+            tasks.push(
+                TaskBuilder::new(serde_json::to_vec(job)?)
+                    .max_attempts(JOB_MAX_ATTEMPTS)
+                    .idempotency_key(format!("dispatch-{}-{}", job.dispatch_id, enqueue_count))
+                    .build(),
+            );
+        }
+        self.push_and_wake_all(&tasks).await
+    }
+
+    /// Jobs Redis holds that are waiting to run: due or scheduled, and pending.
+    pub async fn backlog(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let (scheduled, active): (u64, u64) = tokio::time::timeout(
+            CONNECT_TIMEOUT,
+            redis::pipe()
+                .zcard(self.fan_out.scheduled_jobs_set())
+                .llen(self.fan_out.active_jobs_list())
+                .query_async(&mut conn),
+        )
+        .await
+        .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
+        Ok(scheduled + active)
+    }
+
     /// Puts a test-notification job on the queue and wakes a worker.
     pub async fn enqueue_test_push(&self, job: &TestPush) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(job)?;
@@ -178,9 +210,13 @@ impl JobQueue {
     }
 
     async fn push_and_wake(&self, task: apalis_redis::RedisTask) -> Result<(), QueueError> {
+        self.push_and_wake_all(std::slice::from_ref(&task)).await
+    }
+
+    async fn push_and_wake_all(&self, tasks: &[apalis_redis::RedisTask]) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let push = async {
-            apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, &[task]).await?;
+            apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, tasks).await?;
             let _: i64 = conn.publish(wake_channel(&self.namespace), FAN_OUT_QUEUE).await?;
             Ok::<_, QueueError>(())
         };

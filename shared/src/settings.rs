@@ -115,6 +115,9 @@ pub struct WorkerSettings {
     pub poll_interval: Duration,
     /// Time in-flight jobs get to finish on SIGTERM/SIGINT.
     pub shutdown_timeout: Duration,
+    /// Most jobs Redis may hold waiting (due or pending); the rest wait in the database's
+    /// dispatch table. Kept well below apalis-redis's fetch limit (about 8,000).
+    pub max_backlog: u64,
 }
 
 impl Settings {
@@ -177,6 +180,7 @@ impl Settings {
                 relay_grace: Duration::from_millis(env.parse("RELAY_GRACE_MS", "5000")?),
                 poll_interval: Duration::from_millis(env.parse("QUEUE_POLL_MS", "1000")?),
                 shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECS", "30")?),
+                max_backlog: parse_backlog(env.parse("QUEUE_MAX_BACKLOG", "5000")?)?,
             },
         })
     }
@@ -184,6 +188,14 @@ impl Settings {
 
 fn parse_url(name: &'static str, raw: &str) -> Result<Url, SettingsError> {
     Url::parse(raw).map_err(|e| SettingsError { name, problem: format!("not a URL: {e}") })
+}
+
+/// The Redis backlog bound: at least 1, and below the fetch limit of apalis-redis.
+fn parse_backlog(value: u64) -> Result<u64, SettingsError> {
+    if value == 0 || value > 7000 {
+        return Err(SettingsError { name: "QUEUE_MAX_BACKLOG", problem: "must be between 1 and 7000".into() });
+    }
+    Ok(value)
 }
 
 /// A comma-separated list of IP addresses.

@@ -95,3 +95,58 @@ async fn pending_attempt(app: &TestApp) -> bool {
     let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
     rows.iter().any(|r| r.status == "sending")
 }
+
+#[tokio::test]
+async fn a_burst_waits_in_the_database_and_redis_never_holds_more_than_the_bound() {
+    use futures::StreamExt;
+    // Arrange: no worker yet, a small bound.
+    let mut app = spawn_app_with(Options {
+        worker: false,
+        env: vec![("QUEUE_MAX_BACKLOG".into(), "20".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+
+    // Act: a burst of 150 submissions.
+    let statuses: Vec<u16> = futures::stream::iter(0..150)
+        .map(|i| {
+            let app = &app;
+            async move {
+                let body = serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": format!("burst {i}")});
+                app.post_api_feedback(&body).await.status().as_u16()
+            }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    assert!(statuses.iter().all(|s| *s == 201));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let held = queue.backlog().await.expect("backlog");
+    assert!(held <= 20, "Redis holds {held} jobs, above the bound of 20");
+    assert_eq!(
+        shared::queries::dispatch::outstanding(&app.db).await.expect("count"),
+        150,
+        "the rest wait in the database"
+    );
+
+    // Then workers drain it; the relay feeds the rest in without passing the bound.
+    app.start_worker().await;
+    let mut most = held;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while app.push.received().len() < 150 && tokio::time::Instant::now() < deadline {
+        most = most.max(queue.backlog().await.expect("backlog"));
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    // Assert: everything delivered, once, and the bound held throughout.
+    let received = app.push.received();
+    assert_eq!(received.len(), 150, "every submission was delivered");
+    let mut bodies: Vec<String> =
+        received.iter().map(|p| p.json()["body"].as_str().unwrap_or_default().to_owned()).collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 150, "no duplicates");
+    assert!(most <= 21, "the backlog reached {most}, above the bound of 20 (+1 for a relay racing the web)");
+}

@@ -129,6 +129,13 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
 }
 
 impl TestApp {
+    /// Starts an in-process worker (for apps spawned with `worker: false`).
+    pub async fn start_worker(&mut self) {
+        let worker_app = worker::app::Application::build(self.settings.clone(), 2).await.expect("the worker starts");
+        self.worker_stop = Some(worker_app.shutdown_handle());
+        tokio::spawn(worker_app.run_until_stopped());
+    }
+
     /// Stops the in-process worker (as SIGTERM would).
     pub fn stop_worker(&mut self) {
         if let Some(handle) = self.worker_stop.take() {

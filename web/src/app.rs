@@ -38,7 +38,12 @@ impl Application {
             anyhow::bail!("SECRET_KEY is not set: generate one (e.g. `openssl rand -hex 32`) and put it in .env");
         }
         let db = shared::db::connect(&settings.database_url).await?;
-        let dispatcher = Arc::new(Dispatcher::new(db.clone(), &settings.redis_url, &settings.redis_namespace));
+        let dispatcher = Arc::new(Dispatcher::new(
+            db.clone(),
+            &settings.redis_url,
+            &settings.redis_namespace,
+            settings.worker.max_backlog,
+        ));
         let state = AppState {
             db,
             dispatcher,

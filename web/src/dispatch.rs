@@ -22,12 +22,24 @@ pub struct Dispatcher {
     namespace: String,
     /// The connected queue, once a connection succeeded.
     queue: Mutex<Option<JobQueue>>,
+    /// Jobs Redis may hold waiting before new ones are left to the relay.
+    max_backlog: u64,
+    /// Makes "check the backlog, then push" one step within this process, so concurrent
+    /// submissions cannot all see room for one job and overshoot the bound together.
+    enqueue_lock: Mutex<()>,
 }
 
 impl Dispatcher {
     /// A dispatcher for the queue at `redis_url` / `namespace`; connects on first use.
-    pub fn new(db: DatabaseConnection, redis_url: &str, namespace: &str) -> Self {
-        Self { db, redis_url: redis_url.to_owned(), namespace: namespace.to_owned(), queue: Mutex::new(None) }
+    pub fn new(db: DatabaseConnection, redis_url: &str, namespace: &str, max_backlog: u64) -> Self {
+        Self {
+            db,
+            redis_url: redis_url.to_owned(),
+            namespace: namespace.to_owned(),
+            queue: Mutex::new(None),
+            max_backlog,
+            enqueue_lock: Mutex::new(()),
+        }
     }
 
     /// The queue, connecting if needed.
@@ -46,6 +58,19 @@ impl Dispatcher {
     /// logged and left to the relay.
     pub async fn announce(&self, submitted: Submitted) {
         let Some(queue) = self.queue().await else { return };
+        let _one_at_a_time = self.enqueue_lock.lock().await;
+        // Over the backlog bound, the record waits in the database for the relay.
+        match queue.backlog().await {
+            Ok(backlog) if backlog >= self.max_backlog => {
+                tracing::debug!(feedback_id = submitted.feedback_id, backlog, "queue.full; left to the relay");
+                return;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(feedback_id = submitted.feedback_id, error = %e, "queue.backlog failed; left to the relay");
+                return;
+            }
+        }
         let job = FanOut::new(submitted.feedback_id, submitted.dispatch_id);
         if let Err(e) = queue.enqueue_fan_out(job, 0).await {
             tracing::warn!(

@@ -36,6 +36,20 @@ pub async fn mark_enqueued<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), Db
     Ok(())
 }
 
+/// Records that dispatches `ids` were handed to Redis (one statement).
+pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<(), DbErr> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Entity::update_many()
+        .col_expr(Column::EnqueuedAt, Expr::value(super::now()))
+        .col_expr(Column::EnqueueCount, Expr::col(Column::EnqueueCount).add(1))
+        .filter(Column::Id.is_in(ids.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Records that a job for dispatch `id` finished (whatever the deliveries' outcomes).
 pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
     Entity::update_many()

@@ -11,24 +11,40 @@ use shared::queries::dispatch;
 use super::JobError;
 use crate::context::WorkerContext;
 
-/// Records handed over per pass; the rest wait for the next tick.
-const BATCH: u64 = 1000;
+/// Records read and enqueued per round trip.
+const BATCH: u64 = 500;
 
 /// A job enqueued this long ago and still not completed is considered lost.
 const LOST_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 
 /// Runs one relay pass; returns how many jobs it enqueued.
+///
+/// It keeps Redis's backlog at or below `QUEUE_MAX_BACKLOG`: it only fills the room the
+/// backlog leaves, so a burst waits in the dispatch table and flows in as workers drain
+/// the queue (apalis-redis fails every fetch once about 8,000 jobs are due at once).
 pub async fn run(ctx: &WorkerContext) -> Result<usize, JobError> {
     let grace = chrono::Duration::from_std(ctx.settings.worker.relay_grace).unwrap_or(chrono::Duration::seconds(5));
-    let due = dispatch::due_for_relay(&ctx.db, grace, shared::queries::now() - LOST_AFTER, BATCH).await?;
+    let max_backlog = ctx.settings.worker.max_backlog;
     let mut enqueued = 0;
-    for record in due {
-        ctx.queue
-            .enqueue_fan_out(FanOut::new(record.feedback_id, record.id), record.enqueue_count)
-            .await
-            .map_err(|e| JobError::Retryable(e.into()))?;
-        dispatch::mark_enqueued(&ctx.db, record.id).await?;
-        enqueued += 1;
+    loop {
+        let backlog = ctx.queue.backlog().await.map_err(|e| JobError::Retryable(e.into()))?;
+        let room = max_backlog.saturating_sub(backlog).min(BATCH);
+        if room == 0 {
+            break;
+        }
+        let due = dispatch::due_for_relay(&ctx.db, grace, shared::queries::now() - LOST_AFTER, room).await?;
+        if due.is_empty() {
+            break;
+        }
+        let jobs: Vec<(FanOut, i32)> =
+            due.iter().map(|record| (FanOut::new(record.feedback_id, record.id), record.enqueue_count)).collect();
+        ctx.queue.enqueue_fan_outs(&jobs).await.map_err(|e| JobError::Retryable(e.into()))?;
+        let ids: Vec<i64> = due.iter().map(|record| record.id).collect();
+        dispatch::mark_enqueued_many(&ctx.db, &ids).await?;
+        enqueued += due.len();
+        if (due.len() as u64) < room {
+            break;
+        }
     }
     if enqueued > 0 {
         tracing::info!(enqueued, "relay.enqueued");
