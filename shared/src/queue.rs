@@ -93,14 +93,25 @@ pub fn wake_channel(namespace: &str) -> String {
     format!("{namespace}:wake")
 }
 
-/// The Redis list malformed or abandoned jobs are kept in, newest first.
-pub fn dead_letter_list(namespace: &str) -> String {
+/// The Redis hash dead letters are kept in (id → letter as JSON).
+pub fn dead_letter_hash(namespace: &str) -> String {
     format!("{namespace}:dead-letters")
 }
+
+/// The sorted set ordering dead letters by time (score: milliseconds since the epoch).
+pub fn dead_letter_index(namespace: &str) -> String {
+    format!("{namespace}:dead-letters:by-time")
+}
+
+/// Dead letters kept at most; the oldest go first (Redis memory stays bounded).
+pub const MAX_DEAD_LETTERS: u64 = 10_000;
 
 /// A dead letter: a job the worker will not run, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
+    /// Identifies the letter for `worker dead retry|discard`.
+    #[serde(default)]
+    pub id: String,
     /// The queue the job came from.
     pub queue: String,
     /// The stored payload, lossily decoded as text.
@@ -223,19 +234,82 @@ impl JobQueue {
         tokio::time::timeout(CONNECT_TIMEOUT, push).await.map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))?
     }
 
-    /// Stores a dead letter for an operator to inspect.
-    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<(), QueueError> {
+    /// Stores a dead letter for an operator to inspect; returns its id.
+    pub async fn dead_letter(&self, letter: &DeadLetter) -> Result<String, QueueError> {
+        let mut letter = letter.clone();
+        if letter.id.is_empty() {
+            letter.id = uuid::Uuid::now_v7().simple().to_string();
+        }
+        let score = chrono::Utc::now().timestamp_millis();
         let mut conn = self.conn.clone();
-        let body = serde_json::to_string(letter)?;
-        let _: i64 = conn.lpush(dead_letter_list(&self.namespace), body).await?;
-        Ok(())
+        let (hash, index) = (dead_letter_hash(&self.namespace), dead_letter_index(&self.namespace));
+        let _: () = redis::pipe()
+            .atomic()
+            .hset(&hash, &letter.id, serde_json::to_string(&letter)?)
+            .ignore()
+            .zadd(&index, &letter.id, score)
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        // Keep the newest MAX_DEAD_LETTERS.
+        let count: u64 = conn.zcard(&index).await?;
+        if count > MAX_DEAD_LETTERS {
+            let excess = isize::try_from(count - MAX_DEAD_LETTERS).unwrap_or(isize::MAX);
+            let oldest: Vec<String> = conn.zrange(&index, 0, excess - 1).await?;
+            if !oldest.is_empty() {
+                let _: () = redis::pipe()
+                    .zrem(&index, &oldest)
+                    .ignore()
+                    .hdel(&hash, &oldest)
+                    .ignore()
+                    .query_async(&mut conn)
+                    .await?;
+            }
+        }
+        Ok(letter.id)
     }
 
-    /// The stored dead letters, newest first.
+    /// The stored dead letters, newest first, at most `limit`.
     pub async fn dead_letters(&self, limit: isize) -> Result<Vec<DeadLetter>, QueueError> {
         let mut conn = self.conn.clone();
-        let raw: Vec<String> = conn.lrange(dead_letter_list(&self.namespace), 0, limit - 1).await?;
-        Ok(raw.iter().filter_map(|r| serde_json::from_str(r).ok()).collect())
+        let ids: Vec<String> = conn.zrevrange(dead_letter_index(&self.namespace), 0, limit - 1).await?;
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let raw: Vec<Option<String>> =
+            redis::cmd("HMGET").arg(dead_letter_hash(&self.namespace)).arg(&ids).query_async(&mut conn).await?;
+        Ok(raw.iter().flatten().filter_map(|r| serde_json::from_str(r).ok()).collect())
+    }
+
+    /// Number of stored dead letters.
+    pub async fn dead_letter_count(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.zcard(dead_letter_index(&self.namespace)).await?)
+    }
+
+    /// Deletes dead letter `id`; false if there is none.
+    pub async fn discard_dead_letter(&self, id: &str) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        let (removed, _): (u64, u64) = redis::pipe()
+            .atomic()
+            .hdel(dead_letter_hash(&self.namespace), id)
+            .zrem(dead_letter_index(&self.namespace), id)
+            .query_async(&mut conn)
+            .await?;
+        Ok(removed > 0)
+    }
+
+    /// Puts dead letter `id`'s payload back on the queue as a new job and deletes the
+    /// letter; false if there is none.
+    pub async fn retry_dead_letter(&self, id: &str) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        let raw: Option<String> = conn.hget(dead_letter_hash(&self.namespace), id).await?;
+        let Some(letter) = raw.and_then(|r| serde_json::from_str::<DeadLetter>(&r).ok()) else {
+            return Ok(false);
+        };
+        let task = TaskBuilder::new(letter.payload.into_bytes()).max_attempts(JOB_MAX_ATTEMPTS).build();
+        self.push_and_wake(task).await?;
+        self.discard_dead_letter(id).await
     }
 
     /// `PING`: is Redis answering?
@@ -263,7 +337,8 @@ mod tests {
     #[test]
     fn keys_live_under_the_namespace() {
         assert_eq!(wake_channel("t1"), "t1:wake");
-        assert_eq!(dead_letter_list("t1"), "t1:dead-letters");
+        assert_eq!(dead_letter_hash("t1"), "t1:dead-letters");
+        assert_eq!(dead_letter_index("t1"), "t1:dead-letters:by-time");
         assert!(config_for_queue("t1", FAN_OUT_QUEUE).scheduled_jobs_set().contains("t1:"));
     }
 }

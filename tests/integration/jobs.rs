@@ -150,3 +150,43 @@ async fn a_burst_waits_in_the_database_and_redis_never_holds_more_than_the_bound
     assert_eq!(bodies.len(), 150, "no duplicates");
     assert!(most <= 21, "the backlog reached {most}, above the bound of 20 (+1 for a relay racing the web)");
 }
+
+#[tokio::test]
+async fn dead_letters_can_be_retried_or_discarded() {
+    // Arrange: a valid job an older build dead-lettered, and a hopeless one.
+    let app = spawn_app_with(Options::default()).await;
+    let browser = app.subscribe_browser().await;
+    let submitted = shared::queries::feedback::insert_with_dispatch(
+        &app.db,
+        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", "kept in a dead letter").expect("valid"),
+    )
+    .await
+    .expect("stored");
+    shared::queries::dispatch::mark_enqueued(&app.db, submitted.dispatch_id).await.expect("marked");
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let letter = |payload: String| shared::queue::DeadLetter {
+        id: String::new(),
+        queue: FAN_OUT_QUEUE.into(),
+        payload,
+        error: "payload version 2 is newer than the supported version 1".into(),
+        attempt: 1,
+        at: "2026-11-24T10:00:00Z".into(),
+    };
+    let good =
+        serde_json::to_string(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
+    let retry_id = queue.dead_letter(&letter(good)).await.expect("stored");
+    let discard_id = queue.dead_letter(&letter("garbage".into())).await.expect("stored");
+    assert_eq!(queue.dead_letter_count().await.expect("count"), 2);
+
+    // Act
+    assert!(queue.retry_dead_letter(&retry_id).await.expect("retried"));
+    assert!(queue.discard_dead_letter(&discard_id).await.expect("discarded"));
+
+    // Assert: the retried job ran; both letters are gone; unknown ids say so.
+    let received = app.push.wait_for_received(1, Duration::from_secs(15)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, browser.endpoint);
+    assert_eq!(queue.dead_letter_count().await.expect("count"), 0);
+    assert!(!queue.retry_dead_letter(&retry_id).await.expect("answered"));
+    assert!(!queue.discard_dead_letter("no-such-id").await.expect("answered"));
+}

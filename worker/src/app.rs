@@ -194,6 +194,7 @@ async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt)
         Err(JobError::Permanent(reason)) => {
             tracing::error!(attempt = attempt.current(), %reason, "job.dead_lettered");
             let letter = DeadLetter {
+                id: String::new(),
                 queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
                 payload: String::from_utf8_lossy(&job.0).into_owned(),
                 error: reason,
@@ -201,7 +202,7 @@ async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt)
                 at: chrono::Utc::now().to_rfc3339(),
             };
             // Completing the job keeps it from being retried; the letter keeps it visible.
-            ctx.queue.dead_letter(&letter).await.map_err(|e| JobError::Retryable(e.into()))
+            ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(|e| JobError::Retryable(e.into()))
         }
         Err(e @ JobError::Retryable(_)) => {
             tracing::warn!(attempt = attempt.current(), error = %e, "job.failed; apalis will retry it");

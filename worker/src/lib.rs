@@ -6,10 +6,12 @@
 //! - [`queue`]: apalis wiring: polling, wake-up on push, graceful shutdown, periodic ticks.
 //! - [`app`]: the worker process: builds everything and runs until stopped.
 //! - [`status`]: `worker status`, what an operator checks first.
+//! - [`ops`]: `worker dead list|retry|discard`.
 
 pub mod app;
 pub mod context;
 pub mod jobs;
+pub mod ops;
 pub mod push;
 pub mod queue;
 pub mod status;

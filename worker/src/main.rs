@@ -22,6 +22,31 @@ enum Command {
     },
     /// Print the queue's state: pending dispatches, dead letters.
     Status,
+    /// Inspect, retry or discard jobs the worker refused to run.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List the newest dead letters with their error, attempt and time.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: isize,
+    },
+    /// Put a dead letter's job back on its queue.
+    Retry {
+        /// The letter's id (from `worker dead list`).
+        id: String,
+    },
+    /// Delete a dead letter.
+    Discard {
+        /// The letter's id (from `worker dead list`).
+        id: String,
+    },
 }
 
 #[tokio::main]
@@ -46,5 +71,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped().await
         }
         Command::Status => worker::status::print(&settings).await,
+        Command::Dead { command: DeadCommand::List { limit } } => worker::ops::list(&settings, limit).await,
+        Command::Dead { command: DeadCommand::Retry { id } } => worker::ops::retry(&settings, &id).await,
+        Command::Dead { command: DeadCommand::Discard { id } } => worker::ops::discard(&settings, &id).await,
     }
 }

@@ -29,7 +29,7 @@ pub async fn read(settings: &Settings) -> anyhow::Result<Status> {
     let queued: u64 = conn.llen(config.active_jobs_list()).await?;
     let scheduled: u64 = conn.zcard(config.scheduled_jobs_set()).await?;
     let workers: u64 = conn.zcard(config.workers_set()).await?;
-    let dead_letters: u64 = conn.llen(shared::queue::dead_letter_list(&settings.redis_namespace)).await?;
+    let dead_letters = queue.dead_letter_count().await?;
     let outstanding_dispatches = shared::queries::dispatch::outstanding(&db).await?;
     Ok(Status { queued, scheduled, workers, outstanding_dispatches, dead_letters })
 }
