@@ -9,6 +9,7 @@
 //! - [`settings`]: configuration read from the environment.
 //! - [`telemetry`]: tracing set-up.
 //! - [`db`]: database connections.
+//! - [`worker_health`]: what worker processes report about themselves in Redis.
 
 pub mod db;
 pub mod domain;
@@ -18,3 +19,4 @@ pub mod queries;
 pub mod queue;
 pub mod settings;
 pub mod telemetry;
+pub mod worker_health;

@@ -190,3 +190,21 @@ async fn dead_letters_can_be_retried_or_discarded() {
     assert!(!queue.retry_dead_letter(&retry_id).await.expect("answered"));
     assert!(!queue.discard_dead_letter("no-such-id").await.expect("answered"));
 }
+
+#[tokio::test]
+async fn running_workers_report_themselves_to_readyz_and_status() {
+    let app = spawn_app_with(Options::default()).await;
+
+    let ready = wait_until(|| async {
+        let body: serde_json::Value =
+            app.client.get(format!("{}/readyz", app.address)).send().await.expect("readyz").json().await.expect("json");
+        body["workers"]["live"] == 1 && body["workers"]["restarting"] == 0
+    })
+    .await;
+
+    assert!(ready, "the in-process worker shows up in /readyz");
+    let status = worker::status::read(&app.settings).await.expect("status");
+    assert_eq!(status.processes.len(), 1);
+    assert_eq!(status.processes[0].pid, std::process::id());
+    assert_eq!(status.processes[0].concurrency, 2);
+}

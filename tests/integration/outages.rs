@@ -27,6 +27,19 @@ async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() 
     let received = app.push.wait_for_received(1, Duration::from_secs(30)).await;
     assert_eq!(received.len(), 1, "the relay delivered it once Redis was back");
     assert_eq!(received[0].json()["body"], "sent during an outage");
+    // The worker died with Redis, was rebuilt, and says so.
+    let client = redis::Client::open(redis.url().as_str()).expect("url");
+    let mut conn = client.get_connection_manager().await.expect("redis");
+    let restarted = crate::pipeline::wait_until(|| {
+        let mut conn = conn.clone();
+        let namespace = app.settings.redis_namespace.clone();
+        async move {
+            let reports = shared::worker_health::read_all(&mut conn, &namespace).await.unwrap_or_default();
+            reports.len() == 1 && reports[0].restarts >= 1 && reports[0].state == "running"
+        }
+    })
+    .await;
+    assert!(restarted, "{:?}", shared::worker_health::read_all(&mut conn, &app.settings.redis_namespace).await);
 }
 
 #[tokio::test]

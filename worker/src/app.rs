@@ -6,6 +6,7 @@
 //! name with a backoff, so the process reconnects by itself; an error while stopping
 //! makes `worker run` exit non-zero.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -20,6 +21,7 @@ use secrecy::SecretString;
 use shared::jobs::QueuedJob;
 use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob};
 use shared::settings::Settings;
+use shared::worker_health::{self, WorkerReport};
 use tokio::sync::watch;
 
 use crate::context::WorkerContext;
@@ -98,6 +100,20 @@ impl Application {
             move || wait_for_stop(rx.clone())
         };
 
+        let health = Arc::new(std::sync::Mutex::new(WorkerReport {
+            process: uuid::Uuid::new_v4().simple().to_string(),
+            worker: name.clone(),
+            host: std::env::var("HOSTNAME").unwrap_or_default(),
+            pid: std::process::id(),
+            concurrency,
+            state: "running".into(),
+            restarts: 0,
+            last_error: None,
+            started_at: chrono::Utc::now().to_rfc3339(),
+            reported_at: String::new(),
+        }));
+        let reporter = tokio::spawn(report_health(Arc::clone(&health), ctx.queue.clone(), stopped()));
+
         let periodic = Periodic::new(ctx.queue.connection(), ctx.queue.namespace());
         let relay_ctx = ctx.clone();
         let relay = tokio::spawn(periodic.every("relay", settings.worker.relay_interval, stopped(), move || {
@@ -123,6 +139,10 @@ impl Application {
                     shared::queue::wake_channel(ctx.queue.namespace()),
                     settings.worker.poll_interval,
                 ));
+            update(&health, |r| {
+                r.worker = name.clone();
+                r.state = "running".into();
+            });
             let worker = WorkerBuilder::new(name.clone())
                 .backend(storage)
                 .data(ctx.clone())
@@ -143,6 +163,11 @@ impl Application {
                 Err(e) => {
                     restarts += 1;
                     let wait = restart_delay(restarts);
+                    update(&health, |r| {
+                        r.state = "restarting".into();
+                        r.restarts = restarts;
+                        r.last_error = Some(e.to_string());
+                    });
                     tracing::error!(worker = %name, error = %e, restarts, retry_in_ms = wait.as_millis() as u64, "worker.died");
                     tokio::select! {
                         () = stopped() => break Ok(()),
@@ -154,6 +179,7 @@ impl Application {
         };
         // The relay stops on the same signal; don't wait on it longer than the drain.
         let _ = tokio::time::timeout(settings.worker.shutdown_timeout, relay).await;
+        let _ = reporter.await;
         if result.is_ok() {
             tracing::info!(worker = %name, "worker.stopped");
         }
@@ -164,6 +190,37 @@ impl Application {
 /// Backoff between restarts of a dead worker: 0.5 s doubling up to 30 s.
 fn restart_delay(restarts: u32) -> Duration {
     Duration::from_millis(500).saturating_mul(1 << restarts.saturating_sub(1).min(6)).min(Duration::from_secs(30))
+}
+
+fn update(health: &std::sync::Mutex<WorkerReport>, change: impl FnOnce(&mut WorkerReport)) {
+    if let Ok(mut report) = health.lock() {
+        change(&mut report);
+    }
+}
+
+/// Publishes this process's report every few seconds until stopped, then withdraws it.
+async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQueue, stop: impl Future<Output = ()>) {
+    let mut conn = queue.connection();
+    let namespace = queue.namespace().to_owned();
+    tokio::pin!(stop);
+    loop {
+        let report = match health.lock() {
+            Ok(mut report) => {
+                report.reported_at = chrono::Utc::now().to_rfc3339();
+                report.clone()
+            }
+            Err(_) => return,
+        };
+        if let Err(e) = worker_health::publish(&mut conn, &namespace, &report).await {
+            tracing::debug!(error = %e, "worker.health_report_failed");
+        }
+        tokio::select! {
+            () = &mut stop => break,
+            () = tokio::time::sleep(worker_health::REPORT_EVERY) => {}
+        }
+    }
+    let process = health.lock().map(|r| r.process.clone()).unwrap_or_default();
+    let _ = worker_health::withdraw(&mut conn, &namespace, &process).await;
 }
 
 fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {

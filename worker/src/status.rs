@@ -18,6 +18,8 @@ pub struct Status {
     pub outstanding_dispatches: u64,
     /// Jobs the worker refused to run.
     pub dead_letters: u64,
+    /// What each live worker process reports about itself.
+    pub processes: Vec<shared::worker_health::WorkerReport>,
 }
 
 /// Reads the status.
@@ -31,7 +33,8 @@ pub async fn read(settings: &Settings) -> anyhow::Result<Status> {
     let workers: u64 = conn.zcard(config.workers_set()).await?;
     let dead_letters = queue.dead_letter_count().await?;
     let outstanding_dispatches = shared::queries::dispatch::outstanding(&db).await?;
-    Ok(Status { queued, scheduled, workers, outstanding_dispatches, dead_letters })
+    let processes = shared::worker_health::read_all(&mut conn, &settings.redis_namespace).await?;
+    Ok(Status { queued, scheduled, workers, outstanding_dispatches, dead_letters, processes })
 }
 
 /// Prints the status, one `name value` line each.
@@ -42,5 +45,20 @@ pub async fn print(settings: &Settings) -> anyhow::Result<()> {
     println!("workers {}", status.workers);
     println!("outstanding_dispatches {}", status.outstanding_dispatches);
     println!("dead_letters {}", status.dead_letters);
+    println!("processes {}", status.processes.len());
+    for p in &status.processes {
+        println!(
+            "process {} host={} pid={} worker={} concurrency={} state={} restarts={} reported_at={}{}",
+            p.process,
+            p.host,
+            p.pid,
+            p.worker,
+            p.concurrency,
+            p.state,
+            p.restarts,
+            p.reported_at,
+            p.last_error.as_deref().map(|e| format!(" last_error={e:?}")).unwrap_or_default(),
+        );
+    }
     Ok(())
 }

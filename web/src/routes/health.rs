@@ -27,7 +27,26 @@ async fn readyz(state: Data<&AppState>) -> Response {
     let redis = redis_answers(&state.settings.redis_url).await;
     let status = if database && redis { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     let word = |ok: bool| if ok { "ok" } else { "unavailable" };
-    Json(serde_json::json!({ "database": word(database), "redis": word(redis) })).with_status(status).into_response()
+    // Workers are reported, not required: the web takes feedback without them.
+    let workers = worker_summary(&state).await;
+    Json(serde_json::json!({ "database": word(database), "redis": word(redis), "workers": workers }))
+        .with_status(status)
+        .into_response()
+}
+
+/// Live worker processes and how many are rebuilding a dead worker.
+async fn worker_summary(state: &AppState) -> serde_json::Value {
+    let Some(queue) = state.dispatcher.queue().await else { return serde_json::Value::Null };
+    let mut conn = queue.connection();
+    let read = shared::worker_health::read_all(&mut conn, &state.settings.redis_namespace);
+    match tokio::time::timeout(Duration::from_secs(2), read).await {
+        Ok(Ok(reports)) => serde_json::json!({
+            "live": reports.len(),
+            "restarting": reports.iter().filter(|r| r.state == "restarting").count(),
+            "restarts": reports.iter().map(|r| r.restarts).sum::<u32>(),
+        }),
+        _ => serde_json::Value::Null,
+    }
 }
 
 async fn redis_answers(url: &str) -> bool {
