@@ -118,6 +118,8 @@ pub struct WorkerSettings {
     /// Most jobs Redis may hold waiting (due or pending); the rest wait in the database's
     /// dispatch table. Kept well below apalis-redis's fetch limit (about 8,000).
     pub max_backlog: u64,
+    /// Where the worker serves `/metrics`; `None` turns it off.
+    pub metrics_bind: Option<SocketAddr>,
 }
 
 impl Settings {
@@ -181,6 +183,13 @@ impl Settings {
                 poll_interval: Duration::from_millis(env.parse("QUEUE_POLL_MS", "1000")?),
                 shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECS", "30")?),
                 max_backlog: parse_backlog(env.parse("QUEUE_MAX_BACKLOG", "5000")?)?,
+                metrics_bind: match env.get("WORKER_METRICS_BIND").unwrap_or("127.0.0.1:9187") {
+                    "off" => None,
+                    raw => Some(raw.parse().map_err(|_| SettingsError {
+                        name: "WORKER_METRICS_BIND",
+                        problem: format!("{raw:?} is not an address like 127.0.0.1:9187 (or \"off\")"),
+                    })?),
+                },
             },
         })
     }

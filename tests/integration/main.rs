@@ -7,6 +7,7 @@ mod browser;
 mod feedback_form;
 mod jobs;
 mod measure;
+mod metrics;
 mod notifications;
 mod outages;
 mod pipeline;

@@ -54,6 +54,8 @@ pub struct TestApp {
     pub client: reqwest::Client,
     /// Stops the in-process worker, if one runs.
     worker_stop: Option<worker::app::ShutdownHandle>,
+    /// Where the in-process worker serves `/metrics`.
+    pub worker_metrics_port: Option<u16>,
     /// Deletes the namespace's Redis keys and the database when dropped.
     _cleanup: Cleanup,
 }
@@ -79,6 +81,7 @@ fn base_env(database_url: &str, namespace: &str, push_origin: &str) -> HashMap<S
         ("RELAY_INTERVAL_MS", "200".into()),
         ("RELAY_GRACE_MS", "300".into()),
         ("QUEUE_POLL_MS", "500".into()),
+        ("WORKER_METRICS_BIND", "127.0.0.1:0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))
@@ -114,18 +117,19 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
     settings.web.public_url = url::Url::parse(&format!("{address}/"))?;
     tokio::spawn(web_app.run_until_stopped());
 
-    let worker_stop = if options.worker {
+    let (worker_stop, worker_metrics_port) = if options.worker {
         let worker_app = worker::app::Application::build(settings.clone(), 2).await?;
         let handle = worker_app.shutdown_handle();
+        let port = worker_app.metrics_port();
         tokio::spawn(worker_app.run_until_stopped());
-        Some(handle)
+        (Some(handle), port)
     } else {
-        None
+        (None, None)
     };
 
     let client = new_client();
     let cleanup = Cleanup { redis_url: settings.redis_url.clone(), namespace, database: dropper };
-    Ok(TestApp { address, db, settings, push, client, worker_stop, _cleanup: cleanup })
+    Ok(TestApp { address, db, settings, push, client, worker_stop, worker_metrics_port, _cleanup: cleanup })
 }
 
 impl TestApp {
@@ -133,6 +137,7 @@ impl TestApp {
     pub async fn start_worker(&mut self) {
         let worker_app = worker::app::Application::build(self.settings.clone(), 2).await.expect("the worker starts");
         self.worker_stop = Some(worker_app.shutdown_handle());
+        self.worker_metrics_port = worker_app.metrics_port();
         tokio::spawn(worker_app.run_until_stopped());
     }
 

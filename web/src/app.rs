@@ -38,16 +38,19 @@ impl Application {
             anyhow::bail!("SECRET_KEY is not set: generate one (e.g. `openssl rand -hex 32`) and put it in .env");
         }
         let db = shared::db::connect(&settings.database_url).await?;
+        let metrics = shared::metrics::Registry::new();
         let dispatcher = Arc::new(Dispatcher::new(
             db.clone(),
             &settings.redis_url,
             &settings.redis_namespace,
             settings.worker.max_backlog,
+            metrics.clone(),
         ));
         let state = AppState {
             db,
             dispatcher,
             submit_limiter: Arc::new(SubmitLimiter::new(settings.web.submit_rate_limit)),
+            metrics,
             settings: Arc::new(settings),
         };
         let acceptor = TcpListener::bind(state.settings.web.bind)

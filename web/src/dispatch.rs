@@ -7,6 +7,7 @@
 
 use sea_orm::DatabaseConnection;
 use shared::jobs::FanOut;
+use shared::metrics::Registry;
 use shared::queries::feedback::Submitted;
 use shared::queue::JobQueue;
 use tokio::sync::Mutex;
@@ -27,11 +28,13 @@ pub struct Dispatcher {
     /// Makes "check the backlog, then push" one step within this process, so concurrent
     /// submissions cannot all see room for one job and overshoot the bound together.
     enqueue_lock: Mutex<()>,
+    /// Counts enqueued and deferred jobs.
+    metrics: Registry,
 }
 
 impl Dispatcher {
     /// A dispatcher for the queue at `redis_url` / `namespace`; connects on first use.
-    pub fn new(db: DatabaseConnection, redis_url: &str, namespace: &str, max_backlog: u64) -> Self {
+    pub fn new(db: DatabaseConnection, redis_url: &str, namespace: &str, max_backlog: u64, metrics: Registry) -> Self {
         Self {
             db,
             redis_url: redis_url.to_owned(),
@@ -39,6 +42,7 @@ impl Dispatcher {
             queue: Mutex::new(None),
             max_backlog,
             enqueue_lock: Mutex::new(()),
+            metrics,
         }
     }
 
@@ -57,18 +61,29 @@ impl Dispatcher {
     /// Enqueues the job of a committed submission and marks its record; failures are
     /// logged and left to the relay.
     pub async fn announce(&self, submitted: Submitted) {
-        let Some(queue) = self.queue().await else { return };
+        let outcome = self.try_announce(submitted).await;
+        self.metrics
+            .counter(
+                "tidings_dispatch_total",
+                "Committed submissions handed to Redis, or left to the relay.",
+                &[("outcome", outcome)],
+            )
+            .inc();
+    }
+
+    async fn try_announce(&self, submitted: Submitted) -> &'static str {
+        let Some(queue) = self.queue().await else { return "deferred_redis_down" };
         let _one_at_a_time = self.enqueue_lock.lock().await;
         // Over the backlog bound, the record waits in the database for the relay.
         match queue.backlog().await {
             Ok(backlog) if backlog >= self.max_backlog => {
                 tracing::debug!(feedback_id = submitted.feedback_id, backlog, "queue.full; left to the relay");
-                return;
+                return "deferred_backlog_full";
             }
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(feedback_id = submitted.feedback_id, error = %e, "queue.backlog failed; left to the relay");
-                return;
+                return "deferred_redis_error";
             }
         }
         let job = FanOut::new(submitted.feedback_id, submitted.dispatch_id);
@@ -78,12 +93,13 @@ impl Dispatcher {
                 error = %e,
                 "queue.enqueue failed; the relay will enqueue later"
             );
-            return;
+            return "deferred_redis_error";
         }
         if let Err(e) = shared::queries::dispatch::mark_enqueued(&self.db, submitted.dispatch_id).await {
             // The job is queued; at worst the relay enqueues it once more (jobs are idempotent).
             tracing::warn!(dispatch_id = submitted.dispatch_id, error = %e, "dispatch.mark_enqueued failed");
         }
+        "enqueued"
     }
 
     /// Runs [`Dispatcher::announce`] in the background.

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
+use shared::metrics::Registry;
 use shared::settings::Settings;
 
 use crate::dispatch::Dispatcher;
@@ -19,4 +20,19 @@ pub struct AppState {
     pub submit_limiter: Arc<SubmitLimiter>,
     /// The process's settings.
     pub settings: Arc<Settings>,
+    /// The process's metrics, served at `/metrics`.
+    pub metrics: Registry,
+}
+
+impl AppState {
+    /// Counts one submission through `channel` ("form" or "api") with its `outcome`.
+    pub fn count_submission(&self, channel: &'static str, outcome: &'static str) {
+        self.metrics
+            .counter(
+                "tidings_feedback_total",
+                "Feedback submissions, by channel and outcome.",
+                &[("channel", channel), ("outcome", outcome)],
+            )
+            .inc();
+    }
 }

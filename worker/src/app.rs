@@ -17,8 +17,11 @@ use apalis_core::task::attempt::Attempt;
 use apalis_core::task::data::Data;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_redis::RedisStorage;
+use poem::Server;
+use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use secrecy::SecretString;
 use shared::jobs::QueuedJob;
+use shared::metrics::Registry;
 use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob};
 use shared::settings::Settings;
 use shared::worker_health::{self, WorkerReport};
@@ -35,6 +38,8 @@ pub struct Application {
     concurrency: usize,
     name: String,
     stop_tx: watch::Sender<bool>,
+    /// The bound `/metrics` listener, when metrics are on.
+    metrics: Option<(TcpAcceptor, u16)>,
 }
 
 /// Stops a running [`Application`] as SIGTERM would: no new jobs, in-flight ones finish.
@@ -66,17 +71,41 @@ impl Application {
             .context("connecting to Redis (REDIS_URL)")?;
         let name = worker_name(shared::jobs::FAN_OUT_QUEUE);
         let (stop_tx, _) = watch::channel(false);
+        let metrics = match settings.worker.metrics_bind {
+            Some(addr) => {
+                let acceptor = TcpListener::bind(addr)
+                    .into_acceptor()
+                    .await
+                    .with_context(|| format!("binding WORKER_METRICS_BIND {addr}"))?;
+                let port =
+                    acceptor.local_addr().first().and_then(|a| a.as_socket_addr().map(|s| s.port())).unwrap_or(0);
+                Some((acceptor, port))
+            }
+            None => None,
+        };
         Ok(Self {
-            ctx: WorkerContext { db, sender: Arc::new(sender), queue, settings: Arc::new(settings) },
+            ctx: WorkerContext {
+                db,
+                sender: Arc::new(sender),
+                queue,
+                settings: Arc::new(settings),
+                metrics: Registry::new(),
+            },
             concurrency: concurrency.max(1),
             name,
             stop_tx,
+            metrics,
         })
     }
 
     /// This process's unique worker name.
     pub fn worker_name(&self) -> &str {
         &self.name
+    }
+
+    /// The port `/metrics` is served on, when metrics are on.
+    pub fn metrics_port(&self) -> Option<u16> {
+        self.metrics.as_ref().map(|(_, port)| *port)
     }
 
     /// A handle that stops this worker.
@@ -86,7 +115,7 @@ impl Application {
 
     /// Runs until a signal or the shutdown handle; an error means a worker died.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { ctx, concurrency, name, stop_tx } = self;
+        let Self { ctx, concurrency, name, stop_tx, metrics } = self;
         let settings = Arc::clone(&ctx.settings);
 
         // OS signals feed the same stop channel as the handle.
@@ -113,6 +142,15 @@ impl Application {
             reported_at: String::new(),
         }));
         let reporter = tokio::spawn(report_health(Arc::clone(&health), ctx.queue.clone(), stopped()));
+
+        if let Some((acceptor, port)) = metrics {
+            tracing::info!(port, "worker.metrics_listening");
+            let endpoint = metrics_endpoint(ctx.clone());
+            let stop = stopped();
+            tokio::spawn(async move {
+                let _ = Server::new_with_acceptor(acceptor).run_with_graceful_shutdown(endpoint, stop, None).await;
+            });
+        }
 
         let periodic = Periodic::new(ctx.queue.connection(), ctx.queue.namespace());
         let relay_ctx = ctx.clone();
@@ -162,6 +200,7 @@ impl Application {
                 Err(e) if *stop_tx.borrow() => break Err(anyhow::anyhow!("worker {name} failed while stopping: {e}")),
                 Err(e) => {
                     restarts += 1;
+                    ctx.metrics.counter("tidings_worker_restarts_total", "Dead apalis workers rebuilt.", &[]).inc();
                     let wait = restart_delay(restarts);
                     update(&health, |r| {
                         r.state = "restarting".into();
@@ -190,6 +229,26 @@ impl Application {
 /// Backoff between restarts of a dead worker: 0.5 s doubling up to 30 s.
 fn restart_delay(restarts: u32) -> Duration {
     Duration::from_millis(500).saturating_mul(1 << restarts.saturating_sub(1).min(6)).min(Duration::from_secs(30))
+}
+
+/// `GET /metrics` of the worker: its counters and histograms, plus the queue's depth and
+/// dead letters read at scrape time.
+fn metrics_endpoint(ctx: WorkerContext) -> impl poem::Endpoint {
+    poem::Route::new().at(
+        "/metrics",
+        poem::get(poem::endpoint::make(move |_| {
+            let ctx = ctx.clone();
+            async move {
+                let backlog = ctx.queue.backlog().await.map(|b| b as f64).unwrap_or(f64::NAN);
+                let dead = ctx.queue.dead_letter_count().await.map(|d| d as f64).unwrap_or(f64::NAN);
+                let text = ctx.metrics.render(&[
+                    ("tidings_queue_backlog", "Jobs waiting in Redis (due and pending).", backlog),
+                    ("tidings_dead_letters", "Jobs kept as dead letters.", dead),
+                ]);
+                poem::Response::builder().content_type("text/plain; version=0.0.4").body(text)
+            }
+        })),
+    )
 }
 
 fn update(health: &std::sync::Mutex<WorkerReport>, change: impl FnOnce(&mut WorkerReport)) {
@@ -241,11 +300,23 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 /// The apalis handler of the fan-out queue: parses the payload, runs the job, and
 /// dead-letters what can never run instead of failing the worker.
 async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt) -> Result<(), JobError> {
-    let result = match QueuedJob::parse(&job.0) {
-        Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, &ctx).await,
-        Ok(QueuedJob::TestPush(payload)) => test_push::run(payload.admin_id, &ctx).await.map(|_| ()),
-        Err(reason) => Err(JobError::Permanent(reason)),
+    let started = std::time::Instant::now();
+    let (kind, result) = match QueuedJob::parse(&job.0) {
+        Ok(QueuedJob::FanOut(payload)) => ("fan_out", fan_out::run(payload, &ctx).await),
+        Ok(QueuedJob::TestPush(payload)) => ("test_push", test_push::run(payload.admin_id, &ctx).await.map(|_| ())),
+        Err(reason) => ("unreadable", Err(JobError::Permanent(reason))),
     };
+    let outcome = match &result {
+        Ok(()) => "succeeded",
+        Err(JobError::Permanent(_)) => "dead",
+        Err(JobError::Retryable(_)) => "retried",
+    };
+    ctx.metrics
+        .counter("tidings_jobs_total", "Jobs run, by kind and outcome.", &[("kind", kind), ("outcome", outcome)])
+        .inc();
+    ctx.metrics
+        .histogram("tidings_job_duration_seconds", "How long jobs ran, by kind.", &[("kind", kind)])
+        .observe(started.elapsed());
     match result {
         Ok(()) => Ok(()),
         Err(JobError::Permanent(reason)) => {

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use sea_orm::DatabaseConnection;
+use shared::metrics::Registry;
 use shared::queue::JobQueue;
 use shared::settings::Settings;
 
@@ -19,4 +20,6 @@ pub struct WorkerContext {
     pub queue: JobQueue,
     /// The process's settings.
     pub settings: Arc<Settings>,
+    /// The process's metrics, served at `/metrics`.
+    pub metrics: Registry,
 }

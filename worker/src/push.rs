@@ -253,6 +253,18 @@ impl PushSender {
     }
 }
 
+/// Counts a push by outcome and times it.
+pub fn record(metrics: &shared::metrics::Registry, outcome: &PushOutcome, took: Duration) {
+    let label = match outcome {
+        PushOutcome::Delivered => "delivered",
+        PushOutcome::Gone { .. } => "gone",
+        PushOutcome::Retry { .. } => "retry",
+        PushOutcome::Rejected { .. } => "rejected",
+    };
+    metrics.counter("tidings_pushes_total", "Pushes sent, by outcome.", &[("outcome", label)]).inc();
+    metrics.histogram("tidings_push_duration_seconds", "Time to send one push and read the answer.", &[]).observe(took);
+}
+
 /// What an HTTP answer from a push service means.
 pub fn classify(status: u16, retry_after: Option<Duration>, body: &str) -> PushOutcome {
     let detail = body.chars().take(200).collect::<String>();

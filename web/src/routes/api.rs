@@ -79,6 +79,7 @@ impl FeedbackApi {
         if let Err(wait) = state.submit_limiter.check(super::client_ip(req, &state.settings.web.trusted_proxies)) {
             let secs = wait.as_secs().max(1);
             let error = format!("Too many submissions; try again in {secs} s.");
+            state.count_submission("api", "rate_limited");
             return Ok(SubmitResponse::RateLimited(Json(ErrorBody { error }), secs));
         }
         let body = body.0;
@@ -90,12 +91,14 @@ impl FeedbackApi {
             Ok(feedback) => feedback,
             Err(errors) => {
                 let errors = errors.iter().map(|(k, v)| (k.to_owned(), v.to_vec())).collect();
+                state.count_submission("api", "invalid");
                 return Ok(SubmitResponse::Invalid(Json(ValidationErrors { errors })));
             }
         };
         match shared::queries::feedback::insert_with_dispatch(&state.db, &feedback).await {
             Ok(submitted) => {
                 tracing::info!(feedback_id = submitted.feedback_id, "feedback.submitted");
+                state.count_submission("api", "accepted");
                 state.dispatcher.announce_in_background(submitted);
                 Ok(SubmitResponse::Created(Json(Created { id: submitted.feedback_id })))
             }

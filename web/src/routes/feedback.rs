@@ -53,10 +53,12 @@ async fn submit(
         ));
     }
     if let Err(wait) = state.submit_limiter.check(super::client_ip(req, &state.settings.web.trusted_proxies)) {
+        state.count_submission("form", "rate_limited");
         return Err(WebError::RateLimited { retry_after_secs: wait.as_secs().max(1) });
     }
     if !data.website.is_empty() {
         tracing::info!("feedback.honeypot_triggered");
+        state.count_submission("form", "honeypot");
         return Ok(Redirect::see_other("/feedback/thanks").into_response());
     }
     let feedback = match NewFeedback::parse(&data.submitter_name, &data.submitter_email, &data.content) {
@@ -68,11 +70,13 @@ async fn submit(
                 content: data.content,
             };
             let form = FeedbackForm { csrf_token: &token.0, values: &values, errors: &errors };
+            state.count_submission("form", "invalid");
             return Ok(render(StatusCode::UNPROCESSABLE_ENTITY, &form));
         }
     };
     let submitted = shared::queries::feedback::insert_with_dispatch(&state.db, &feedback).await?;
     tracing::info!(feedback_id = submitted.feedback_id, "feedback.submitted");
+    state.count_submission("form", "accepted");
     state.dispatcher.announce_in_background(submitted);
     Ok(Redirect::see_other("/feedback/thanks").into_response())
 }

@@ -11,7 +11,7 @@ use crate::state::AppState;
 
 /// The routes of this module, mounted at `/`.
 pub fn router() -> Route {
-    Route::new().at("/healthz", get(healthz)).at("/readyz", get(readyz))
+    Route::new().at("/healthz", get(healthz)).at("/readyz", get(readyz)).at("/metrics", get(metrics))
 }
 
 #[handler]
@@ -32,6 +32,29 @@ async fn readyz(state: Data<&AppState>) -> Response {
     Json(serde_json::json!({ "database": word(database), "redis": word(redis), "workers": workers }))
         .with_status(status)
         .into_response()
+}
+
+/// `GET /metrics`: Prometheus text format. Counters of this process, plus the queue's
+/// backlog and the live worker processes read at scrape time.
+#[handler]
+async fn metrics(state: Data<&AppState>) -> Response {
+    let (backlog, workers) = match state.dispatcher.queue().await {
+        Some(queue) => {
+            let backlog = queue.backlog().await.map(|b| b as f64).unwrap_or(f64::NAN);
+            let mut conn = queue.connection();
+            let workers = shared::worker_health::read_all(&mut conn, &state.settings.redis_namespace)
+                .await
+                .map(|r| r.len() as f64)
+                .unwrap_or(f64::NAN);
+            (backlog, workers)
+        }
+        None => (f64::NAN, f64::NAN),
+    };
+    let text = state.metrics.render(&[
+        ("tidings_queue_backlog", "Jobs waiting in Redis (due and pending).", backlog),
+        ("tidings_worker_processes", "Worker processes reporting themselves.", workers),
+    ]);
+    text.with_content_type("text/plain; version=0.0.4").into_response()
 }
 
 /// Live worker processes and how many are rebuilding a dead worker.

@@ -141,7 +141,9 @@ impl Run<'_> {
         let push = &self.ctx.settings.push;
         let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
         let message = PushMessage { payload: &self.payload, topic: &self.topic, urgency: Urgency::High };
+        let started = std::time::Instant::now();
         let outcome = self.ctx.sender.send(&target, &message).await;
+        crate::push::record(&self.ctx.metrics, &outcome, started.elapsed());
         let mut stats = Stats::default();
         match outcome {
             PushOutcome::Delivered => {

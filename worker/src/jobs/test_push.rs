@@ -16,7 +16,10 @@ pub async fn run(admin_id: i64, ctx: &WorkerContext) -> Result<usize, JobError> 
     let mut delivered = 0;
     for sub in subscription::of_owner(&ctx.db, admin_id).await? {
         let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
-        match ctx.sender.send(&target, &message).await {
+        let started = std::time::Instant::now();
+        let outcome = ctx.sender.send(&target, &message).await;
+        crate::push::record(&ctx.metrics, &outcome, started.elapsed());
+        match outcome {
             PushOutcome::Delivered => {
                 subscription::record_success(&ctx.db, sub.id).await?;
                 delivered += 1;
