@@ -208,3 +208,22 @@ async fn running_workers_report_themselves_to_readyz_and_status() {
     assert_eq!(status.processes[0].pid, std::process::id());
     assert_eq!(status.processes[0].concurrency, 2);
 }
+
+#[tokio::test]
+async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once() {
+    // apalis' own poller can sit idle until the 30 s heartbeat; ours must not. The
+    // fallback timer is set far away, so only the wake on push can deliver in time.
+    let app = spawn_app_with(Options {
+        env: vec![("QUEUE_POLL_MS".into(), "60000".into()), ("RELAY_INTERVAL_MS".into(), "60000".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    tokio::time::sleep(Duration::from_secs(35)).await;
+
+    app.submit_valid_feedback("Ann", "after a long silence").await;
+
+    // A stall would last until the next heartbeat (up to 30 s) or fallback poll (60 s).
+    let received = app.push.wait_for_received(1, Duration::from_secs(5)).await;
+    assert_eq!(received.len(), 1, "picked up by the wake, not by a heartbeat");
+}
