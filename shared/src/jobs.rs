@@ -84,6 +84,32 @@ impl TestPush {
     }
 }
 
+/// The `kind` of a [`Digest`] payload.
+pub const DIGEST_KIND: &str = "digest";
+
+/// One notification for the messages of a burst, sent when its window ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    /// Always [`DIGEST_KIND`].
+    pub kind: String,
+    /// Payload format version; see [`Digest::VERSION`].
+    pub version: u16,
+    /// Start of the window (Unix seconds, inclusive).
+    pub window_start: i64,
+    /// End of the window (Unix seconds, exclusive); the job runs then.
+    pub window_end: i64,
+}
+
+impl Digest {
+    /// The payload version this build writes and understands.
+    pub const VERSION: u16 = 1;
+
+    /// The digest of the window `[start, end)`.
+    pub fn new(window_start: i64, window_end: i64) -> Self {
+        Self { kind: DIGEST_KIND.to_owned(), version: Self::VERSION, window_start, window_end }
+    }
+}
+
 /// Every job the fan-out queue carries, told apart by the payload's `kind`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QueuedJob {
@@ -91,6 +117,8 @@ pub enum QueuedJob {
     FanOut(FanOut),
     /// A test notification.
     TestPush(TestPush),
+    /// The notification for a burst.
+    Digest(Digest),
 }
 
 impl QueuedJob {
@@ -107,6 +135,15 @@ impl QueuedJob {
                 let job: TestPush = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
                 job.check_version().map_err(|e| e.to_string())?;
                 Self::TestPush(job)
+            }
+            Some(DIGEST_KIND) => {
+                let job: Digest = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
+                if job.version > Digest::VERSION {
+                    return Err(
+                        PayloadError::UnsupportedVersion { found: job.version, supported: Digest::VERSION }.to_string()
+                    );
+                }
+                Self::Digest(job)
             }
             Some(other) => return Err(format!("unknown job kind {other:?}")),
         };

@@ -23,7 +23,7 @@ use apalis_redis::{Config, ConnectionManager};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 
-use crate::jobs::{FAN_OUT_QUEUE, FanOut, TestPush};
+use crate::jobs::{Digest, FAN_OUT_QUEUE, FanOut, TestPush};
 
 /// How long pushes may take before a submission stops waiting for Redis.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -211,6 +211,19 @@ impl JobQueue {
         .await
         .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
         Ok(scheduled + active)
+    }
+
+    /// Schedules the digest of `job`'s window to run when the window ends, once however
+    /// many messages of the burst ask for it (the idempotency key is the window).
+    pub async fn schedule_digest(&self, job: &Digest) -> Result<(), QueueError> {
+        let payload = serde_json::to_vec(job)?;
+        let run_at = u64::try_from(job.window_end).unwrap_or(0);
+        let task = TaskBuilder::new(payload)
+            .max_attempts(JOB_MAX_ATTEMPTS)
+            .idempotency_key(format!("digest-{}-{}", job.window_start, job.window_end))
+            .run_at_timestamp(run_at)
+            .build();
+        self.push_and_wake(task).await
     }
 
     /// Puts a test-notification job on the queue and wakes a worker.

@@ -120,6 +120,11 @@ pub struct WorkerSettings {
     pub max_backlog: u64,
     /// Where the worker serves `/metrics`; `None` turns it off.
     pub metrics_bind: Option<SocketAddr>,
+    /// Messages per window notified one by one; more are folded into one digest.
+    /// 0 turns coalescing off.
+    pub burst_threshold: u64,
+    /// The coalescing window (windows are aligned to multiples of it).
+    pub burst_window: Duration,
 }
 
 impl Settings {
@@ -183,6 +188,8 @@ impl Settings {
                 poll_interval: Duration::from_millis(env.parse("QUEUE_POLL_MS", "1000")?),
                 shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECS", "30")?),
                 max_backlog: parse_backlog(env.parse("QUEUE_MAX_BACKLOG", "5000")?)?,
+                burst_threshold: env.parse("NOTIFY_BURST_THRESHOLD", "6")?,
+                burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),
                 metrics_bind: match env.get("WORKER_METRICS_BIND").unwrap_or("127.0.0.1:9187") {
                     "off" => None,
                     raw => Some(raw.parse().map_err(|_| SettingsError {

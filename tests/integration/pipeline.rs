@@ -111,3 +111,62 @@ where
     }
     false
 }
+
+#[tokio::test]
+async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out_at_once() {
+    let app = spawn_app_with(Options {
+        env: vec![("NOTIFY_BURST_THRESHOLD".into(), "2".into()), ("NOTIFY_BURST_WINDOW_SECS".into(), "3".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+
+    // A burst of 7 messages, sent as fast as possible.
+    for i in 0..7 {
+        let body = serde_json::json!({"submitter_name": format!("Visitor {i}"), "submitter_email": "v@example.com", "content": format!("message {i}")});
+        assert_eq!(app.post_api_feedback(&body).await.status(), StatusCode::CREATED);
+    }
+
+    // Every message is announced exactly once: on its own (the first ones of a window) or
+    // counted in its window's digest, sent when the window ends.
+    let announced = || {
+        let received = app.push.received();
+        let single =
+            received.iter().filter(|p| p.json()["title"].as_str().is_some_and(|t| t.starts_with("Visitor"))).count();
+        let digests: Vec<u64> = received
+            .iter()
+            .filter_map(|p| {
+                p.json()["title"].as_str().and_then(|t| t.strip_suffix(" new feedback messages")?.parse().ok())
+            })
+            .collect();
+        (single, digests)
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while tokio::time::Instant::now() < deadline {
+        let (single, digests) = announced();
+        if single as u64 + digests.iter().sum::<u64>() >= 7 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (single, digests) = announced();
+    assert_eq!(single as u64 + digests.iter().sum::<u64>(), 7, "single {single}, digests {digests:?}");
+    assert!(!digests.is_empty(), "the burst was folded into a digest");
+    assert!(single <= 4, "at most the threshold per window went out one by one ({single})");
+    assert!(app.push.received().len() <= 6, "far fewer pushes than messages");
+    let digest = app
+        .push
+        .received()
+        .into_iter()
+        .find(|p| p.json()["title"].as_str().is_some_and(|t| t.ends_with("messages")))
+        .expect("a digest");
+    assert_eq!(digest.json()["url"], format!("{}/admin/", app.address));
+    assert!(digest.json()["body"].as_str().is_some_and(|b| b.starts_with("Latest from Visitor")));
+
+    // A single message after the burst goes out at once, on its own.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let before = app.push.received().len();
+    app.submit_valid_feedback("Solo", "just me").await;
+    let received = app.push.wait_for_received(before + 1, Duration::from_secs(5)).await;
+    assert_eq!(received.last().map(|p| p.json()["title"].clone()), Some(serde_json::json!("Solo:")));
+}

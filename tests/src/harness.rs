@@ -82,6 +82,8 @@ fn base_env(database_url: &str, namespace: &str, push_origin: &str) -> HashMap<S
         ("RELAY_GRACE_MS", "300".into()),
         ("QUEUE_POLL_MS", "500".into()),
         ("WORKER_METRICS_BIND", "127.0.0.1:0".into()),
+        // Coalescing would fold the bursts many tests send; its own test turns it on.
+        ("NOTIFY_BURST_THRESHOLD", "0".into()),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v))

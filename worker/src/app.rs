@@ -28,7 +28,7 @@ use shared::worker_health::{self, WorkerReport};
 use tokio::sync::watch;
 
 use crate::context::WorkerContext;
-use crate::jobs::{JobError, fan_out, relay, test_push};
+use crate::jobs::{JobError, digest, fan_out, relay, test_push};
 use crate::push::{PushSender, PushSenderConfig};
 use crate::queue::{Periodic, wake_strategy, worker_name};
 
@@ -304,6 +304,7 @@ async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt)
     let (kind, result) = match QueuedJob::parse(&job.0) {
         Ok(QueuedJob::FanOut(payload)) => ("fan_out", fan_out::run(payload, &ctx).await),
         Ok(QueuedJob::TestPush(payload)) => ("test_push", test_push::run(payload.admin_id, &ctx).await.map(|_| ())),
+        Ok(QueuedJob::Digest(payload)) => ("digest", digest::run(&payload, &ctx).await.map(|_| ())),
         Err(reason) => ("unreadable", Err(JobError::Permanent(reason))),
     };
     let outcome = match &result {

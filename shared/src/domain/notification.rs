@@ -33,6 +33,18 @@ impl Notification {
         Self { title: format!("{name}:"), body, url, tag: format!("feedback-{id}") }
     }
 
+    /// One notification for a burst: `count` messages, the newest from `latest_name`.
+    pub fn digest(count: usize, latest_name: &str, latest_content: &str, public_url: &Url) -> Self {
+        let single = Self::for_feedback(0, latest_name, latest_content, public_url);
+        let url = public_url.join("admin/").map(String::from).unwrap_or_else(|_| "/admin/".into());
+        Self {
+            title: format!("{count} new feedback messages"),
+            body: format!("Latest from {} {}", single.title, single.body),
+            url,
+            tag: "feedback-digest".into(),
+        }
+    }
+
     /// The notification "Send test notification" sends to an admin's own devices.
     pub fn test(public_url: &Url) -> Self {
         let url = public_url.join("admin/notifications").map(String::from).unwrap_or_else(|_| "/admin/".into());

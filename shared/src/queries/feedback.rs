@@ -103,6 +103,42 @@ pub async fn delete<C: ConnectionTrait>(db: &C, id: i64) -> Result<bool, DbErr> 
     Ok(result.rows_affected > 0)
 }
 
+/// Counts messages created in `[from, to]`.
+pub async fn count_created_between<C: ConnectionTrait>(
+    db: &C,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, DbErr> {
+    use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};
+    feedback_message::Entity::find()
+        .filter(feedback_message::Column::CreatedAt.gte(from))
+        .filter(feedback_message::Column::CreatedAt.lte(to))
+        .count(db)
+        .await
+}
+
+/// Messages created in `[from, to)` that no delivery was recorded for (folded into a
+/// digest), newest first.
+pub async fn undelivered_between<C: ConnectionTrait>(
+    db: &C,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+) -> Result<Vec<feedback_message::Model>, DbErr> {
+    use sea_orm::sea_query::Query;
+    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder};
+    let delivered = Query::select()
+        .column(crate::entities::delivery::Column::FeedbackId)
+        .from(crate::entities::delivery::Entity)
+        .to_owned();
+    feedback_message::Entity::find()
+        .filter(feedback_message::Column::CreatedAt.gte(from))
+        .filter(feedback_message::Column::CreatedAt.lt(to))
+        .filter(feedback_message::Column::Id.not_in_subquery(delivered))
+        .order_by_desc(feedback_message::Column::Id)
+        .all(db)
+        .await
+}
+
 /// Counts feedback messages (used by tests and status pages).
 pub async fn count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     use sea_orm::PaginatorTrait;

@@ -32,6 +32,10 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
         return Ok(());
     };
+    if fold_into_digest(&message, ctx).await? {
+        dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
+        return Ok(());
+    }
     let notification =
         Notification::for_feedback(message.id, &message.submitter_name, &message.content, &ctx.settings.web.public_url);
     let run = Run {
@@ -55,6 +59,34 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         "fan_out.finished"
     );
     Ok(())
+}
+
+/// Coalescing: past `NOTIFY_BURST_THRESHOLD` messages in one window, a message is not
+/// announced on its own but counted in the window's digest, scheduled for the window's
+/// end (once per window). Only a first run folds: a message some deliveries already went
+/// out for is finished normally.
+async fn fold_into_digest(
+    message: &shared::entities::feedback_message::Model,
+    ctx: &WorkerContext,
+) -> Result<bool, JobError> {
+    let worker = &ctx.settings.worker;
+    if worker.burst_threshold == 0 || !delivery::of_feedback(&ctx.db, message.id).await?.is_empty() {
+        return Ok(false);
+    }
+    let window = i64::try_from(worker.burst_window.as_secs()).unwrap_or(60).max(1);
+    let created = message.created_at.timestamp();
+    let start = created.div_euclid(window) * window;
+    let from = chrono::DateTime::from_timestamp(start, 0).unwrap_or(message.created_at);
+    let in_window = feedback::count_created_between(&ctx.db, from, message.created_at).await?;
+    if in_window <= worker.burst_threshold {
+        return Ok(false);
+    }
+    ctx.queue
+        .schedule_digest(&shared::jobs::Digest::new(start, start + window))
+        .await
+        .map_err(|e| JobError::Retryable(e.into()))?;
+    tracing::info!(feedback_id = message.id, in_window, window_end = start + window, "fan_out.folded_into_digest");
+    Ok(true)
 }
 
 /// Counts of outcomes in one run.

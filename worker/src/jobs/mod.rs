@@ -1,6 +1,7 @@
 //! Jobs, one module each; all are idempotent and carry ids, not data.
 
 pub mod backoff;
+pub mod digest;
 pub mod fan_out;
 pub mod relay;
 pub mod test_push;

@@ -1,0 +1,56 @@
+//! The digest job: one notification for the messages of a burst ("5 new feedback
+//! messages"), sent to every subscription when the burst's window ends.
+//!
+//! It counts the window's messages no delivery was recorded for (those folded by the
+//! fan-out). Like the test push, it records no per-subscription deliveries: its `Topic`
+//! names the window, so a re-run replaces a copy the push service still holds.
+
+use shared::domain::Notification;
+use shared::jobs::Digest;
+use shared::queries::{feedback, subscription};
+
+use super::JobError;
+use crate::context::WorkerContext;
+use crate::push::{PushMessage, PushOutcome, PushTarget, Urgency};
+
+/// Subscriptions read per page.
+const PAGE: u64 = 500;
+
+/// Sends the digest of `job`'s window; returns how many subscriptions took it.
+pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
+    let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
+    let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
+    let folded = feedback::undelivered_between(&ctx.db, from, to).await?;
+    let Some(latest) = folded.first() else { return Ok(0) };
+    let notification =
+        Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);
+    let payload = notification.to_payload();
+    let topic = format!("digest{}", job.window_end);
+    let message = PushMessage { payload: &payload, topic: &topic, urgency: Urgency::High };
+    let mut delivered = 0;
+    let mut after = 0;
+    loop {
+        let ids = subscription::ids_after(&ctx.db, after, PAGE).await?;
+        let Some(&last) = ids.last() else { break };
+        after = last;
+        for sub in subscription::by_ids(&ctx.db, &ids).await? {
+            let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
+            let started = std::time::Instant::now();
+            let outcome = ctx.sender.send(&target, &message).await;
+            crate::push::record(&ctx.metrics, &outcome, started.elapsed());
+            match outcome {
+                PushOutcome::Delivered => {
+                    subscription::record_success(&ctx.db, sub.id).await?;
+                    delivered += 1;
+                }
+                PushOutcome::Gone { .. } => subscription::delete(&ctx.db, sub.id).await?,
+                PushOutcome::Retry { reason, .. } | PushOutcome::Rejected { reason, .. } => {
+                    tracing::warn!(subscription_id = sub.id, %reason, "digest.push_failed");
+                    subscription::record_failure(&ctx.db, sub.id, &reason).await?;
+                }
+            }
+        }
+    }
+    tracing::info!(messages = folded.len(), delivered, window_end = job.window_end, "digest.sent");
+    Ok(delivered)
+}
