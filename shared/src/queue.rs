@@ -9,6 +9,10 @@
 //! - **Payloads never crash a worker.** Jobs travel as raw bytes ([`RawJob`]) through a
 //!   codec that cannot fail ([`RawCodec`]); the handler parses them and dead-letters what
 //!   it can't read, so a malformed payload can't kill the worker's fetch loop.
+//! - **Results are acknowledged** (`persist_results(true)`): without it apalis-redis
+//!   never acks a job, so it stays in its worker's in-flight set forever and would be
+//!   re-run when that worker's registration expires. Finished records are then trimmed
+//!   by the worker's trim task.
 //! - **No task-locking `LREM` per job** (`lock_tasks(false)`): every job is idempotent
 //!   against the database, which is what guards against double work.
 //! - **Idempotency keys on**: a dispatch record is enqueued at most once per enqueue
@@ -84,7 +88,7 @@ pub fn config_for_queue(namespace: &str, queue: &str) -> Config {
         .queue(format!("{namespace}:{queue}"))
         .lock_tasks(false)
         .idempotency_ttl(Some(Duration::from_secs(24 * 3600)))
-        .persist_results(false)
+        .persist_results(true)
         .emit_events(false)
 }
 

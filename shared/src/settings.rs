@@ -125,6 +125,12 @@ pub struct WorkerSettings {
     pub burst_threshold: u64,
     /// The coalescing window (windows are aligned to multiples of it).
     pub burst_window: Duration,
+    /// Finished job records older than this are removed from Redis.
+    pub job_retention: Duration,
+    /// At most this many finished job records are kept, whatever their age.
+    pub job_retention_count: u64,
+    /// How often the trim task runs (once per tick across all workers).
+    pub trim_interval: Duration,
 }
 
 impl Settings {
@@ -189,6 +195,9 @@ impl Settings {
                 shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECS", "30")?),
                 max_backlog: parse_backlog(env.parse("QUEUE_MAX_BACKLOG", "5000")?)?,
                 burst_threshold: env.parse("NOTIFY_BURST_THRESHOLD", "6")?,
+                job_retention: Duration::from_secs(env.parse("JOB_RETENTION_SECS", "3600")?),
+                job_retention_count: env.parse("JOB_RETENTION_COUNT", "10000")?,
+                trim_interval: Duration::from_millis(env.parse::<u64>("TRIM_INTERVAL_MS", "60000")?.max(10)),
                 burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),
                 metrics_bind: match env.get("WORKER_METRICS_BIND").unwrap_or("127.0.0.1:9187") {
                     "off" => None,

@@ -227,3 +227,55 @@ async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once(
     let received = app.push.wait_for_received(1, Duration::from_secs(5)).await;
     assert_eq!(received.len(), 1, "picked up by the wake, not by a heartbeat");
 }
+
+#[tokio::test]
+async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
+    // Arrange: keep finished records for 0 s, trim often.
+    let app = spawn_app_with(Options {
+        env: vec![("JOB_RETENTION_SECS".into(), "0".into()), ("TRIM_INTERVAL_MS".into(), "200".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let config = queue.fan_out_config().clone();
+    let mut conn = queue.connection();
+    // A job scheduled for later must survive every trim.
+    let later =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs())
+            .expect("fits")
+            + 3600;
+    queue.schedule_digest(&shared::jobs::Digest::new(later - 60, later)).await.expect("scheduled");
+
+    // Act: three jobs run and finish.
+    for i in 0..3 {
+        app.submit_valid_feedback("Ann", &format!("trim me {i}")).await;
+    }
+    app.push.wait_for_received(3, Duration::from_secs(15)).await;
+
+    // Assert: the finished records go; the scheduled one stays whole.
+    let trimmed = wait_until(|| {
+        let mut conn = conn.clone();
+        let config = config.clone();
+        async move {
+            let done: u64 = redis::AsyncCommands::scard(&mut conn, config.done_jobs_set()).await.expect("scard");
+            let data: u64 = redis::AsyncCommands::hlen(&mut conn, config.job_data_hash()).await.expect("hlen");
+            done == 0 && data == 1
+        }
+    })
+    .await;
+    assert!(trimmed, "finished records were removed");
+    let scheduled: Vec<String> =
+        redis::AsyncCommands::zrange(&mut conn, config.scheduled_jobs_set(), 0, -1).await.expect("zrange");
+    assert_eq!(scheduled.len(), 1, "the scheduled job is still there");
+    let meta_keys: Vec<String> =
+        redis::AsyncCommands::keys(&mut conn, format!("{}:*", config.job_meta_hash())).await.expect("keys");
+    assert_eq!(meta_keys, vec![format!("{}:{}", config.job_meta_hash(), scheduled[0])], "only its metadata remains");
+    // Finished jobs were acknowledged: no worker still holds them as in flight.
+    let inflight: Vec<String> =
+        redis::AsyncCommands::keys(&mut conn, format!("{}*", config.inflight_jobs_set())).await.expect("keys");
+    for key in inflight {
+        let held: u64 = redis::AsyncCommands::scard(&mut conn, &key).await.expect("scard");
+        assert_eq!(held, 0, "{key} still holds finished jobs");
+    }
+}

@@ -28,7 +28,7 @@ use shared::worker_health::{self, WorkerReport};
 use tokio::sync::watch;
 
 use crate::context::WorkerContext;
-use crate::jobs::{JobError, digest, fan_out, relay, test_push};
+use crate::jobs::{JobError, digest, fan_out, relay, test_push, trim};
 use crate::push::{PushSender, PushSenderConfig};
 use crate::queue::{Periodic, wake_strategy, worker_name};
 
@@ -153,6 +153,16 @@ impl Application {
         }
 
         let periodic = Periodic::new(ctx.queue.connection(), ctx.queue.namespace());
+        let trim_ctx = ctx.clone();
+        let trim =
+            tokio::spawn(periodic.clone().every("trim-jobs", settings.worker.trim_interval, stopped(), move || {
+                let ctx = trim_ctx.clone();
+                async move {
+                    if let Err(e) = trim::run(&ctx).await {
+                        tracing::warn!(error = %e, "trim.failed");
+                    }
+                }
+            }));
         let relay_ctx = ctx.clone();
         let relay = tokio::spawn(periodic.every("relay", settings.worker.relay_interval, stopped(), move || {
             let ctx = relay_ctx.clone();
@@ -218,6 +228,7 @@ impl Application {
         };
         // The relay stops on the same signal; don't wait on it longer than the drain.
         let _ = tokio::time::timeout(settings.worker.shutdown_timeout, relay).await;
+        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, trim).await;
         let _ = reporter.await;
         if result.is_ok() {
             tracing::info!(worker = %name, "worker.stopped");

@@ -5,6 +5,7 @@ pub mod digest;
 pub mod fan_out;
 pub mod relay;
 pub mod test_push;
+pub mod trim;
 
 /// How a job failed, which decides whether it is tried again.
 #[derive(Debug, thiserror::Error)]
