@@ -360,3 +360,40 @@ async fn forwarded_addresses_count_only_behind_a_trusted_proxy() {
         assert_eq!(response.status(), StatusCode::CREATED, "{client_ip}");
     }
 }
+
+#[tokio::test]
+async fn the_inbox_pages_by_keyset_newest_first() {
+    use tidings_tests::harness::{Options, extract_attribute, spawn_app_with};
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    for i in 0..120 {
+        let feedback =
+            shared::domain::NewFeedback::parse(&format!("Visitor {i:03}"), "v@example.com", "hello").expect("valid");
+        shared::queries::feedback::insert_with_dispatch(&app.db, &feedback).await.expect("stored");
+    }
+    app.create_admin_with_email(ADMIN).await;
+    let client = new_client();
+    app.login(&client, ADMIN, TEST_PASSWORD).await;
+    let get = |path: String| {
+        let client = client.clone();
+        let base = app.address.clone();
+        async move { client.get(format!("{base}{path}")).send().await.expect("page").text().await.expect("html") }
+    };
+    let names = |html: &str| html.matches("<strong>Visitor ").count();
+
+    let first = get("/admin/".into()).await;
+    assert_eq!(names(&first), 50);
+    assert!(first.contains("Visitor 119") && !first.contains("Visitor 069"));
+    assert!(!first.contains(">Newer<"));
+    let older = extract_attribute(&first, "<a href=\"/admin/?before=").expect("an Older link");
+    let second = get(format!("/admin/?before={older}")).await;
+    assert_eq!(names(&second), 50);
+    assert!(second.contains("Visitor 069") && second.contains("Visitor 020"));
+    let older = extract_attribute(&second, "<a href=\"/admin/?before=").expect("an Older link");
+    let last = get(format!("/admin/?before={older}")).await;
+    assert_eq!(names(&last), 20);
+    assert!(last.contains("Visitor 000") && !last.contains(">Older<"));
+    let newer = extract_attribute(&last, "<a href=\"/admin/?after=").expect("a Newer link");
+    let back = get(format!("/admin/?after={newer}")).await;
+    assert_eq!(names(&back), 50);
+    assert!(back.contains("Visitor 069") && back.contains("Visitor 020"), "back to the second page");
+}

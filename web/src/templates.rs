@@ -117,10 +117,10 @@ pub struct AdminInbox<'a> {
     pub csrf_token: &'a str,
     /// This page's messages, newest first.
     pub messages: Vec<InboxLine>,
-    /// 1-based page number.
-    pub page: u64,
-    /// Whether an older page exists.
-    pub has_more: bool,
+    /// The id older messages are listed before, when there are any.
+    pub older: Option<i64>,
+    /// The id newer messages are listed after, when there are any.
+    pub newer: Option<i64>,
     /// All messages.
     pub total: u64,
     /// Messages never opened.

@@ -65,6 +65,49 @@ pub async fn page<C: ConnectionTrait>(db: &C, page: u64, per_page: u64) -> Resul
         .await
 }
 
+/// Where an inbox page starts (keyset pagination on the primary key: a deep page costs
+/// the same as the first, unlike OFFSET).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PageFrom {
+    /// The newest messages.
+    Newest,
+    /// Messages older than this id.
+    Before(i64),
+    /// Messages newer than this id (the page before, going back).
+    After(i64),
+}
+
+/// Up to `limit` messages from `from`, newest first.
+pub async fn keyset_page<C: ConnectionTrait>(
+    db: &C,
+    from: PageFrom,
+    limit: u64,
+) -> Result<Vec<feedback_message::Model>, DbErr> {
+    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder, QuerySelect};
+    let id = feedback_message::Column::Id;
+    let query = feedback_message::Entity::find();
+    let mut rows = match from {
+        PageFrom::Newest => query.order_by_desc(id).limit(limit).all(db).await?,
+        PageFrom::Before(before) => query.filter(id.lt(before)).order_by_desc(id).limit(limit).all(db).await?,
+        PageFrom::After(after) => {
+            let mut rows = query.filter(id.gt(after)).order_by_asc(id).limit(limit).all(db).await?;
+            rows.reverse();
+            rows
+        }
+    };
+    rows.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    Ok(rows)
+}
+
+/// Whether any message is older than `id` / newer than `id`.
+pub async fn has_older_newer<C: ConnectionTrait>(db: &C, oldest: i64, newest: i64) -> Result<(bool, bool), DbErr> {
+    use sea_orm::{ColumnTrait, QueryFilter, QuerySelect};
+    let id = feedback_message::Column::Id;
+    let older = feedback_message::Entity::find().filter(id.lt(oldest)).limit(1).one(db).await?.is_some();
+    let newer = feedback_message::Entity::find().filter(id.gt(newest)).limit(1).one(db).await?.is_some();
+    Ok((older, newer))
+}
+
 /// Counts unread feedback messages.
 pub async fn count_unread<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};

@@ -197,7 +197,10 @@ async fn logout(
 /// `?page=` of the inbox, 1-based.
 #[derive(Debug, Deserialize)]
 struct PageQuery {
-    page: Option<u64>,
+    /// Show messages older than this id.
+    before: Option<i64>,
+    /// Show messages newer than this id.
+    after: Option<i64>,
 }
 
 #[handler]
@@ -210,10 +213,21 @@ async fn inbox(
     if current_admin(session).is_none() {
         return Ok(to_login());
     }
-    let page = query.page.unwrap_or(1).max(1);
-    let mut rows = shared::queries::feedback::page(&state.db, page - 1, PER_PAGE + 1).await?;
-    let has_more = rows.len() as u64 > PER_PAGE;
-    rows.truncate(PER_PAGE as usize);
+    use shared::queries::feedback::PageFrom;
+    let from = match (query.before, query.after) {
+        (Some(before), _) => PageFrom::Before(before),
+        (None, Some(after)) => PageFrom::After(after),
+        (None, None) => PageFrom::Newest,
+    };
+    let rows = shared::queries::feedback::keyset_page(&state.db, from, PER_PAGE).await?;
+    let (older, newer) = match (rows.last(), rows.first()) {
+        (Some(oldest), Some(newest)) => {
+            let (has_older, has_newer) =
+                shared::queries::feedback::has_older_newer(&state.db, oldest.id, newest.id).await?;
+            (has_older.then_some(oldest.id), has_newer.then_some(newest.id))
+        }
+        _ => (None, None),
+    };
     let messages = rows
         .into_iter()
         .map(|m| InboxLine {
@@ -227,7 +241,7 @@ async fn inbox(
         .collect();
     let total = shared::queries::feedback::count(&state.db).await?;
     let unread = shared::queries::feedback::count_unread(&state.db).await?;
-    Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, page, has_more, total, unread }))
+    Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, older, newer, total, unread }))
 }
 
 /// The handled toggle's form.
