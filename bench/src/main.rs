@@ -1,0 +1,326 @@
+//! `cargo run --release -p bench -- <scenario>`: starts the release binaries of web and
+//! worker on a fresh PostgreSQL database and an isolated Redis namespace, with the
+//! push-service stand-in (which verifies and decrypts every push), drives load over real
+//! HTTP connections, and prints a table plus a JSON file under `bench/results/`.
+//!
+//! Scenarios:
+//! - `submit`: closed-loop form posts (GET the form once per connection, then POST with
+//!   cookie and token) from C connections for D seconds after a warm-up.
+//! - `e2e`: open-loop submissions at R per second with one subscription: submit -> push
+//!   received latency, lost and duplicated counts.
+
+mod procs;
+mod report;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use sea_orm::{ConnectionTrait, Database};
+use tidings_tests::push_service::PushService;
+
+use crate::procs::{Stack, peak_rss_kib};
+use crate::report::Report;
+
+#[derive(Parser)]
+#[command(name = "bench", about = "Measures Tidings end to end on this machine.")]
+struct Cli {
+    #[command(subcommand)]
+    scenario: Scenario,
+    /// PostgreSQL server to create the benchmark database on.
+    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    database: String,
+    /// Redis to use (a fresh key namespace is used and removed).
+    #[arg(long, env = "BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
+    redis: String,
+    /// Worker concurrency.
+    #[arg(long, default_value_t = 16)]
+    worker_concurrency: usize,
+}
+
+#[derive(Subcommand, Clone, Copy)]
+enum Scenario {
+    /// Closed-loop form submissions.
+    Submit {
+        /// Concurrent connections.
+        #[arg(long, default_value_t = 32)]
+        connections: usize,
+        /// Measured seconds (after a 2 s warm-up).
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// Open-loop submissions at a fixed rate, measured until the push arrives.
+    E2e {
+        /// Submissions per second.
+        #[arg(long, default_value_t = 50)]
+        rate: u64,
+        /// Seconds of load.
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let binaries = procs::build_release().await?;
+    let push = PushService::start().await?;
+    let namespace = format!("bench-{}", uuid::Uuid::new_v4().simple());
+    let database_name = namespace.replace('-', "_");
+    let server = Database::connect(&cli.database).await.context("connecting to PostgreSQL")?;
+    server.execute_unprepared(&format!("CREATE DATABASE \"{database_name}\"")).await?;
+    let base = cli.database.rsplit_once('/').map_or(cli.database.as_str(), |(b, _)| b);
+    let database_url = format!("{base}/{database_name}");
+
+    let result = run(&cli, &binaries, &push, &namespace, &database_url).await;
+
+    procs::remove_namespace(&cli.redis, &namespace).await;
+    let _ = server.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{database_name}\" WITH (FORCE)")).await;
+    let report = result?;
+    report.print();
+    let path = report.save()?;
+    println!("\nsaved {}", path.display());
+    Ok(())
+}
+
+async fn run(
+    cli: &Cli,
+    binaries: &procs::Binaries,
+    push: &PushService,
+    namespace: &str,
+    database_url: &str,
+) -> anyhow::Result<Report> {
+    let (private, public) = web::commands::new_vapid_keys();
+    push.expect_vapid_public_key(&public);
+    let port = procs::free_port()?;
+    let env: HashMap<String, String> = [
+        ("DATABASE_URL", database_url.to_owned()),
+        ("REDIS_URL", cli.redis.clone()),
+        ("REDIS_NAMESPACE", namespace.to_owned()),
+        ("BIND", format!("127.0.0.1:{port}")),
+        ("PUBLIC_URL", format!("http://127.0.0.1:{port}/")),
+        ("SECRET_KEY", format!("bench-secret-{}", uuid::Uuid::new_v4().simple())),
+        ("VAPID_PRIVATE_KEY", private),
+        ("VAPID_PUBLIC_KEY", public),
+        ("VAPID_SUBJECT", "mailto:bench@tidings.test".into()),
+        ("PUSH_ALLOWED_HOSTS", push.origin()),
+        ("SUBMIT_RATE_LIMIT", "0".into()),
+        ("NOTIFY_BURST_THRESHOLD", "0".into()),
+        ("WORKER_METRICS_BIND", "off".into()),
+        ("RUST_LOG", "warn".into()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    let stack = Stack::start(binaries, &env, cli.worker_concurrency).await?;
+    let db = shared::db::connect(database_url).await?;
+    let address = format!("http://127.0.0.1:{port}");
+
+    let mut report = Report::new(scenario_name(cli.scenario), &env);
+    let before = stack.cpu();
+    let started = Instant::now();
+    match cli.scenario {
+        Scenario::Submit { connections, seconds } => {
+            report.param("connections", connections);
+            report.param("seconds", seconds);
+            submit(&address, connections, Duration::from_secs(seconds), &mut report).await?;
+        }
+        Scenario::E2e { rate, seconds } => {
+            report.param("rate_per_second", rate);
+            report.param("seconds", seconds);
+            let browser = push.new_subscription();
+            let admin = shared::queries::admin::upsert(
+                &db,
+                &shared::domain::EmailAddress::parse("bench@tidings.test").map_err(|e| anyhow::anyhow!("{e}"))?,
+                "unused",
+            )
+            .await?;
+            let subscription = shared::domain::NewSubscription::parse(
+                &browser.endpoint,
+                &browser.p256dh,
+                &browser.auth,
+                &shared::domain::PushHostPolicy::parse(&push.origin()).map_err(|e| anyhow::anyhow!("{e}"))?,
+            )
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+            shared::queries::subscription::upsert(&db, &subscription, admin, Some("bench")).await?;
+            e2e(&address, push, rate, Duration::from_secs(seconds), &mut report).await?;
+        }
+    }
+    let wall = started.elapsed();
+    let after = stack.cpu();
+    report.figure("wall_seconds", wall.as_secs_f64());
+    report.figure("web_cpu_seconds", after.0 - before.0);
+    report.figure("worker_cpu_seconds", after.1 - before.1);
+    report.figure("web_peak_rss_mib", peak_rss_kib(stack.web_pid()) as f64 / 1024.0);
+    report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
+    stack.stop().await;
+    Ok(report)
+}
+
+fn scenario_name(scenario: Scenario) -> &'static str {
+    match scenario {
+        Scenario::Submit { .. } => "submit",
+        Scenario::E2e { .. } => "e2e",
+    }
+}
+
+/// A client with one connection and its own cookie jar, like one browser.
+fn client() -> anyhow::Result<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .pool_max_idle_per_host(1)
+        .timeout(Duration::from_secs(10))
+        .build()?)
+}
+
+async fn form_token(client: &reqwest::Client, address: &str) -> anyhow::Result<String> {
+    let html = client.get(format!("{address}/feedback")).send().await?.text().await?;
+    tidings_tests::harness::extract_attribute(&html, "name=\"csrf_token\" value=\"")
+        .context("no csrf_token in the form")
+}
+
+async fn post_form(client: &reqwest::Client, address: &str, token: &str, content: &str) -> anyhow::Result<u16> {
+    let response = client
+        .post(format!("{address}/feedback"))
+        .form(&[
+            ("csrf_token", token),
+            ("submitter_name", "Bench"),
+            ("submitter_email", "bench@example.com"),
+            ("content", content),
+        ])
+        .send()
+        .await?;
+    Ok(response.status().as_u16())
+}
+
+async fn submit(address: &str, connections: usize, measured: Duration, report: &mut Report) -> anyhow::Result<()> {
+    let warm_up = Duration::from_secs(2);
+    let measuring = Arc::new(AtomicBool::new(false));
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::new();
+    for connection in 0..connections {
+        let (address, measuring, stop, accepted) =
+            (address.to_owned(), Arc::clone(&measuring), Arc::clone(&stop), Arc::clone(&accepted));
+        tasks.push(tokio::spawn(async move {
+            let client = client()?;
+            let token = form_token(&client, &address).await?;
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let started = Instant::now();
+                let status = post_form(&client, &address, &token, &format!("submit {connection}-{i}")).await;
+                if measuring.load(Ordering::Relaxed) {
+                    match status {
+                        Ok(303) => {
+                            latencies.push(started.elapsed());
+                            accepted.fetch_add(1, Ordering::Relaxed);
+                        }
+                        _ => errors += 1,
+                    }
+                }
+            }
+            Ok::<_, anyhow::Error>((latencies, errors))
+        }));
+    }
+    tokio::time::sleep(warm_up).await;
+    measuring.store(true, Ordering::Relaxed);
+    let started = Instant::now();
+    while started.elapsed() < measured {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        procs::progress(started.elapsed(), measured, &format!("{} accepted", accepted.load(Ordering::Relaxed)));
+    }
+    stop.store(true, Ordering::Relaxed);
+    let elapsed = started.elapsed();
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for task in tasks {
+        let (l, e) = task.await??;
+        latencies.extend(l);
+        errors += e;
+    }
+    eprintln!();
+    latencies.sort();
+    report.figure("accepted", latencies.len() as f64);
+    report.figure("errors", errors as f64);
+    report.figure("accepted_per_second", latencies.len() as f64 / elapsed.as_secs_f64());
+    report.latencies("latency", &latencies);
+    Ok(())
+}
+
+async fn e2e(
+    address: &str,
+    push: &PushService,
+    rate: u64,
+    duration: Duration,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let total = rate * duration.as_secs();
+    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    // One client per in-flight request slot, each with its cookie and token.
+    let slots = 32usize;
+    let mut clients = Vec::new();
+    for _ in 0..slots {
+        let client = client()?;
+        let token = form_token(&client, address).await?;
+        clients.push((client, token));
+    }
+    let clients = Arc::new(clients);
+    let sent_at: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
+    let started = Instant::now();
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+    let mut handles = Vec::new();
+    for i in 0..total {
+        ticker.tick().await;
+        let (clients, sent_at, address) = (Arc::clone(&clients), Arc::clone(&sent_at), address.to_owned());
+        handles.push(tokio::spawn(async move {
+            let (client, token) = &clients[usize::try_from(i).unwrap_or(0) % clients.len()];
+            let content = format!("e2e {i}");
+            let at = Instant::now();
+            if let Ok(mut map) = sent_at.lock() {
+                map.insert(content.clone(), at);
+            }
+            post_form(client, &address, token, &content).await.unwrap_or(0)
+        }));
+        if i % rate.max(1) == 0 {
+            procs::progress(started.elapsed(), duration, &format!("{} received", push.received().len()));
+        }
+    }
+    let mut rejected = 0u64;
+    for handle in handles {
+        if handle.await? != 303 {
+            rejected += 1;
+        }
+    }
+    let expected = usize::try_from(total.saturating_sub(rejected)).unwrap_or(0);
+    let received = push.wait_for_received(expected, Duration::from_secs(60)).await;
+    eprintln!();
+    let sent_at = sent_at.lock().map(|m| m.clone()).unwrap_or_default();
+    let mut latencies = Vec::new();
+    let mut seen: HashMap<String, u32> = HashMap::new();
+    for push in &received {
+        let body = push.json()["body"].as_str().unwrap_or_default().to_owned();
+        *seen.entry(body.clone()).or_default() += 1;
+        if seen[&body] == 1
+            && let Some(at) = sent_at.get(&body)
+        {
+            latencies.push(push.at.saturating_duration_since(*at));
+        }
+    }
+    latencies.sort();
+    let duplicated = seen.values().filter(|n| **n > 1).count();
+    report.figure("submitted", total as f64);
+    report.figure("rejected", rejected as f64);
+    report.figure("delivered", seen.len() as f64);
+    report.figure("lost", expected.saturating_sub(seen.len()) as f64);
+    report.figure("duplicated", duplicated as f64);
+    report.latencies("submit_to_push", &latencies);
+    Ok(())
+}

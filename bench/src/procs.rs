@@ -1,0 +1,133 @@
+//! Building and running the release binaries, and reading their CPU time and memory.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use tokio::process::{Child, Command};
+
+/// Paths of the release binaries.
+pub struct Binaries {
+    web: PathBuf,
+    worker: PathBuf,
+    migrations: PathBuf,
+}
+
+/// Builds the release binaries (a no-op when they are up to date).
+pub async fn build_release() -> anyhow::Result<Binaries> {
+    eprintln!("building the release binaries…");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "--bin", "web", "--bin", "worker", "--bin", "migrations"])
+        .status()
+        .await?;
+    anyhow::ensure!(status.success(), "cargo build --release failed");
+    let dir = std::env::var("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target"));
+    let release = dir.join("release");
+    Ok(Binaries { web: release.join("web"), worker: release.join("worker"), migrations: release.join("migrations") })
+}
+
+/// A free TCP port on 127.0.0.1.
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The web and worker processes under test.
+pub struct Stack {
+    web: Child,
+    worker: Child,
+}
+
+impl Stack {
+    /// Migrates the database, starts web and worker, and waits for `/readyz`.
+    pub async fn start(binaries: &Binaries, env: &HashMap<String, String>, concurrency: usize) -> anyhow::Result<Self> {
+        let status = Command::new(&binaries.migrations).arg("up").envs(env).status().await?;
+        anyhow::ensure!(status.success(), "migrations up failed");
+        let web = Command::new(&binaries.web).arg("serve").envs(env).kill_on_drop(true).spawn()?;
+        let worker = Command::new(&binaries.worker)
+            .args(["run", "--concurrency", &concurrency.to_string()])
+            .envs(env)
+            .kill_on_drop(true)
+            .spawn()?;
+        let ready = format!("http://{}/readyz", env.get("BIND").context("BIND")?);
+        for _ in 0..100 {
+            if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
+                return Ok(Self { web, worker });
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        anyhow::bail!("the web did not become ready")
+    }
+
+    /// Operating-system process id of the web.
+    pub fn web_pid(&self) -> u32 {
+        self.web.id().unwrap_or(0)
+    }
+
+    /// Operating-system process id of the worker.
+    pub fn worker_pid(&self) -> u32 {
+        self.worker.id().unwrap_or(0)
+    }
+
+    /// CPU seconds used so far by (web, worker).
+    pub fn cpu(&self) -> (f64, f64) {
+        (cpu_seconds(self.web_pid()), cpu_seconds(self.worker_pid()))
+    }
+
+    /// SIGTERM both and wait for them.
+    pub async fn stop(mut self) {
+        for pid in [self.web_pid(), self.worker_pid()] {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(40), self.web.wait()).await;
+        let _ = tokio::time::timeout(Duration::from_secs(40), self.worker.wait()).await;
+    }
+}
+
+/// User + system CPU seconds of process `pid` (from `/proc`).
+pub fn cpu_seconds(pid: u32) -> f64 {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { return 0.0 };
+    // Fields after the command name (which may contain spaces) start after ") ".
+    let Some(rest) = stat.rsplit_once(") ").map(|(_, r)| r) else { return 0.0 };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = [11, 12].iter().filter_map(|i| fields.get(*i)?.parse::<f64>().ok()).sum();
+    ticks / 100.0
+}
+
+/// Peak resident memory of process `pid` in KiB (VmHWM).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// Deletes every Redis key of `namespace`.
+pub async fn remove_namespace(redis_url: &str, namespace: &str) {
+    let Ok(client) = redis_client(redis_url) else { return };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return };
+    let keys: Vec<String> =
+        redis::cmd("KEYS").arg(format!("*{namespace}*")).query_async(&mut conn).await.unwrap_or_default();
+    for chunk in keys.chunks(500) {
+        let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+    }
+}
+
+fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {
+    redis::Client::open(url)
+}
+
+/// One progress line on standard error, rewritten in place.
+pub fn progress(elapsed: Duration, total: Duration, detail: &str) {
+    let fraction = (elapsed.as_secs_f64() / total.as_secs_f64().max(0.001)).min(1.0);
+    let filled = (fraction * 30.0) as usize;
+    let mut err = std::io::stderr();
+    let _ =
+        write!(err, "\r[{}{}] {:>3.0}%  {detail}   ", "#".repeat(filled), ".".repeat(30 - filled), fraction * 100.0);
+    let _ = err.flush();
+}

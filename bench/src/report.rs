@@ -1,0 +1,98 @@
+//! Figures of one run: printed as a table and saved as JSON with the machine's facts.
+
+use std::collections::BTreeMap;
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// One run's parameters and figures.
+pub struct Report {
+    scenario: &'static str,
+    params: BTreeMap<String, Value>,
+    figures: Vec<(String, f64)>,
+}
+
+/// The `p`-th percentile (0–1) of sorted `values`.
+pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+impl Report {
+    /// A report for `scenario`; the settings that shape the run are recorded.
+    pub fn new(scenario: &'static str, env: &HashMap<String, String>) -> Self {
+        let mut params = BTreeMap::new();
+        for key in ["SUBMIT_RATE_LIMIT", "PUSH_CONCURRENCY", "QUEUE_MAX_BACKLOG"] {
+            if let Some(value) = env.get(key) {
+                params.insert(key.to_lowercase(), json!(value));
+            }
+        }
+        Self { scenario, params, figures: Vec::new() }
+    }
+
+    /// Records a parameter.
+    pub fn param(&mut self, name: &str, value: impl Into<Value>) {
+        self.params.insert(name.to_owned(), value.into());
+    }
+
+    /// Records a figure.
+    pub fn figure(&mut self, name: &str, value: f64) {
+        self.figures.push((name.to_owned(), value));
+    }
+
+    /// Records p50/p90/p95/p99/max of sorted `values` in milliseconds.
+    pub fn latencies(&mut self, name: &str, sorted: &[Duration]) {
+        for (label, p) in [("p50", 0.50), ("p90", 0.90), ("p95", 0.95), ("p99", 0.99), ("max", 1.0)] {
+            self.figure(&format!("{name}_{label}_ms"), percentile(sorted, p).as_secs_f64() * 1000.0);
+        }
+    }
+
+    /// Prints the table.
+    pub fn print(&self) {
+        println!("\nscenario: {}", self.scenario);
+        for (name, value) in &self.params {
+            println!("  {name:<28} {value}");
+        }
+        println!("  {:-<28} {:-<12}", "", "");
+        for (name, value) in &self.figures {
+            println!("  {name:<28} {value:>12.3}");
+        }
+    }
+
+    /// Writes `bench/results/<scenario>-<time>.json`; returns its path.
+    pub fn save(&self) -> anyhow::Result<PathBuf> {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
+        std::fs::create_dir_all(&dir)?;
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
+        let path = dir.join(format!("{}-{stamp}.json", self.scenario));
+        let body = json!({
+            "scenario": self.scenario,
+            "at": chrono::Utc::now().to_rfc3339(),
+            "machine": machine(),
+            "params": self.params,
+            "figures": self.figures.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+        });
+        std::fs::write(&path, serde_json::to_string_pretty(&body)?)?;
+        Ok(path)
+    }
+}
+
+/// CPU model, core count and memory, from `/proc`.
+fn machine() -> Value {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model =
+        cpuinfo.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split_once(':')).map(|(_, m)| m.trim());
+    let meminfo = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    let memory_kib = meminfo.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1));
+    json!({
+        "cpu": model,
+        "cores": std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+        "memory_kib": memory_kib,
+        "os": std::env::consts::OS,
+    })
+}
