@@ -5,6 +5,7 @@
 //! - [`queries`]: database queries, generic over `ConnectionTrait` so they run inside a
 //!   transaction or on a pool, from either binary.
 //! - [`jobs`]: job payloads put on the Redis queue.
+//! - [`job_stats`]: per-minute job figures for the admin's Queues page.
 //! - [`metrics`]: the Prometheus registry both binaries serve at `/metrics`.
 //! - [`queue`]: the producer side of the Redis queue (enqueue + wake the workers).
 //! - [`settings`]: configuration read from the environment.
@@ -15,6 +16,7 @@
 pub mod db;
 pub mod domain;
 pub mod entities;
+pub mod job_stats;
 pub mod jobs;
 pub mod metrics;
 pub mod queries;

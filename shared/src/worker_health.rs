@@ -33,9 +33,9 @@ pub struct WorkerReport {
     pub restarts: u32,
     /// Why it last died.
     pub last_error: Option<String>,
-    /// When the process started (RFC 3339).
+    /// When the process started (UTC).
     pub started_at: String,
-    /// When this report was written (RFC 3339).
+    /// When this report was written (UTC).
     pub reported_at: String,
 }
 

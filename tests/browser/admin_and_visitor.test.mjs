@@ -157,6 +157,11 @@ test('an admin subscribes this browser, gets the notification and its click open
   await admin.waitForURL(shown[0].url, { timeout: 10000 });
   assert.match(await admin.locator('.message').innerText(), /The checkout page is broken/);
   await shot(admin, 'feedback-detail');
+
+  // The Queues page draws its charts without script.
+  await admin.goto(`${APP}/admin/queues`);
+  assert.equal(await admin.locator('figure.chart svg').count(), 2);
+  await shot(admin, 'queues');
 });
 
 test('the manifest parses and a 404 carries the security headers', async () => {

@@ -13,3 +13,4 @@ mod outages;
 mod pipeline;
 mod push_failures;
 mod pwa;
+mod queues;

@@ -167,3 +167,27 @@ pub struct AdminNotifications<'a> {
 #[derive(Template)]
 #[template(path = "offline.html")]
 pub struct Offline;
+
+/// `GET /admin/queues`.
+#[derive(Template)]
+#[template(path = "admin_queues.html")]
+pub struct AdminQueues<'a> {
+    /// For the meta tag and the forms.
+    pub csrf_token: &'a str,
+    /// Jobs waiting in Redis.
+    pub backlog: u64,
+    /// Dispatch records not yet completed.
+    pub waiting: u64,
+    /// Dead letters kept.
+    pub dead_count: u64,
+    /// The newest dead letters.
+    pub dead_letters: Vec<shared::queue::DeadLetter>,
+    /// Live worker processes.
+    pub workers: Vec<shared::worker_health::WorkerReport>,
+    /// Jobs finished in the last hour.
+    pub last_hour: u64,
+    /// Server-drawn SVG (numbers only): jobs per minute.
+    pub throughput_svg: String,
+    /// Server-drawn SVG (numbers only): run time per minute.
+    pub run_time_svg: String,
+}

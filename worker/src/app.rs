@@ -132,13 +132,13 @@ impl Application {
         let health = Arc::new(std::sync::Mutex::new(WorkerReport {
             process: uuid::Uuid::new_v4().simple().to_string(),
             worker: name.clone(),
-            host: std::env::var("HOSTNAME").unwrap_or_default(),
+            host: host_name(),
             pid: std::process::id(),
             concurrency,
             state: "running".into(),
             restarts: 0,
             last_error: None,
-            started_at: chrono::Utc::now().to_rfc3339(),
+            started_at: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
             reported_at: String::new(),
         }));
         let reporter = tokio::spawn(report_health(Arc::clone(&health), ctx.queue.clone(), stopped()));
@@ -262,6 +262,15 @@ fn metrics_endpoint(ctx: WorkerContext) -> impl poem::Endpoint {
     )
 }
 
+/// This machine's name (`HOSTNAME`, else `/etc/hostname`).
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .filter(|h| !h.is_empty())
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_owned()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
 fn update(health: &std::sync::Mutex<WorkerReport>, change: impl FnOnce(&mut WorkerReport)) {
     if let Ok(mut report) = health.lock() {
         change(&mut report);
@@ -276,7 +285,7 @@ async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQu
     loop {
         let report = match health.lock() {
             Ok(mut report) => {
-                report.reported_at = chrono::Utc::now().to_rfc3339();
+                report.reported_at = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string();
                 report.clone()
             }
             Err(_) => return,
@@ -326,9 +335,18 @@ async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt)
     ctx.metrics
         .counter("tidings_jobs_total", "Jobs run, by kind and outcome.", &[("kind", kind), ("outcome", outcome)])
         .inc();
+    let took = started.elapsed();
     ctx.metrics
         .histogram("tidings_job_duration_seconds", "How long jobs ran, by kind.", &[("kind", kind)])
-        .observe(started.elapsed());
+        .observe(took);
+    let mut conn = ctx.queue.connection();
+    let run_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    let now = chrono::Utc::now().timestamp();
+    if let Err(e) =
+        shared::job_stats::record(&mut conn, ctx.queue.namespace(), now, outcome == "succeeded", run_ms).await
+    {
+        tracing::debug!(error = %e, "job_stats.record_failed");
+    }
     match result {
         Ok(()) => Ok(()),
         Err(JobError::Permanent(reason)) => {

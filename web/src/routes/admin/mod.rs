@@ -7,6 +7,7 @@
 
 mod notifications;
 mod push;
+mod queues;
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -57,6 +58,8 @@ pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
         .at("/notifications/test", post(notifications::send_test))
         .at("/notifications/remove", post(notifications::remove))
         .at("/sw.js", get(notifications::service_worker))
+        .at("/queues", get(queues::page))
+        .at("/queues/dead/:id/:action", post(queues::settle))
         .at("/push/subscribe", post(push::subscribe))
         .at("/push/unsubscribe", post(push::unsubscribe))
         .with(ServerSession::new(cookie, sessions))
