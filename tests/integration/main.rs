@@ -5,6 +5,7 @@ mod admin;
 mod api;
 mod browser;
 mod feedback_form;
+mod fleet;
 mod jobs;
 mod measure;
 mod metrics;

@@ -48,6 +48,8 @@ pub struct TestApp {
     pub db: DatabaseConnection,
     /// The settings both processes run with.
     pub settings: Settings,
+    /// The environment those settings were read from (to start the real binaries).
+    pub env: HashMap<String, String>,
     /// The push-service stand-in.
     pub push: PushService,
     /// An HTTP client with a cookie store that does not follow redirects.
@@ -131,7 +133,7 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
 
     let client = new_client();
     let cleanup = Cleanup { redis_url: settings.redis_url.clone(), namespace, database: dropper };
-    Ok(TestApp { address, db, settings, push, client, worker_stop, worker_metrics_port, _cleanup: cleanup })
+    Ok(TestApp { address, db, settings, env, push, client, worker_stop, worker_metrics_port, _cleanup: cleanup })
 }
 
 impl TestApp {

@@ -5,10 +5,12 @@
 //! - [`push`]: the Web Push sender (VAPID, aes128gcm, outcome classification).
 //! - [`queue`]: apalis wiring: polling, wake-up on push, graceful shutdown, periodic ticks.
 //! - [`app`]: the worker process: builds everything and runs until stopped.
+//! - [`cli`]: the command line (`run`, `status`, `dead …`).
 //! - [`status`]: `worker status`, what an operator checks first.
 //! - [`ops`]: `worker dead list|retry|discard`.
 
 pub mod app;
+pub mod cli;
 pub mod context;
 pub mod jobs;
 pub mod ops;

@@ -129,7 +129,31 @@ impl Periodic {
             .arg(ttl)
             .query_async(&mut conn)
             .await?;
+        if set.is_some() {
+            // A bounded history of who ran which tick (for `worker status` and tests).
+            let runs = runs_key(&self.namespace, name);
+            let _: () = redis::pipe()
+                .rpush(&runs, format!("{tick} {}", std::process::id()))
+                .ignore()
+                .ltrim(&runs, -RUN_HISTORY, -1)
+                .ignore()
+                .query_async(&mut conn)
+                .await?;
+        }
         Ok(set.is_some())
+    }
+
+    /// The remembered runs of `name`, oldest first, as (tick, process id).
+    pub async fn runs(&self, name: &str) -> redis::RedisResult<Vec<(u64, u32)>> {
+        let mut conn = self.conn.clone();
+        let raw: Vec<String> = conn.lrange(runs_key(&self.namespace, name), 0, -1).await?;
+        Ok(raw
+            .iter()
+            .filter_map(|r| {
+                let (tick, pid) = r.split_once(' ')?;
+                Some((tick.parse().ok()?, pid.parse().ok()?))
+            })
+            .collect())
     }
 
     /// Runs `work` once per `every` (aligned to wall-clock multiples of `every`, so all
@@ -166,6 +190,14 @@ impl Periodic {
         let keys: Vec<String> = conn.keys(format!("{}:tick:{name}:*", self.namespace)).await?;
         Ok(keys.len())
     }
+}
+
+/// Runs remembered per periodic task.
+const RUN_HISTORY: isize = 1000;
+
+/// The list of `name`'s recent runs.
+pub fn runs_key(namespace: &str, name: &str) -> String {
+    format!("{namespace}:periodic:{name}:runs")
 }
 
 fn worker_pid_tag() -> String {

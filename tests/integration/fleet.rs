@@ -1,0 +1,59 @@
+//! Several real `worker` processes sharing one queue: periodic work runs once per tick,
+//! and every process stops cleanly on SIGTERM.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use tidings_tests::harness::{Options, spawn_app_with};
+
+/// The worker command line as a real process (same code as the `worker` binary).
+fn worker_binary() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_worker-process"))
+}
+
+#[tokio::test]
+async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
+    let binary = worker_binary();
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let mut env = app.env.clone();
+    env.insert("RELAY_INTERVAL_MS".into(), "100".into());
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("RUST_LOG".into(), "warn".into());
+
+    let mut workers = Vec::new();
+    for _ in 0..3 {
+        workers.push(
+            tokio::process::Command::new(&binary)
+                .args(["run", "--concurrency", "2"])
+                .envs(&env)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("worker starts"),
+        );
+    }
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    for worker in &workers {
+        let pid = worker.id().expect("running").to_string();
+        let status = tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+        assert!(status.success());
+    }
+    for worker in &mut workers {
+        let status = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.expect("stops").expect("waits");
+        assert!(status.success(), "a worker exits 0 after SIGTERM: {status}");
+    }
+
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let periodic = worker::queue::Periodic::new(queue.connection(), &app.settings.redis_namespace);
+    let runs = periodic.runs("relay").await.expect("runs");
+    let mut ticks: Vec<u64> = runs.iter().map(|(tick, _)| *tick).collect();
+    let count = ticks.len();
+    ticks.sort_unstable();
+    ticks.dedup();
+    assert_eq!(ticks.len(), count, "a tick ran twice: {runs:?}");
+    assert!(count >= 20, "about 40 ticks in 4 s at 100 ms, got {count}");
+    let pids: std::collections::HashSet<u32> = runs.iter().map(|(_, pid)| *pid).collect();
+    assert!(pids.len() >= 2, "no process is special: ticks ran in {pids:?}");
+}

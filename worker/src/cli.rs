@@ -1,0 +1,90 @@
+//! The `worker` command line: `run --concurrency N`, `status`, `dead list|retry|discard`.
+//! The binary's `main` is [`main`]; the tests start the same code as a process.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use shared::settings::Settings;
+
+#[derive(Parser)]
+#[command(name = "worker", version, about = "Sends Web Pushes and runs Tidings' periodic work.")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Consume jobs until SIGTERM or SIGINT.
+    Run {
+        /// Jobs run at once by this process.
+        #[arg(long, default_value_t = 4, env = "WORKER_CONCURRENCY")]
+        concurrency: usize,
+    },
+    /// Print the queue's state: pending dispatches, dead letters.
+    Status,
+    /// Inspect, retry or discard jobs the worker refused to run.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List the newest dead letters with their error, attempt and time.
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: isize,
+    },
+    /// Put a dead letter's job back on its queue.
+    Retry {
+        /// The letter's id (from `worker dead list`).
+        id: String,
+    },
+    /// Delete a dead letter.
+    Discard {
+        /// The letter's id (from `worker dead list`).
+        id: String,
+    },
+}
+
+/// Parses the arguments, runs the command, and returns the process's exit code.
+pub fn main() -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("worker: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(async_main())
+}
+
+async fn async_main() -> ExitCode {
+    shared::telemetry::init();
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!(error = format!("{e:#}"), "worker.exit");
+            eprintln!("worker: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let settings = Settings::from_env()?;
+    match cli.command {
+        Command::Run { concurrency } => {
+            let app = crate::app::Application::build(settings, concurrency).await?;
+            app.run_until_stopped().await
+        }
+        Command::Status => crate::status::print(&settings).await,
+        Command::Dead { command: DeadCommand::List { limit } } => crate::ops::list(&settings, limit).await,
+        Command::Dead { command: DeadCommand::Retry { id } } => crate::ops::retry(&settings, &id).await,
+        Command::Dead { command: DeadCommand::Discard { id } } => crate::ops::discard(&settings, &id).await,
+    }
+}
