@@ -131,6 +131,8 @@ pub struct WorkerSettings {
     pub job_retention_count: u64,
     /// How often the trim task runs (once per tick across all workers).
     pub trim_interval: Duration,
+    /// Bound on how long a killed worker's jobs wait before another worker takes them.
+    pub recovery: Duration,
 }
 
 impl Settings {
@@ -197,6 +199,7 @@ impl Settings {
                 burst_threshold: env.parse("NOTIFY_BURST_THRESHOLD", "6")?,
                 job_retention: Duration::from_secs(env.parse("JOB_RETENTION_SECS", "3600")?),
                 job_retention_count: env.parse("JOB_RETENTION_COUNT", "10000")?,
+                recovery: Duration::from_secs(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?.max(1)),
                 trim_interval: Duration::from_millis(env.parse::<u64>("TRIM_INTERVAL_MS", "60000")?.max(10)),
                 burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),
                 metrics_bind: match env.get("WORKER_METRICS_BIND").unwrap_or("127.0.0.1:9187") {

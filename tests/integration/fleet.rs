@@ -57,3 +57,60 @@ async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
     let pids: std::collections::HashSet<u32> = runs.iter().map(|(_, pid)| *pid).collect();
     assert!(pids.len() >= 2, "no process is special: ticks ran in {pids:?}");
 }
+
+fn start_worker(binary: &PathBuf, env: &std::collections::HashMap<String, String>) -> tokio::process::Child {
+    tokio::process::Command::new(binary)
+        .args(["run", "--concurrency", "2"])
+        .envs(env)
+        .stdout(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker starts")
+}
+
+#[tokio::test]
+async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_its_push() {
+    // Arrange: a slow push service, so the fan-out is mid-way when the worker dies.
+    let binary = worker_binary();
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let mut browsers = Vec::new();
+    for _ in 0..40 {
+        browsers.push(app.subscribe_browser().await);
+    }
+    app.push.set_delay(Duration::from_millis(150));
+    let mut env = app.env.clone();
+    env.insert("WORKER_RECOVERY_SECS".into(), "2".into());
+    env.insert("PUSH_CONCURRENCY".into(), "4".into());
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("RUST_LOG".into(), "warn".into());
+    let mut first = start_worker(&binary, &env);
+    app.submit_valid_feedback("Ann", "survives a crash").await;
+    let some = app.push.wait_for_received(8, Duration::from_secs(20)).await;
+    assert!(some.len() >= 8 && some.len() < 40, "the fan-out is mid-way ({} sent)", some.len());
+
+    // Act: kill -9, then another worker comes up.
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+    let at_kill = app.push.received().len();
+    let _second = start_worker(&binary, &env);
+
+    // Assert: every subscription gets the message, within the bound plus the lease.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(40);
+    loop {
+        let received = app.push.received();
+        let served = browsers.iter().filter(|b| received.iter().any(|p| p.endpoint == b.endpoint)).count();
+        if served == browsers.len() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{served}/40 subscriptions served after the takeover");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = app.push.received();
+    let duplicated: Vec<_> =
+        browsers.iter().filter(|b| received.iter().filter(|p| p.endpoint == b.endpoint).count() > 1).collect();
+    // Only pushes in flight at the kill (at most PUSH_CONCURRENCY) can arrive twice.
+    assert!(duplicated.len() <= 4, "{} duplicates, {at_kill} delivered before the kill", duplicated.len());
+    let topics: std::collections::HashSet<_> = received.iter().map(|p| p.topic.clone()).collect();
+    assert_eq!(topics.len(), 1, "every copy carries the same Topic, so a push service replaces an undelivered one");
+}

@@ -180,7 +180,7 @@ impl Application {
         let mut name = name;
         let result = loop {
             let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
-                .with_config(ctx.queue.fan_out_config().clone())
+                .with_config(recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery))
                 .with_codec(RawCodec)
                 .poll_with_strategy(wake_strategy(
                     &settings.redis_url,
@@ -300,6 +300,14 @@ async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQu
     }
     let process = health.lock().map(|r| r.process.clone()).unwrap_or_default();
     let _ = worker_health::withdraw(&mut conn, &namespace, &process).await;
+}
+
+/// Heartbeats every quarter of the recovery bound, and a worker silent for three of them
+/// counts as dead: another worker's next heartbeat then takes its jobs back, so a killed
+/// worker's jobs wait at most about the bound (apalis' default is 300 s).
+fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> apalis_redis::Config {
+    let heartbeat = (bound / 4).max(std::time::Duration::from_millis(250));
+    config.heartbeat_interval(heartbeat).missed_heartbeats(3)
 }
 
 fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {

@@ -118,10 +118,12 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// How long a claim holds: longer than any single send can take.
+    /// How long a claim holds: longer than one send can take (the request timeout) plus
+    /// a margin for recording it. If the worker dies, the claim lapses after this and the
+    /// delivery is sent again (the only duplicates possible are these in-flight ones).
     fn lease(&self) -> chrono::DateTime<Utc> {
-        let hold = self.ctx.settings.push.request_timeout * 2 + Duration::from_secs(10);
-        shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(60))
+        let hold = self.ctx.settings.push.request_timeout + Duration::from_secs(5);
+        shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(30))
     }
 
     async fn deliver_all(&self) -> Result<Stats, JobError> {
