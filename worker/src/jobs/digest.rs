@@ -11,7 +11,7 @@ use shared::queries::{feedback, subscription};
 
 use super::JobError;
 use crate::context::WorkerContext;
-use crate::push::{PushMessage, PushOutcome, PushTarget, Urgency};
+use crate::push::{PushMessage, Urgency};
 
 /// Subscriptions read per page.
 const PAGE: u64 = 500;
@@ -34,20 +34,8 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
         let Some(&last) = ids.last() else { break };
         after = last;
         for sub in subscription::by_ids(&ctx.db, &ids).await? {
-            let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
-            let started = std::time::Instant::now();
-            let outcome = ctx.sender.send(&target, &message).await;
-            crate::push::record(&ctx.metrics, &outcome, started.elapsed());
-            match outcome {
-                PushOutcome::Delivered => {
-                    subscription::record_success(&ctx.db, sub.id).await?;
-                    delivered += 1;
-                }
-                PushOutcome::Gone { .. } => subscription::delete(&ctx.db, sub.id).await?,
-                PushOutcome::Retry { reason, .. } | PushOutcome::Rejected { reason, .. } => {
-                    tracing::warn!(subscription_id = sub.id, %reason, "digest.push_failed");
-                    subscription::record_failure(&ctx.db, sub.id, &reason).await?;
-                }
+            if super::send_untracked(ctx, &sub, &message).await? {
+                delivered += 1;
             }
         }
     }

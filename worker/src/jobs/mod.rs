@@ -23,3 +23,35 @@ impl From<sea_orm::DbErr> for JobError {
         Self::Retryable(e.into())
     }
 }
+
+/// Sends `message` to `sub` without a delivery record (test pushes, digests): counts and
+/// times it, deletes a gone subscription, records success or failure on it. True when the
+/// push service took it.
+pub(crate) async fn send_untracked(
+    ctx: &crate::context::WorkerContext,
+    sub: &shared::entities::push_subscription::Model,
+    message: &crate::push::PushMessage<'_>,
+) -> Result<bool, JobError> {
+    use crate::push::{PushOutcome, PushTarget};
+    use shared::queries::subscription;
+    let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
+    let started = std::time::Instant::now();
+    let outcome = ctx.sender.send(&target, message).await;
+    crate::push::record(&ctx.metrics, &outcome, started.elapsed());
+    match outcome {
+        PushOutcome::Delivered => {
+            subscription::record_success(&ctx.db, sub.id).await?;
+            Ok(true)
+        }
+        PushOutcome::Gone { status } => {
+            tracing::info!(subscription_id = sub.id, status, "push.subscription_gone");
+            subscription::delete(&ctx.db, sub.id).await?;
+            Ok(false)
+        }
+        PushOutcome::Retry { reason, .. } | PushOutcome::Rejected { reason, .. } => {
+            tracing::warn!(subscription_id = sub.id, %reason, "push.untracked_failed");
+            subscription::record_failure(&ctx.db, sub.id, &reason).await?;
+            Ok(false)
+        }
+    }
+}
