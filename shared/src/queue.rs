@@ -329,6 +329,49 @@ impl JobQueue {
         self.discard_dead_letter(id).await
     }
 
+    /// Jobs waiting to run (scheduled for later, or due and pending), soonest first, at
+    /// most `limit`: (task id, run at as Unix seconds, payload as text).
+    pub async fn waiting_jobs(&self, limit: isize) -> Result<Vec<(String, i64, String)>, QueueError> {
+        let mut conn = self.conn.clone();
+        let scheduled: Vec<(String, f64)> =
+            conn.zrange_withscores(self.fan_out.scheduled_jobs_set(), 0, limit - 1).await?;
+        let pending: Vec<String> = conn.lrange(self.fan_out.active_jobs_list(), 0, limit - 1).await?;
+        let mut jobs: Vec<(String, i64)> = pending.into_iter().map(|id| (id, 0)).collect();
+        jobs.extend(scheduled.into_iter().map(|(id, at)| (id, at as i64)));
+        jobs.truncate(usize::try_from(limit).unwrap_or(0));
+        let mut out = Vec::with_capacity(jobs.len());
+        for (id, at) in jobs {
+            let payload: Option<Vec<u8>> = conn.hget(self.fan_out.job_data_hash(), &id).await?;
+            out.push((id, at, String::from_utf8_lossy(&payload.unwrap_or_default()).into_owned()));
+        }
+        Ok(out)
+    }
+
+    /// Revokes waiting job `id` (scheduled or pending): it will not run. Returns its
+    /// payload, or `None` when no such job waits (it already ran, runs now, or never
+    /// existed). A fan-out's dispatch record is the caller's to complete.
+    pub async fn cancel(&self, id: &str) -> Result<Option<Vec<u8>>, QueueError> {
+        let mut conn = self.conn.clone();
+        let payload: Option<Vec<u8>> = conn.hget(self.fan_out.job_data_hash(), id).await?;
+        let (from_scheduled, from_pending): (u64, u64) = redis::pipe()
+            .atomic()
+            .zrem(self.fan_out.scheduled_jobs_set(), id)
+            .lrem(self.fan_out.active_jobs_list(), 0, id)
+            .query_async(&mut conn)
+            .await?;
+        if from_scheduled + from_pending == 0 {
+            return Ok(None);
+        }
+        let _: () = redis::pipe()
+            .hdel(self.fan_out.job_data_hash(), id)
+            .ignore()
+            .del(format!("{}:{id}", self.fan_out.job_meta_hash()))
+            .ignore()
+            .query_async(&mut conn)
+            .await?;
+        Ok(Some(payload.unwrap_or_default()))
+    }
+
     /// `PING`: is Redis answering?
     pub async fn ping(&self) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();

@@ -279,3 +279,24 @@ async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
         assert_eq!(held, 0, "{key} still holds finished jobs");
     }
 }
+
+#[tokio::test]
+async fn a_waiting_job_can_be_listed_and_revoked() {
+    // Arrange: no worker, so the job waits.
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    app.submit_valid_feedback("Ann", "revoke me").await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    assert!(wait_until(|| async { queue.waiting_jobs(10).await.expect("list").len() == 1 }).await);
+    let (id, _, payload) = queue.waiting_jobs(10).await.expect("list").remove(0);
+    assert!(payload.contains("\"feedback_id\""));
+
+    // Act: the operator's command.
+    worker::ops::cancel(&app.settings, &id).await.expect("cancelled");
+
+    // Assert: gone from Redis, its dispatch settled (the relay will not bring it back),
+    // and a second cancel says there is nothing to cancel.
+    assert!(queue.waiting_jobs(10).await.expect("list").is_empty());
+    assert_eq!(queue.backlog().await.expect("backlog"), 0);
+    assert_eq!(shared::queries::dispatch::outstanding(&app.db).await.expect("count"), 0);
+    assert!(worker::ops::cancel(&app.settings, &id).await.is_err());
+}

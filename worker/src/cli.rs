@@ -28,6 +28,26 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// List or cancel jobs waiting to run.
+    Jobs {
+        #[command(subcommand)]
+        command: JobsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum JobsCommand {
+    /// List waiting jobs (pending first, then scheduled, soonest first).
+    List {
+        /// How many to show.
+        #[arg(long, default_value_t = 20)]
+        limit: isize,
+    },
+    /// Revoke a waiting job so it never runs.
+    Cancel {
+        /// The job's id (from `worker jobs list`).
+        id: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -86,5 +106,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Dead { command: DeadCommand::List { limit } } => crate::ops::list(&settings, limit).await,
         Command::Dead { command: DeadCommand::Retry { id } } => crate::ops::retry(&settings, &id).await,
         Command::Dead { command: DeadCommand::Discard { id } } => crate::ops::discard(&settings, &id).await,
+        Command::Jobs { command: JobsCommand::List { limit } } => crate::ops::list_jobs(&settings, limit).await,
+        Command::Jobs { command: JobsCommand::Cancel { id } } => crate::ops::cancel(&settings, &id).await,
     }
 }

@@ -1,4 +1,5 @@
-//! `worker dead list|retry|discard`: what an operator does with dead letters.
+//! `worker dead list|retry|discard` and `worker jobs list|cancel`: what an operator does
+//! with dead letters and waiting jobs.
 
 use shared::queue::JobQueue;
 use shared::settings::Settings;
@@ -35,5 +36,39 @@ pub async fn discard(settings: &Settings, id: &str) -> anyhow::Result<()> {
         anyhow::bail!("no dead letter {id}");
     }
     println!("{id} discarded");
+    Ok(())
+}
+
+/// Prints waiting jobs: id, when they run (now, or a time), payload.
+pub async fn list_jobs(settings: &Settings, limit: isize) -> anyhow::Result<()> {
+    let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
+    let jobs = queue.waiting_jobs(limit).await?;
+    if jobs.is_empty() {
+        println!("no waiting jobs");
+    }
+    let now = chrono::Utc::now().timestamp();
+    for (id, at, payload) in jobs {
+        let when = if at <= now {
+            "due".to_owned()
+        } else {
+            chrono::DateTime::from_timestamp(at, 0).map_or_else(|| at.to_string(), |t| t.to_rfc3339())
+        };
+        println!("{id}  {when}  {}", payload.chars().take(120).collect::<String>());
+    }
+    Ok(())
+}
+
+/// Revokes waiting job `id`. A revoked fan-out's dispatch record is completed too, or
+/// the relay would enqueue the job again once it looked lost.
+pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
+    let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
+    let Some(payload) = queue.cancel(id).await? else {
+        anyhow::bail!("no waiting job {id} (it may have run already)");
+    };
+    if let Ok(shared::jobs::QueuedJob::FanOut(job)) = shared::jobs::QueuedJob::parse(&payload) {
+        let db = shared::db::connect(&settings.database_url).await?;
+        shared::queries::dispatch::mark_completed(&db, job.dispatch_id).await?;
+    }
+    println!("{id} cancelled");
     Ok(())
 }
