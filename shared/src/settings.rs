@@ -133,6 +133,8 @@ pub struct WorkerSettings {
     pub trim_interval: Duration,
     /// Bound on how long a killed worker's jobs wait before another worker takes them.
     pub recovery: Duration,
+    /// A job started more often than this without ever finishing is dead-lettered.
+    pub poison_after: u64,
 }
 
 impl Settings {
@@ -199,6 +201,7 @@ impl Settings {
                 burst_threshold: env.parse("NOTIFY_BURST_THRESHOLD", "6")?,
                 job_retention: Duration::from_secs(env.parse("JOB_RETENTION_SECS", "3600")?),
                 job_retention_count: env.parse("JOB_RETENTION_COUNT", "10000")?,
+                poison_after: env.parse::<u64>("POISON_AFTER", "3")?.max(1),
                 recovery: Duration::from_secs(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?.max(1)),
                 trim_interval: Duration::from_millis(env.parse::<u64>("TRIM_INTERVAL_MS", "60000")?.max(10)),
                 burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),

@@ -300,3 +300,39 @@ async fn a_waiting_job_can_be_listed_and_revoked() {
     assert_eq!(shared::queries::dispatch::outstanding(&app.db).await.expect("count"), 0);
     assert!(worker::ops::cancel(&app.settings, &id).await.is_err());
 }
+
+#[tokio::test]
+async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
+    // Arrange: a job already started POISON_AFTER (3) times without ever finishing — as
+    // when each run crashed its worker — waits in the queue.
+    let app = spawn_app_with(Options::default()).await;
+    app.subscribe_browser().await;
+    let task_id = "01HX0000000000000000000001";
+    let mut conn =
+        JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis").connection();
+    let _: () =
+        redis::AsyncCommands::set(&mut conn, format!("{}:job-starts:{task_id}", app.settings.redis_namespace), 3)
+            .await
+            .expect("set");
+    let submitted = shared::queries::feedback::insert_with_dispatch(
+        &app.db,
+        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", "poison").expect("valid"),
+    )
+    .await
+    .expect("stored");
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let payload =
+        serde_json::to_vec(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
+    let task = TaskBuilder::new(payload).task_id(apalis_core::task::task_id::TaskId::from_string(task_id)).build();
+    let config = config_for_queue(&app.settings.redis_namespace, FAN_OUT_QUEUE);
+    apalis_redis::queries::push_tasks(&mut conn, &config, &[task]).await.expect("pushed");
+    let _: i64 = redis::AsyncCommands::publish(&mut conn, wake_channel(&app.settings.redis_namespace), "x")
+        .await
+        .expect("published");
+
+    // Assert: its fourth start sets it aside instead of running it.
+    assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
+    let letter = dead_letters(&app).await.remove(0);
+    assert!(letter.error.contains("started 4 times without finishing"), "{}", letter.error);
+    assert!(app.push.attempts().is_empty(), "it did not run");
+}

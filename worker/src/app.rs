@@ -15,6 +15,7 @@ use apalis::prelude::WorkerBuilderExt;
 use apalis_core::backend::ext::BackendExt;
 use apalis_core::task::attempt::Attempt;
 use apalis_core::task::data::Data;
+use apalis_core::task::task_id::TaskId;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_redis::RedisStorage;
 use poem::Server;
@@ -327,12 +328,79 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 
 /// The apalis handler of the fan-out queue: parses the payload, runs the job, and
 /// dead-letters what can never run instead of failing the worker.
-async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt) -> Result<(), JobError> {
+async fn handle_fan_out(
+    job: RawJob,
+    ctx: Data<WorkerContext>,
+    attempt: Attempt,
+    task_id: TaskId,
+) -> Result<(), JobError> {
+    // Poison jobs: a job started again and again without ever returning is taking its
+    // worker down with it (a crash, an OOM kill). Past POISON_AFTER starts it is set aside.
+    let starts = count_start(&ctx, &task_id).await;
+    if starts > ctx.settings.worker.poison_after {
+        let reason = format!("started {starts} times without finishing: it may be crashing its worker");
+        tracing::error!(task = %task_id, starts, "job.poison");
+        forget_starts(&ctx, &task_id).await;
+        return dead_letter(&ctx, &job, reason, attempt.current()).await;
+    }
+    let result = run_job(&job, &ctx).await;
+    forget_starts(&ctx, &task_id).await;
+    match result {
+        Ok(()) => Ok(()),
+        Err(JobError::Permanent(reason)) => {
+            tracing::error!(attempt = attempt.current(), %reason, "job.dead_lettered");
+            dead_letter(&ctx, &job, reason, attempt.current()).await
+        }
+        Err(e @ JobError::Retryable(_)) => {
+            tracing::warn!(attempt = attempt.current(), error = %e, "job.failed; apalis will retry it");
+            Err(e)
+        }
+    }
+}
+
+fn starts_key(ctx: &WorkerContext, task_id: &TaskId) -> String {
+    format!("{}:job-starts:{task_id}", ctx.queue.namespace())
+}
+
+/// Counts a start of `task_id` (kept a day); 0 when Redis does not answer.
+async fn count_start(ctx: &WorkerContext, task_id: &TaskId) -> u64 {
+    let mut conn = ctx.queue.connection();
+    let key = starts_key(ctx, task_id);
+    redis::pipe()
+        .incr(&key, 1)
+        .expire(&key, 24 * 3600)
+        .ignore()
+        .query_async::<(u64,)>(&mut conn)
+        .await
+        .map(|(n,)| n)
+        .unwrap_or(0)
+}
+
+async fn forget_starts(ctx: &WorkerContext, task_id: &TaskId) {
+    let mut conn = ctx.queue.connection();
+    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(starts_key(ctx, task_id)).query_async(&mut conn).await;
+}
+
+/// Keeps `job` as a dead letter; completing the job keeps apalis from retrying it.
+async fn dead_letter(ctx: &WorkerContext, job: &RawJob, reason: String, attempt: usize) -> Result<(), JobError> {
+    let letter = DeadLetter {
+        id: String::new(),
+        queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
+        payload: String::from_utf8_lossy(&job.0).into_owned(),
+        error: reason,
+        attempt,
+        at: chrono::Utc::now().to_rfc3339(),
+    };
+    ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(|e| JobError::Retryable(e.into()))
+}
+
+/// Runs the job the payload names, counting and timing it.
+async fn run_job(job: &RawJob, ctx: &WorkerContext) -> Result<(), JobError> {
     let started = std::time::Instant::now();
     let (kind, result) = match QueuedJob::parse(&job.0) {
-        Ok(QueuedJob::FanOut(payload)) => ("fan_out", fan_out::run(payload, &ctx).await),
-        Ok(QueuedJob::TestPush(payload)) => ("test_push", test_push::run(payload.admin_id, &ctx).await.map(|_| ())),
-        Ok(QueuedJob::Digest(payload)) => ("digest", digest::run(&payload, &ctx).await.map(|_| ())),
+        Ok(QueuedJob::FanOut(payload)) => ("fan_out", fan_out::run(payload, ctx).await),
+        Ok(QueuedJob::TestPush(payload)) => ("test_push", test_push::run(payload.admin_id, ctx).await.map(|_| ())),
+        Ok(QueuedJob::Digest(payload)) => ("digest", digest::run(&payload, ctx).await.map(|_| ())),
         Err(reason) => ("unreadable", Err(JobError::Permanent(reason))),
     };
     let outcome = match &result {
@@ -355,26 +423,7 @@ async fn handle_fan_out(job: RawJob, ctx: Data<WorkerContext>, attempt: Attempt)
     {
         tracing::debug!(error = %e, "job_stats.record_failed");
     }
-    match result {
-        Ok(()) => Ok(()),
-        Err(JobError::Permanent(reason)) => {
-            tracing::error!(attempt = attempt.current(), %reason, "job.dead_lettered");
-            let letter = DeadLetter {
-                id: String::new(),
-                queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
-                payload: String::from_utf8_lossy(&job.0).into_owned(),
-                error: reason,
-                attempt: attempt.current(),
-                at: chrono::Utc::now().to_rfc3339(),
-            };
-            // Completing the job keeps it from being retried; the letter keeps it visible.
-            ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(|e| JobError::Retryable(e.into()))
-        }
-        Err(e @ JobError::Retryable(_)) => {
-            tracing::warn!(attempt = attempt.current(), error = %e, "job.failed; apalis will retry it");
-            Err(e)
-        }
-    }
+    result
 }
 
 /// Resolves on SIGINT or SIGTERM.
