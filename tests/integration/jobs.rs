@@ -320,7 +320,6 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
     )
     .await
     .expect("stored");
-    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     let payload =
         serde_json::to_vec(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
     let task = TaskBuilder::new(payload).task_id(apalis_core::task::task_id::TaskId::from_string(task_id)).build();
