@@ -73,7 +73,7 @@ impl Dispatcher {
 
     async fn try_announce(&self, submitted: Submitted) -> &'static str {
         let Some(queue) = self.queue().await else { return "deferred_redis_down" };
-        let _one_at_a_time = self.enqueue_lock.lock().await;
+        let one_at_a_time = self.enqueue_lock.lock().await;
         // Over the backlog bound, the record waits in the database for the relay.
         match queue.backlog().await {
             Ok(backlog) if backlog >= self.max_backlog => {
@@ -95,6 +95,8 @@ impl Dispatcher {
             );
             return "deferred_redis_error";
         }
+        // Only the check and the push need to be one step; the bookkeeping does not.
+        drop(one_at_a_time);
         if let Err(e) = shared::queries::dispatch::mark_enqueued(&self.db, submitted.dispatch_id).await {
             // The job is queued; at worst the relay enqueues it once more (jobs are idempotent).
             tracing::warn!(dispatch_id = submitted.dispatch_id, error = %e, "dispatch.mark_enqueued failed");
