@@ -1,5 +1,6 @@
 //! Per-minute job statistics in Redis, for the admin's Queues page: jobs finished and
-//! failed, and their total run time, per minute, kept for two hours.
+//! failed, their total run time and their total wait in the queue, per minute, kept for
+//! two hours.
 
 use redis::aio::ConnectionManager;
 
@@ -17,19 +18,23 @@ pub struct Minute {
     pub failed: u64,
     /// Total run time of those jobs, in milliseconds.
     pub run_ms: u64,
+    /// Total time those jobs waited between being due and starting, in milliseconds.
+    pub wait_ms: u64,
 }
 
 fn key(namespace: &str, minute: i64) -> String {
     format!("{namespace}:stats:jobs:{minute}")
 }
 
-/// Counts one job that ran for `run_ms` and `succeeded` (or not), at `now` (Unix secs).
+/// Counts one job that waited `wait_ms`, ran for `run_ms` and `succeeded` (or not), at
+/// `now` (Unix secs).
 pub async fn record(
     conn: &mut ConnectionManager,
     namespace: &str,
     now: i64,
     succeeded: bool,
     run_ms: u64,
+    wait_ms: u64,
 ) -> redis::RedisResult<()> {
     let minute = now - now.rem_euclid(60);
     let key = key(namespace, minute);
@@ -37,6 +42,8 @@ pub async fn record(
         .hincr(&key, if succeeded { "succeeded" } else { "failed" }, 1)
         .ignore()
         .hincr(&key, "run_ms", run_ms)
+        .ignore()
+        .hincr(&key, "wait_ms", wait_ms)
         .ignore()
         .expire(&key, KEEP_SECS)
         .ignore()
@@ -55,17 +62,20 @@ pub async fn last_minutes(
     let starts: Vec<i64> = (0..minutes).rev().map(|i| current - i * 60).collect();
     let mut pipe = redis::pipe();
     for start in &starts {
-        pipe.cmd("HMGET").arg(key(namespace, *start)).arg("succeeded").arg("failed").arg("run_ms");
+        pipe.cmd("HMGET").arg(key(namespace, *start)).arg("succeeded").arg("failed").arg("run_ms").arg("wait_ms");
     }
-    let rows: Vec<(Option<u64>, Option<u64>, Option<u64>)> = pipe.query_async(conn).await?;
+    // succeeded, failed, run_ms, wait_ms
+    type Row = (Option<u64>, Option<u64>, Option<u64>, Option<u64>);
+    let rows: Vec<Row> = pipe.query_async(conn).await?;
     Ok(starts
         .into_iter()
         .zip(rows)
-        .map(|(at, (succeeded, failed, run_ms))| Minute {
+        .map(|(at, (succeeded, failed, run_ms, wait_ms))| Minute {
             at,
             succeeded: succeeded.unwrap_or(0),
             failed: failed.unwrap_or(0),
             run_ms: run_ms.unwrap_or(0),
+            wait_ms: wait_ms.unwrap_or(0),
         })
         .collect())
 }

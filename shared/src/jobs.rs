@@ -5,6 +5,8 @@
 //! refuses a payload newer than it understands with [`PayloadError::UnsupportedVersion`]
 //! so the job is dead-lettered instead of being half-understood.
 
+use std::time::Duration;
+
 use serde::{Deserialize, Serialize};
 
 /// Name of the queue that carries [`FanOut`] jobs (inside the Redis namespace).
@@ -64,6 +66,10 @@ pub struct TestPush {
     pub version: u16,
     /// Whose devices get it.
     pub admin_id: i64,
+    /// Only these of the devices (a retry of the pushes that may still pass); all of
+    /// them when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<i64>>,
 }
 
 impl TestPush {
@@ -72,7 +78,7 @@ impl TestPush {
 
     /// A test push to admin `admin_id`'s devices.
     pub fn new(admin_id: i64) -> Self {
-        Self { kind: TEST_PUSH_KIND.to_owned(), version: Self::VERSION, admin_id }
+        Self { kind: TEST_PUSH_KIND.to_owned(), version: Self::VERSION, admin_id, only: None }
     }
 
     /// Refuses payloads written by a newer build.
@@ -98,6 +104,10 @@ pub struct Digest {
     pub window_start: i64,
     /// End of the window (Unix seconds, exclusive); the job runs then.
     pub window_end: i64,
+    /// Only these subscriptions (a retry of the pushes that may still pass); all of
+    /// them when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub only: Option<Vec<i64>>,
 }
 
 impl Digest {
@@ -106,7 +116,66 @@ impl Digest {
 
     /// The digest of the window `[start, end)`.
     pub fn new(window_start: i64, window_end: i64) -> Self {
-        Self { kind: DIGEST_KIND.to_owned(), version: Self::VERSION, window_start, window_end }
+        Self { kind: DIGEST_KIND.to_owned(), version: Self::VERSION, window_start, window_end, only: None }
+    }
+}
+
+/// How one kind of job is retried when it fails in a way that may pass (the database or
+/// Redis unreachable, a push service answering 429/5xx): the worker enforces it, not
+/// apalis-redis (whose own schedule is fixed and ignores both the limit and
+/// `Retry-After`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RetryPolicy {
+    /// Runs in all, the first included; the last failure dead-letters the job.
+    pub max_attempts: u32,
+    /// Delay after the first failure; it doubles with each further one (with jitter).
+    pub base: Duration,
+    /// Longest delay, also the most a `Retry-After` can ask for.
+    pub cap: Duration,
+}
+
+impl RetryPolicy {
+    /// Parses `ATTEMPTS/BASE_MS/CAP_MS`, e.g. `25/1000/600000`.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let parts: Vec<&str> = raw.split('/').map(str::trim).collect();
+        let [attempts, base, cap] = parts[..] else {
+            return Err(format!("{raw:?} is not ATTEMPTS/BASE_MS/CAP_MS (e.g. 25/1000/600000)"));
+        };
+        let number = |s: &str| s.parse::<u64>().map_err(|_| format!("{s:?} in {raw:?} is not a whole number"));
+        let max_attempts = u32::try_from(number(attempts)?).map_err(|_| format!("{attempts:?} is too large"))?;
+        let (base, cap) = (number(base)?, number(cap)?);
+        if max_attempts == 0 || base == 0 || cap < base {
+            return Err(format!("{raw:?}: attempts and base must be at least 1, and the cap at least the base"));
+        }
+        Ok(Self { max_attempts, base: Duration::from_millis(base), cap: Duration::from_millis(cap) })
+    }
+}
+
+impl std::fmt::Display for RetryPolicy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}/{}", self.max_attempts, self.base.as_millis(), self.cap.as_millis())
+    }
+}
+
+/// The job kinds, as metrics, logs, dead letters and settings name them.
+pub const KINDS: [&str; 3] = ["fan_out", DIGEST_KIND, TEST_PUSH_KIND];
+
+/// The retry policy of `kind` unless settings say otherwise (`JOB_RETRY_<KIND>`).
+///
+/// A fan-out fails as a whole only when the database or Redis is unreachable (pushes are
+/// retried one by one inside it), so it keeps trying for about an hour; a digest retries
+/// the pushes that may still pass for a few minutes; a test notification is worth
+/// little after a minute.
+pub fn default_retry_policy(kind: &str) -> RetryPolicy {
+    let policy = |max_attempts, base_ms, cap_ms| RetryPolicy {
+        max_attempts,
+        base: Duration::from_millis(base_ms),
+        cap: Duration::from_millis(cap_ms),
+    };
+    match kind {
+        TEST_PUSH_KIND => policy(3, 2_000, 30_000),
+        DIGEST_KIND => policy(6, 5_000, 120_000),
+        _ => policy(15, 1_000, 600_000),
     }
 }
 
@@ -122,6 +191,15 @@ pub enum QueuedJob {
 }
 
 impl QueuedJob {
+    /// The kind, as in [`KINDS`].
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::FanOut(_) => "fan_out",
+            Self::TestPush(_) => TEST_PUSH_KIND,
+            Self::Digest(_) => DIGEST_KIND,
+        }
+    }
+
     /// Parses a stored payload; the error text is what a dead letter records.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("malformed payload: {e}"))?;
@@ -154,6 +232,17 @@ impl QueuedJob {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retry_policies_parse_and_refuse_nonsense() {
+        let policy = RetryPolicy::parse("5/250/10000").expect("valid");
+        assert_eq!(policy.max_attempts, 5);
+        assert_eq!(policy.base, Duration::from_millis(250));
+        assert_eq!(policy.to_string(), "5/250/10000");
+        for bad in ["5", "0/1/1", "5/0/1", "5/100/10", "a/1/1", "1/2/3/4"] {
+            assert!(RetryPolicy::parse(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn payloads_are_told_apart_by_kind() {

@@ -23,6 +23,8 @@ use std::time::Duration;
 
 use apalis_core::backend::codec::Codec;
 use apalis_core::task::builder::TaskBuilder;
+use apalis_core::task::metadata::MetadataStore;
+use apalis_core::task::task_id::TaskId;
 use apalis_redis::{Config, ConnectionManager};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
@@ -32,9 +34,40 @@ use crate::jobs::{Digest, FAN_OUT_QUEUE, FanOut, TestPush};
 /// How long pushes may take before a submission stops waiting for Redis.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Attempts apalis-redis may make of one job when the handler reports an
-/// infrastructure error (database down). Per-delivery retries are ours, in the database.
+/// The attempt limit recorded in apalis' metadata of a job. The worker enforces the
+/// limits of [`crate::jobs::RetryPolicy`] itself and never hands a failure to apalis, whose
+/// own retry schedule is fixed; this number only shows in apalis' records.
 pub const JOB_MAX_ATTEMPTS: usize = 25;
+
+/// Metadata Tidings keeps with a job (in apalis-redis's metadata hash, beside its own
+/// `attempts` and `status`); the worker's handler reads it back.
+pub mod meta {
+    /// The id of the web request that enqueued the job (its `X-Request-Id`); job spans
+    /// carry it, so a job's logs can be joined to the request's.
+    pub const REQUEST_ID: &str = "request_id";
+    /// When the job became due (milliseconds since the epoch): its queue wait is measured
+    /// from here.
+    pub const DUE_AT_MS: &str = "due_at_ms";
+    /// The id of the first run of a job that is retried (each retry is a new task).
+    pub const FIRST_ID: &str = "first_id";
+}
+
+/// The metadata of a new job: due at `due_at_ms`, enqueued by request `request_id`.
+fn job_metadata(request_id: Option<&str>, due_at_ms: i64) -> MetadataStore {
+    let mut metadata = MetadataStore::new();
+    metadata.replace(meta::DUE_AT_MS, due_at_ms.to_string());
+    if let Some(id) = request_id {
+        metadata.replace(meta::REQUEST_ID, id);
+    }
+    metadata
+}
+
+/// A task for `payload`, due now, with its metadata.
+fn new_task(payload: Vec<u8>, request_id: Option<&str>) -> TaskBuilder<Vec<u8>> {
+    TaskBuilder::new(payload)
+        .max_attempts(JOB_MAX_ATTEMPTS)
+        .with_metadata(job_metadata(request_id, chrono::Utc::now().timestamp_millis()))
+}
 
 /// Why the queue could not take a job.
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +161,23 @@ pub struct DeadLetter {
     pub at: String,
 }
 
+/// A job waiting in Redis, as `worker jobs list` and the Queues page show it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WaitingJob {
+    /// Task id (what `worker jobs cancel` takes).
+    pub id: String,
+    /// When it runs (Unix seconds); 0 or the past means it is due.
+    pub run_at: i64,
+    /// The job's kind, or `unreadable`.
+    pub kind: &'static str,
+    /// The payload, lossily decoded as text.
+    pub payload: String,
+    /// Runs that failed before: its next run is attempt `failed_attempts + 1`.
+    pub failed_attempts: usize,
+    /// The request that enqueued it, when one did.
+    pub request_id: Option<String>,
+}
+
 /// Redis as a job queue: push jobs and wake the workers.
 #[derive(Clone)]
 pub struct JobQueue {
@@ -176,10 +226,14 @@ impl JobQueue {
     /// The idempotency key is the dispatch record and its enqueue count, so the same
     /// enqueue attempt retried lands once, while a deliberate re-enqueue (relay of a lost
     /// job) is accepted.
-    pub async fn enqueue_fan_out(&self, job: FanOut, enqueue_count: i32) -> Result<(), QueueError> {
+    pub async fn enqueue_fan_out(
+        &self,
+        job: FanOut,
+        enqueue_count: i32,
+        request_id: Option<&str>,
+    ) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(&job)?;
-        let task = TaskBuilder::new(payload)
-            .max_attempts(JOB_MAX_ATTEMPTS)
+        let task = new_task(payload, request_id)
             .idempotency_key(format!("dispatch-{}-{}", job.dispatch_id, enqueue_count))
             .build();
         self.push_and_wake(task).await
@@ -193,8 +247,7 @@ impl JobQueue {
         let mut tasks = Vec::with_capacity(jobs.len());
         for (job, enqueue_count) in jobs {
             tasks.push(
-                TaskBuilder::new(serde_json::to_vec(job)?)
-                    .max_attempts(JOB_MAX_ATTEMPTS)
+                new_task(serde_json::to_vec(job)?, None)
                     .idempotency_key(format!("dispatch-{}-{}", job.dispatch_id, enqueue_count))
                     .build(),
             );
@@ -217,13 +270,29 @@ impl JobQueue {
         Ok(scheduled + active)
     }
 
+    /// Jobs running now: the sum of the in-flight sets of the registered workers.
+    pub async fn running(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        let names: Vec<String> = conn.zrange(self.fan_out.workers_set(), 0, -1).await?;
+        if names.is_empty() {
+            return Ok(0);
+        }
+        let mut pipe = redis::pipe();
+        for name in &names {
+            pipe.scard(format!("{}:{name}", self.fan_out.inflight_jobs_set()));
+        }
+        let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
+        Ok(counts.iter().sum())
+    }
+
     /// Schedules the digest of `job`'s window to run when the window ends, once however
     /// many messages of the burst ask for it (the idempotency key is the window).
-    pub async fn schedule_digest(&self, job: &Digest) -> Result<(), QueueError> {
+    pub async fn schedule_digest(&self, job: &Digest, request_id: Option<&str>) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(job)?;
         let run_at = u64::try_from(job.window_end).unwrap_or(0);
         let task = TaskBuilder::new(payload)
             .max_attempts(JOB_MAX_ATTEMPTS)
+            .with_metadata(job_metadata(request_id, job.window_end.saturating_mul(1000)))
             .idempotency_key(format!("digest-{}-{}", job.window_start, job.window_end))
             .run_at_timestamp(run_at)
             .build();
@@ -231,10 +300,38 @@ impl JobQueue {
     }
 
     /// Puts a test-notification job on the queue and wakes a worker.
-    pub async fn enqueue_test_push(&self, job: &TestPush) -> Result<(), QueueError> {
+    pub async fn enqueue_test_push(&self, job: &TestPush, request_id: Option<&str>) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(job)?;
-        let task = TaskBuilder::new(payload).max_attempts(JOB_MAX_ATTEMPTS).build();
-        self.push_and_wake(task).await
+        self.push_and_wake(new_task(payload, request_id).build()).await
+    }
+
+    /// Schedules the next attempt of a failed job, `delay` from now, as a new task that
+    /// keeps the failed one's request id and first id; returns the new task's id.
+    ///
+    /// `attempts` is how many runs failed so far: the next run sees `attempts + 1`.
+    pub async fn schedule_retry(
+        &self,
+        payload: Vec<u8>,
+        attempts: usize,
+        delay: Duration,
+        failed_id: &str,
+        failed_meta: &MetadataStore,
+    ) -> Result<String, QueueError> {
+        let due = chrono::Utc::now() + chrono::Duration::from_std(delay).unwrap_or(chrono::Duration::seconds(1));
+        // apalis-redis schedules in whole seconds: round up, so a Retry-After is honoured.
+        let due_secs = due.timestamp() + i64::from(due.timestamp_subsec_millis() > 0);
+        let mut metadata = job_metadata(failed_meta.get(meta::REQUEST_ID), due_secs * 1000);
+        metadata.replace(meta::FIRST_ID, failed_meta.get(meta::FIRST_ID).unwrap_or(failed_id));
+        let id = ulid::Ulid::generate();
+        let task = TaskBuilder::new(payload)
+            .task_id(TaskId::from_ulid(id))
+            .attempt(attempts)
+            .max_attempts(JOB_MAX_ATTEMPTS)
+            .with_metadata(metadata)
+            .run_at_timestamp(u64::try_from(due_secs).unwrap_or(0))
+            .build();
+        self.push_and_wake(task).await?;
+        Ok(id.to_string())
     }
 
     async fn push_and_wake(&self, task: apalis_redis::RedisTask) -> Result<(), QueueError> {
@@ -324,14 +421,14 @@ impl JobQueue {
         let Some(letter) = raw.and_then(|r| serde_json::from_str::<DeadLetter>(&r).ok()) else {
             return Ok(false);
         };
-        let task = TaskBuilder::new(letter.payload.into_bytes()).max_attempts(JOB_MAX_ATTEMPTS).build();
-        self.push_and_wake(task).await?;
+        self.push_and_wake(new_task(letter.payload.into_bytes(), None).build()).await?;
         self.discard_dead_letter(id).await
     }
 
-    /// Jobs waiting to run (scheduled for later, or due and pending), soonest first, at
-    /// most `limit`: (task id, run at as Unix seconds, payload as text).
-    pub async fn waiting_jobs(&self, limit: isize) -> Result<Vec<(String, i64, String)>, QueueError> {
+    /// Jobs waiting to run (due and pending first, then scheduled ones soonest first), at
+    /// most `limit`.
+    pub async fn waiting_jobs(&self, limit: isize) -> Result<Vec<WaitingJob>, QueueError> {
+        type AttemptsAndRequest = (Option<usize>, Option<String>);
         let mut conn = self.conn.clone();
         let scheduled: Vec<(String, f64)> =
             conn.zrange_withscores(self.fan_out.scheduled_jobs_set(), 0, limit - 1).await?;
@@ -340,9 +437,18 @@ impl JobQueue {
         jobs.extend(scheduled.into_iter().map(|(id, at)| (id, at as i64)));
         jobs.truncate(usize::try_from(limit).unwrap_or(0));
         let mut out = Vec::with_capacity(jobs.len());
-        for (id, at) in jobs {
-            let payload: Option<Vec<u8>> = conn.hget(self.fan_out.job_data_hash(), &id).await?;
-            out.push((id, at, String::from_utf8_lossy(&payload.unwrap_or_default()).into_owned()));
+        for (id, run_at) in jobs {
+            let (payload, (attempts, request_id)): (Option<Vec<u8>>, AttemptsAndRequest) = redis::pipe()
+                .hget(self.fan_out.job_data_hash(), &id)
+                .cmd("HMGET")
+                .arg(format!("{}:{id}", self.fan_out.job_meta_hash()))
+                .arg("attempts")
+                .arg(meta::REQUEST_ID)
+                .query_async(&mut conn)
+                .await?;
+            let payload = String::from_utf8_lossy(&payload.unwrap_or_default()).into_owned();
+            let kind = crate::jobs::QueuedJob::parse(payload.as_bytes()).map_or("unreadable", |j| j.kind());
+            out.push(WaitingJob { id, run_at, kind, payload, failed_attempts: attempts.unwrap_or(0), request_id });
         }
         Ok(out)
     }

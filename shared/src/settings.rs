@@ -5,7 +5,8 @@
 //! `VAPID_PRIVATE_KEY`, `VAPID_PUBLIC_KEY`, `VAPID_SUBJECT`, `PUSH_ALLOWED_HOSTS`,
 //! `SUBMIT_RATE_LIMIT`, `PUSH_TTL_SECS`, `PUSH_TIMEOUT_MS`, `PUSH_CONCURRENCY`,
 //! `PUSH_MAX_ATTEMPTS`, `PUSH_RETRY_BASE_MS`, `PUSH_RETRY_CAP_SECS`, `RELAY_INTERVAL_MS`,
-//! `RELAY_GRACE_MS`, `QUEUE_POLL_MS`, `SHUTDOWN_TIMEOUT_SECS`, `LOG_FORMAT`.
+//! `RELAY_GRACE_MS`, `QUEUE_POLL_MS`, `SHUTDOWN_TIMEOUT_SECS`, `LOG_FORMAT`, `JOB_RETRY_*`
+//! and the others the README lists.
 //!
 //! Everything is parsed here (URLs, durations, numbers), so a bad value stops the
 //! process at start-up with a message naming the variable, never later at first use.
@@ -18,6 +19,7 @@ use secrecy::SecretString;
 use url::Url;
 
 use crate::domain::PushHostPolicy;
+use crate::jobs::RetryPolicy;
 
 /// A variable that is missing or can't be parsed.
 #[derive(Debug, thiserror::Error)]
@@ -135,6 +137,35 @@ pub struct WorkerSettings {
     pub recovery: Duration,
     /// A job started more often than this without ever finishing is dead-lettered.
     pub poison_after: u64,
+    /// Retry policy of each job kind (`JOB_RETRY_FAN_OUT`, `JOB_RETRY_DIGEST`,
+    /// `JOB_RETRY_TEST_PUSH`).
+    pub retry_policies: Vec<(&'static str, RetryPolicy)>,
+}
+
+impl WorkerSettings {
+    /// The retry policy of job kind `kind`.
+    pub fn retry_policy(&self, kind: &str) -> RetryPolicy {
+        self.retry_policies
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map_or_else(|| crate::jobs::default_retry_policy(kind), |(_, p)| *p)
+    }
+}
+
+/// Reads `JOB_RETRY_<KIND>` for each job kind, defaulting to the kind's own policy.
+fn parse_retry_policies(env: &Env<'_>) -> Result<Vec<(&'static str, RetryPolicy)>, SettingsError> {
+    const NAMES: [&str; 3] = ["JOB_RETRY_FAN_OUT", "JOB_RETRY_DIGEST", "JOB_RETRY_TEST_PUSH"];
+    crate::jobs::KINDS
+        .iter()
+        .zip(NAMES)
+        .map(|(kind, name)| {
+            let policy = match env.get(name) {
+                Some(raw) => RetryPolicy::parse(raw).map_err(|problem| SettingsError { name, problem })?,
+                None => crate::jobs::default_retry_policy(kind),
+            };
+            Ok((*kind, policy))
+        })
+        .collect()
 }
 
 impl Settings {
@@ -202,6 +233,7 @@ impl Settings {
                 job_retention: Duration::from_secs(env.parse("JOB_RETENTION_SECS", "3600")?),
                 job_retention_count: env.parse("JOB_RETENTION_COUNT", "10000")?,
                 poison_after: env.parse::<u64>("POISON_AFTER", "3")?.max(1),
+                retry_policies: parse_retry_policies(&env)?,
                 recovery: Duration::from_secs(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?.max(1)),
                 trim_interval: Duration::from_millis(env.parse::<u64>("TRIM_INTERVAL_MS", "60000")?.max(10)),
                 burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),
@@ -311,6 +343,18 @@ mod tests {
         assert!(!with("http://localhost:8000/"));
         assert!(with("http://example.com/"));
         assert!(with("https://example.com/"));
+    }
+
+    #[test]
+    fn retry_policies_default_per_kind_and_can_be_set() {
+        let settings = Settings::from_map(&HashMap::new()).expect("defaults are valid");
+        assert_eq!(settings.worker.retry_policy("test_push").max_attempts, 3);
+        let vars = HashMap::from([("JOB_RETRY_DIGEST".to_owned(), "2/100/100".to_owned())]);
+        let settings = Settings::from_map(&vars).expect("valid");
+        assert_eq!(settings.worker.retry_policy("digest").max_attempts, 2);
+        assert_eq!(settings.worker.retry_policy("fan_out"), crate::jobs::default_retry_policy("fan_out"));
+        let vars = HashMap::from([("JOB_RETRY_FAN_OUT".to_owned(), "0/1/1".to_owned())]);
+        assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "JOB_RETRY_FAN_OUT");
     }
 
     #[test]

@@ -245,7 +245,7 @@ async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
         i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs())
             .expect("fits")
             + 3600;
-    queue.schedule_digest(&shared::jobs::Digest::new(later - 60, later)).await.expect("scheduled");
+    queue.schedule_digest(&shared::jobs::Digest::new(later - 60, later), None).await.expect("scheduled");
 
     // Act: three jobs run and finish.
     for i in 0..3 {
@@ -284,10 +284,24 @@ async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
 async fn a_waiting_job_can_be_listed_and_revoked() {
     // Arrange: no worker, so the job waits.
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    app.submit_valid_feedback("Ann", "revoke me").await;
+    let response = app
+        .client
+        .post(format!("{}/api/feedback", app.address))
+        .header("x-request-id", "proxy-7f3a.1")
+        .json(
+            &serde_json::json!({"submitter_name": "Ann", "submitter_email": "ann@example.com", "content": "revoke me"}),
+        )
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), 201);
+    assert_eq!(response.headers()["x-request-id"], "proxy-7f3a.1", "the request id is echoed");
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     assert!(wait_until(|| async { queue.waiting_jobs(10).await.expect("list").len() == 1 }).await);
-    let (id, _, payload) = queue.waiting_jobs(10).await.expect("list").remove(0);
+    let waiting = queue.waiting_jobs(10).await.expect("list").remove(0);
+    assert_eq!((waiting.kind, waiting.failed_attempts), ("fan_out", 0));
+    assert_eq!(waiting.request_id.as_deref(), Some("proxy-7f3a.1"), "the job carries the request's id");
+    let (id, payload) = (waiting.id, waiting.payload);
     assert!(payload.contains("\"feedback_id\""));
 
     // Act: the operator's command.

@@ -15,3 +15,4 @@ mod pipeline;
 mod push_failures;
 mod pwa;
 mod queues;
+mod retries;

@@ -30,6 +30,9 @@ async fn web_and_worker_count_submissions_jobs_and_pushes_by_outcome() {
     assert!(worker.contains("tidings_pushes_total{outcome=\"gone\"} 1"), "{worker}");
     assert!(worker.contains("# TYPE tidings_push_duration_seconds histogram"), "{worker}");
     assert!(worker.contains("tidings_queue_backlog 0"), "{worker}");
+    assert!(worker.contains("tidings_jobs_started_total{kind=\"fan_out\"} 1"), "{worker}");
+    assert!(worker.contains("tidings_job_queue_wait_seconds_count{kind=\"fan_out\"} 1"), "{worker}");
+    assert!(worker.contains("tidings_job_duration_seconds_count{kind=\"fan_out\"} 1"), "{worker}");
     let web = app.client.get(format!("{}/metrics", app.address)).send().await.expect("web metrics");
     assert!(web.headers()["content-type"].to_str().expect("ascii").starts_with("text/plain"));
     let web = web.text().await.expect("text");

@@ -26,6 +26,12 @@ async fn the_queues_page_shows_the_job_system_and_settles_dead_letters() {
     };
     let first = queue.dead_letter(&letter("garbage one")).await.expect("stored");
     let second = queue.dead_letter(&letter("garbage two")).await.expect("stored");
+    let later =
+        i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs())
+            .expect("fits")
+            + 3600;
+    let digest = shared::jobs::Digest::new(later - 60, later);
+    queue.schedule_digest(&digest, Some("req-queues-page")).await.expect("scheduled");
     app.create_admin_with_email("ops@tidings.test").await;
     let client = new_client();
     app.login(&client, "ops@tidings.test", TEST_PASSWORD).await;
@@ -40,6 +46,9 @@ async fn the_queues_page_shows_the_job_system_and_settles_dead_letters() {
     let html =
         client.get(format!("{}/admin/queues", app.address)).send().await.expect("page").text().await.expect("html");
     assert!(html.contains("<svg") && html.contains("Jobs per minute"));
+    assert!(html.contains("wait in the queue") && html.contains("ms</title>"), "the latency chart has points");
+    assert!(html.contains("<td>digest</td>") && html.contains("<code>req-queues-page</code>"), "waiting jobs listed");
+    assert!(html.contains("s from now</td>\n      <td>1</td>"), "with their attempt number");
     assert!(html.contains("malformed payload: expected value"));
     let token =
         tidings_tests::harness::extract_attribute(&html, "<meta name=\"csrf-token\" content=\"").expect("token");

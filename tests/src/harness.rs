@@ -154,8 +154,13 @@ impl TestApp {
 
     /// A fresh subscription on the stand-in, stored for a new admin.
     pub async fn subscribe_browser(&self) -> BrowserSubscription {
-        let browser = self.push.new_subscription();
         let admin = self.create_admin().await;
+        self.subscribe_device(admin).await
+    }
+
+    /// A fresh subscription on the stand-in, stored as a device of admin `admin`.
+    pub async fn subscribe_device(&self, admin: i64) -> BrowserSubscription {
+        let browser = self.push.new_subscription();
         let sub = shared::domain::NewSubscription::parse(
             &browser.endpoint,
             &browser.p256dh,

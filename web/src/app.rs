@@ -17,6 +17,7 @@ use shared::settings::Settings;
 use crate::dispatch::Dispatcher;
 use crate::middleware::body_limit::limit_body;
 use crate::middleware::rate_limit::SubmitLimiter;
+use crate::middleware::request_id::request_id;
 use crate::middleware::respond::respond;
 use crate::routes;
 use crate::state::AppState;
@@ -107,6 +108,7 @@ pub fn endpoint(state: &AppState) -> impl poem::Endpoint + use<> {
         .data(state.clone())
         .around(limit_body)
         .around(respond)
+        .around(request_id)
 }
 
 /// A 32-byte key for `purpose`, derived from `SECRET_KEY`.

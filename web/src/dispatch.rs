@@ -60,8 +60,9 @@ impl Dispatcher {
 
     /// Enqueues the job of a committed submission and marks its record; failures are
     /// logged and left to the relay.
-    pub async fn announce(&self, submitted: Submitted) {
-        let outcome = self.try_announce(submitted).await;
+    /// `request_id` is the submitting request's, carried by the job.
+    pub async fn announce(&self, submitted: Submitted, request_id: Option<String>) {
+        let outcome = self.try_announce(submitted, request_id.as_deref()).await;
         self.metrics
             .counter(
                 "tidings_dispatch_total",
@@ -71,7 +72,7 @@ impl Dispatcher {
             .inc();
     }
 
-    async fn try_announce(&self, submitted: Submitted) -> &'static str {
+    async fn try_announce(&self, submitted: Submitted, request_id: Option<&str>) -> &'static str {
         let Some(queue) = self.queue().await else { return "deferred_redis_down" };
         let one_at_a_time = self.enqueue_lock.lock().await;
         // Over the backlog bound, the record waits in the database for the relay.
@@ -87,7 +88,7 @@ impl Dispatcher {
             }
         }
         let job = FanOut::new(submitted.feedback_id, submitted.dispatch_id);
-        if let Err(e) = queue.enqueue_fan_out(job, 0).await {
+        if let Err(e) = queue.enqueue_fan_out(job, 0, request_id).await {
             tracing::warn!(
                 feedback_id = submitted.feedback_id,
                 error = %e,
@@ -104,9 +105,10 @@ impl Dispatcher {
         "enqueued"
     }
 
-    /// Runs [`Dispatcher::announce`] in the background.
+    /// Runs [`Dispatcher::announce`] in the background, for the current request.
     pub fn announce_in_background(self: &std::sync::Arc<Self>, submitted: Submitted) {
         let this = std::sync::Arc::clone(self);
-        tokio::spawn(async move { this.announce(submitted).await });
+        let request_id = crate::middleware::request_id::current();
+        tokio::spawn(async move { this.announce(submitted, request_id).await });
     }
 }

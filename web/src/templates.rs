@@ -188,6 +188,12 @@ pub struct AdminQueues<'a> {
     pub last_hour: u64,
     /// Server-drawn SVG (numbers only): jobs per minute.
     pub throughput_svg: String,
-    /// Server-drawn SVG (numbers only): run time per minute.
-    pub run_time_svg: String,
+    /// Server-drawn SVG (numbers only): run time and queue wait per minute.
+    pub latency_svg: String,
+    /// Jobs running now.
+    pub running: u64,
+    /// Unix time the page was drawn (for "runs in …").
+    pub now: i64,
+    /// The first waiting jobs, with their attempt numbers.
+    pub jobs: Vec<shared::queue::WaitingJob>,
 }

@@ -15,6 +15,7 @@ use apalis::prelude::WorkerBuilderExt;
 use apalis_core::backend::ext::BackendExt;
 use apalis_core::task::attempt::Attempt;
 use apalis_core::task::data::Data;
+use apalis_core::task::metadata::MetadataStore;
 use apalis_core::task::task_id::TaskId;
 use apalis_core::worker::builder::WorkerBuilder;
 use apalis_redis::RedisStorage;
@@ -23,10 +24,11 @@ use poem::listener::{Acceptor, Listener, TcpAcceptor, TcpListener};
 use secrecy::SecretString;
 use shared::jobs::QueuedJob;
 use shared::metrics::Registry;
-use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob};
+use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob, meta as queue_meta};
 use shared::settings::Settings;
 use shared::worker_health::{self, WorkerReport};
 use tokio::sync::watch;
+use tracing::Instrument;
 
 use crate::context::WorkerContext;
 use crate::jobs::{JobError, digest, fan_out, relay, test_push, trim};
@@ -326,36 +328,96 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// The apalis handler of the fan-out queue: parses the payload, runs the job, and
-/// dead-letters what can never run instead of failing the worker.
+/// The apalis handler of the fan-out queue: parses the payload, runs the job in a span
+/// that names it (task, kind, attempt, the request that enqueued it), and settles
+/// failures itself: a retryable one is scheduled again under the kind's retry policy, a
+/// permanent one or the last attempt is dead-lettered. apalis only ever sees success,
+/// so its fixed retry schedule never applies.
 async fn handle_fan_out(
     job: RawJob,
     ctx: Data<WorkerContext>,
     attempt: Attempt,
     task_id: TaskId,
+    meta: MetadataStore,
 ) -> Result<(), JobError> {
-    // Poison jobs: a job started again and again without ever returning is taking its
-    // worker down with it (a crash, an OOM kill). Past POISON_AFTER starts it is set aside.
-    let starts = count_start(&ctx, &task_id).await;
-    if starts > ctx.settings.worker.poison_after {
-        let reason = format!("started {starts} times without finishing: it may be crashing its worker");
-        tracing::error!(task = %task_id, starts, "job.poison");
+    let attempt = attempt.current();
+    let parsed = QueuedJob::parse(&job.0);
+    let kind = parsed.as_ref().map_or("unreadable", QueuedJob::kind);
+    let request_id = meta.get(queue_meta::REQUEST_ID).unwrap_or("-");
+    let span = tracing::info_span!("job", task = %task_id, kind, attempt, request_id);
+    async move {
+        let waited = meta
+            .get(queue_meta::DUE_AT_MS)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
+        ctx.metrics.counter("tidings_jobs_started_total", "Jobs started, by kind.", &[("kind", kind)]).inc();
+        if let Some(waited) = waited {
+            ctx.metrics
+                .histogram(
+                    "tidings_job_queue_wait_seconds",
+                    "Time from when a job was due to when a worker started it, by kind.",
+                    &[("kind", kind)],
+                )
+                .observe(waited);
+        }
+        // Poison jobs: a job started again and again without ever returning is taking its
+        // worker down with it (a crash, an OOM kill). Past POISON_AFTER starts it is set aside.
+        let starts = count_start(&ctx, &task_id).await;
+        if starts > ctx.settings.worker.poison_after {
+            let reason = format!("started {starts} times without finishing: it may be crashing its worker");
+            tracing::error!(starts, "job.poison");
+            forget_starts(&ctx, &task_id).await;
+            account(&ctx, kind, "dead", std::time::Duration::ZERO, waited).await;
+            return dead_letter(&ctx, job.0, reason, attempt).await;
+        }
+        let started = std::time::Instant::now();
+        let result = run_job(parsed, &ctx).await;
+        let took = started.elapsed();
         forget_starts(&ctx, &task_id).await;
-        return dead_letter(&ctx, &job, reason, attempt.current()).await;
-    }
-    let result = run_job(&job, &ctx).await;
-    forget_starts(&ctx, &task_id).await;
-    match result {
-        Ok(()) => Ok(()),
-        Err(JobError::Permanent(reason)) => {
-            tracing::error!(attempt = attempt.current(), %reason, "job.dead_lettered");
-            dead_letter(&ctx, &job, reason, attempt.current()).await
+        match result {
+            Ok(()) => {
+                account(&ctx, kind, "succeeded", took, waited).await;
+                Ok(())
+            }
+            Err(JobError::Permanent(reason)) => {
+                tracing::error!(%reason, "job.dead_lettered");
+                account(&ctx, kind, "dead", took, waited).await;
+                dead_letter(&ctx, job.0, reason, attempt).await
+            }
+            Err(JobError::Retryable { error, retry_after, rest }) => {
+                let payload = rest.unwrap_or(job.0);
+                let policy = ctx.settings.worker.retry_policy(kind);
+                if attempt >= policy.max_attempts as usize {
+                    let reason = format!("gave up after {attempt} attempts: {error:#}");
+                    tracing::error!(%reason, "job.dead_lettered");
+                    account(&ctx, kind, "dead", took, waited).await;
+                    return dead_letter(&ctx, payload, reason, attempt).await;
+                }
+                account(&ctx, kind, "retried", took, waited).await;
+                let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
+                let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
+                match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
+                    Ok(next) => {
+                        tracing::warn!(
+                            error = %format!("{error:#}"),
+                            next_task = %next,
+                            retry_in_ms = wait.as_millis() as u64,
+                            max_attempts = policy.max_attempts,
+                            "job.retry_scheduled"
+                        );
+                        Ok(())
+                    }
+                    Err(e) => {
+                        // Redis failed us: leave the job to apalis (it re-runs it later).
+                        tracing::warn!(error = %e, "job.retry_not_scheduled");
+                        Err(JobError::retryable(error))
+                    }
+                }
+            }
         }
-        Err(e @ JobError::Retryable(_)) => {
-            tracing::warn!(attempt = attempt.current(), error = %e, "job.failed; apalis will retry it");
-            Err(e)
-        }
     }
+    .instrument(span)
+    .await
 }
 
 fn starts_key(ctx: &WorkerContext, task_id: &TaskId) -> String {
@@ -381,49 +443,56 @@ async fn forget_starts(ctx: &WorkerContext, task_id: &TaskId) {
     let _: redis::RedisResult<()> = redis::cmd("DEL").arg(starts_key(ctx, task_id)).query_async(&mut conn).await;
 }
 
-/// Keeps `job` as a dead letter; completing the job keeps apalis from retrying it.
-async fn dead_letter(ctx: &WorkerContext, job: &RawJob, reason: String, attempt: usize) -> Result<(), JobError> {
+/// Keeps `payload` as a dead letter; completing the job keeps apalis from retrying it.
+async fn dead_letter(ctx: &WorkerContext, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
     let letter = DeadLetter {
         id: String::new(),
         queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
-        payload: String::from_utf8_lossy(&job.0).into_owned(),
+        payload: String::from_utf8_lossy(&payload).into_owned(),
         error: reason,
         attempt,
         at: chrono::Utc::now().to_rfc3339(),
     };
-    ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(|e| JobError::Retryable(e.into()))
+    ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(JobError::retryable)
 }
 
-/// Runs the job the payload names, counting and timing it.
-async fn run_job(job: &RawJob, ctx: &WorkerContext) -> Result<(), JobError> {
-    let started = std::time::Instant::now();
-    let (kind, result) = match QueuedJob::parse(&job.0) {
-        Ok(QueuedJob::FanOut(payload)) => ("fan_out", fan_out::run(payload, ctx).await),
-        Ok(QueuedJob::TestPush(payload)) => ("test_push", test_push::run(payload.admin_id, ctx).await.map(|_| ())),
-        Ok(QueuedJob::Digest(payload)) => ("digest", digest::run(&payload, ctx).await.map(|_| ())),
-        Err(reason) => ("unreadable", Err(JobError::Permanent(reason))),
-    };
-    let outcome = match &result {
-        Ok(()) => "succeeded",
-        Err(JobError::Permanent(_)) => "dead",
-        Err(JobError::Retryable(_)) => "retried",
-    };
+/// Runs the parsed job.
+async fn run_job(job: Result<QueuedJob, String>, ctx: &WorkerContext) -> Result<(), JobError> {
+    match job {
+        Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, ctx).await,
+        Ok(QueuedJob::TestPush(payload)) => test_push::run(&payload, ctx).await.map(|_| ()),
+        Ok(QueuedJob::Digest(payload)) => digest::run(&payload, ctx).await.map(|_| ()),
+        Err(reason) => Err(JobError::Permanent(reason)),
+    }
+}
+
+/// Milliseconds from `then_ms` (since the epoch) to now; 0 for the future.
+fn millis_since(then_ms: i64) -> u64 {
+    u64::try_from(chrono::Utc::now().timestamp_millis().saturating_sub(then_ms)).unwrap_or(0)
+}
+
+/// Counts and times a finished run: `outcome` is succeeded, retried or dead.
+async fn account(
+    ctx: &WorkerContext,
+    kind: &'static str,
+    outcome: &'static str,
+    took: std::time::Duration,
+    waited: Option<std::time::Duration>,
+) {
     ctx.metrics
         .counter("tidings_jobs_total", "Jobs run, by kind and outcome.", &[("kind", kind), ("outcome", outcome)])
         .inc();
-    let took = started.elapsed();
     ctx.metrics
         .histogram("tidings_job_duration_seconds", "How long jobs ran, by kind.", &[("kind", kind)])
         .observe(took);
     let mut conn = ctx.queue.connection();
-    let run_ms = u64::try_from(took.as_millis()).unwrap_or(u64::MAX);
+    let as_ms = |d: std::time::Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
     let now = chrono::Utc::now().timestamp();
-    if let Err(e) =
-        shared::job_stats::record(&mut conn, ctx.queue.namespace(), now, outcome == "succeeded", run_ms).await
-    {
+    let (run_ms, wait_ms) = (as_ms(took), waited.map_or(0, as_ms));
+    let succeeded = outcome == "succeeded";
+    if let Err(e) = shared::job_stats::record(&mut conn, ctx.queue.namespace(), now, succeeded, run_ms, wait_ms).await {
         tracing::debug!(error = %e, "job_stats.record_failed");
     }
-    result
 }
 
 /// Resolves on SIGINT or SIGTERM.

@@ -39,7 +39,7 @@ pub async fn discard(settings: &Settings, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Prints waiting jobs: id, when they run (now, or a time), payload.
+/// Prints waiting jobs: id, when they run (now, or a time), kind, attempt, payload.
 pub async fn list_jobs(settings: &Settings, limit: isize) -> anyhow::Result<()> {
     let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
     let jobs = queue.waiting_jobs(limit).await?;
@@ -47,13 +47,20 @@ pub async fn list_jobs(settings: &Settings, limit: isize) -> anyhow::Result<()> 
         println!("no waiting jobs");
     }
     let now = chrono::Utc::now().timestamp();
-    for (id, at, payload) in jobs {
-        let when = if at <= now {
+    for job in jobs {
+        let when = if job.run_at <= now {
             "due".to_owned()
         } else {
-            chrono::DateTime::from_timestamp(at, 0).map_or_else(|| at.to_string(), |t| t.to_rfc3339())
+            chrono::DateTime::from_timestamp(job.run_at, 0).map_or_else(|| job.run_at.to_string(), |t| t.to_rfc3339())
         };
-        println!("{id}  {when}  {}", payload.chars().take(120).collect::<String>());
+        let request = job.request_id.as_deref().unwrap_or("-");
+        println!(
+            "{}  {when}  {} attempt={} request={request}  {}",
+            job.id,
+            job.kind,
+            job.failed_attempts + 1,
+            job.payload.chars().take(120).collect::<String>()
+        );
     }
     Ok(())
 }

@@ -10,8 +10,16 @@ use shared::settings::Settings;
 pub struct Status {
     /// Jobs waiting in Redis.
     pub queued: u64,
-    /// Jobs scheduled for later in Redis.
+    /// Jobs scheduled for later in Redis (digests, retries).
     pub scheduled: u64,
+    /// Jobs running now (in the in-flight sets of live workers).
+    pub running: u64,
+    /// Jobs that finished in the last minute and in the last hour (succeeded, failed).
+    pub finished_last_minute: (u64, u64),
+    /// The same over the last hour.
+    pub finished_last_hour: (u64, u64),
+    /// Waiting jobs that failed before: their next run is a retry.
+    pub retries: Vec<shared::queue::WaitingJob>,
     /// Registered worker processes.
     pub workers: u64,
     /// Dispatch records not yet completed (includes what waits to be relayed).
@@ -31,10 +39,30 @@ pub async fn read(settings: &Settings) -> anyhow::Result<Status> {
     let queued: u64 = conn.llen(config.active_jobs_list()).await?;
     let scheduled: u64 = conn.zcard(config.scheduled_jobs_set()).await?;
     let workers: u64 = conn.zcard(config.workers_set()).await?;
+    let running = queue.running().await?;
+    let now = chrono::Utc::now().timestamp();
+    let minutes = shared::job_stats::last_minutes(&mut conn, &settings.redis_namespace, now, 60).await?;
+    let sum = |ms: &[shared::job_stats::Minute]| {
+        ms.iter().fold((0, 0), |(ok, failed), m| (ok + m.succeeded, failed + m.failed))
+    };
+    let finished_last_hour = sum(&minutes);
+    let finished_last_minute = sum(&minutes[minutes.len().saturating_sub(1)..]);
+    let retries = queue.waiting_jobs(1000).await?.into_iter().filter(|j| j.failed_attempts > 0).take(20).collect();
     let dead_letters = queue.dead_letter_count().await?;
     let outstanding_dispatches = shared::queries::dispatch::outstanding(&db).await?;
     let processes = shared::worker_health::read_all(&mut conn, &settings.redis_namespace).await?;
-    Ok(Status { queued, scheduled, workers, outstanding_dispatches, dead_letters, processes })
+    Ok(Status {
+        queued,
+        scheduled,
+        running,
+        finished_last_minute,
+        finished_last_hour,
+        retries,
+        workers,
+        outstanding_dispatches,
+        dead_letters,
+        processes,
+    })
 }
 
 /// Prints the status, one `name value` line each.
@@ -42,9 +70,19 @@ pub async fn print(settings: &Settings) -> anyhow::Result<()> {
     let status = read(settings).await?;
     println!("queued {}", status.queued);
     println!("scheduled {}", status.scheduled);
+    println!("running {}", status.running);
     println!("workers {}", status.workers);
     println!("outstanding_dispatches {}", status.outstanding_dispatches);
     println!("dead_letters {}", status.dead_letters);
+    let (ok, failed) = status.finished_last_minute;
+    println!("finished_last_minute succeeded={ok} failed={failed}");
+    let (ok, failed) = status.finished_last_hour;
+    println!("finished_last_hour succeeded={ok} failed={failed}");
+    for job in &status.retries {
+        let at =
+            chrono::DateTime::from_timestamp(job.run_at, 0).map_or_else(|| job.run_at.to_string(), |t| t.to_rfc3339());
+        println!("retry {} {} attempt={} at={at}", job.id, job.kind, job.failed_attempts + 1);
+    }
     println!("processes {}", status.processes.len());
     for p in &status.processes {
         println!(

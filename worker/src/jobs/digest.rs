@@ -2,14 +2,16 @@
 //! messages"), sent to every subscription when the burst's window ends.
 //!
 //! It counts the window's messages no delivery was recorded for (those folded by the
-//! fan-out). Like the test push, it records no per-subscription deliveries: its `Topic`
-//! names the window, so a re-run replaces a copy the push service still holds.
+//! fan-out). Like the test push, it records no per-subscription deliveries: pushes that
+//! may pass later (429, 5xx, timeouts) are retried as a digest limited to those
+//! subscriptions, and its `Topic` names the window, so a re-run replaces a copy the push
+//! service still holds.
 
 use shared::domain::Notification;
 use shared::jobs::Digest;
 use shared::queries::{feedback, subscription};
 
-use super::JobError;
+use super::{JobError, Retries};
 use crate::context::WorkerContext;
 use crate::push::{PushMessage, Urgency};
 
@@ -28,17 +30,30 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let topic = format!("digest{}", job.window_end);
     let message = PushMessage { payload: &payload, topic: &topic, urgency: Urgency::High };
     let mut delivered = 0;
+    let mut retries = Retries::default();
     let mut after = 0;
     loop {
-        let ids = subscription::ids_after(&ctx.db, after, PAGE).await?;
+        let ids = match &job.only {
+            Some(only) => only.iter().copied().filter(|id| *id > after).take(PAGE as usize).collect(),
+            None => subscription::ids_after(&ctx.db, after, PAGE).await?,
+        };
         let Some(&last) = ids.last() else { break };
         after = last;
         for sub in subscription::by_ids(&ctx.db, &ids).await? {
-            if super::send_untracked(ctx, &sub, &message).await? {
-                delivered += 1;
-            }
+            let outcome = super::send_untracked(ctx, &sub, &message).await?;
+            delivered += usize::from(retries.note(sub.id, outcome));
         }
     }
-    tracing::info!(messages = folded.len(), delivered, window_end = job.window_end, "digest.sent");
+    tracing::info!(
+        messages = folded.len(),
+        delivered,
+        retrying = retries.ids.len(),
+        window_end = job.window_end,
+        "digest.sent"
+    );
+    retries.into_result(|ids| {
+        let rest = Digest { only: Some(ids), ..job.clone() };
+        serde_json::to_vec(&rest).unwrap_or_default()
+    })?;
     Ok(delivered)
 }

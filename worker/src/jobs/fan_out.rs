@@ -82,9 +82,9 @@ async fn fold_into_digest(
         return Ok(false);
     }
     ctx.queue
-        .schedule_digest(&shared::jobs::Digest::new(start, start + window))
+        .schedule_digest(&shared::jobs::Digest::new(start, start + window), None)
         .await
-        .map_err(|e| JobError::Retryable(e.into()))?;
+        .map_err(JobError::retryable)?;
     tracing::info!(feedback_id = message.id, in_window, window_end = start + window, "fan_out.folded_into_digest");
     Ok(true)
 }

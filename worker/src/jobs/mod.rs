@@ -8,30 +8,102 @@ pub mod test_push;
 pub mod trim;
 
 /// How a job failed, which decides whether it is tried again.
+///
+/// The classification follows the push services' answers (and the seed's SMS module):
+/// timeouts, connection errors, 429 and 5xx may pass later and are retried under the
+/// kind's [`shared::jobs::RetryPolicy`]; other 4xx, and payloads this build can't read,
+/// never will and are not.
 #[derive(Debug, thiserror::Error)]
 pub enum JobError {
-    /// May succeed later (database or Redis unreachable): run the job again.
-    #[error("retryable: {0:#}")]
-    Retryable(anyhow::Error),
+    /// May succeed later: run the job again after a backoff.
+    #[error("retryable: {error:#}")]
+    Retryable {
+        /// What failed.
+        error: anyhow::Error,
+        /// Not before this long (a push service's `Retry-After`).
+        retry_after: Option<std::time::Duration>,
+        /// The payload to retry when it is not the job's own (only the part that failed).
+        rest: Option<Vec<u8>>,
+    },
     /// Will never succeed (unsupported payload): dead-letter it.
     #[error("permanent: {0}")]
     Permanent(String),
 }
 
+impl JobError {
+    /// A failure that may pass: the whole job runs again.
+    pub fn retryable(error: impl Into<anyhow::Error>) -> Self {
+        Self::Retryable { error: error.into(), retry_after: None, rest: None }
+    }
+}
+
 impl From<sea_orm::DbErr> for JobError {
     fn from(e: sea_orm::DbErr) -> Self {
-        Self::Retryable(e.into())
+        Self::retryable(e)
+    }
+}
+
+/// What became of one untracked push.
+#[derive(Debug)]
+pub(crate) enum Untracked {
+    /// The push service took it.
+    Delivered,
+    /// The subscription is gone (and was deleted), or the push was refused for good.
+    NotDelivered,
+    /// May pass later; not before `retry_after` if the push service said so.
+    Retry {
+        /// Why it failed.
+        reason: String,
+        /// The push service's `Retry-After`.
+        retry_after: Option<std::time::Duration>,
+    },
+}
+
+/// Pushes of an untracked job (test push, digest) that may pass later.
+#[derive(Debug, Default)]
+pub(crate) struct Retries {
+    /// The subscriptions to try again.
+    pub ids: Vec<i64>,
+    /// The longest `Retry-After` among them.
+    pub retry_after: Option<std::time::Duration>,
+    /// The last reason.
+    pub reason: String,
+}
+
+impl Retries {
+    /// Notes the outcome of the push to `id`; true when it was delivered.
+    pub fn note(&mut self, id: i64, outcome: Untracked) -> bool {
+        match outcome {
+            Untracked::Delivered => true,
+            Untracked::NotDelivered => false,
+            Untracked::Retry { reason, retry_after } => {
+                self.ids.push(id);
+                self.retry_after = self.retry_after.max(retry_after);
+                self.reason = reason;
+                false
+            }
+        }
+    }
+
+    /// `Ok` when nothing is left to retry, else the error that retries the rest with
+    /// `rest(ids)` as the payload.
+    pub fn into_result(mut self, rest: impl FnOnce(Vec<i64>) -> Vec<u8>) -> Result<(), JobError> {
+        if self.ids.is_empty() {
+            return Ok(());
+        }
+        self.ids.sort_unstable();
+        let error = anyhow::anyhow!("{} push(es) may pass later: {}", self.ids.len(), self.reason);
+        Err(JobError::Retryable { error, retry_after: self.retry_after, rest: Some(rest(self.ids)) })
     }
 }
 
 /// Sends `message` to `sub` without a delivery record (test pushes, digests): counts and
-/// times it, deletes a gone subscription, records success or failure on it. True when the
-/// push service took it.
+/// times it, deletes a gone subscription, records success or failure on it.
 pub(crate) async fn send_untracked(
     ctx: &crate::context::WorkerContext,
     sub: &shared::entities::push_subscription::Model,
     message: &crate::push::PushMessage<'_>,
-) -> Result<bool, JobError> {
+) -> Result<Untracked, JobError> {
     use crate::push::{PushOutcome, PushTarget};
     use shared::queries::subscription;
     let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
@@ -41,17 +113,21 @@ pub(crate) async fn send_untracked(
     match outcome {
         PushOutcome::Delivered => {
             subscription::record_success(&ctx.db, sub.id).await?;
-            Ok(true)
+            Ok(Untracked::Delivered)
         }
         PushOutcome::Gone { status } => {
             tracing::info!(subscription_id = sub.id, status, "push.subscription_gone");
             subscription::delete(&ctx.db, sub.id).await?;
-            Ok(false)
+            Ok(Untracked::NotDelivered)
         }
-        PushOutcome::Retry { reason, .. } | PushOutcome::Rejected { reason, .. } => {
+        PushOutcome::Retry { reason, retry_after } => {
+            tracing::warn!(subscription_id = sub.id, %reason, "push.untracked_retry");
+            Ok(Untracked::Retry { reason, retry_after })
+        }
+        PushOutcome::Rejected { reason, .. } => {
             tracing::warn!(subscription_id = sub.id, %reason, "push.untracked_failed");
             subscription::record_failure(&ctx.db, sub.id, &reason).await?;
-            Ok(false)
+            Ok(Untracked::NotDelivered)
         }
     }
 }

@@ -27,7 +27,7 @@ pub async fn run(ctx: &WorkerContext) -> Result<usize, JobError> {
     let max_backlog = ctx.settings.worker.max_backlog;
     let mut enqueued = 0;
     loop {
-        let backlog = ctx.queue.backlog().await.map_err(|e| JobError::Retryable(e.into()))?;
+        let backlog = ctx.queue.backlog().await.map_err(JobError::retryable)?;
         let room = max_backlog.saturating_sub(backlog).min(BATCH);
         if room == 0 {
             break;
@@ -38,7 +38,7 @@ pub async fn run(ctx: &WorkerContext) -> Result<usize, JobError> {
         }
         let jobs: Vec<(FanOut, i32)> =
             due.iter().map(|record| (FanOut::new(record.feedback_id, record.id), record.enqueue_count)).collect();
-        ctx.queue.enqueue_fan_outs(&jobs).await.map_err(|e| JobError::Retryable(e.into()))?;
+        ctx.queue.enqueue_fan_outs(&jobs).await.map_err(JobError::retryable)?;
         let ids: Vec<i64> = due.iter().map(|record| record.id).collect();
         dispatch::mark_enqueued_many(&ctx.db, &ids).await?;
         enqueued += due.len();

@@ -35,7 +35,7 @@ pub async fn run(ctx: &WorkerContext) -> Result<Trimmed, JobError> {
     let keep = ctx.settings.worker.job_retention_count;
     let now = chrono::Utc::now().timestamp().max(0) as u64;
     let mut conn = ctx.queue.connection();
-    let redis_error = |e: redis::RedisError| JobError::Retryable(e.into());
+    let redis_error = |e: redis::RedisError| JobError::retryable(e);
     let mut trimmed = Trimmed::default();
     for (set, counter) in [(config.done_jobs_set(), &mut trimmed.done), (config.dead_jobs_set(), &mut trimmed.dead)] {
         for _ in 0..MAX_BATCHES {

@@ -80,7 +80,11 @@ pub(super) async fn send_test(
     let queue = state.dispatcher.queue().await.ok_or_else(|| {
         WebError::Unavailable(anyhow::anyhow!("redis is not reachable; the test notification was not queued"))
     })?;
-    queue.enqueue_test_push(&TestPush::new(admin)).await.map_err(|e| WebError::Unavailable(e.into()))?;
+    let request_id = crate::middleware::request_id::current();
+    queue
+        .enqueue_test_push(&TestPush::new(admin), request_id.as_deref())
+        .await
+        .map_err(|e| WebError::Unavailable(e.into()))?;
     tracing::info!(admin_id = admin, "push.test_queued");
     Ok(Redirect::see_other("/admin/notifications?done=test").into_response())
 }

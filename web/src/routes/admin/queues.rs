@@ -1,6 +1,7 @@
-//! `/admin/queues`: the job system at a glance — backlog, dead letters, worker
-//! processes, and throughput and run time per minute over the last hour — with retry and
-//! discard buttons for dead letters. The page refreshes itself every 10 seconds.
+//! `/admin/queues`: the job system at a glance — backlog, running jobs, waiting jobs with
+//! their attempt numbers, dead letters, worker processes, and throughput and latency (run
+//! time, queue wait) per minute over the last hour — with retry and discard buttons for
+//! dead letters. The page refreshes itself every 10 seconds.
 
 use std::fmt::Write as _;
 
@@ -42,6 +43,8 @@ pub(super) async fn page(state: Data<&AppState>, session: &Session, token: &Csrf
         .await
         .map_err(redis_down)?;
     let waiting = shared::queries::dispatch::outstanding(&state.db).await?;
+    let jobs = queue.waiting_jobs(20).await.map_err(unavailable)?;
+    let running = queue.running().await.map_err(unavailable)?;
     let last_hour: u64 = minutes.iter().map(|m| m.succeeded + m.failed).sum();
     let page = AdminQueues {
         csrf_token: &token.0,
@@ -52,7 +55,10 @@ pub(super) async fn page(state: Data<&AppState>, session: &Session, token: &Csrf
         workers,
         last_hour,
         throughput_svg: throughput_chart(&minutes),
-        run_time_svg: run_time_chart(&minutes),
+        latency_svg: latency_chart(&minutes),
+        running,
+        now,
+        jobs,
     };
     Ok(render(StatusCode::OK, &page))
 }
@@ -127,30 +133,39 @@ pub fn throughput_chart(minutes: &[Minute]) -> String {
     close_svg(svg, &format!("max {max:.0}/min"))
 }
 
-/// A line of the average run time per minute (ms), where jobs ran.
-pub fn run_time_chart(minutes: &[Minute]) -> String {
-    let averages: Vec<Option<f64>> = minutes
-        .iter()
-        .map(|m| {
-            let n = m.succeeded + m.failed;
-            (n > 0).then(|| m.run_ms as f64 / n as f64)
-        })
-        .collect();
-    let max = averages.iter().flatten().copied().fold(1.0_f64, f64::max);
+/// Latency per minute, where jobs ran: the average run time (blue) and the average wait
+/// between being due and starting (orange), in ms on one scale.
+pub fn latency_chart(minutes: &[Minute]) -> String {
+    let average = |total: fn(&Minute) -> u64| -> Vec<Option<f64>> {
+        minutes
+            .iter()
+            .map(|m| {
+                let n = m.succeeded + m.failed;
+                (n > 0).then(|| total(m) as f64 / n as f64)
+            })
+            .collect()
+    };
+    let (run, wait) = (average(|m| m.run_ms), average(|m| m.wait_ms));
+    let max = run.iter().chain(&wait).flatten().copied().fold(1.0_f64, f64::max);
     let step = WIDTH / minutes.len().max(1) as f64;
-    let points: Vec<String> = averages
-        .iter()
-        .enumerate()
-        .filter_map(|(i, a)| a.map(|a| format!("{:.1},{:.1}", i as f64 * step + step / 2.0, HEIGHT - a / max * HEIGHT)))
-        .collect();
-    let mut svg = open_svg("Average job run time per minute over the last hour");
-    if !points.is_empty() {
+    let mut svg = open_svg("Average job run time and queue wait per minute over the last hour");
+    for (series, colour, what) in [(&run, "#2456c7", "run"), (&wait, "#c76a00", "wait")] {
+        let points: Vec<(f64, f64, f64)> = series
+            .iter()
+            .enumerate()
+            .filter_map(|(i, a)| a.map(|a| (i as f64 * step + step / 2.0, HEIGHT - a / max * HEIGHT, a)))
+            .collect();
+        if points.is_empty() {
+            continue;
+        }
+        let line: Vec<String> = points.iter().map(|(x, y, _)| format!("{x:.1},{y:.1}")).collect();
         let _ =
-            write!(svg, r##"<polyline points="{}" fill="none" stroke="#2456c7" stroke-width="2"/>"##, points.join(" "));
-        for point in &points {
-            if let Some((x, y)) = point.split_once(',') {
-                let _ = write!(svg, r##"<circle cx="{x}" cy="{y}" r="2.5" fill="#2456c7"/>"##);
-            }
+            write!(svg, r##"<polyline points="{}" fill="none" stroke="{colour}" stroke-width="2"/>"##, line.join(" "));
+        for (x, y, ms) in &points {
+            let _ = write!(
+                svg,
+                r##"<circle cx="{x:.1}" cy="{y:.1}" r="2.5" fill="{colour}"><title>{what} {ms:.1} ms</title></circle>"##
+            );
         }
     }
     close_svg(svg, &format!("max {max:.1} ms"))
@@ -178,17 +193,18 @@ mod tests {
     use super::*;
 
     #[test]
-    fn charts_draw_a_bar_per_busy_minute_and_a_line_through_run_times() {
+    fn charts_draw_a_bar_per_busy_minute_and_lines_through_run_times_and_waits() {
         let minutes = [
-            Minute { at: 0, succeeded: 10, failed: 0, run_ms: 50 },
-            Minute { at: 60, succeeded: 0, failed: 0, run_ms: 0 },
-            Minute { at: 120, succeeded: 5, failed: 5, run_ms: 200 },
+            Minute { at: 0, succeeded: 10, failed: 0, run_ms: 50, wait_ms: 20 },
+            Minute { at: 60, succeeded: 0, failed: 0, run_ms: 0, wait_ms: 0 },
+            Minute { at: 120, succeeded: 5, failed: 5, run_ms: 200, wait_ms: 30 },
         ];
         let bars = throughput_chart(&minutes);
         assert_eq!(bars.matches("<title>").count(), 4, "three success bars (one empty) and one failure bar");
         assert!(bars.contains("10 succeeded") && bars.contains("5 failed"));
-        let line = run_time_chart(&minutes);
-        assert_eq!(line.matches("<circle").count(), 2, "two points: minutes without jobs have none");
+        let line = latency_chart(&minutes);
+        assert_eq!(line.matches("<circle").count(), 4, "two points per line: minutes without jobs have none");
+        assert!(line.contains("run 5.0 ms") && line.contains("wait 2.0 ms") && line.contains("run 20.0 ms"));
         assert!(!bars.contains("<script") && !line.contains("style="));
     }
 }
