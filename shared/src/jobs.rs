@@ -191,6 +191,17 @@ pub enum QueuedJob {
 }
 
 impl QueuedJob {
+    /// The key of the lock this job holds while it runs, so that two copies of it (a
+    /// relay re-enqueue racing the original, an orphan taken back while its first worker
+    /// still drains) never run at the same time. `None`: copies may overlap.
+    pub fn unique_key(&self) -> Option<String> {
+        match self {
+            Self::FanOut(job) => Some(format!("job:fan_out:{}", job.feedback_id)),
+            Self::Digest(job) => Some(format!("job:digest:{}:{}", job.window_start, job.window_end)),
+            Self::TestPush(_) => None,
+        }
+    }
+
     /// The kind, as in [`KINDS`].
     pub fn kind(&self) -> &'static str {
         match self {

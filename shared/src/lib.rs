@@ -5,6 +5,7 @@
 //! - [`queries`]: database queries, generic over `ConnectionTrait` so they run inside a
 //!   transaction or on a pool, from either binary.
 //! - [`jobs`]: job payloads put on the Redis queue.
+//! - [`lock`]: Redis locks that expire when their owner dies.
 //! - [`job_stats`]: per-minute job figures for the admin's Queues page.
 //! - [`metrics`]: the Prometheus registry both binaries serve at `/metrics`.
 //! - [`queue`]: the producer side of the Redis queue (enqueue + wake the workers).
@@ -18,6 +19,7 @@ pub mod domain;
 pub mod entities;
 pub mod job_stats;
 pub mod jobs;
+pub mod lock;
 pub mod metrics;
 pub mod queries;
 pub mod queue;

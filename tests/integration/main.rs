@@ -7,6 +7,7 @@ mod browser;
 mod feedback_form;
 mod fleet;
 mod jobs;
+mod locks;
 mod measure;
 mod metrics;
 mod notifications;

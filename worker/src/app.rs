@@ -346,78 +346,143 @@ async fn handle_fan_out(
     let request_id = meta.get(queue_meta::REQUEST_ID).unwrap_or("-");
     let span = tracing::info_span!("job", task = %task_id, kind, attempt, request_id);
     async move {
-        let waited = meta
-            .get(queue_meta::DUE_AT_MS)
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
-        ctx.metrics.counter("tidings_jobs_started_total", "Jobs started, by kind.", &[("kind", kind)]).inc();
-        if let Some(waited) = waited {
-            ctx.metrics
-                .histogram(
-                    "tidings_job_queue_wait_seconds",
-                    "Time from when a job was due to when a worker started it, by kind.",
-                    &[("kind", kind)],
-                )
-                .observe(waited);
-        }
-        // Poison jobs: a job started again and again without ever returning is taking its
-        // worker down with it (a crash, an OOM kill). Past POISON_AFTER starts it is set aside.
-        let starts = count_start(&ctx, &task_id).await;
-        if starts > ctx.settings.worker.poison_after {
-            let reason = format!("started {starts} times without finishing: it may be crashing its worker");
-            tracing::error!(starts, "job.poison");
+        // A job with a unique key runs at most once at a time across all workers; a second
+        // copy waits its turn (deferred a second, its attempt not counted).
+        let lock = match parsed.as_ref().ok().and_then(QueuedJob::unique_key) {
+            Some(key) => match shared::lock::try_acquire(
+                &ctx.queue.connection(),
+                ctx.queue.namespace(),
+                &key,
+                job_lock_ttl(&ctx),
+            )
+            .await
+            {
+                Ok(Some(guard)) => Some(guard),
+                Ok(None) => return defer_locked(&ctx, job.0, attempt, &task_id, &meta, kind, &key).await,
+                Err(e) => {
+                    // Redis is failing us; the job is idempotent, so run it unlocked.
+                    tracing::warn!(lock = %key, error = %e, "job.lock_failed");
+                    None
+                }
+            },
+            None => None,
+        };
+        let result = async {
+            let waited = meta
+                .get(queue_meta::DUE_AT_MS)
+                .and_then(|v| v.parse::<i64>().ok())
+                .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
+            ctx.metrics.counter("tidings_jobs_started_total", "Jobs started, by kind.", &[("kind", kind)]).inc();
+            if let Some(waited) = waited {
+                ctx.metrics
+                    .histogram(
+                        "tidings_job_queue_wait_seconds",
+                        "Time from when a job was due to when a worker started it, by kind.",
+                        &[("kind", kind)],
+                    )
+                    .observe(waited);
+            }
+            // Poison jobs: a job started again and again without ever returning is taking its
+            // worker down with it (a crash, an OOM kill). Past POISON_AFTER starts it is set aside.
+            let starts = count_start(&ctx, &task_id).await;
+            if starts > ctx.settings.worker.poison_after {
+                let reason = format!("started {starts} times without finishing: it may be crashing its worker");
+                tracing::error!(starts, "job.poison");
+                forget_starts(&ctx, &task_id).await;
+                account(&ctx, kind, "dead", std::time::Duration::ZERO, waited).await;
+                return dead_letter(&ctx, job.0, reason, attempt).await;
+            }
+            let started = std::time::Instant::now();
+            let result = run_job(parsed, &ctx).await;
+            let took = started.elapsed();
             forget_starts(&ctx, &task_id).await;
-            account(&ctx, kind, "dead", std::time::Duration::ZERO, waited).await;
-            return dead_letter(&ctx, job.0, reason, attempt).await;
-        }
-        let started = std::time::Instant::now();
-        let result = run_job(parsed, &ctx).await;
-        let took = started.elapsed();
-        forget_starts(&ctx, &task_id).await;
-        match result {
-            Ok(()) => {
-                account(&ctx, kind, "succeeded", took, waited).await;
-                Ok(())
-            }
-            Err(JobError::Permanent(reason)) => {
-                tracing::error!(%reason, "job.dead_lettered");
-                account(&ctx, kind, "dead", took, waited).await;
-                dead_letter(&ctx, job.0, reason, attempt).await
-            }
-            Err(JobError::Retryable { error, retry_after, rest }) => {
-                let payload = rest.unwrap_or(job.0);
-                let policy = ctx.settings.worker.retry_policy(kind);
-                if attempt >= policy.max_attempts as usize {
-                    let reason = format!("gave up after {attempt} attempts: {error:#}");
+            match result {
+                Ok(()) => {
+                    account(&ctx, kind, "succeeded", took, waited).await;
+                    Ok(())
+                }
+                Err(JobError::Permanent(reason)) => {
                     tracing::error!(%reason, "job.dead_lettered");
                     account(&ctx, kind, "dead", took, waited).await;
-                    return dead_letter(&ctx, payload, reason, attempt).await;
+                    dead_letter(&ctx, job.0, reason, attempt).await
                 }
-                account(&ctx, kind, "retried", took, waited).await;
-                let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
-                let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
-                match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
-                    Ok(next) => {
-                        tracing::warn!(
-                            error = %format!("{error:#}"),
-                            next_task = %next,
-                            retry_in_ms = wait.as_millis() as u64,
-                            max_attempts = policy.max_attempts,
-                            "job.retry_scheduled"
-                        );
-                        Ok(())
+                Err(JobError::Retryable { error, retry_after, rest }) => {
+                    let payload = rest.unwrap_or(job.0);
+                    let policy = ctx.settings.worker.retry_policy(kind);
+                    if attempt >= policy.max_attempts as usize {
+                        let reason = format!("gave up after {attempt} attempts: {error:#}");
+                        tracing::error!(%reason, "job.dead_lettered");
+                        account(&ctx, kind, "dead", took, waited).await;
+                        return dead_letter(&ctx, payload, reason, attempt).await;
                     }
-                    Err(e) => {
-                        // Redis failed us: leave the job to apalis (it re-runs it later).
-                        tracing::warn!(error = %e, "job.retry_not_scheduled");
-                        Err(JobError::retryable(error))
+                    account(&ctx, kind, "retried", took, waited).await;
+                    let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
+                    let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
+                    match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
+                        Ok(next) => {
+                            tracing::warn!(
+                                error = %format!("{error:#}"),
+                                next_task = %next,
+                                retry_in_ms = wait.as_millis() as u64,
+                                max_attempts = policy.max_attempts,
+                                "job.retry_scheduled"
+                            );
+                            Ok(())
+                        }
+                        Err(e) => {
+                            // Redis failed us: leave the job to apalis (it re-runs it later).
+                            tracing::warn!(error = %e, "job.retry_not_scheduled");
+                            Err(JobError::retryable(error))
+                        }
                     }
                 }
             }
         }
+        .await;
+        if let Some(lock) = lock
+            && let Err(e) = lock.release().await
+        {
+            tracing::debug!(error = %e, "job.lock_release_failed");
+        }
+        result
     }
     .instrument(span)
     .await
+}
+
+/// How long a job's lock outlives a worker that died holding it: half the recovery
+/// bound, so the job's orphaned copy finds it free by the time it is taken back.
+fn job_lock_ttl(ctx: &WorkerContext) -> std::time::Duration {
+    (ctx.settings.worker.recovery / 2).max(std::time::Duration::from_secs(1))
+}
+
+/// Puts a job whose lock another worker holds back on the queue for a second later,
+/// with the same attempt number.
+async fn defer_locked(
+    ctx: &WorkerContext,
+    payload: Vec<u8>,
+    attempt: usize,
+    task_id: &TaskId,
+    meta: &MetadataStore,
+    kind: &'static str,
+    key: &str,
+) -> Result<(), JobError> {
+    let again = std::time::Duration::from_secs(1);
+    let failed = attempt.saturating_sub(1);
+    match ctx.queue.schedule_retry(payload, failed, again, &task_id.to_string(), meta).await {
+        Ok(next) => {
+            tracing::info!(lock = %key, next_task = %next, "job.deferred_while_locked");
+            ctx.metrics
+                .counter(
+                    "tidings_jobs_deferred_total",
+                    "Jobs put back because another worker ran the same key.",
+                    &[("kind", kind)],
+                )
+                .inc();
+            Ok(())
+        }
+        Err(e) => Err(JobError::retryable(e)),
+    }
 }
 
 fn starts_key(ctx: &WorkerContext, task_id: &TaskId) -> String {

@@ -172,7 +172,7 @@ impl Periodic {
             let tick = now_ms / period_ms;
             let next = (tick + 1) * period_ms;
             match self.claim(name, tick, every).await {
-                Ok(true) => work().await,
+                Ok(true) => self.run_alone(name, tick, &work).await,
                 Ok(false) => {}
                 Err(e) => tracing::warn!(task = name, error = %e, "periodic.claim_failed"),
             }
@@ -184,6 +184,27 @@ impl Periodic {
         }
     }
 
+    /// Runs the work of a claimed tick unless a run of an earlier tick is still in flight
+    /// (in any process): one trim, one relay pass at a time. The lock expires
+    /// [`PERIODIC_LOCK_TTL`] after a process that died holding it.
+    async fn run_alone<F, Fut>(&self, name: &'static str, tick: u64, work: &F)
+    where
+        F: Fn() -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        let key = format!("periodic:{name}");
+        match shared::lock::try_acquire(&self.conn, &self.namespace, &key, PERIODIC_LOCK_TTL).await {
+            Ok(Some(lock)) => {
+                work().await;
+                if let Err(e) = lock.release().await {
+                    tracing::debug!(task = name, error = %e, "periodic.unlock_failed");
+                }
+            }
+            Ok(None) => tracing::info!(task = name, tick, "periodic.skipped_previous_run_in_flight"),
+            Err(e) => tracing::warn!(task = name, error = %e, "periodic.lock_failed"),
+        }
+    }
+
     /// Number of ticks of `name` claimed and still remembered (for tests and status).
     pub async fn remembered_ticks(&self, name: &str) -> redis::RedisResult<usize> {
         let mut conn = self.conn.clone();
@@ -191,6 +212,9 @@ impl Periodic {
         Ok(keys.len())
     }
 }
+
+/// How long a periodic task's lock outlives a process that died holding it.
+pub const PERIODIC_LOCK_TTL: Duration = Duration::from_secs(30);
 
 /// Runs remembered per periodic task.
 const RUN_HISTORY: isize = 1000;
