@@ -114,3 +114,68 @@ async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_i
     let topics: std::collections::HashSet<_> = received.iter().map(|p| p.topic.clone()).collect();
     assert_eq!(topics.len(), 1, "every copy carries the same Topic, so a push service replaces an undelivered one");
 }
+
+#[tokio::test]
+async fn fifty_thousand_jobs_at_once_are_all_done_by_worker_processes_within_the_backlog_bound() {
+    use sea_orm::ConnectionTrait;
+
+    // Arrange: 50,000 committed messages with their dispatch records, as a burst of
+    // submissions leaves them while Redis is full or down.
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    const JOBS: u64 = 50_000;
+    app.db
+        .execute_unprepared(&format!(
+            "INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
+             SELECT 'Ann', 'ann@example.com', 'burst ' || n, now() FROM generate_series(1, {JOBS}) AS n; \
+             INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
+             SELECT id, now() - interval '1 minute', now() - interval '1 minute', 0 FROM feedback_messages"
+        ))
+        .await
+        .expect("burst inserted");
+    let bound = app.settings.worker.max_backlog;
+    let mut env = app.env.clone();
+    env.insert("RELAY_INTERVAL_MS".into(), "100".into());
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("RUST_LOG".into(), "warn".into());
+
+    // Act: two worker processes.
+    let mut workers = Vec::new();
+    for _ in 0..2 {
+        workers.push(
+            tokio::process::Command::new(worker_binary())
+                .args(["run", "--concurrency", "16"])
+                .envs(&env)
+                .stdout(Stdio::null())
+                .kill_on_drop(true)
+                .spawn()
+                .expect("worker starts"),
+        );
+    }
+
+    // Assert: every job done, the backlog never above the bound, no worker died.
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let mut conn = queue.connection();
+    let (mut most, mut restarts, mut outstanding) = (0, 0, JOBS);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
+    while outstanding > 0 && tokio::time::Instant::now() < deadline {
+        for _ in 0..20 {
+            most = most.max(queue.backlog().await.expect("backlog"));
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let reports = shared::worker_health::read_all(&mut conn, &app.settings.redis_namespace).await.expect("reports");
+        restarts = restarts.max(reports.iter().map(|r| r.restarts).max().unwrap_or(0));
+        outstanding = shared::queries::dispatch::outstanding(&app.db).await.expect("count");
+    }
+    assert_eq!(outstanding, 0, "every job was done");
+    assert!(most <= bound, "Redis held {most} waiting jobs, above the bound of {bound}");
+    assert!(most >= bound / 2, "the relay kept the queue fed (at most {most} waiting)");
+    assert_eq!(restarts, 0, "no worker died");
+    for worker in &mut workers {
+        assert!(worker.try_wait().expect("status").is_none(), "the worker process is still running");
+        let pid = worker.id().expect("running").to_string();
+        tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+        let status = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.expect("stops").expect("waits");
+        assert!(status.success(), "a worker exits 0 after SIGTERM: {status}");
+    }
+}
