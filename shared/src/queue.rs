@@ -161,6 +161,16 @@ pub struct DeadLetter {
     pub at: String,
 }
 
+/// Runs a job in the caller instead of queueing it: the in-process mode tests use
+/// (implemented by the worker's `Immediate`). `Err` carries the job's failure.
+pub trait JobRunner: Send + Sync {
+    /// Runs the job `payload` describes and returns when it is done.
+    fn run_now<'a>(
+        &'a self,
+        payload: Vec<u8>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send + 'a>>;
+}
+
 /// A job waiting in Redis, as `worker jobs list` and the Queues page show it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct WaitingJob {

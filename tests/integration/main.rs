@@ -6,6 +6,7 @@ mod api;
 mod browser;
 mod feedback_form;
 mod fleet;
+mod immediate;
 mod jobs;
 mod locks;
 mod measure;

@@ -50,3 +50,50 @@ async fn measure_submit_to_push_latency() {
         latencies[latencies.len() - 1],
     );
 }
+
+/// Jobs per second through real worker processes draining a burst of dispatch records
+/// (no subscriptions: the job's own database and Redis work only). Knobs:
+/// `MEASURE_JOBS` (20000), `MEASURE_PROCESSES` (1), `MEASURE_CONCURRENCY` (16).
+#[tokio::test]
+#[ignore = "a measurement; run on demand"]
+async fn measure_burst_throughput() {
+    use sea_orm::ConnectionTrait;
+    let knob = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
+    let (jobs, processes, concurrency) =
+        (knob("MEASURE_JOBS", 20_000), knob("MEASURE_PROCESSES", 1), knob("MEASURE_CONCURRENCY", 16));
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    app.db
+        .execute_unprepared(&format!(
+            "INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
+             SELECT 'Ann', 'ann@example.com', 'burst ' || n, now() FROM generate_series(1, {jobs}) AS n; \
+             INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
+             SELECT id, now() - interval '1 minute', now() - interval '1 minute', 0 FROM feedback_messages"
+        ))
+        .await
+        .expect("burst inserted");
+    let mut env = app.env.clone();
+    env.insert("RELAY_INTERVAL_MS".into(), "100".into());
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("RUST_LOG".into(), "warn".into());
+    let started = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..processes {
+        workers.push(
+            tokio::process::Command::new(env!("CARGO_BIN_EXE_worker-process"))
+                .args(["run", "--concurrency", &concurrency.to_string()])
+                .envs(&env)
+                .kill_on_drop(true)
+                .spawn()
+                .expect("worker starts"),
+        );
+    }
+    while shared::queries::dispatch::outstanding(&app.db).await.expect("count") > 0 {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let took = started.elapsed();
+    println!(
+        "{jobs} jobs, {processes} process(es) x {concurrency}: {:.1} s, {:.0} jobs/s",
+        took.as_secs_f64(),
+        jobs as f64 / took.as_secs_f64()
+    );
+}

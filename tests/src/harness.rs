@@ -30,13 +30,16 @@ pub struct Options {
     pub backend: Backend,
     /// Start a worker in-process.
     pub worker: bool,
+    /// In-process mode: no worker, jobs run in the request through
+    /// `worker::immediate::Immediate` and Redis is not used for them.
+    pub immediate: bool,
     /// Extra or overriding environment variables.
     pub env: Vec<(String, String)>,
 }
 
 impl Default for Options {
     fn default() -> Self {
-        Self { backend: Backend::Postgres, worker: true, env: Vec::new() }
+        Self { backend: Backend::Postgres, worker: true, immediate: false, env: Vec::new() }
     }
 }
 
@@ -115,13 +118,23 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
     let db = shared::db::connect(&settings.database_url).await?;
     Migrator::up(&db, None).await.context("migrating the test database")?;
 
-    let web_app = web::app::Application::build(settings.clone()).await?;
-    let address = format!("http://127.0.0.1:{}", web_app.port());
+    // In-process mode: the web runs jobs itself, so links in pushes need the web's
+    // address before it is bound; bind a port first and hand it over.
     let mut settings = settings;
+    let web_app = if options.immediate {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        settings.web.bind = format!("127.0.0.1:{port}").parse()?;
+        settings.web.public_url = url::Url::parse(&format!("http://127.0.0.1:{port}/"))?;
+        let runner = worker::immediate::Immediate::new(settings.clone(), db.clone())?;
+        web::app::Application::build_with(settings.clone(), Some(std::sync::Arc::new(runner))).await?
+    } else {
+        web::app::Application::build(settings.clone()).await?
+    };
+    let address = format!("http://127.0.0.1:{}", web_app.port());
     settings.web.public_url = url::Url::parse(&format!("{address}/"))?;
     tokio::spawn(web_app.run_until_stopped());
 
-    let (worker_stop, worker_metrics_port) = if options.worker {
+    let (worker_stop, worker_metrics_port) = if options.worker && !options.immediate {
         let worker_app = worker::app::Application::build(settings.clone(), 2).await?;
         let handle = worker_app.shutdown_handle();
         let port = worker_app.metrics_port();

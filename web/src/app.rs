@@ -12,6 +12,7 @@ use poem::web::cookie::SameSite;
 use poem::{EndpointExt, Route, Server};
 use secrecy::ExposeSecret;
 use sha2::{Digest, Sha256};
+use shared::queue::JobRunner;
 use shared::settings::Settings;
 
 use crate::dispatch::Dispatcher;
@@ -35,18 +36,28 @@ pub struct Application {
 impl Application {
     /// Connects to the database, binds the address and assembles the routes.
     pub async fn build(settings: Settings) -> anyhow::Result<Self> {
+        Self::build_with(settings, None).await
+    }
+
+    /// As [`Application::build`]; with `runner`, jobs run in the request that asks for
+    /// them instead of going to Redis (the in-process mode of tests).
+    pub async fn build_with(settings: Settings, runner: Option<Arc<dyn JobRunner>>) -> anyhow::Result<Self> {
         if settings.web.secret_key.is_none() {
             anyhow::bail!("SECRET_KEY is not set: generate one (e.g. `openssl rand -hex 32`) and put it in .env");
         }
         let db = shared::db::connect(&settings.database_url).await?;
         let metrics = shared::metrics::Registry::new();
-        let dispatcher = Arc::new(Dispatcher::new(
+        let mut dispatcher = Dispatcher::new(
             db.clone(),
             &settings.redis_url,
             &settings.redis_namespace,
             settings.worker.max_backlog,
             metrics.clone(),
-        ));
+        );
+        if let Some(runner) = runner {
+            dispatcher = dispatcher.run_jobs_in_process(runner);
+        }
+        let dispatcher = Arc::new(dispatcher);
         let state = AppState {
             db,
             dispatcher,

@@ -5,11 +5,13 @@
 //! relay enqueues it later: nothing is lost, and nothing is ever enqueued for a
 //! transaction that rolled back (this code only sees committed ids).
 
+use std::sync::Arc;
+
 use sea_orm::DatabaseConnection;
 use shared::jobs::FanOut;
 use shared::metrics::Registry;
 use shared::queries::feedback::Submitted;
-use shared::queue::JobQueue;
+use shared::queue::{JobQueue, JobRunner};
 use tokio::sync::Mutex;
 
 /// Connects to Redis lazily and re-connects after failures, so the web starts and keeps
@@ -30,6 +32,8 @@ pub struct Dispatcher {
     enqueue_lock: Mutex<()>,
     /// Counts enqueued and deferred jobs.
     metrics: Registry,
+    /// In-process mode (tests): jobs run in the request instead of going to Redis.
+    immediate: Option<Arc<dyn JobRunner>>,
 }
 
 impl Dispatcher {
@@ -43,7 +47,20 @@ impl Dispatcher {
             max_backlog,
             enqueue_lock: Mutex::new(()),
             metrics,
+            immediate: None,
         }
+    }
+
+    /// In-process mode: every job runs at once through `runner`, in the request that
+    /// asked for it, and Redis is not used for jobs.
+    pub fn run_jobs_in_process(mut self, runner: Arc<dyn JobRunner>) -> Self {
+        self.immediate = Some(runner);
+        self
+    }
+
+    /// The in-process runner, when jobs run in the request.
+    pub fn immediate(&self) -> Option<&Arc<dyn JobRunner>> {
+        self.immediate.as_ref()
     }
 
     /// The queue, connecting if needed.
@@ -105,9 +122,30 @@ impl Dispatcher {
         "enqueued"
     }
 
-    /// Runs [`Dispatcher::announce`] in the background, for the current request.
-    pub fn announce_in_background(self: &std::sync::Arc<Self>, submitted: Submitted) {
-        let this = std::sync::Arc::clone(self);
+    /// Announces a committed submission: in the background (the visitor never waits for
+    /// Redis), or, in the in-process mode, by running the job before returning.
+    pub async fn announce_after_commit(self: &Arc<Self>, submitted: Submitted) {
+        if let Some(runner) = &self.immediate {
+            let outcome = match serde_json::to_vec(&FanOut::new(submitted.feedback_id, submitted.dispatch_id)) {
+                Ok(payload) => match runner.run_now(payload).await {
+                    Ok(()) => "ran_in_process",
+                    Err(e) => {
+                        tracing::warn!(feedback_id = submitted.feedback_id, error = %e, "job.in_process_failed");
+                        "failed_in_process"
+                    }
+                },
+                Err(_) => "failed_in_process",
+            };
+            self.metrics
+                .counter(
+                    "tidings_dispatch_total",
+                    "Committed submissions handed to Redis, or left to the relay.",
+                    &[("outcome", outcome)],
+                )
+                .inc();
+            return;
+        }
+        let this = Arc::clone(self);
         let request_id = crate::middleware::request_id::current();
         tokio::spawn(async move { this.announce(submitted, request_id).await });
     }

@@ -31,13 +31,29 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::context::WorkerContext;
-use crate::jobs::{JobError, digest, fan_out, relay, test_push, trim};
+use crate::jobs::{JobError, relay, trim};
 use crate::push::{PushSender, PushSenderConfig};
 use crate::queue::{Periodic, wake_strategy, worker_name};
 
+/// What the apalis handler and the process's own tasks share: the jobs' context, and the
+/// queue that is always there in a worker process. Derefs to the jobs' context.
+#[derive(Clone)]
+struct Process {
+    ctx: WorkerContext,
+    queue: JobQueue,
+}
+
+impl std::ops::Deref for Process {
+    type Target = WorkerContext;
+
+    fn deref(&self) -> &WorkerContext {
+        &self.ctx
+    }
+}
+
 /// A built worker process, ready to run.
 pub struct Application {
-    ctx: WorkerContext,
+    ctx: Process,
     concurrency: usize,
     name: String,
     stop_tx: watch::Sender<bool>,
@@ -87,12 +103,15 @@ impl Application {
             None => None,
         };
         Ok(Self {
-            ctx: WorkerContext {
-                db,
-                sender: Arc::new(sender),
+            ctx: Process {
+                ctx: WorkerContext {
+                    db,
+                    sender: Arc::new(sender),
+                    queue: Some(queue.clone()),
+                    settings: Arc::new(settings),
+                    metrics: Registry::new(),
+                },
                 queue,
-                settings: Arc::new(settings),
-                metrics: Registry::new(),
             },
             concurrency: concurrency.max(1),
             name,
@@ -161,7 +180,7 @@ impl Application {
             tokio::spawn(periodic.clone().every("trim-jobs", settings.worker.trim_interval, stopped(), move || {
                 let ctx = trim_ctx.clone();
                 async move {
-                    if let Err(e) = trim::run(&ctx).await {
+                    if let Err(e) = trim::run(&ctx, &ctx.queue).await {
                         tracing::warn!(error = %e, "trim.failed");
                     }
                 }
@@ -170,7 +189,7 @@ impl Application {
         let relay = tokio::spawn(periodic.every("relay", settings.worker.relay_interval, stopped(), move || {
             let ctx = relay_ctx.clone();
             async move {
-                if let Err(e) = relay::run(&ctx).await {
+                if let Err(e) = relay::run(&ctx, &ctx.queue).await {
                     tracing::warn!(error = %e, "relay.failed");
                 }
             }
@@ -247,7 +266,7 @@ fn restart_delay(restarts: u32) -> Duration {
 
 /// `GET /metrics` of the worker: its counters and histograms, plus the queue's depth and
 /// dead letters read at scrape time.
-fn metrics_endpoint(ctx: WorkerContext) -> impl poem::Endpoint {
+fn metrics_endpoint(ctx: Process) -> impl poem::Endpoint {
     poem::Route::new().at(
         "/metrics",
         poem::get(poem::endpoint::make(move |_| {
@@ -313,7 +332,7 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
     config.heartbeat_interval(heartbeat).missed_heartbeats(3)
 }
 
-fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {
+pub(crate) fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {
     PushSenderConfig {
         vapid_private_key: private_key,
         vapid_subject: settings.push.vapid_subject.clone(),
@@ -335,7 +354,7 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 /// so its fixed retry schedule never applies.
 async fn handle_fan_out(
     job: RawJob,
-    ctx: Data<WorkerContext>,
+    ctx: Data<Process>,
     attempt: Attempt,
     task_id: TaskId,
     meta: MetadataStore,
@@ -393,7 +412,7 @@ async fn handle_fan_out(
                 return dead_letter(&ctx, job.0, reason, attempt).await;
             }
             let started = std::time::Instant::now();
-            let result = run_job(parsed, &ctx).await;
+            let result = crate::jobs::run(parsed, &ctx).await;
             let took = started.elapsed();
             forget_starts(&ctx, &task_id).await;
             match result {
@@ -452,14 +471,14 @@ async fn handle_fan_out(
 
 /// How long a job's lock outlives a worker that died holding it: half the recovery
 /// bound, so the job's orphaned copy finds it free by the time it is taken back.
-fn job_lock_ttl(ctx: &WorkerContext) -> std::time::Duration {
+fn job_lock_ttl(ctx: &Process) -> std::time::Duration {
     (ctx.settings.worker.recovery / 2).max(std::time::Duration::from_secs(1))
 }
 
 /// Puts a job whose lock another worker holds back on the queue for a second later,
 /// with the same attempt number.
 async fn defer_locked(
-    ctx: &WorkerContext,
+    ctx: &Process,
     payload: Vec<u8>,
     attempt: usize,
     task_id: &TaskId,
@@ -485,12 +504,12 @@ async fn defer_locked(
     }
 }
 
-fn starts_key(ctx: &WorkerContext, task_id: &TaskId) -> String {
+fn starts_key(ctx: &Process, task_id: &TaskId) -> String {
     format!("{}:job-starts:{task_id}", ctx.queue.namespace())
 }
 
 /// Counts a start of `task_id` (kept a day); 0 when Redis does not answer.
-async fn count_start(ctx: &WorkerContext, task_id: &TaskId) -> u64 {
+async fn count_start(ctx: &Process, task_id: &TaskId) -> u64 {
     let mut conn = ctx.queue.connection();
     let key = starts_key(ctx, task_id);
     redis::pipe()
@@ -503,13 +522,13 @@ async fn count_start(ctx: &WorkerContext, task_id: &TaskId) -> u64 {
         .unwrap_or(0)
 }
 
-async fn forget_starts(ctx: &WorkerContext, task_id: &TaskId) {
+async fn forget_starts(ctx: &Process, task_id: &TaskId) {
     let mut conn = ctx.queue.connection();
     let _: redis::RedisResult<()> = redis::cmd("DEL").arg(starts_key(ctx, task_id)).query_async(&mut conn).await;
 }
 
 /// Keeps `payload` as a dead letter; completing the job keeps apalis from retrying it.
-async fn dead_letter(ctx: &WorkerContext, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
+async fn dead_letter(ctx: &Process, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
     let letter = DeadLetter {
         id: String::new(),
         queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
@@ -521,16 +540,6 @@ async fn dead_letter(ctx: &WorkerContext, payload: Vec<u8>, reason: String, atte
     ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(JobError::retryable)
 }
 
-/// Runs the parsed job.
-async fn run_job(job: Result<QueuedJob, String>, ctx: &WorkerContext) -> Result<(), JobError> {
-    match job {
-        Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, ctx).await,
-        Ok(QueuedJob::TestPush(payload)) => test_push::run(&payload, ctx).await.map(|_| ()),
-        Ok(QueuedJob::Digest(payload)) => digest::run(&payload, ctx).await.map(|_| ()),
-        Err(reason) => Err(JobError::Permanent(reason)),
-    }
-}
-
 /// Milliseconds from `then_ms` (since the epoch) to now; 0 for the future.
 fn millis_since(then_ms: i64) -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis().saturating_sub(then_ms)).unwrap_or(0)
@@ -538,7 +547,7 @@ fn millis_since(then_ms: i64) -> u64 {
 
 /// Counts and times a finished run: `outcome` is succeeded, retried or dead.
 async fn account(
-    ctx: &WorkerContext,
+    ctx: &Process,
     kind: &'static str,
     outcome: &'static str,
     took: std::time::Duration,

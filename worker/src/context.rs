@@ -16,8 +16,9 @@ pub struct WorkerContext {
     pub db: DatabaseConnection,
     /// Sends Web Pushes (one HTTP client and VAPID signature cache per process).
     pub sender: Arc<PushSender>,
-    /// Producer side of the queue, used by the relay and to schedule retries.
-    pub queue: JobQueue,
+    /// The queue, for jobs that schedule others (a burst's digest). `None` in the
+    /// in-process mode ([`crate::immediate`]), where nothing is scheduled.
+    pub queue: Option<JobQueue>,
     /// The process's settings.
     pub settings: Arc<Settings>,
     /// The process's metrics, served at `/metrics`.

@@ -99,7 +99,7 @@ impl FeedbackApi {
             Ok(submitted) => {
                 tracing::info!(feedback_id = submitted.feedback_id, "feedback.submitted");
                 state.count_submission("api", "accepted");
-                state.dispatcher.announce_in_background(submitted);
+                state.dispatcher.announce_after_commit(submitted).await;
                 Ok(SubmitResponse::Created(Json(Created { id: submitted.feedback_id })))
             }
             Err(e) => match crate::error::WebError::from(e) {

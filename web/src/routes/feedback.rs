@@ -77,7 +77,7 @@ async fn submit(
     let submitted = shared::queries::feedback::insert_with_dispatch(&state.db, &feedback).await?;
     tracing::info!(feedback_id = submitted.feedback_id, "feedback.submitted");
     state.count_submission("form", "accepted");
-    state.dispatcher.announce_in_background(submitted);
+    state.dispatcher.announce_after_commit(submitted).await;
     Ok(Redirect::see_other("/feedback/thanks").into_response())
 }
 

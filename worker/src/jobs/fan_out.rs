@@ -70,6 +70,8 @@ async fn fold_into_digest(
     ctx: &WorkerContext,
 ) -> Result<bool, JobError> {
     let worker = &ctx.settings.worker;
+    // In-process mode has no queue to schedule a digest on: every message goes out alone.
+    let Some(queue) = &ctx.queue else { return Ok(false) };
     if worker.burst_threshold == 0 || !delivery::of_feedback(&ctx.db, message.id).await?.is_empty() {
         return Ok(false);
     }
@@ -81,7 +83,7 @@ async fn fold_into_digest(
     if in_window <= worker.burst_threshold {
         return Ok(false);
     }
-    ctx.queue
+    queue
         .schedule_digest(&shared::jobs::Digest::new(start, start + window), None)
         .await
         .map_err(JobError::retryable)?;

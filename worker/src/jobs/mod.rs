@@ -7,6 +7,20 @@ pub mod relay;
 pub mod test_push;
 pub mod trim;
 
+/// Runs a parsed job (an unreadable payload is a permanent failure).
+pub async fn run(
+    job: Result<shared::jobs::QueuedJob, String>,
+    ctx: &crate::context::WorkerContext,
+) -> Result<(), JobError> {
+    use shared::jobs::QueuedJob;
+    match job {
+        Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, ctx).await,
+        Ok(QueuedJob::TestPush(payload)) => test_push::run(&payload, ctx).await.map(|_| ()),
+        Ok(QueuedJob::Digest(payload)) => digest::run(&payload, ctx).await.map(|_| ()),
+        Err(reason) => Err(JobError::Permanent(reason)),
+    }
+}
+
 /// How a job failed, which decides whether it is tried again.
 ///
 /// The classification follows the push services' answers (and the seed's SMS module):

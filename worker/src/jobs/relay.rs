@@ -7,6 +7,7 @@
 
 use shared::jobs::FanOut;
 use shared::queries::dispatch;
+use shared::queue::JobQueue;
 
 use super::JobError;
 use crate::context::WorkerContext;
@@ -22,12 +23,12 @@ const LOST_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 /// It keeps Redis's backlog at or below `QUEUE_MAX_BACKLOG`: it only fills the room the
 /// backlog leaves, so a burst waits in the dispatch table and flows in as workers drain
 /// the queue (apalis-redis fails every fetch once about 8,000 jobs are due at once).
-pub async fn run(ctx: &WorkerContext) -> Result<usize, JobError> {
+pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<usize, JobError> {
     let grace = chrono::Duration::from_std(ctx.settings.worker.relay_grace).unwrap_or(chrono::Duration::seconds(5));
     let max_backlog = ctx.settings.worker.max_backlog;
     let mut enqueued = 0;
     loop {
-        let backlog = ctx.queue.backlog().await.map_err(JobError::retryable)?;
+        let backlog = queue.backlog().await.map_err(JobError::retryable)?;
         let room = max_backlog.saturating_sub(backlog).min(BATCH);
         if room == 0 {
             break;
@@ -38,7 +39,7 @@ pub async fn run(ctx: &WorkerContext) -> Result<usize, JobError> {
         }
         let jobs: Vec<(FanOut, i32)> =
             due.iter().map(|record| (FanOut::new(record.feedback_id, record.id), record.enqueue_count)).collect();
-        ctx.queue.enqueue_fan_outs(&jobs).await.map_err(JobError::retryable)?;
+        queue.enqueue_fan_outs(&jobs).await.map_err(JobError::retryable)?;
         let ids: Vec<i64> = due.iter().map(|record| record.id).collect();
         dispatch::mark_enqueued_many(&ctx.db, &ids).await?;
         enqueued += due.len();

@@ -9,6 +9,7 @@
 //! `done` and `dead` sets are considered.
 
 use redis::AsyncCommands;
+use shared::queue::JobQueue;
 
 use super::JobError;
 use crate::context::WorkerContext;
@@ -29,12 +30,12 @@ pub struct Trimmed {
 }
 
 /// Runs one trim pass.
-pub async fn run(ctx: &WorkerContext) -> Result<Trimmed, JobError> {
-    let config = ctx.queue.fan_out_config().clone();
+pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<Trimmed, JobError> {
+    let config = queue.fan_out_config().clone();
     let retention = ctx.settings.worker.job_retention.as_secs();
     let keep = ctx.settings.worker.job_retention_count;
     let now = chrono::Utc::now().timestamp().max(0) as u64;
-    let mut conn = ctx.queue.connection();
+    let mut conn = queue.connection();
     let redis_error = |e: redis::RedisError| JobError::retryable(e);
     let mut trimmed = Trimmed::default();
     for (set, counter) in [(config.done_jobs_set(), &mut trimmed.done), (config.dead_jobs_set(), &mut trimmed.dead)] {

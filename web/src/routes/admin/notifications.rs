@@ -77,14 +77,17 @@ pub(super) async fn send_test(
     Form(form): Form<TokenForm>,
 ) -> Result<Response> {
     let Some(admin) = authorize_form(req, session, verifier, &form.csrf_token)? else { return Ok(to_login()) };
-    let queue = state.dispatcher.queue().await.ok_or_else(|| {
-        WebError::Unavailable(anyhow::anyhow!("redis is not reachable; the test notification was not queued"))
-    })?;
-    let request_id = crate::middleware::request_id::current();
-    queue
-        .enqueue_test_push(&TestPush::new(admin), request_id.as_deref())
-        .await
-        .map_err(|e| WebError::Unavailable(e.into()))?;
+    let job = TestPush::new(admin);
+    if let Some(runner) = state.dispatcher.immediate() {
+        let payload = serde_json::to_vec(&job).map_err(|e| WebError::Unavailable(e.into()))?;
+        runner.run_now(payload).await.map_err(|e| WebError::Unavailable(anyhow::anyhow!(e)))?;
+    } else {
+        let queue = state.dispatcher.queue().await.ok_or_else(|| {
+            WebError::Unavailable(anyhow::anyhow!("redis is not reachable; the test notification was not queued"))
+        })?;
+        let request_id = crate::middleware::request_id::current();
+        queue.enqueue_test_push(&job, request_id.as_deref()).await.map_err(|e| WebError::Unavailable(e.into()))?;
+    }
     tracing::info!(admin_id = admin, "push.test_queued");
     Ok(Redirect::see_other("/admin/notifications?done=test").into_response())
 }
