@@ -137,6 +137,11 @@ pub struct WorkerSettings {
     pub recovery: Duration,
     /// A job started more often than this without ever finishing is dead-lettered.
     pub poison_after: u64,
+    /// Subscriptions that failed and took no push for this many days are deleted;
+    /// `None` (`PRUNE_FAILING_SUBSCRIPTIONS_DAYS=0`) keeps them.
+    pub prune_failing_after_days: Option<u32>,
+    /// How often the prune task runs (once per tick across all workers).
+    pub prune_interval: Duration,
     /// Retry policy of each job kind (`JOB_RETRY_FAN_OUT`, `JOB_RETRY_DIGEST`,
     /// `JOB_RETRY_TEST_PUSH`).
     pub retry_policies: Vec<(&'static str, RetryPolicy)>,
@@ -234,6 +239,9 @@ impl Settings {
                 job_retention_count: env.parse("JOB_RETENTION_COUNT", "10000")?,
                 poison_after: env.parse::<u64>("POISON_AFTER", "3")?.max(1),
                 retry_policies: parse_retry_policies(&env)?,
+                prune_failing_after_days: Some(env.parse::<u32>("PRUNE_FAILING_SUBSCRIPTIONS_DAYS", "7")?)
+                    .filter(|days| *days > 0),
+                prune_interval: Duration::from_millis(env.parse::<u64>("PRUNE_INTERVAL_MS", "3600000")?.max(10)),
                 recovery: Duration::from_secs(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?.max(1)),
                 trim_interval: Duration::from_millis(env.parse::<u64>("TRIM_INTERVAL_MS", "60000")?.max(10)),
                 burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),

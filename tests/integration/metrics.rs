@@ -39,5 +39,6 @@ async fn web_and_worker_count_submissions_jobs_and_pushes_by_outcome() {
     assert!(web.contains("tidings_feedback_total{channel=\"form\",outcome=\"accepted\"} 1"), "{web}");
     assert!(web.contains("tidings_feedback_total{channel=\"api\",outcome=\"invalid\"} 1"), "{web}");
     assert!(web.contains("tidings_dispatch_total{outcome=\"enqueued\"} 1"), "{web}");
+    assert!(web.contains("tidings_jobs_enqueued_total{kind=\"fan_out\"} 1"), "{web}");
     assert!(web.contains("tidings_worker_processes 1"), "{web}");
 }

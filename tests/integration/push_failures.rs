@@ -123,3 +123,46 @@ async fn a_push_service_that_hangs_times_out_and_the_delivery_is_retried() {
     assert_eq!(attempts.iter().filter(|a| a.endpoint == hanging.endpoint).count(), 2);
     assert_eq!(attempts.iter().filter(|a| a.endpoint == healthy.endpoint).count(), 1);
 }
+
+#[tokio::test]
+async fn subscriptions_failing_for_days_are_pruned_by_the_periodic_task() {
+    use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, Set};
+    use shared::entities::push_subscription;
+
+    // Arrange: a subscription failing for ten days, one failing since yesterday's success,
+    // one healthy and old.
+    let app = spawn_app_with(Options {
+        worker: false,
+        env: vec![("PRUNE_INTERVAL_MS".into(), "200".into()), ("PRUNE_FAILING_SUBSCRIPTIONS_DAYS".into(), "7".into())],
+        ..Options::default()
+    })
+    .await;
+    let ten_days_ago = shared::queries::now() - chrono::Duration::days(10);
+    let yesterday = shared::queries::now() - chrono::Duration::days(1);
+    let mut set_up = Vec::new();
+    for (failures, last_success) in [(4, Some(ten_days_ago)), (2, Some(yesterday)), (0, None)] {
+        let browser = app.subscribe_browser().await;
+        let row = push_subscription::Entity::find()
+            .filter(push_subscription::Column::Endpoint.eq(&browser.endpoint))
+            .one(&app.db)
+            .await
+            .expect("query")
+            .expect("stored");
+        let mut row: push_subscription::ActiveModel = row.into();
+        row.failure_count = Set(failures);
+        row.last_success_at = Set(last_success);
+        row.created_at = Set(ten_days_ago - chrono::Duration::days(1));
+        row.update(&app.db).await.expect("updated");
+        set_up.push(browser.endpoint);
+    }
+
+    // Act: a worker runs its periodic tasks.
+    let mut app = app;
+    app.start_worker().await;
+
+    // Assert: only the one failing for more than seven days goes.
+    assert!(wait_until(|| async { !subscription_exists(&app, &set_up[0]).await }).await, "pruned");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(subscription_exists(&app, &set_up[1]).await, "a recent success keeps it");
+    assert!(subscription_exists(&app, &set_up[2]).await, "a healthy subscription stays");
+}

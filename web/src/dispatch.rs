@@ -115,6 +115,9 @@ impl Dispatcher {
         }
         // Only the check and the push need to be one step; the bookkeeping does not.
         drop(one_at_a_time);
+        self.metrics
+            .counter("tidings_jobs_enqueued_total", "Jobs put on the Redis queue, by kind.", &[("kind", "fan_out")])
+            .inc();
         if let Err(e) = shared::queries::dispatch::mark_enqueued(&self.db, submitted.dispatch_id).await {
             // The job is queued; at worst the relay enqueues it once more (jobs are idempotent).
             tracing::warn!(dispatch_id = submitted.dispatch_id, error = %e, "dispatch.mark_enqueued failed");

@@ -31,7 +31,7 @@ use tokio::sync::watch;
 use tracing::Instrument;
 
 use crate::context::WorkerContext;
-use crate::jobs::{JobError, relay, trim};
+use crate::jobs::{JobError, prune, relay, trim};
 use crate::push::{PushSender, PushSenderConfig};
 use crate::queue::{Periodic, wake_strategy, worker_name};
 
@@ -185,6 +185,20 @@ impl Application {
                     }
                 }
             }));
+        let prune_ctx = ctx.clone();
+        let prune = tokio::spawn(periodic.clone().every(
+            "prune-subscriptions",
+            settings.worker.prune_interval,
+            stopped(),
+            move || {
+                let ctx = prune_ctx.clone();
+                async move {
+                    if let Err(e) = prune::run(&ctx).await {
+                        tracing::warn!(error = %e, "prune.failed");
+                    }
+                }
+            },
+        ));
         let relay_ctx = ctx.clone();
         let relay = tokio::spawn(periodic.every("relay", settings.worker.relay_interval, stopped(), move || {
             let ctx = relay_ctx.clone();
@@ -251,6 +265,7 @@ impl Application {
         // The relay stops on the same signal; don't wait on it longer than the drain.
         let _ = tokio::time::timeout(settings.worker.shutdown_timeout, relay).await;
         let _ = tokio::time::timeout(settings.worker.shutdown_timeout, trim).await;
+        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, prune).await;
         let _ = reporter.await;
         if result.is_ok() {
             tracing::info!(worker = %name, "worker.stopped");

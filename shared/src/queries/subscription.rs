@@ -68,6 +68,22 @@ pub async fn delete<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
     Ok(())
 }
 
+/// Deletes subscriptions that failed and have not taken a push since `cutoff` (nor
+/// been created since): a browser whose push service has refused it for that long is
+/// not coming back. Returns how many went.
+pub async fn delete_failing_since<C: ConnectionTrait>(
+    db: &C,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, DbErr> {
+    let result = Entity::delete_many()
+        .filter(Column::FailureCount.gt(0))
+        .filter(Column::CreatedAt.lt(cutoff))
+        .filter(Column::LastSuccessAt.is_null().or(Column::LastSuccessAt.lt(cutoff)))
+        .exec(db)
+        .await?;
+    Ok(result.rows_affected)
+}
+
 /// Ids of the next `limit` subscriptions after id `after`, in id order (fan-out pages).
 pub async fn ids_after<C: ConnectionTrait>(db: &C, after: i64, limit: u64) -> Result<Vec<i64>, DbErr> {
     Entity::find()

@@ -3,6 +3,7 @@
 pub mod backoff;
 pub mod digest;
 pub mod fan_out;
+pub mod prune;
 pub mod relay;
 pub mod test_push;
 pub mod trim;

@@ -43,6 +43,9 @@ pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<usize, JobErro
         let ids: Vec<i64> = due.iter().map(|record| record.id).collect();
         dispatch::mark_enqueued_many(&ctx.db, &ids).await?;
         enqueued += due.len();
+        ctx.metrics
+            .counter("tidings_jobs_enqueued_total", "Jobs put on the Redis queue, by kind.", &[("kind", "fan_out")])
+            .add(due.len() as u64);
         if (due.len() as u64) < room {
             break;
         }
