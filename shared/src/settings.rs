@@ -242,7 +242,7 @@ impl Settings {
                 prune_failing_after_days: Some(env.parse::<u32>("PRUNE_FAILING_SUBSCRIPTIONS_DAYS", "7")?)
                     .filter(|days| *days > 0),
                 prune_interval: Duration::from_millis(env.parse::<u64>("PRUNE_INTERVAL_MS", "3600000")?.max(10)),
-                recovery: Duration::from_secs(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?.max(1)),
+                recovery: parse_recovery(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?)?,
                 trim_interval: Duration::from_millis(env.parse::<u64>("TRIM_INTERVAL_MS", "60000")?.max(10)),
                 burst_window: Duration::from_secs(env.parse::<u64>("NOTIFY_BURST_WINDOW_SECS", "60")?.max(1)),
                 metrics_bind: match env.get("WORKER_METRICS_BIND").unwrap_or("127.0.0.1:9187") {
@@ -267,6 +267,19 @@ fn parse_backlog(value: u64) -> Result<u64, SettingsError> {
         return Err(SettingsError { name: "QUEUE_MAX_BACKLOG", problem: "must be between 1 and 7000".into() });
     }
     Ok(value)
+}
+
+/// The recovery bound: at least 4 s, because apalis-redis compares heartbeats in whole
+/// seconds (a quarter of the bound is the heartbeat, three of them mark a worker dead;
+/// below one second per heartbeat, live workers would be taken for dead).
+fn parse_recovery(secs: u64) -> Result<Duration, SettingsError> {
+    if secs < 4 {
+        return Err(SettingsError {
+            name: "WORKER_RECOVERY_SECS",
+            problem: "must be at least 4 (heartbeats are counted in whole seconds)".into(),
+        });
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// A comma-separated list of IP addresses.
@@ -363,6 +376,8 @@ mod tests {
         assert_eq!(settings.worker.retry_policy("fan_out"), crate::jobs::default_retry_policy("fan_out"));
         let vars = HashMap::from([("JOB_RETRY_FAN_OUT".to_owned(), "0/1/1".to_owned())]);
         assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "JOB_RETRY_FAN_OUT");
+        let vars = HashMap::from([("WORKER_RECOVERY_SECS".to_owned(), "2".to_owned())]);
+        assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "WORKER_RECOVERY_SECS");
     }
 
     #[test]

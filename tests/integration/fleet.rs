@@ -73,20 +73,21 @@ async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_i
     // Arrange: a slow push service, so the fan-out is mid-way when the worker dies.
     let binary = worker_binary();
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let admin = app.create_admin().await;
     let mut browsers = Vec::new();
-    for _ in 0..40 {
-        browsers.push(app.subscribe_browser().await);
+    for _ in 0..200 {
+        browsers.push(app.subscribe_device(admin).await);
     }
-    app.push.set_delay(Duration::from_millis(150));
+    app.push.set_delay(Duration::from_millis(100));
     let mut env = app.env.clone();
-    env.insert("WORKER_RECOVERY_SECS".into(), "2".into());
+    env.insert("WORKER_RECOVERY_SECS".into(), "4".into());
     env.insert("PUSH_CONCURRENCY".into(), "4".into());
     env.insert("WORKER_METRICS_BIND".into(), "off".into());
     env.insert("RUST_LOG".into(), "warn".into());
     let mut first = start_worker(&binary, &env);
     app.submit_valid_feedback("Ann", "survives a crash").await;
-    let some = app.push.wait_for_received(8, Duration::from_secs(20)).await;
-    assert!(some.len() >= 8 && some.len() < 40, "the fan-out is mid-way ({} sent)", some.len());
+    let some = app.push.wait_for_received(20, Duration::from_secs(20)).await;
+    assert!(some.len() >= 20 && some.len() < 200, "the fan-out is mid-way ({} sent)", some.len());
 
     // Act: kill -9, then another worker comes up.
     first.start_kill().expect("SIGKILL");
@@ -102,7 +103,7 @@ async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_i
         if served == browsers.len() {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "{served}/40 subscriptions served after the takeover");
+        assert!(tokio::time::Instant::now() < deadline, "{served}/200 subscriptions served after the takeover");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -178,4 +179,82 @@ async fn fifty_thousand_jobs_at_once_are_all_done_by_worker_processes_within_the
         let status = tokio::time::timeout(Duration::from_secs(30), worker.wait()).await.expect("stops").expect("waits");
         assert!(status.success(), "a worker exits 0 after SIGTERM: {status}");
     }
+}
+
+/// Whether a delivery is claimed and its push on the wire.
+async fn push_in_flight(app: &tidings_tests::harness::TestApp) -> bool {
+    use sea_orm::EntityTrait;
+    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+    rows.iter().any(|r| r.status == "sending")
+}
+
+#[tokio::test]
+async fn sigterm_during_a_long_job_lets_it_finish_and_no_other_worker_runs_it_again() {
+    // Arrange: the push takes 6 s, longer than the 3 s of silence that mark a worker dead
+    // (recovery bound 4 s), so the draining worker would look dead to the other one if it
+    // stopped heartbeating while it finishes the job.
+    let binary = worker_binary();
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let browser = app.subscribe_browser().await;
+    app.push.set_delay(Duration::from_secs(6));
+    let mut env = app.env.clone();
+    env.insert("WORKER_RECOVERY_SECS".into(), "4".into());
+    env.insert("PUSH_TIMEOUT_MS".into(), "10000".into());
+    env.insert("SHUTDOWN_TIMEOUT_SECS".into(), "20".into());
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("RUST_LOG".into(), "warn".into());
+    let mut first = start_worker(&binary, &env);
+    app.submit_valid_feedback("Ann", "long job").await;
+    assert!(crate::pipeline::wait_until(|| async { push_in_flight(&app).await }).await, "the push is on the wire");
+    let mut second = start_worker(&binary, &env);
+
+    // Act: SIGTERM to the worker running the job.
+    let pid = first.id().expect("running").to_string();
+    tokio::process::Command::new("kill").args(["-TERM", &pid]).status().await.expect("kill");
+
+    // Assert: it finishes the job and exits 0; the push was sent once, in all.
+    let status = tokio::time::timeout(Duration::from_secs(30), first.wait()).await.expect("stops").expect("waits");
+    assert!(status.success(), "the draining worker exits 0: {status}");
+    let received = app.push.wait_for_received(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1);
+    assert_eq!(received[0].endpoint, browser.endpoint);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(app.push.attempts().len(), 1, "no second run anywhere: the other worker never sent it again");
+    assert!(second.try_wait().expect("status").is_none(), "the other worker is still up");
+    let _ = second.start_kill();
+}
+
+#[tokio::test]
+async fn a_worker_restarted_on_the_same_host_starts_at_once() {
+    let binary = worker_binary();
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let browser = app.subscribe_browser().await;
+    let mut env = app.env.clone();
+    env.insert("HOSTNAME".into(), "worker-host-1".into());
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("RUST_LOG".into(), "warn".into());
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let mut conn = queue.connection();
+    let mut first = start_worker(&binary, &env);
+    let registered = crate::pipeline::wait_until(|| async {
+        let mut conn = conn.clone();
+        !shared::worker_health::read_all(&mut conn, &app.settings.redis_namespace).await.expect("read").is_empty()
+    })
+    .await;
+    assert!(registered);
+
+    // Act: the process dies without a word and a supervisor starts it again at once.
+    first.start_kill().expect("SIGKILL");
+    let _ = first.wait().await;
+    let _second = start_worker(&binary, &env);
+    app.submit_valid_feedback("Ann", "after the restart").await;
+
+    // Assert: the new process serves at once (apalis-redis would refuse a reused worker
+    // name until the old registration expired, minutes later).
+    let received = app.push.wait_for_received(1, Duration::from_secs(10)).await;
+    assert_eq!(received.len(), 1, "delivered by the restarted worker");
+    assert_eq!(received[0].endpoint, browser.endpoint);
+    let reports = shared::worker_health::read_all(&mut conn, &app.settings.redis_namespace).await.expect("read");
+    assert!(reports.iter().all(|r| r.host == "worker-host-1"));
 }

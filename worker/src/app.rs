@@ -233,6 +233,16 @@ impl Application {
                 .concurrency(concurrency)
                 .build(handle_fan_out);
             tracing::info!(worker = %name, concurrency, restarts, "worker.started");
+            // apalis stops heartbeating once draining starts; keep the registration fresh
+            // ourselves so no other worker takes back the jobs this one is finishing.
+            let drain_beat = tokio::spawn({
+                let (stop, queue, name) = (stopped(), ctx.queue.clone(), name.clone());
+                let every = heartbeat_interval(settings.worker.recovery);
+                async move {
+                    stop.await;
+                    keep_registered_while_draining(&queue, &name, every).await;
+                }
+            });
             let stop = stopped();
             let result = worker
                 .run_until(async move {
@@ -241,6 +251,7 @@ impl Application {
                     Ok::<(), std::io::Error>(())
                 })
                 .await;
+            drain_beat.abort();
             match result {
                 Ok(()) => break Ok(()),
                 Err(e) if *stop_tx.borrow() => break Err(anyhow::anyhow!("worker {name} failed while stopping: {e}")),
@@ -343,8 +354,29 @@ async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQu
 /// counts as dead: another worker's next heartbeat then takes its jobs back, so a killed
 /// worker's jobs wait at most about the bound (apalis' default is 300 s).
 fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> apalis_redis::Config {
-    let heartbeat = (bound / 4).max(std::time::Duration::from_millis(250));
-    config.heartbeat_interval(heartbeat).missed_heartbeats(3)
+    config.heartbeat_interval(heartbeat_interval(bound)).missed_heartbeats(3)
+}
+
+/// A quarter of the recovery bound.
+fn heartbeat_interval(bound: std::time::Duration) -> std::time::Duration {
+    (bound / 4).max(std::time::Duration::from_millis(250))
+}
+
+/// Refreshes worker `name`'s registration every `every` while it drains (apalis-redis's
+/// heartbeat does not run then), so its in-flight jobs are not taken for orphans and run
+/// a second time elsewhere. `XX`: a registration that is gone is not recreated.
+async fn keep_registered_while_draining(queue: &JobQueue, name: &str, every: std::time::Duration) {
+    let mut conn = queue.connection();
+    let workers = queue.fan_out_config().workers_set();
+    loop {
+        let now = chrono::Utc::now().timestamp();
+        let refreshed: redis::RedisResult<i64> =
+            redis::cmd("ZADD").arg(&workers).arg("XX").arg("CH").arg(now).arg(name).query_async(&mut conn).await;
+        if let Err(e) = refreshed {
+            tracing::debug!(error = %e, "worker.drain_heartbeat_failed");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 pub(crate) fn sender_config(settings: &Settings, private_key: SecretString) -> PushSenderConfig {
