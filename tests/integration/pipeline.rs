@@ -170,3 +170,42 @@ async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out
     let received = app.push.wait_for_received(before + 1, Duration::from_secs(5)).await;
     assert_eq!(received.last().map(|p| p.json()["title"].clone()), Some(serde_json::json!("Solo:")));
 }
+
+#[tokio::test]
+async fn a_scheduled_job_survives_a_worker_restart() {
+    use sea_orm::{ActiveModelTrait, Set};
+
+    // Arrange: a message, and the digest of its window scheduled to run 3 s from now.
+    let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let now = shared::queries::now();
+    let window_end = now.timestamp() + 3;
+    shared::entities::feedback_message::ActiveModel {
+        submitter_name: Set("Ann".into()),
+        submitter_email: Set("a@example.com".into()),
+        content: Set("folded".into()),
+        created_at: Set(now),
+        ..Default::default()
+    }
+    .insert(&app.db)
+    .await
+    .expect("stored");
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let job = shared::jobs::Digest::new(window_end - 60, window_end);
+    queue.schedule_digest(&job, None).await.expect("scheduled");
+
+    // Act: a worker starts and stops before it is due; another starts after.
+    app.start_worker().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.stop_worker();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let digest = |app: &tidings_tests::harness::TestApp| {
+        app.push.received().iter().any(|p| p.json()["title"].as_str().is_some_and(|t| t.contains("new feedback")))
+    };
+    assert!(!digest(&app), "nothing ran it before it was due or while no worker was up");
+    app.start_worker().await;
+
+    // Assert: the new worker runs the scheduled job.
+    assert!(wait_until(|| async { digest(&app) }).await, "the scheduled digest ran after the restart");
+}
