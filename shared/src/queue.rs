@@ -249,15 +249,16 @@ impl JobQueue {
         self.push_and_wake(task).await
     }
 
-    /// Puts many fan-out jobs on the queue in one script call and wakes the workers.
-    pub async fn enqueue_fan_outs(&self, jobs: &[(FanOut, i32)]) -> Result<(), QueueError> {
+    /// Puts many fan-out jobs on the queue in one script call and wakes the workers:
+    /// each with its enqueue count and the id of the request that asked for it.
+    pub async fn enqueue_fan_outs(&self, jobs: &[(FanOut, i32, Option<String>)]) -> Result<(), QueueError> {
         if jobs.is_empty() {
             return Ok(());
         }
         let mut tasks = Vec::with_capacity(jobs.len());
-        for (job, enqueue_count) in jobs {
+        for (job, enqueue_count, request_id) in jobs {
             tasks.push(
-                new_task(serde_json::to_vec(job)?, None)
+                new_task(serde_json::to_vec(job)?, request_id.as_deref())
                     .idempotency_key(format!("dispatch-{}-{}", job.dispatch_id, enqueue_count))
                     .build(),
             );

@@ -301,6 +301,8 @@ async fn a_waiting_job_can_be_listed_and_revoked() {
     let waiting = queue.waiting_jobs(10).await.expect("list").remove(0);
     assert_eq!((waiting.kind, waiting.failed_attempts), ("fan_out", 0));
     assert_eq!(waiting.request_id.as_deref(), Some("proxy-7f3a.1"), "the job carries the request's id");
+    let dispatch = shared::entities::dispatch::Entity::find().one(&app.db).await.expect("query").expect("row");
+    assert_eq!(dispatch.request_id.as_deref(), Some("proxy-7f3a.1"), "so does its dispatch, for the relay");
     let (id, payload) = (waiting.id, waiting.payload);
     assert!(payload.contains("\"feedback_id\""));
 

@@ -27,6 +27,8 @@ pub struct Model {
     pub enqueue_count: i32,
     /// When a job for it finished; `None` while outstanding.
     pub completed_at: Option<DateTimeUtc>,
+    /// The request that created it (its `X-Request-Id`), carried by its jobs.
+    pub request_id: Option<String>,
 }
 
 /// Relations (none navigated through the ORM).

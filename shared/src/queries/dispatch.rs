@@ -11,7 +11,18 @@ use crate::entities::dispatch::{self, Column, Entity};
 
 /// Writes a dispatch for `feedback_id`, due at `due_at`; returns its id.
 pub async fn create<C: ConnectionTrait>(db: &C, feedback_id: i64, due_at: DateTime<Utc>) -> Result<i64, DbErr> {
+    create_for_request(db, feedback_id, due_at, None).await
+}
+
+/// As [`create`], remembering the request that asked for it.
+pub async fn create_for_request<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    due_at: DateTime<Utc>,
+    request_id: Option<&str>,
+) -> Result<i64, DbErr> {
     let model = dispatch::ActiveModel {
+        request_id: Set(request_id.map(str::to_owned)),
         feedback_id: Set(feedback_id),
         created_at: Set(super::now()),
         due_at: Set(due_at),

@@ -22,14 +22,27 @@ pub async fn insert_with_dispatch<C>(db: &C, feedback: &NewFeedback) -> Result<S
 where
     C: TransactionTrait,
 {
+    insert_for_request(db, feedback, None).await
+}
+
+/// As [`insert_with_dispatch`], recording the submitting request's id on the dispatch so
+/// the job carries it even when the relay enqueues it later.
+pub async fn insert_for_request<C>(db: &C, feedback: &NewFeedback, request_id: Option<&str>) -> Result<Submitted, DbErr>
+where
+    C: TransactionTrait,
+{
     let txn = db.begin().await?;
-    let submitted = insert_with_dispatch_in(&txn, feedback).await?;
+    let submitted = insert_with_dispatch_in(&txn, feedback, request_id).await?;
     txn.commit().await?;
     Ok(submitted)
 }
 
 /// The inserts of [`insert_with_dispatch`], on a caller's connection or transaction.
-pub async fn insert_with_dispatch_in<C>(db: &C, feedback: &NewFeedback) -> Result<Submitted, DbErr>
+pub async fn insert_with_dispatch_in<C>(
+    db: &C,
+    feedback: &NewFeedback,
+    request_id: Option<&str>,
+) -> Result<Submitted, DbErr>
 where
     C: ConnectionTrait,
 {
@@ -45,7 +58,7 @@ where
     }
     .insert(db)
     .await?;
-    let dispatch_id = super::dispatch::create(db, message.id, now).await?;
+    let dispatch_id = super::dispatch::create_for_request(db, message.id, now, request_id).await?;
     Ok(Submitted { feedback_id: message.id, dispatch_id })
 }
 

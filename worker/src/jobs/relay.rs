@@ -37,8 +37,10 @@ pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<usize, JobErro
         if due.is_empty() {
             break;
         }
-        let jobs: Vec<(FanOut, i32)> =
-            due.iter().map(|record| (FanOut::new(record.feedback_id, record.id), record.enqueue_count)).collect();
+        let jobs: Vec<(FanOut, i32, Option<String>)> = due
+            .iter()
+            .map(|record| (FanOut::new(record.feedback_id, record.id), record.enqueue_count, record.request_id.clone()))
+            .collect();
         queue.enqueue_fan_outs(&jobs).await.map_err(JobError::retryable)?;
         let ids: Vec<i64> = due.iter().map(|record| record.id).collect();
         dispatch::mark_enqueued_many(&ctx.db, &ids).await?;
