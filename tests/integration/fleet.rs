@@ -110,8 +110,10 @@ async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_i
     let received = app.push.received();
     let duplicated: Vec<_> =
         browsers.iter().filter(|b| received.iter().filter(|p| p.endpoint == b.endpoint).count() > 1).collect();
-    // Only pushes in flight at the kill (at most PUSH_CONCURRENCY) can arrive twice.
-    assert!(duplicated.len() <= 4, "{} duplicates, {at_kill} delivered before the kill", duplicated.len());
+    // Only pushes in flight at the kill can arrive twice: those on the wire (at most
+    // PUSH_CONCURRENCY) and those sent but waiting for their batch to be recorded (at
+    // most PUSH_CONCURRENCY more).
+    assert!(duplicated.len() <= 8, "{} duplicates, {at_kill} delivered before the kill", duplicated.len());
     let topics: std::collections::HashSet<_> = received.iter().map(|p| p.topic.clone()).collect();
     assert_eq!(topics.len(), 1, "every copy carries the same Topic, so a push service replaces an undelivered one");
 }

@@ -146,6 +146,33 @@ pub async fn finish<C: ConnectionTrait>(
     Ok(())
 }
 
+/// Records many deliveries of `feedback_id` as sent in one statement (those the claim
+/// `token` still holds): the fan-out writes its successes in batches, not one by one.
+pub async fn finish_sent_many<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    subscription_ids: &[i64],
+    token: &str,
+) -> Result<(), DbErr> {
+    if subscription_ids.is_empty() {
+        return Ok(());
+    }
+    let now = super::now();
+    Entity::update_many()
+        .col_expr(Column::LeaseUntil, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(Column::UpdatedAt, Expr::value(now))
+        .col_expr(Column::Status, Expr::value(SENT))
+        .col_expr(Column::SentAt, Expr::value(now))
+        .col_expr(Column::LastError, Expr::value(Option::<String>::None))
+        .filter(Column::FeedbackId.eq(feedback_id))
+        .filter(Column::SubscriptionId.is_in(subscription_ids.iter().copied()))
+        .filter(Column::ClaimToken.eq(token))
+        .filter(Column::Status.eq(SENDING))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// When `feedback_id` next needs a run: the earliest pending retry or outstanding lease.
 pub async fn next_due<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<Option<DateTime<Utc>>, DbErr> {
     let retry: Option<Option<DateTime<Utc>>> = Entity::find()

@@ -127,6 +127,21 @@ pub async fn record_success<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), D
     Ok(())
 }
 
+/// Records a successful delivery to each of `ids` in one statement.
+pub async fn record_successes<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<(), DbErr> {
+    if ids.is_empty() {
+        return Ok(());
+    }
+    Entity::update_many()
+        .col_expr(Column::LastSuccessAt, Expr::value(super::now()))
+        .col_expr(Column::FailureCount, Expr::value(0))
+        .col_expr(Column::LastFailureReason, Expr::value(Option::<String>::None))
+        .filter(Column::Id.is_in(ids.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Records a failed delivery and its reason.
 pub async fn record_failure<C: ConnectionTrait>(db: &C, id: i64, reason: &str) -> Result<(), DbErr> {
     Entity::update_many()

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
+use sea_orm::TransactionTrait;
 use shared::domain::Notification;
 use shared::entities::push_subscription;
 use shared::jobs::FanOut;
@@ -109,6 +110,13 @@ impl Stats {
     }
 }
 
+/// What one push came to: a success for the batch, or the counts of an outcome already
+/// recorded.
+enum Delivered {
+    Sent(i64),
+    Other(Stats),
+}
+
 /// One execution of the job.
 struct Run<'a> {
     ctx: &'a WorkerContext,
@@ -146,6 +154,12 @@ impl Run<'_> {
     }
 
     /// Sends every delivery this run holds a claim on, with bounded concurrency.
+    ///
+    /// Successes are recorded in batches: whatever pushes have completed when the
+    /// previous batch is written (at most `PUSH_CONCURRENCY`) go in one transaction, so
+    /// a fan-out costs a few commits, not two per subscription. If the worker dies, the
+    /// pushes not yet recorded (in flight, or sent and waiting for their batch: at most
+    /// twice `PUSH_CONCURRENCY`) are the only ones sent again.
     async fn send_claimed(&self) -> Result<Stats, JobError> {
         let db = &self.ctx.db;
         let claimed = delivery::claimed(db, self.feedback_id, &self.token).await?;
@@ -156,23 +170,43 @@ impl Run<'_> {
         let subscriptions = subscription::by_ids(db, &ids).await?;
         let attempts_of = |id: i64| claimed.iter().find(|c| c.subscription_id == id).map_or(1, |c| c.attempts);
         let concurrency = self.ctx.settings.push.concurrency.max(1);
-        let results: Vec<Result<Stats, JobError>> = futures::stream::iter(subscriptions)
+        let mut results = futures::stream::iter(subscriptions)
             .map(|sub| {
                 let attempts = attempts_of(sub.id);
                 async move { self.deliver(sub, attempts).await }
             })
             .buffer_unordered(concurrency)
-            .collect()
-            .await;
+            .ready_chunks(concurrency);
         let mut stats = Stats::default();
-        for result in results {
-            stats.add(result?);
+        while let Some(batch) = results.next().await {
+            let mut sent = Vec::with_capacity(batch.len());
+            for result in batch {
+                match result? {
+                    Delivered::Sent(id) => sent.push(id),
+                    Delivered::Other(other) => stats.add(other),
+                }
+            }
+            stats.sent += sent.len();
+            self.record_sent(&sent).await?;
         }
         Ok(stats)
     }
 
-    /// Sends to one subscription and records the outcome.
-    async fn deliver(&self, sub: push_subscription::Model, attempts: i32) -> Result<Stats, JobError> {
+    /// Records pushes the push service took, in one transaction.
+    async fn record_sent(&self, ids: &[i64]) -> Result<(), JobError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let txn = self.ctx.db.begin().await?;
+        delivery::finish_sent_many(&txn, self.feedback_id, ids, &self.token).await?;
+        subscription::record_successes(&txn, ids).await?;
+        txn.commit().await?;
+        Ok(())
+    }
+
+    /// Sends to one subscription and records the outcome, except a success, which the
+    /// caller records in its batch.
+    async fn deliver(&self, sub: push_subscription::Model, attempts: i32) -> Result<Delivered, JobError> {
         let db = &self.ctx.db;
         let push = &self.ctx.settings.push;
         let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
@@ -182,11 +216,7 @@ impl Run<'_> {
         crate::push::record(&self.ctx.metrics, &outcome, started.elapsed());
         let mut stats = Stats::default();
         match outcome {
-            PushOutcome::Delivered => {
-                delivery::finish(db, self.feedback_id, sub.id, &self.token, &Outcome::Sent).await?;
-                subscription::record_success(db, sub.id).await?;
-                stats.sent = 1;
-            }
+            PushOutcome::Delivered => return Ok(Delivered::Sent(sub.id)),
             PushOutcome::Gone { status } => {
                 tracing::info!(subscription_id = sub.id, status, "push.subscription_gone");
                 subscription::delete(db, sub.id).await?;
@@ -241,6 +271,6 @@ impl Run<'_> {
                 stats.failed = 1;
             }
         }
-        Ok(stats)
+        Ok(Delivered::Other(stats))
     }
 }
