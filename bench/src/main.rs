@@ -8,6 +8,9 @@
 //!   cookie and token) from C connections for D seconds after a warm-up.
 //! - `e2e`: open-loop submissions at R per second with one subscription: submit -> push
 //!   received latency, lost and duplicated counts.
+//! - `fanout`: one submission to S subscriptions, the stand-in answering at once or after
+//!   a delay (a real push service's round trip): time to the first, 50%, 99% and last
+//!   push, pushes per second, connections opened to the push service, duplicates.
 
 mod procs;
 mod report;
@@ -60,6 +63,15 @@ enum Scenario {
         /// Seconds of load.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+    },
+    /// One message to many subscriptions.
+    Fanout {
+        /// Subscriptions to notify.
+        #[arg(long, default_value_t = 1000)]
+        subscriptions: usize,
+        /// Delay of every answer of the push-service stand-in, in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
     },
 }
 
@@ -132,21 +144,17 @@ async fn run(
             report.param("rate_per_second", rate);
             report.param("seconds", seconds);
             let browser = push.new_subscription();
-            let admin = shared::queries::admin::upsert(
-                &db,
-                &shared::domain::EmailAddress::parse("bench@tidings.test").map_err(|e| anyhow::anyhow!("{e}"))?,
-                "unused",
-            )
-            .await?;
-            let subscription = shared::domain::NewSubscription::parse(
-                &browser.endpoint,
-                &browser.p256dh,
-                &browser.auth,
-                &shared::domain::PushHostPolicy::parse(&push.origin()).map_err(|e| anyhow::anyhow!("{e}"))?,
-            )
-            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-            shared::queries::subscription::upsert(&db, &subscription, admin, Some("bench")).await?;
+            let admin = bench_admin(&db).await?;
+            subscribe(&db, push, &browser, admin).await?;
             e2e(&address, push, rate, Duration::from_secs(seconds), &mut report).await?;
+        }
+        Scenario::Fanout { subscriptions, delay_ms } => {
+            report.param("subscriptions", subscriptions);
+            report.param("delay_ms", delay_ms);
+            let admin = bench_admin(&db).await?;
+            subscribe_many(&db, push, admin, subscriptions).await?;
+            push.set_delay(Duration::from_millis(delay_ms));
+            fanout(&address, push, subscriptions, &mut report).await?;
         }
     }
     let wall = started.elapsed();
@@ -164,6 +172,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
     match scenario {
         Scenario::Submit { .. } => "submit",
         Scenario::E2e { .. } => "e2e",
+        Scenario::Fanout { .. } => "fanout",
     }
 }
 
@@ -322,5 +331,78 @@ async fn e2e(
     report.figure("lost", expected.saturating_sub(seen.len()) as f64);
     report.figure("duplicated", duplicated as f64);
     report.latencies("submit_to_push", &latencies);
+    Ok(())
+}
+
+/// The admin owning the benchmark's subscriptions.
+async fn bench_admin(db: &sea_orm::DatabaseConnection) -> anyhow::Result<i64> {
+    let email = shared::domain::EmailAddress::parse("bench@tidings.test").map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(shared::queries::admin::upsert(db, &email, "unused").await?)
+}
+
+/// Stores `browser`'s subscription for `admin`.
+async fn subscribe(
+    db: &sea_orm::DatabaseConnection,
+    push: &PushService,
+    browser: &tidings_tests::push_service::BrowserSubscription,
+    admin: i64,
+) -> anyhow::Result<()> {
+    let subscription = shared::domain::NewSubscription::parse(
+        &browser.endpoint,
+        &browser.p256dh,
+        &browser.auth,
+        &shared::domain::PushHostPolicy::parse(&push.origin()).map_err(|e| anyhow::anyhow!("{e}"))?,
+    )
+    .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    shared::queries::subscription::upsert(db, &subscription, admin, Some("bench")).await?;
+    Ok(())
+}
+
+/// Stores `count` fresh subscriptions on the stand-in for `admin`.
+async fn subscribe_many(
+    db: &sea_orm::DatabaseConnection,
+    push: &PushService,
+    admin: i64,
+    count: usize,
+) -> anyhow::Result<()> {
+    for i in 0..count {
+        subscribe(db, push, &push.new_subscription(), admin).await?;
+        if i % 500 == 0 {
+            eprint!("\rsubscribing {i}/{count}");
+        }
+    }
+    eprintln!("\rsubscribed {count}        ");
+    Ok(())
+}
+
+/// One submission, then every push: how long until the first, half, 99% and all of them
+/// arrived (from the submission), at what rate, over how many connections.
+async fn fanout(address: &str, push: &PushService, subscriptions: usize, report: &mut Report) -> anyhow::Result<()> {
+    let client = client()?;
+    let token = form_token(&client, address).await?;
+    let started = Instant::now();
+    let status = post_form(&client, address, &token, "fan-out").await?;
+    anyhow::ensure!(status == 303, "the submission was refused ({status})");
+    let received = push.wait_for_received(subscriptions, Duration::from_secs(300)).await;
+    let mut arrivals: Vec<Duration> = received.iter().map(|p| p.at.saturating_duration_since(started)).collect();
+    arrivals.sort();
+    let at = |fraction: f64| {
+        let index = ((subscriptions as f64 * fraction).ceil() as usize).clamp(1, arrivals.len().max(1)) - 1;
+        arrivals.get(index).copied().unwrap_or_default().as_secs_f64()
+    };
+    let mut endpoints: Vec<&str> = received.iter().map(|p| p.endpoint.as_str()).collect();
+    endpoints.sort_unstable();
+    let total = endpoints.len();
+    endpoints.dedup();
+    let all = at(1.0);
+    report.figure("delivered", endpoints.len() as f64);
+    report.figure("lost", subscriptions.saturating_sub(endpoints.len()) as f64);
+    report.figure("duplicated", (total - endpoints.len()) as f64);
+    report.figure("first_seconds", arrivals.first().copied().unwrap_or_default().as_secs_f64());
+    report.figure("half_seconds", at(0.5));
+    report.figure("p99_seconds", at(0.99));
+    report.figure("all_seconds", all);
+    report.figure("pushes_per_second", if all > 0.0 { endpoints.len() as f64 / all } else { 0.0 });
+    report.figure("push_service_connections", push.connections_opened() as f64);
     Ok(())
 }
