@@ -21,18 +21,7 @@ async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
     env.insert("WORKER_METRICS_BIND".into(), "off".into());
     env.insert("RUST_LOG".into(), "warn".into());
 
-    let mut workers = Vec::new();
-    for _ in 0..3 {
-        workers.push(
-            tokio::process::Command::new(&binary)
-                .args(["run", "--concurrency", "2"])
-                .envs(&env)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("worker starts"),
-        );
-    }
+    let mut workers: Vec<_> = (0..3).map(|_| start_worker(&binary, &env)).collect();
     tokio::time::sleep(Duration::from_secs(4)).await;
     for worker in &workers {
         let pid = worker.id().expect("running").to_string();
@@ -59,8 +48,16 @@ async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
 }
 
 fn start_worker(binary: &PathBuf, env: &std::collections::HashMap<String, String>) -> tokio::process::Child {
+    start_worker_with(binary, env, 2)
+}
+
+fn start_worker_with(
+    binary: &PathBuf,
+    env: &std::collections::HashMap<String, String>,
+    concurrency: usize,
+) -> tokio::process::Child {
     tokio::process::Command::new(binary)
-        .args(["run", "--concurrency", "2"])
+        .args(["run", "--concurrency", &concurrency.to_string()])
         .envs(env)
         .stdout(Stdio::null())
         .kill_on_drop(true)
@@ -120,21 +117,11 @@ async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_i
 
 #[tokio::test]
 async fn fifty_thousand_jobs_at_once_are_all_done_by_worker_processes_within_the_backlog_bound() {
-    use sea_orm::ConnectionTrait;
-
     // Arrange: 50,000 committed messages with their dispatch records, as a burst of
     // submissions leaves them while Redis is full or down.
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     const JOBS: u64 = 50_000;
-    app.db
-        .execute_unprepared(&format!(
-            "INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
-             SELECT 'Ann', 'ann@example.com', 'burst ' || n, now() FROM generate_series(1, {JOBS}) AS n; \
-             INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
-             SELECT id, now() - interval '1 minute', now() - interval '1 minute', 0 FROM feedback_messages"
-        ))
-        .await
-        .expect("burst inserted");
+    app.insert_burst(JOBS).await;
     let bound = app.settings.worker.max_backlog;
     let mut env = app.env.clone();
     env.insert("RELAY_INTERVAL_MS".into(), "100".into());
@@ -142,18 +129,8 @@ async fn fifty_thousand_jobs_at_once_are_all_done_by_worker_processes_within_the
     env.insert("RUST_LOG".into(), "warn".into());
 
     // Act: two worker processes.
-    let mut workers = Vec::new();
-    for _ in 0..2 {
-        workers.push(
-            tokio::process::Command::new(worker_binary())
-                .args(["run", "--concurrency", "16"])
-                .envs(&env)
-                .stdout(Stdio::null())
-                .kill_on_drop(true)
-                .spawn()
-                .expect("worker starts"),
-        );
-    }
+    let binary = worker_binary();
+    let mut workers: Vec<_> = (0..2).map(|_| start_worker_with(&binary, &env, 16)).collect();
 
     // Assert: every job done, the backlog never above the bound, no worker died.
     let queue =

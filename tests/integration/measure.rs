@@ -57,20 +57,11 @@ async fn measure_submit_to_push_latency() {
 #[tokio::test]
 #[ignore = "a measurement; run on demand"]
 async fn measure_burst_throughput() {
-    use sea_orm::ConnectionTrait;
     let knob = |name: &str, default: u64| std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default);
     let (jobs, processes, concurrency) =
         (knob("MEASURE_JOBS", 20_000), knob("MEASURE_PROCESSES", 1), knob("MEASURE_CONCURRENCY", 16));
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    app.db
-        .execute_unprepared(&format!(
-            "INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
-             SELECT 'Ann', 'ann@example.com', 'burst ' || n, now() FROM generate_series(1, {jobs}) AS n; \
-             INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
-             SELECT id, now() - interval '1 minute', now() - interval '1 minute', 0 FROM feedback_messages"
-        ))
-        .await
-        .expect("burst inserted");
+    app.insert_burst(jobs).await;
     let mut env = app.env.clone();
     env.insert("RELAY_INTERVAL_MS".into(), "100".into());
     env.insert("WORKER_METRICS_BIND".into(), "off".into());

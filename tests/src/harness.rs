@@ -282,6 +282,21 @@ impl TestApp {
         self.client.post(format!("{}/api/feedback", self.address)).json(body).send().await.expect("POST /api/feedback")
     }
 
+    /// Stores `count` feedback messages with their dispatch records in one statement
+    /// (PostgreSQL), as a burst of submissions leaves them while Redis is full or down.
+    pub async fn insert_burst(&self, count: u64) {
+        use sea_orm::ConnectionTrait;
+        self.db
+            .execute_unprepared(&format!(
+                "INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
+                 SELECT 'Ann', 'ann@example.com', 'burst ' || n, now() FROM generate_series(1, {count}) AS n; \
+                 INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
+                 SELECT id, now() - interval '1 minute', now() - interval '1 minute', 0 FROM feedback_messages"
+            ))
+            .await
+            .expect("burst inserted");
+    }
+
     /// Number of feedback rows stored.
     pub async fn feedback_count(&self) -> u64 {
         shared::queries::feedback::count(&self.db).await.expect("count")

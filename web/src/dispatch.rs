@@ -80,10 +80,15 @@ impl Dispatcher {
     /// `request_id` is the submitting request's, carried by the job.
     pub async fn announce(&self, submitted: Submitted, request_id: Option<String>) {
         let outcome = self.try_announce(submitted, request_id.as_deref()).await;
+        self.count_dispatch(outcome);
+    }
+
+    /// Counts what became of a committed submission's announcement.
+    fn count_dispatch(&self, outcome: &'static str) {
         self.metrics
             .counter(
                 "tidings_dispatch_total",
-                "Committed submissions handed to Redis, or left to the relay.",
+                "Committed submissions handed to Redis, run in process, or left to the relay.",
                 &[("outcome", outcome)],
             )
             .inc();
@@ -139,13 +144,7 @@ impl Dispatcher {
                 },
                 Err(_) => "failed_in_process",
             };
-            self.metrics
-                .counter(
-                    "tidings_dispatch_total",
-                    "Committed submissions handed to Redis, or left to the relay.",
-                    &[("outcome", outcome)],
-                )
-                .inc();
+            self.count_dispatch(outcome);
             return;
         }
         let this = Arc::clone(self);
