@@ -9,6 +9,7 @@
 //! - [`job_stats`]: per-minute job figures for the admin's Queues page.
 //! - [`metrics`]: the Prometheus registry both binaries serve at `/metrics`.
 //! - [`queue`]: the producer side of the Redis queue (enqueue + wake the workers).
+//! - [`redis_usage`]: what Redis holds, by kind of data (for `worker status`).
 //! - [`settings`]: configuration read from the environment.
 //! - [`telemetry`]: tracing set-up.
 //! - [`db`]: database connections.
@@ -23,6 +24,7 @@ pub mod lock;
 pub mod metrics;
 pub mod queries;
 pub mod queue;
+pub mod redis_usage;
 pub mod settings;
 pub mod telemetry;
 pub mod worker_health;

@@ -207,6 +207,23 @@ async fn running_workers_report_themselves_to_readyz_and_status() {
     assert_eq!(status.processes.len(), 1);
     assert_eq!(status.processes[0].pid, std::process::id());
     assert_eq!(status.processes[0].concurrency, 2);
+
+    // What Redis holds is reported by kind: after one job, its record and the reports.
+    app.subscribe_browser().await;
+    app.submit_valid_feedback("Ann", "counted in Redis").await;
+    app.push.wait_for_received(1, std::time::Duration::from_secs(15)).await;
+    let kinds = |status: &worker::status::Status| -> Vec<(&'static str, u64)> {
+        status.redis.iter().filter(|u| u.bytes > 0).map(|u| (u.kind, u.keys)).collect()
+    };
+    let reported = wait_until(|| async {
+        let status = worker::status::read(&app.settings).await.expect("status");
+        let kinds = kinds(&status);
+        ["job_records", "worker_reports", "queue", "job_stats"].iter().all(|k| kinds.iter().any(|(kind, _)| kind == k))
+    })
+    .await;
+    let status = worker::status::read(&app.settings).await.expect("status");
+    assert!(reported, "{:?}", status.redis);
+    assert!(kinds(&status).contains(&("job_records", 1)), "{:?}", status.redis);
 }
 
 #[tokio::test]

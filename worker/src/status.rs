@@ -28,6 +28,8 @@ pub struct Status {
     pub dead_letters: u64,
     /// What each live worker process reports about itself.
     pub processes: Vec<shared::worker_health::WorkerReport>,
+    /// What Redis holds for this namespace, by kind of data.
+    pub redis: Vec<shared::redis_usage::KindUsage>,
 }
 
 /// Reads the status.
@@ -51,6 +53,7 @@ pub async fn read(settings: &Settings) -> anyhow::Result<Status> {
     let dead_letters = queue.dead_letter_count().await?;
     let outstanding_dispatches = shared::queries::dispatch::outstanding(&db).await?;
     let processes = shared::worker_health::read_all(&mut conn, &settings.redis_namespace).await?;
+    let redis = shared::redis_usage::by_kind(&mut conn, &settings.redis_namespace).await?;
     Ok(Status {
         queued,
         scheduled,
@@ -62,6 +65,7 @@ pub async fn read(settings: &Settings) -> anyhow::Result<Status> {
         outstanding_dispatches,
         dead_letters,
         processes,
+        redis,
     })
 }
 
@@ -82,6 +86,9 @@ pub async fn print(settings: &Settings) -> anyhow::Result<()> {
         let at =
             chrono::DateTime::from_timestamp(job.run_at, 0).map_or_else(|| job.run_at.to_string(), |t| t.to_rfc3339());
         println!("retry {} {} attempt={} at={at}", job.id, job.kind, job.failed_attempts + 1);
+    }
+    for usage in &status.redis {
+        println!("redis {} keys={} bytes={}", usage.kind, usage.keys, usage.bytes);
     }
     println!("processes {}", status.processes.len());
     for p in &status.processes {

@@ -1,0 +1,99 @@
+//! What Tidings keeps in Redis, by kind: keys and bytes, for `worker status` (every kind
+//! of data has a budget; this is how an operator sees each one against it).
+
+use redis::aio::ConnectionManager;
+
+/// Keys and memory of one kind of data.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KindUsage {
+    /// The kind (see [`kind_of`]).
+    pub kind: &'static str,
+    /// Keys of that kind.
+    pub keys: u64,
+    /// Their memory, as `MEMORY USAGE` reports it.
+    pub bytes: u64,
+}
+
+/// The kind of key `key` (inside namespace `ns`), or `None` for a key not ours.
+pub fn kind_of(ns: &str, key: &str) -> Option<&'static str> {
+    let rest = key.strip_prefix(ns)?.strip_prefix(':')?;
+    let kind = if rest.contains(":meta:") {
+        "job_records"
+    } else if rest.contains(":idempotency") {
+        "idempotency_keys"
+    } else if rest.starts_with("session:") {
+        "sessions"
+    } else if rest.starts_with("login-failures:") {
+        "rate_limits"
+    } else if rest.starts_with("stats:") {
+        "job_stats"
+    } else if rest.starts_with("dead-letters") {
+        "dead_letters"
+    } else if rest.starts_with("worker-health:") {
+        "worker_reports"
+    } else if ["lock:", "tick:", "periodic:", "job-starts:"].iter().any(|p| rest.starts_with(p)) {
+        "coordination"
+    } else {
+        // The queue's own structures: payloads, pending, scheduled, done and dead sets.
+        "queue"
+    };
+    Some(kind)
+}
+
+/// Scans the namespace `ns` and sums keys and bytes by kind, biggest first.
+pub async fn by_kind(conn: &mut ConnectionManager, ns: &str) -> redis::RedisResult<Vec<KindUsage>> {
+    let mut usage: Vec<KindUsage> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{ns}:*"))
+            .arg("COUNT")
+            .arg(1000)
+            .query_async(conn)
+            .await?;
+        if !keys.is_empty() {
+            let mut pipe = redis::pipe();
+            for key in &keys {
+                pipe.cmd("MEMORY").arg("USAGE").arg(key);
+            }
+            let sizes: Vec<Option<u64>> = pipe.query_async(conn).await?;
+            for (key, size) in keys.iter().zip(sizes) {
+                let Some(kind) = kind_of(ns, key) else { continue };
+                match usage.iter_mut().find(|u| u.kind == kind) {
+                    Some(u) => {
+                        u.keys += 1;
+                        u.bytes += size.unwrap_or(0);
+                    }
+                    None => usage.push(KindUsage { kind, keys: 1, bytes: size.unwrap_or(0) }),
+                }
+            }
+        }
+        if next == 0 {
+            break;
+        }
+        cursor = next;
+    }
+    usage.sort_by_key(|u| std::cmp::Reverse(u.bytes));
+    Ok(usage)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_told_apart_by_kind_and_foreign_keys_ignored() {
+        assert_eq!(kind_of("t", "t:fanout:meta:01J"), Some("job_records"));
+        assert_eq!(kind_of("t", "t:fanout:idempotency:dispatch-1-0"), Some("idempotency_keys"));
+        assert_eq!(kind_of("t", "t:session:abc"), Some("sessions"));
+        assert_eq!(kind_of("t", "t:login-failures:account:x"), Some("rate_limits"));
+        assert_eq!(kind_of("t", "t:stats:jobs:1700000000"), Some("job_stats"));
+        assert_eq!(kind_of("t", "t:dead-letters:by-time"), Some("dead_letters"));
+        assert_eq!(kind_of("t", "t:lock:job:fan_out:1"), Some("coordination"));
+        assert_eq!(kind_of("t", "t:fanout:data"), Some("queue"));
+        assert_eq!(kind_of("t", "other:fanout:data"), None);
+        assert_eq!(kind_of("t", "tx:fanout:data"), None);
+    }
+}
