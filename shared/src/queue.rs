@@ -64,9 +64,13 @@ fn job_metadata(request_id: Option<&str>, due_at_ms: i64) -> MetadataStore {
 
 /// A task for `payload`, due now, with its metadata.
 fn new_task(payload: Vec<u8>, request_id: Option<&str>) -> TaskBuilder<Vec<u8>> {
-    TaskBuilder::new(payload)
-        .max_attempts(JOB_MAX_ATTEMPTS)
-        .with_metadata(job_metadata(request_id, chrono::Utc::now().timestamp_millis()))
+    task_due_at(payload, request_id, chrono::Utc::now().timestamp_millis())
+}
+
+/// A task for `payload` with its metadata, due at `due_at_ms` (the caller schedules it
+/// for then when that is later than now).
+fn task_due_at(payload: Vec<u8>, request_id: Option<&str>, due_at_ms: i64) -> TaskBuilder<Vec<u8>> {
+    TaskBuilder::new(payload).max_attempts(JOB_MAX_ATTEMPTS).with_metadata(job_metadata(request_id, due_at_ms))
 }
 
 /// Why the queue could not take a job.
@@ -301,9 +305,7 @@ impl JobQueue {
     pub async fn schedule_digest(&self, job: &Digest, request_id: Option<&str>) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(job)?;
         let run_at = u64::try_from(job.window_end).unwrap_or(0);
-        let task = TaskBuilder::new(payload)
-            .max_attempts(JOB_MAX_ATTEMPTS)
-            .with_metadata(job_metadata(request_id, job.window_end.saturating_mul(1000)))
+        let task = task_due_at(payload, request_id, job.window_end.saturating_mul(1000))
             .idempotency_key(format!("digest-{}-{}", job.window_start, job.window_end))
             .run_at_timestamp(run_at)
             .build();
@@ -334,11 +336,10 @@ impl JobQueue {
         let mut metadata = job_metadata(failed_meta.get(meta::REQUEST_ID), due_secs * 1000);
         metadata.replace(meta::FIRST_ID, failed_meta.get(meta::FIRST_ID).unwrap_or(failed_id));
         let id = ulid::Ulid::generate();
-        let task = TaskBuilder::new(payload)
+        let task = task_due_at(payload, None, 0)
+            .with_metadata(metadata)
             .task_id(TaskId::from_ulid(id))
             .attempt(attempts)
-            .max_attempts(JOB_MAX_ATTEMPTS)
-            .with_metadata(metadata)
             .run_at_timestamp(u64::try_from(due_secs).unwrap_or(0))
             .build();
         self.push_and_wake(task).await?;
@@ -447,16 +448,19 @@ impl JobQueue {
         let mut jobs: Vec<(String, i64)> = pending.into_iter().map(|id| (id, 0)).collect();
         jobs.extend(scheduled.into_iter().map(|(id, at)| (id, at as i64)));
         jobs.truncate(usize::try_from(limit).unwrap_or(0));
-        let mut out = Vec::with_capacity(jobs.len());
-        for (id, run_at) in jobs {
-            let (payload, (attempts, request_id)): (Option<Vec<u8>>, AttemptsAndRequest) = redis::pipe()
-                .hget(self.fan_out.job_data_hash(), &id)
+        // Payload, attempts and request id of every job in one round trip.
+        let mut pipe = redis::pipe();
+        for (id, _) in &jobs {
+            pipe.hget(self.fan_out.job_data_hash(), id)
                 .cmd("HMGET")
                 .arg(format!("{}:{id}", self.fan_out.job_meta_hash()))
                 .arg("attempts")
-                .arg(meta::REQUEST_ID)
-                .query_async(&mut conn)
-                .await?;
+                .arg(meta::REQUEST_ID);
+        }
+        let details: Vec<(Option<Vec<u8>>, AttemptsAndRequest)> =
+            if jobs.is_empty() { Vec::new() } else { pipe.query_async(&mut conn).await? };
+        let mut out = Vec::with_capacity(jobs.len());
+        for ((id, run_at), (payload, (attempts, request_id))) in jobs.into_iter().zip(details) {
             let payload = String::from_utf8_lossy(&payload.unwrap_or_default()).into_owned();
             let kind = crate::jobs::QueuedJob::parse(payload.as_bytes()).map_or("unreadable", |j| j.kind());
             out.push(WaitingJob { id, run_at, kind, payload, failed_attempts: attempts.unwrap_or(0), request_id });

@@ -14,30 +14,30 @@ pub struct KindUsage {
     pub bytes: u64,
 }
 
+/// Kinds told apart by what follows the namespace: (pattern, kind, anywhere in the key
+/// rather than at its start). The first match wins; the queue's own structures
+/// (payloads, pending, scheduled, done and dead sets) are what is left.
+const KINDS: [(&str, &str, bool); 11] = [
+    (":meta:", "job_records", true),
+    (":idempotency", "idempotency_keys", true),
+    ("session:", "sessions", false),
+    ("login-failures:", "rate_limits", false),
+    ("stats:", "job_stats", false),
+    ("dead-letters", "dead_letters", false),
+    ("worker-health:", "worker_reports", false),
+    ("lock:", "coordination", false),
+    ("tick:", "coordination", false),
+    ("periodic:", "coordination", false),
+    ("job-starts:", "coordination", false),
+];
+
 /// The kind of key `key` (inside namespace `ns`), or `None` for a key not ours.
 pub fn kind_of(ns: &str, key: &str) -> Option<&'static str> {
     let rest = key.strip_prefix(ns)?.strip_prefix(':')?;
-    let kind = if rest.contains(":meta:") {
-        "job_records"
-    } else if rest.contains(":idempotency") {
-        "idempotency_keys"
-    } else if rest.starts_with("session:") {
-        "sessions"
-    } else if rest.starts_with("login-failures:") {
-        "rate_limits"
-    } else if rest.starts_with("stats:") {
-        "job_stats"
-    } else if rest.starts_with("dead-letters") {
-        "dead_letters"
-    } else if rest.starts_with("worker-health:") {
-        "worker_reports"
-    } else if ["lock:", "tick:", "periodic:", "job-starts:"].iter().any(|p| rest.starts_with(p)) {
-        "coordination"
-    } else {
-        // The queue's own structures: payloads, pending, scheduled, done and dead sets.
-        "queue"
+    let matches = |(pattern, _, anywhere): &(&str, &str, bool)| {
+        if *anywhere { rest.contains(pattern) } else { rest.starts_with(pattern) }
     };
-    Some(kind)
+    Some(KINDS.iter().find(|k| matches(k)).map_or("queue", |(_, kind, _)| kind))
 }
 
 /// Scans the namespace `ns` and sums keys and bytes by kind, biggest first.

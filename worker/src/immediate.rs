@@ -49,11 +49,6 @@ impl Immediate {
     pub async fn run(&self, payload: &[u8]) -> Result<(), JobError> {
         crate::jobs::run(QueuedJob::parse(payload), &self.ctx).await
     }
-
-    /// The metrics the jobs recorded (pushes by outcome).
-    pub fn metrics(&self) -> &Registry {
-        &self.ctx.metrics
-    }
 }
 
 impl shared::queue::JobRunner for Immediate {
