@@ -120,6 +120,64 @@ impl Digest {
     }
 }
 
+/// The `kind` of an [`InvalidateCache`] payload.
+pub const INVALIDATE_CACHE_KIND: &str = "invalidate_cache";
+
+/// Drop what the read cache holds about some messages (they were handled, read or
+/// deleted); the web enqueues it after the change commits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InvalidateCache {
+    /// Always [`INVALIDATE_CACHE_KIND`].
+    pub kind: String,
+    /// Payload format version; see [`InvalidateCache::VERSION`].
+    pub version: u16,
+    /// The messages that changed.
+    pub feedback_ids: Vec<i64>,
+}
+
+impl InvalidateCache {
+    /// The payload version this build writes and understands.
+    pub const VERSION: u16 = 1;
+
+    /// Invalidates what shows the messages `feedback_ids`.
+    pub fn new(feedback_ids: Vec<i64>) -> Self {
+        Self { kind: INVALIDATE_CACHE_KIND.to_owned(), version: Self::VERSION, feedback_ids }
+    }
+}
+
+/// The `kind` of a [`TrimCaches`] payload.
+pub const TRIM_CACHES_KIND: &str = "trim_caches";
+
+/// Bring everything Tidings keeps in Redis within its budget now (the web asks for it when
+/// it sees the cache past its budget; the worker also runs it once per tick).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrimCaches {
+    /// Always [`TRIM_CACHES_KIND`].
+    pub kind: String,
+    /// Payload format version; see [`TrimCaches::VERSION`].
+    pub version: u16,
+}
+
+impl TrimCaches {
+    /// The payload version this build writes and understands.
+    pub const VERSION: u16 = 1;
+
+    /// A trim on demand.
+    pub fn new() -> Self {
+        Self { kind: TRIM_CACHES_KIND.to_owned(), version: Self::VERSION }
+    }
+}
+
+impl Default for TrimCaches {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The lock a trim holds, shared by the periodic tick and the on-demand job so that two
+/// trims never run at once.
+pub const TRIM_LOCK: &str = "periodic:trim-caches";
+
 /// How one kind of job is retried when it fails in a way that may pass (the database or
 /// Redis unreachable, a push service answering 429/5xx): the worker enforces it, not
 /// apalis-redis (whose own schedule is fixed and ignores both the limit and
@@ -158,7 +216,7 @@ impl std::fmt::Display for RetryPolicy {
 }
 
 /// The job kinds, as metrics, logs, dead letters and settings name them.
-pub const KINDS: [&str; 3] = ["fan_out", DIGEST_KIND, TEST_PUSH_KIND];
+pub const KINDS: [&str; 5] = ["fan_out", DIGEST_KIND, TEST_PUSH_KIND, INVALIDATE_CACHE_KIND, TRIM_CACHES_KIND];
 
 /// The retry policy of `kind` unless settings say otherwise (`JOB_RETRY_<KIND>`).
 ///
@@ -174,6 +232,8 @@ pub fn default_retry_policy(kind: &str) -> RetryPolicy {
     };
     match kind {
         TEST_PUSH_KIND => policy(3, 2_000, 30_000),
+        INVALIDATE_CACHE_KIND => policy(5, 500, 10_000),
+        TRIM_CACHES_KIND => policy(3, 1_000, 10_000),
         DIGEST_KIND => policy(6, 5_000, 120_000),
         _ => policy(15, 1_000, 600_000),
     }
@@ -188,6 +248,10 @@ pub enum QueuedJob {
     TestPush(TestPush),
     /// The notification for a burst.
     Digest(Digest),
+    /// Messages whose cached views must go.
+    InvalidateCache(InvalidateCache),
+    /// A trim of Redis on demand.
+    TrimCaches(TrimCaches),
 }
 
 impl QueuedJob {
@@ -198,7 +262,8 @@ impl QueuedJob {
         match self {
             Self::FanOut(job) => Some(format!("job:fan_out:{}", job.feedback_id)),
             Self::Digest(job) => Some(format!("job:digest:{}:{}", job.window_start, job.window_end)),
-            Self::TestPush(_) => None,
+            Self::TrimCaches(_) => Some(TRIM_LOCK.to_owned()),
+            Self::TestPush(_) | Self::InvalidateCache(_) => None,
         }
     }
 
@@ -208,6 +273,8 @@ impl QueuedJob {
             Self::FanOut(_) => "fan_out",
             Self::TestPush(_) => TEST_PUSH_KIND,
             Self::Digest(_) => DIGEST_KIND,
+            Self::InvalidateCache(_) => INVALIDATE_CACHE_KIND,
+            Self::TrimCaches(_) => TRIM_CACHES_KIND,
         }
     }
 
@@ -227,17 +294,32 @@ impl QueuedJob {
             }
             Some(DIGEST_KIND) => {
                 let job: Digest = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
-                if job.version > Digest::VERSION {
-                    return Err(
-                        PayloadError::UnsupportedVersion { found: job.version, supported: Digest::VERSION }.to_string()
-                    );
-                }
+                check_version(job.version, Digest::VERSION)?;
                 Self::Digest(job)
+            }
+            Some(INVALIDATE_CACHE_KIND) => {
+                let job: InvalidateCache =
+                    serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
+                check_version(job.version, InvalidateCache::VERSION)?;
+                Self::InvalidateCache(job)
+            }
+            Some(TRIM_CACHES_KIND) => {
+                let job: TrimCaches = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
+                check_version(job.version, TrimCaches::VERSION)?;
+                Self::TrimCaches(job)
             }
             Some(other) => return Err(format!("unknown job kind {other:?}")),
         };
         Ok(job)
     }
+}
+
+/// Refuses a payload version newer than `supported`, with the dead letter's reason.
+fn check_version(found: u16, supported: u16) -> Result<(), String> {
+    if found > supported {
+        return Err(PayloadError::UnsupportedVersion { found, supported }.to_string());
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -261,6 +343,11 @@ mod tests {
         assert_eq!(QueuedJob::parse(&fan_out), Ok(QueuedJob::FanOut(FanOut::new(1, 2))));
         let test = serde_json::to_vec(&TestPush::new(3)).expect("json");
         assert_eq!(QueuedJob::parse(&test), Ok(QueuedJob::TestPush(TestPush::new(3))));
+        let invalidate = serde_json::to_vec(&InvalidateCache::new(vec![4, 5])).expect("json");
+        assert_eq!(QueuedJob::parse(&invalidate), Ok(QueuedJob::InvalidateCache(InvalidateCache::new(vec![4, 5]))));
+        let trim = serde_json::to_vec(&TrimCaches::new()).expect("json");
+        assert_eq!(QueuedJob::parse(&trim), Ok(QueuedJob::TrimCaches(TrimCaches::new())));
+        assert!(QueuedJob::parse(br#"{"kind":"trim_caches","version":7}"#).is_err_and(|e| e.contains("version 7")));
         assert!(QueuedJob::parse(br#"{"kind":"nope"}"#).is_err_and(|e| e.contains("unknown job kind")));
         assert!(
             QueuedJob::parse(br#"{"version":9,"feedback_id":1,"dispatch_id":1}"#)

@@ -12,9 +12,13 @@
 //! - [`redis_usage`]: what Redis holds, by kind of data (for `worker status`).
 //! - [`settings`]: configuration read from the environment.
 //! - [`telemetry`]: tracing set-up.
+//! - [`budget`]: budgets of sessions, login counters and idempotency keys in Redis.
+//! - [`cache`]: the admin's read cache in Redis (versioned, invalidated by id, trimmed to a budget).
 //! - [`db`]: database connections.
 //! - [`worker_health`]: what worker processes report about themselves in Redis.
 
+pub mod budget;
+pub mod cache;
 pub mod db;
 pub mod domain;
 pub mod entities;

@@ -90,6 +90,14 @@ pub enum QueueError {
     Encode(#[from] serde_json::Error),
 }
 
+/// How long a queued trim request blocks the next one if its job never starts.
+pub const TRIM_REQUEST_TTL: Duration = Duration::from_secs(60);
+
+/// The key that marks a [`crate::jobs::TrimCaches`] job as queued.
+pub fn trim_request_key(namespace: &str) -> String {
+    format!("{namespace}:trim-caches:queued")
+}
+
 /// A job's payload exactly as stored in Redis; parsed by the handler, not the engine.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RawJob(pub Vec<u8>);
@@ -314,8 +322,32 @@ impl JobQueue {
 
     /// Puts a test-notification job on the queue and wakes a worker.
     pub async fn enqueue_test_push(&self, job: &TestPush, request_id: Option<&str>) -> Result<(), QueueError> {
-        let payload = serde_json::to_vec(job)?;
+        self.enqueue(serde_json::to_vec(job)?, request_id).await
+    }
+
+    /// Puts the job `payload` (any kind) on the queue, due now, and wakes a worker.
+    pub async fn enqueue(&self, payload: Vec<u8>, request_id: Option<&str>) -> Result<(), QueueError> {
         self.push_and_wake(new_task(payload, request_id).build()).await
+    }
+
+    /// Queues a [`crate::jobs::TrimCaches`] job unless one is queued already (at most
+    /// one waits at a time, however many processes see a budget exceeded); true when
+    /// this call queued it. The job clears the mark when it starts; the mark also
+    /// expires after [`TRIM_REQUEST_TTL`] should the job be lost.
+    pub async fn request_trim(&self, request_id: Option<&str>) -> Result<bool, QueueError> {
+        let key = trim_request_key(&self.namespace);
+        let mut conn = self.conn.clone();
+        let ttl_ms = u64::try_from(TRIM_REQUEST_TTL.as_millis()).unwrap_or(u64::MAX);
+        let marked: Option<String> =
+            redis::cmd("SET").arg(&key).arg(1).arg("NX").arg("PX").arg(ttl_ms).query_async(&mut conn).await?;
+        if marked.is_none() {
+            return Ok(false);
+        }
+        if let Err(e) = self.enqueue(serde_json::to_vec(&crate::jobs::TrimCaches::new())?, request_id).await {
+            let _: Result<(), _> = conn.del(&key).await;
+            return Err(e);
+        }
+        Ok(true)
     }
 
     /// Schedules the next attempt of a failed job, `delay` from now, as a new task that

@@ -17,7 +17,9 @@ pub struct KindUsage {
 /// Kinds told apart by what follows the namespace: (pattern, kind, anywhere in the key
 /// rather than at its start). The first match wins; the queue's own structures
 /// (payloads, pending, scheduled, done and dead sets) are what is left.
-const KINDS: [(&str, &str, bool); 11] = [
+const KINDS: [(&str, &str, bool); 13] = [
+    ("cache:", "cache", false),
+    ("trim-caches:", "coordination", false),
     (":meta:", "job_records", true),
     (":idempotency", "idempotency_keys", true),
     ("session:", "sessions", false),

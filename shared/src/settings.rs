@@ -47,6 +47,23 @@ pub struct Settings {
     pub push: PushSettings,
     /// Worker and queue settings.
     pub worker: WorkerSettings,
+    /// The admin's read cache in Redis.
+    pub cache: crate::cache::CacheSettings,
+    /// Most keys kept in Redis of the kinds that have no budget of their own.
+    pub budgets: RedisBudgets,
+}
+
+/// Budgets (in keys) of the short-lived kinds of data kept in Redis; each also expires
+/// on its own, the budget bounds a flood of them. The trim removes the keys closest to
+/// expiring first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RedisBudgets {
+    /// `SESSIONS_MAX_KEYS`: admin sessions.
+    pub sessions: u64,
+    /// `RATE_LIMITS_MAX_KEYS`: login-failure counters.
+    pub rate_limits: u64,
+    /// `IDEMPOTENCY_MAX_KEYS`: the queue's idempotency keys.
+    pub idempotency_keys: u64,
 }
 
 /// Settings of the web process.
@@ -159,7 +176,13 @@ impl WorkerSettings {
 
 /// Reads `JOB_RETRY_<KIND>` for each job kind, defaulting to the kind's own policy.
 fn parse_retry_policies(env: &Env<'_>) -> Result<Vec<(&'static str, RetryPolicy)>, SettingsError> {
-    const NAMES: [&str; 3] = ["JOB_RETRY_FAN_OUT", "JOB_RETRY_DIGEST", "JOB_RETRY_TEST_PUSH"];
+    const NAMES: [&str; 5] = [
+        "JOB_RETRY_FAN_OUT",
+        "JOB_RETRY_DIGEST",
+        "JOB_RETRY_TEST_PUSH",
+        "JOB_RETRY_INVALIDATE_CACHE",
+        "JOB_RETRY_TRIM_CACHES",
+    ];
     crate::jobs::KINDS
         .iter()
         .zip(NAMES)
@@ -227,6 +250,18 @@ impl Settings {
                 max_attempts: env.parse("PUSH_MAX_ATTEMPTS", "5")?,
                 retry_base: Duration::from_millis(env.parse("PUSH_RETRY_BASE_MS", "1000")?),
                 retry_cap: Duration::from_secs(env.parse("PUSH_RETRY_CAP_SECS", "600")?),
+            },
+            cache: crate::cache::CacheSettings {
+                enabled: env.parse("CACHE_ENABLED", "true")?,
+                max_entries: env.parse::<u64>("CACHE_MAX_ENTRIES", "10000")?.max(1),
+                max_bytes: env.parse::<u64>("CACHE_MAX_BYTES", "33554432")?.max(1024),
+                ttl: Duration::from_secs(env.parse::<u64>("CACHE_TTL_SECS", "600")?.max(1)),
+                deploy_version: env.get("CACHE_VERSION").unwrap_or_default().to_owned(),
+            },
+            budgets: RedisBudgets {
+                sessions: env.parse("SESSIONS_MAX_KEYS", "10000")?,
+                rate_limits: env.parse("RATE_LIMITS_MAX_KEYS", "50000")?,
+                idempotency_keys: env.parse("IDEMPOTENCY_MAX_KEYS", "20000")?,
             },
             worker: WorkerSettings {
                 relay_interval: Duration::from_millis(env.parse("RELAY_INTERVAL_MS", "1000")?),

@@ -18,6 +18,7 @@ async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     let mut env = app.env.clone();
     env.insert("RELAY_INTERVAL_MS".into(), "100".into());
+    env.insert("TRIM_INTERVAL_MS".into(), "200".into());
     env.insert("WORKER_METRICS_BIND".into(), "off".into());
     env.insert("RUST_LOG".into(), "warn".into());
 
@@ -45,6 +46,14 @@ async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
     assert!(count >= 20, "about 40 ticks in 4 s at 100 ms, got {count}");
     let pids: std::collections::HashSet<u32> = runs.iter().map(|(_, pid)| *pid).collect();
     assert!(pids.len() >= 2, "no process is special: ticks ran in {pids:?}");
+    // The trim of Redis, likewise: one run per tick.
+    let trims = periodic.runs(worker::app::TRIM_TASK).await.expect("runs");
+    let mut ticks: Vec<u64> = trims.iter().map(|(tick, _)| *tick).collect();
+    let count = ticks.len();
+    ticks.sort_unstable();
+    ticks.dedup();
+    assert_eq!(ticks.len(), count, "a trim tick ran twice: {trims:?}");
+    assert!(count >= 10, "about 20 trims in 4 s at 200 ms, got {count}");
 }
 
 fn start_worker(binary: &PathBuf, env: &std::collections::HashMap<String, String>) -> tokio::process::Child {

@@ -288,6 +288,11 @@ async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
     let meta_keys: Vec<String> =
         redis::AsyncCommands::keys(&mut conn, format!("{}:*", config.job_meta_hash())).await.expect("keys");
     assert_eq!(meta_keys, vec![format!("{}:{}", config.job_meta_hash(), scheduled[0])], "only its metadata remains");
+    // The finished jobs' idempotency keys went with their records; the digest's stays.
+    let idempotency: Vec<String> =
+        redis::AsyncCommands::keys(&mut conn, format!("{}:*", config.idempotency_key_set())).await.expect("keys");
+    assert_eq!(idempotency.len(), 1, "{idempotency:?}");
+    assert!(idempotency[0].contains("digest-"), "{idempotency:?}");
     // Finished jobs were acknowledged: no worker still holds them as in flight.
     let inflight: Vec<String> =
         redis::AsyncCommands::keys(&mut conn, format!("{}*", config.inflight_jobs_set())).await.expect("keys");

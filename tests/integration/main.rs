@@ -4,6 +4,7 @@
 mod admin;
 mod api;
 mod browser;
+mod cache;
 mod feedback_form;
 mod fleet;
 mod immediate;

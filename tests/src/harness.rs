@@ -125,7 +125,14 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
         settings.web.bind = format!("127.0.0.1:{port}").parse()?;
         settings.web.public_url = url::Url::parse(&format!("http://127.0.0.1:{port}/"))?;
-        let runner = worker::immediate::Immediate::new(settings.clone(), db.clone())?;
+        let mut runner = worker::immediate::Immediate::new(settings.clone(), db.clone())?;
+        // The cache lives in Redis: with Redis unreachable, jobs run without it.
+        if settings.cache.enabled
+            && let Ok(queue) = shared::queue::JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await
+        {
+            let cache = shared::cache::Cache::new(queue.connection(), &settings.redis_namespace, &settings.cache);
+            runner = runner.with_cache(cache);
+        }
         web::app::Application::build_with(settings.clone(), Some(std::sync::Arc::new(runner))).await?
     } else {
         web::app::Application::build(settings.clone()).await?

@@ -45,8 +45,11 @@ impl Application {
         if settings.web.secret_key.is_none() {
             anyhow::bail!("SECRET_KEY is not set: generate one (e.g. `openssl rand -hex 32`) and put it in .env");
         }
-        let db = shared::db::connect(&settings.database_url).await?;
+        let mut db = shared::db::connect(&settings.database_url).await?;
         let metrics = shared::metrics::Registry::new();
+        // Every statement is counted: N+1 queries show up in /metrics (and in a test).
+        let queries = metrics.counter("tidings_db_queries_total", "SQL statements the web sent to the database.", &[]);
+        db.set_metric_callback(move |_| queries.inc());
         let mut dispatcher = Dispatcher::new(
             db.clone(),
             &settings.redis_url,

@@ -10,6 +10,7 @@
 
 pub mod app;
 pub mod auth;
+pub mod cache;
 pub mod commands;
 pub mod dispatch;
 pub mod error;

@@ -20,7 +20,7 @@ use crate::dispatch::Dispatcher;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(8 * 3600);
 
 /// A session older than this is gone, however active.
-pub const ABSOLUTE_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+pub const ABSOLUTE_TIMEOUT: Duration = shared::budget::SESSION_ABSOLUTE_TIMEOUT;
 
 /// Failed logins per account before that account is throttled.
 pub const ACCOUNT_FAILURES: u64 = 5;

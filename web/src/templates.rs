@@ -83,6 +83,7 @@ pub struct AdminLogin<'a> {
 }
 
 /// One line of the inbox.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct InboxLine {
     /// The message.
     pub id: i64,
@@ -101,13 +102,16 @@ pub struct InboxLine {
 impl InboxLine {
     /// The first 80 characters of the message.
     pub fn preview(&self) -> String {
-        let mut preview: String = self.content.chars().take(80).collect();
-        if self.content.chars().count() > 80 {
+        let mut preview: String = self.content.chars().take(PREVIEW_CHARS).collect();
+        if self.content.chars().count() > PREVIEW_CHARS {
             preview.push('…');
         }
         preview
     }
 }
+
+/// Characters of a message an inbox line shows.
+pub const PREVIEW_CHARS: usize = 80;
 
 /// `GET /admin/`.
 #[derive(Template)]
@@ -121,10 +125,8 @@ pub struct AdminInbox<'a> {
     pub older: Option<i64>,
     /// The id newer messages are listed after, when there are any.
     pub newer: Option<i64>,
-    /// All messages.
-    pub total: u64,
-    /// Messages never opened.
-    pub unread: u64,
+    /// All messages, unread ones, and arrivals per day.
+    pub counts: shared::queries::feedback::InboxCounts,
 }
 
 /// `GET /admin/feedback/{id}`.
@@ -133,8 +135,32 @@ pub struct AdminInbox<'a> {
 pub struct AdminFeedback<'a> {
     /// For the meta tag and the logout form.
     pub csrf_token: &'a str,
+    /// The message, rendered ([`AdminFeedbackMessage`], cached).
+    pub view: &'a crate::templates::MessageView,
+}
+
+/// The part of a message's page that shows the message: rendered once and cached.
+#[derive(Template)]
+#[template(path = "admin_feedback_message.html")]
+pub struct AdminFeedbackMessage<'a> {
     /// The message.
     pub message: &'a shared::entities::feedback_message::Model,
+}
+
+/// A message's page as the cache keeps it: the rendered message and what the page's
+/// forms need.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MessageView {
+    /// The message's id.
+    pub id: i64,
+    /// Who wrote it (for the page title).
+    pub submitter_name: String,
+    /// [`AdminFeedbackMessage`], rendered (escaped).
+    pub html: String,
+    /// Whether an admin marked it handled.
+    pub handled: bool,
+    /// Whether an admin opened it before.
+    pub read: bool,
 }
 
 /// One subscribed device on the notifications page.

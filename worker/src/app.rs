@@ -51,6 +51,10 @@ impl std::ops::Deref for Process {
     }
 }
 
+/// The periodic trim's name; its lock is [`shared::jobs::TRIM_LOCK`], which the on-demand
+/// trim job takes too.
+pub const TRIM_TASK: &str = "trim-caches";
+
 /// A built worker process, ready to run.
 pub struct Application {
     ctx: Process,
@@ -108,6 +112,9 @@ impl Application {
                     db,
                     sender: Arc::new(sender),
                     queue: Some(queue.clone()),
+                    cache: settings.cache.enabled.then(|| {
+                        shared::cache::Cache::new(queue.connection(), &settings.redis_namespace, &settings.cache)
+                    }),
                     settings: Arc::new(settings),
                     metrics: Registry::new(),
                 },
@@ -177,10 +184,10 @@ impl Application {
         let periodic = Periodic::new(ctx.queue.connection(), ctx.queue.namespace());
         let trim_ctx = ctx.clone();
         let trim =
-            tokio::spawn(periodic.clone().every("trim-jobs", settings.worker.trim_interval, stopped(), move || {
+            tokio::spawn(periodic.clone().every(TRIM_TASK, settings.worker.trim_interval, stopped(), move || {
                 let ctx = trim_ctx.clone();
                 async move {
-                    if let Err(e) = trim::run(&ctx, &ctx.queue).await {
+                    if let Err(e) = trim::run(&ctx, "tick").await {
                         tracing::warn!(error = %e, "trim.failed");
                     }
                 }

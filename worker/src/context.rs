@@ -19,6 +19,8 @@ pub struct WorkerContext {
     /// The queue, for jobs that schedule others (a burst's digest). `None` in the
     /// in-process mode ([`crate::immediate`]), where nothing is scheduled.
     pub queue: Option<JobQueue>,
+    /// The admin's read cache, when it is on: jobs invalidate and trim it.
+    pub cache: Option<shared::cache::Cache>,
     /// The process's settings.
     pub settings: Arc<Settings>,
     /// The process's metrics, served at `/metrics`.

@@ -39,10 +39,17 @@ impl Immediate {
             db,
             sender: Arc::new(sender),
             queue: None,
+            cache: None,
             settings: Arc::new(settings),
             metrics: Registry::new(),
         };
         Ok(Self { ctx })
+    }
+
+    /// Jobs also invalidate and trim `cache` (the web's read cache, in Redis).
+    pub fn with_cache(mut self, cache: shared::cache::Cache) -> Self {
+        self.ctx.cache = Some(cache);
+        self
     }
 
     /// Runs the job `payload` describes, now.

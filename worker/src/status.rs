@@ -30,6 +30,24 @@ pub struct Status {
     pub processes: Vec<shared::worker_health::WorkerReport>,
     /// What Redis holds for this namespace, by kind of data.
     pub redis: Vec<shared::redis_usage::KindUsage>,
+    /// What the last trim removed.
+    pub last_trim: Option<crate::jobs::trim::TrimReport>,
+}
+
+/// The budget of Redis kind `kind` under `settings`, as `worker status` prints it.
+pub fn budget_of(settings: &Settings, kind: &str) -> Option<String> {
+    let cache = &settings.cache;
+    Some(match kind {
+        "cache" => format!("{}entries/{}bytes", cache.max_entries, cache.max_bytes),
+        "job_records" => {
+            format!("{}records/{}s", settings.worker.job_retention_count, settings.worker.job_retention.as_secs())
+        }
+        "sessions" => settings.budgets.sessions.to_string(),
+        "rate_limits" => settings.budgets.rate_limits.to_string(),
+        "idempotency_keys" => settings.budgets.idempotency_keys.to_string(),
+        "dead_letters" => shared::queue::MAX_DEAD_LETTERS.to_string(),
+        _ => return None,
+    })
 }
 
 /// Reads the status.
@@ -54,7 +72,10 @@ pub async fn read(settings: &Settings) -> anyhow::Result<Status> {
     let outstanding_dispatches = shared::queries::dispatch::outstanding(&db).await?;
     let processes = shared::worker_health::read_all(&mut conn, &settings.redis_namespace).await?;
     let redis = shared::redis_usage::by_kind(&mut conn, &settings.redis_namespace).await?;
+    let last_trim: Option<String> = conn.get(crate::jobs::trim::report_key(&settings.redis_namespace)).await?;
+    let last_trim = last_trim.and_then(|raw| serde_json::from_str(&raw).ok());
     Ok(Status {
+        last_trim,
         queued,
         scheduled,
         running,
@@ -88,7 +109,19 @@ pub async fn print(settings: &Settings) -> anyhow::Result<()> {
         println!("retry {} {} attempt={} at={at}", job.id, job.kind, job.failed_attempts + 1);
     }
     for usage in &status.redis {
-        println!("redis {} keys={} bytes={}", usage.kind, usage.keys, usage.bytes);
+        let budget = budget_of(settings, usage.kind).map(|b| format!(" budget={b}")).unwrap_or_default();
+        println!("redis {} keys={} bytes={}{budget}", usage.kind, usage.keys, usage.bytes);
+    }
+    if let Some(trim) = &status.last_trim {
+        let removed: Vec<String> = trim.removed.iter().map(|(kind, n)| format!("{kind}:{n}")).collect();
+        let cache = trim.cache_after.map(|(e, b)| format!(" cache_entries={e} cache_bytes={b}")).unwrap_or_default();
+        println!(
+            "last_trim at={:?} trigger={} took_ms={} removed={}{cache}",
+            trim.at,
+            trim.trigger,
+            trim.took_ms,
+            if removed.is_empty() { "-".to_owned() } else { removed.join(",") }
+        );
     }
     println!("processes {}", status.processes.len());
     for p in &status.processes {

@@ -127,17 +127,66 @@ pub async fn count_unread<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     feedback_message::Entity::find().filter(feedback_message::Column::ReadAt.is_null()).count(db).await
 }
 
-/// Records that an admin opened message `id` (the first time only).
-pub async fn mark_read<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+/// The inbox's figures: all messages, unread ones, and arrivals per day.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct InboxCounts {
+    /// All messages.
+    pub total: u64,
+    /// Messages never opened.
+    pub unread: u64,
+    /// Messages per UTC day over the last days, oldest first (days without any left out).
+    pub per_day: Vec<DayCount>,
+}
+
+/// Messages that arrived on one UTC day.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DayCount {
+    /// `YYYY-MM-DD`.
+    pub day: String,
+    /// Messages that arrived that day.
+    pub count: u64,
+}
+
+/// Counts the inbox: three queries, each on an index (the primary key, the partial index
+/// of unread messages, the arrival-time index for the last `days` days).
+pub async fn counts<C: ConnectionTrait>(db: &C, days: u32) -> Result<InboxCounts, DbErr> {
+    use sea_orm::{DbBackend, Statement};
+    let total = count(db).await?;
+    let unread = count_unread(db).await?;
+    let today = super::now().date_naive();
+    let since = today - chrono::Days::new(u64::from(days.saturating_sub(1)));
+    let since = since.and_hms_opt(0, 0, 0).map(|t| t.and_utc()).unwrap_or_else(super::now);
+    let backend = db.get_database_backend();
+    let day = match backend {
+        DbBackend::Postgres => "to_char(created_at AT TIME ZONE 'UTC', 'YYYY-MM-DD')",
+        // Stored as RFC 3339 text in UTC: the date is its first ten characters.
+        _ => "substr(created_at, 1, 10)",
+    };
+    let placeholder = if backend == DbBackend::Postgres { "$1" } else { "?" };
+    let sql = format!(
+        "SELECT {day} AS day, COUNT(*) AS n FROM feedback_messages WHERE created_at >= {placeholder} \
+         GROUP BY 1 ORDER BY 1"
+    );
+    let rows = db.query_all_raw(Statement::from_sql_and_values(backend, sql, [since.into()])).await?;
+    let per_day = rows
+        .iter()
+        .map(|row| Ok(DayCount { day: row.try_get("", "day")?, count: row.try_get::<i64>("", "n")?.max(0) as u64 }))
+        .collect::<Result<_, DbErr>>()?;
+    Ok(InboxCounts { total, unread, per_day })
+}
+
+/// Records that an admin opened message `id` (the first time only); true when this was
+/// the first time.
+pub async fn mark_read<C: ConnectionTrait>(db: &C, id: i64) -> Result<bool, DbErr> {
     use sea_orm::sea_query::Expr;
     use sea_orm::{ColumnTrait, QueryFilter};
-    feedback_message::Entity::update_many()
+    let result = feedback_message::Entity::update_many()
         .col_expr(feedback_message::Column::ReadAt, Expr::value(super::now()))
         .filter(feedback_message::Column::Id.eq(id))
         .filter(feedback_message::Column::ReadAt.is_null())
         .exec(db)
         .await?;
-    Ok(())
+    Ok(result.rows_affected > 0)
 }
 
 /// Marks message `id` handled (or not); false when there is no such message.

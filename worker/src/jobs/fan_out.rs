@@ -33,6 +33,11 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
         return Ok(());
     };
+    // A new message changes the inbox's first page and counts: drop them before anyone is
+    // notified, so the click lands on an inbox that shows it.
+    if let Err(e) = super::invalidate(ctx, &[message.id]).await {
+        tracing::warn!(feedback_id = message.id, error = %e, "cache.invalidate_failed");
+    }
     if fold_into_digest(&message, ctx).await? {
         dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
         return Ok(());

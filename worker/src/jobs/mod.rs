@@ -18,8 +18,33 @@ pub async fn run(
         Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, ctx).await,
         Ok(QueuedJob::TestPush(payload)) => test_push::run(&payload, ctx).await.map(|_| ()),
         Ok(QueuedJob::Digest(payload)) => digest::run(&payload, ctx).await.map(|_| ()),
+        Ok(QueuedJob::InvalidateCache(payload)) => invalidate(ctx, &payload.feedback_ids).await,
+        Ok(QueuedJob::TrimCaches(_)) => {
+            if let Some(queue) = &ctx.queue {
+                // Started: the next budget overrun may queue another.
+                use redis::AsyncCommands;
+                let _: () = queue
+                    .connection()
+                    .del(shared::queue::trim_request_key(queue.namespace()))
+                    .await
+                    .map_err(JobError::retryable)?;
+            }
+            trim::run(ctx, "on_demand").await.map(|_| ())
+        }
         Err(reason) => Err(JobError::Permanent(reason)),
     }
+}
+
+/// Drops what the read cache shows of the messages `ids` (nothing to do when the cache
+/// is off).
+pub async fn invalidate(ctx: &crate::context::WorkerContext, ids: &[i64]) -> Result<(), JobError> {
+    let Some(cache) = &ctx.cache else { return Ok(()) };
+    let dropped = cache.invalidate(ids).await.map_err(JobError::retryable)?;
+    ctx.metrics
+        .counter("tidings_cache_invalidated_total", "Cache entries dropped because a message they show changed.", &[])
+        .add(dropped);
+    tracing::debug!(?ids, dropped, "cache.invalidated");
+    Ok(())
 }
 
 /// How a job failed, which decides whether it is tried again.

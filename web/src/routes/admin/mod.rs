@@ -19,10 +19,15 @@ use poem::{Endpoint, EndpointExt, IntoResponse, Request, Response, Route, get, h
 use serde::Deserialize;
 use shared::domain::EmailAddress;
 
+use crate::cache::ReadCache;
 use crate::error::{Result, WebError};
 use crate::session::{ABSOLUTE_TIMEOUT, IDLE_TIMEOUT, LoginThrottle, RedisSessions};
 use crate::state::AppState;
-use crate::templates::{AdminFeedback, AdminInbox, AdminLogin, InboxLine, render};
+use crate::templates::{
+    AdminFeedback, AdminFeedbackMessage, AdminInbox, AdminLogin, InboxLine, MessageView, PREVIEW_CHARS, render,
+};
+use shared::cache::Cover;
+use shared::queries::feedback::PageFrom;
 
 /// Messages per inbox page.
 const PER_PAGE: u64 = 50;
@@ -49,6 +54,7 @@ pub fn router(state: &AppState) -> poem::endpoint::BoxEndpoint<'static> {
     let sessions = RedisSessions::new(state.dispatcher.clone(), &state.settings.redis_namespace);
     Route::new()
         .at("/", get(inbox))
+        .at("/counts", get(counts_json))
         .at("/login", get(login_form).post(login))
         .at("/logout", post(logout))
         .at("/feedback/:id", get(detail))
@@ -216,17 +222,68 @@ async fn inbox(
     if current_admin(session).is_none() {
         return Ok(to_login());
     }
-    use shared::queries::feedback::PageFrom;
-    let from = match (query.before, query.after) {
-        (Some(before), _) => PageFrom::Before(before),
-        (None, Some(after)) => PageFrom::After(after),
-        (None, None) => PageFrom::Newest,
+    let (from, name) = match (query.before, query.after) {
+        (Some(before), _) => (PageFrom::Before(before), format!("page:before:{before}")),
+        (None, Some(after)) => (PageFrom::After(after), format!("page:after:{after}")),
+        (None, None) => (PageFrom::Newest, "page:newest".to_owned()),
     };
-    let rows = shared::queries::feedback::keyset_page(&state.db, from, PER_PAGE).await?;
+    let cache = ReadCache::new(&state);
+    let page = cache.get_or_load(&name, |page: &InboxPage| Some(page.cover()), || inbox_page(&state.db, from)).await?;
+    let counts = inbox_counts(&cache, &state.db).await?;
+    let InboxPage { messages, older, newer } = page;
+    Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, older, newer, counts }))
+}
+
+/// `GET /admin/counts`: the inbox's figures as JSON (total, unread, arrivals per day), for
+/// pages that refresh them without reloading the inbox.
+#[handler]
+async fn counts_json(state: Data<&AppState>, session: &Session) -> Result<Response> {
+    if current_admin(session).is_none() {
+        return Ok(to_login());
+    }
+    let counts = inbox_counts(&ReadCache::new(&state), &state.db).await?;
+    Ok(poem::web::Json(counts).into_response())
+}
+
+/// The inbox's figures, through the cache.
+async fn inbox_counts(
+    cache: &ReadCache<'_>,
+    db: &sea_orm::DatabaseConnection,
+) -> Result<shared::queries::feedback::InboxCounts> {
+    cache.get_or_load("counts", |_| Some(Cover::Everything), || shared::queries::feedback::counts(db, COUNT_DAYS)).await
+}
+
+/// Days the inbox counts arrivals for.
+const COUNT_DAYS: u32 = 14;
+
+/// One page of the inbox as the cache keeps it.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+struct InboxPage {
+    messages: Vec<InboxLine>,
+    older: Option<i64>,
+    newer: Option<i64>,
+}
+
+impl InboxPage {
+    /// The messages the page shows; a page with no newer link also reaches past the
+    /// newest message, since a new one would land on it (or give it that link).
+    fn cover(&self) -> Cover {
+        let lo = self.messages.last().map(|m| m.id);
+        let hi = if self.newer.is_none() { None } else { self.messages.first().map(|m| m.id) };
+        Cover::Ids { lo, hi }
+    }
+}
+
+/// Reads one page of the inbox: the rows and whether pages exist on either side (three
+/// queries on the primary key, however deep the page).
+async fn inbox_page(
+    db: &sea_orm::DatabaseConnection,
+    from: PageFrom,
+) -> std::result::Result<InboxPage, sea_orm::DbErr> {
+    let rows = shared::queries::feedback::keyset_page(db, from, PER_PAGE).await?;
     let (older, newer) = match (rows.last(), rows.first()) {
         (Some(oldest), Some(newest)) => {
-            let (has_older, has_newer) =
-                shared::queries::feedback::has_older_newer(&state.db, oldest.id, newest.id).await?;
+            let (has_older, has_newer) = shared::queries::feedback::has_older_newer(db, oldest.id, newest.id).await?;
             (has_older.then_some(oldest.id), has_newer.then_some(newest.id))
         }
         _ => (None, None),
@@ -236,15 +293,14 @@ async fn inbox(
         .map(|m| InboxLine {
             id: m.id,
             submitter_name: m.submitter_name,
-            content: m.content,
+            // The line shows a preview: keep just enough to know it was cut.
+            content: m.content.chars().take(PREVIEW_CHARS + 1).collect(),
             created_at: m.created_at,
             read_at: m.read_at,
             handled: m.handled_at.is_some(),
         })
         .collect();
-    let total = shared::queries::feedback::count(&state.db).await?;
-    let unread = shared::queries::feedback::count_unread(&state.db).await?;
-    Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, older, newer, total, unread }))
+    Ok(InboxPage { messages, older, newer })
 }
 
 /// The handled toggle's form.
@@ -274,6 +330,7 @@ async fn mark_handled(
     if !shared::queries::feedback::set_handled(&state.db, id, handled).await? {
         return Err(WebError::NotFound);
     }
+    ReadCache::new(&state).changed(&[id]).await;
     tracing::info!(admin_id = admin, feedback_id = id, handled, "feedback.handled_changed");
     Ok(Redirect::see_other(format!("/admin/feedback/{id}")).into_response())
 }
@@ -301,6 +358,7 @@ async fn delete(
     if !shared::queries::feedback::delete(&state.db, id).await? {
         return Err(WebError::NotFound);
     }
+    ReadCache::new(&state).changed(&[id]).await;
     tracing::info!(admin_id = admin, feedback_id = id, "feedback.deleted");
     Ok(Redirect::see_other("/admin/").into_response())
 }
@@ -310,7 +368,35 @@ async fn detail(state: Data<&AppState>, session: &Session, token: &CsrfToken, Pa
     if current_admin(session).is_none() {
         return Ok(to_login());
     }
-    let message = shared::queries::feedback::find(&state.db, id).await?.ok_or(WebError::NotFound)?;
-    shared::queries::feedback::mark_read(&state.db, id).await?;
-    Ok(render(StatusCode::OK, &AdminFeedback { csrf_token: &token.0, message: &message }))
+    let cache = ReadCache::new(&state);
+    let view = cache
+        .get_or_load(
+            &format!("detail:{id}"),
+            |view: &Option<MessageView>| view.as_ref().map(|_| Cover::Ids { lo: Some(id), hi: Some(id) }),
+            || message_view(&state.db, id),
+        )
+        .await?
+        .ok_or(WebError::NotFound)?;
+    // Opening a message the first time changes the unread count and the inbox line.
+    if !view.read && shared::queries::feedback::mark_read(&state.db, id).await? {
+        cache.changed(&[id]).await;
+    }
+    Ok(render(StatusCode::OK, &AdminFeedback { csrf_token: &token.0, view: &view }))
+}
+
+/// A message's page, rendered; `None` when there is no such message.
+async fn message_view(
+    db: &sea_orm::DatabaseConnection,
+    id: i64,
+) -> std::result::Result<Option<MessageView>, sea_orm::DbErr> {
+    let Some(message) = shared::queries::feedback::find(db, id).await? else { return Ok(None) };
+    let html = askama::Template::render(&AdminFeedbackMessage { message: &message })
+        .map_err(|e| sea_orm::DbErr::Custom(format!("rendering message {id}: {e}")))?;
+    Ok(Some(MessageView {
+        id,
+        submitter_name: message.submitter_name,
+        html,
+        handled: message.handled_at.is_some(),
+        read: message.read_at.is_some(),
+    }))
 }
