@@ -11,9 +11,16 @@
 //! - `fanout`: one submission to S subscriptions, the stand-in answering at once or after
 //!   a delay (a real push service's round trip): time to the first, 50%, 99% and last
 //!   push, pushes per second, connections opened to the push service, duplicates.
+//! - `admin`: R messages and S subscriptions in PostgreSQL; the inbox's first page, a
+//!   deep page, the counts and a message's page, cold and warm, plus their query plans.
+//! - `soak`: N submissions at R per second while an admin browses; Redis memory and keys
+//!   sampled every second and plotted (SVG) beside the JSON.
 
+mod admin;
+mod plot;
 mod procs;
 mod report;
+mod soak;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -73,6 +80,27 @@ enum Scenario {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// The admin's pages over a large inbox, cold and warm.
+    Admin {
+        /// Feedback rows to seed.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: u64,
+        /// Subscriptions to seed.
+        #[arg(long, default_value_t = 1000)]
+        subscriptions: usize,
+        /// Timed requests per page, cold and warm each.
+        #[arg(long, default_value_t = 200)]
+        requests: usize,
+    },
+    /// Sustained submissions with notifications; Redis memory and keys over time.
+    Soak {
+        /// Submissions in all.
+        #[arg(long, default_value_t = 100_000)]
+        submissions: u64,
+        /// Submissions per second.
+        #[arg(long, default_value_t = 400)]
+        rate: u64,
+    },
 }
 
 #[tokio::main]
@@ -125,6 +153,7 @@ async fn run(
         ("RUST_LOG", "warn".into()),
     ]
     .into_iter()
+    .chain(scenario_env(cli.scenario).iter().map(|(k, v)| (*k, (*v).to_owned())))
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
     let stack = Stack::start(binaries, &env, cli.worker_concurrency).await?;
@@ -156,6 +185,22 @@ async fn run(
             push.set_delay(Duration::from_millis(delay_ms));
             fanout(&address, push, subscriptions, &mut report).await?;
         }
+        Scenario::Admin { rows, subscriptions, requests } => {
+            report.param("rows", rows);
+            report.param("subscriptions", subscriptions);
+            report.param("requests", requests);
+            let admin = bench_admin(&db).await?;
+            subscribe_many(&db, push, admin, subscriptions).await?;
+            admin::run(&db, &address, &cli.redis, namespace, rows, requests, &mut report).await?;
+        }
+        Scenario::Soak { submissions, rate } => {
+            report.param("submissions", submissions);
+            report.param("rate_per_second", rate);
+            for (key, value) in soak::ENV {
+                report.param(&key.to_lowercase(), value);
+            }
+            soak::run(&db, &address, push, &cli.redis, namespace, submissions, rate, &mut report).await?;
+        }
     }
     let wall = started.elapsed();
     let after = stack.cpu();
@@ -173,6 +218,16 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Submit { .. } => "submit",
         Scenario::E2e { .. } => "e2e",
         Scenario::Fanout { .. } => "fanout",
+        Scenario::Admin { .. } => "admin",
+        Scenario::Soak { .. } => "soak",
+    }
+}
+
+/// Settings a scenario runs with beyond the common ones.
+fn scenario_env(scenario: Scenario) -> &'static [(&'static str, &'static str)] {
+    match scenario {
+        Scenario::Soak { .. } => &soak::ENV,
+        _ => &[],
     }
 }
 

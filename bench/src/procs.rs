@@ -131,3 +131,19 @@ pub fn progress(elapsed: Duration, total: Duration, detail: &str) {
         write!(err, "\r[{}{}] {:>3.0}%  {detail}   ", "#".repeat(filled), ".".repeat(30 - filled), fraction * 100.0);
     let _ = err.flush();
 }
+
+/// A progress line for `done` of `total` steps.
+pub fn progress_count(elapsed: Duration, done: usize, total: usize, detail: &str) {
+    let fraction = done as f64 / total.max(1) as f64;
+    let filled = ((fraction * 30.0) as usize).min(30);
+    let mut err = std::io::stderr();
+    let _ = write!(
+        err,
+        "\r[{}{}] {:>3.0}%  {done}/{total} {detail} ({:.0} s)   ",
+        "#".repeat(filled),
+        ".".repeat(30 - filled),
+        fraction * 100.0,
+        elapsed.as_secs_f64()
+    );
+    let _ = err.flush();
+}

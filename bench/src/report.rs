@@ -12,6 +12,9 @@ pub struct Report {
     scenario: &'static str,
     params: BTreeMap<String, Value>,
     figures: Vec<(String, f64)>,
+    notes: BTreeMap<String, String>,
+    series: BTreeMap<String, Value>,
+    stamp: String,
 }
 
 /// The `p`-th percentile (0–1) of sorted `values`.
@@ -32,7 +35,8 @@ impl Report {
                 params.insert(key.to_lowercase(), json!(value));
             }
         }
-        Self { scenario, params, figures: Vec::new() }
+        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
+        Self { scenario, params, figures: Vec::new(), notes: BTreeMap::new(), series: BTreeMap::new(), stamp }
     }
 
     /// Records a parameter.
@@ -43,6 +47,22 @@ impl Report {
     /// Records a figure.
     pub fn figure(&mut self, name: &str, value: f64) {
         self.figures.push((name.to_owned(), value));
+    }
+
+    /// Records a text (a query plan), printed after the table and saved.
+    pub fn note(&mut self, name: &str, text: String) {
+        self.notes.insert(name.to_owned(), text);
+    }
+
+    /// Records a time series (e.g. memory per second), saved with the figures.
+    pub fn series(&mut self, name: &str, points: &[(f64, f64)]) {
+        self.series.insert(name.to_owned(), json!(points));
+    }
+
+    /// A path beside the JSON file for a plot or another artefact of this run.
+    pub fn artefact(&self, suffix: &str) -> anyhow::Result<PathBuf> {
+        let dir = results_dir()?;
+        Ok(dir.join(format!("{}-{}-{suffix}", self.scenario, self.stamp)))
     }
 
     /// Records p50/p90/p95/p99/max of sorted `values` in milliseconds.
@@ -62,24 +82,33 @@ impl Report {
         for (name, value) in &self.figures {
             println!("  {name:<28} {value:>12.3}");
         }
+        for (name, text) in &self.notes {
+            println!("\n{name}:\n{text}");
+        }
     }
 
     /// Writes `bench/results/<scenario>-<time>.json`; returns its path.
     pub fn save(&self) -> anyhow::Result<PathBuf> {
-        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
-        std::fs::create_dir_all(&dir)?;
-        let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ");
-        let path = dir.join(format!("{}-{stamp}.json", self.scenario));
+        let path = results_dir()?.join(format!("{}-{}.json", self.scenario, self.stamp));
         let body = json!({
             "scenario": self.scenario,
             "at": chrono::Utc::now().to_rfc3339(),
             "machine": machine(),
             "params": self.params,
             "figures": self.figures.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
+            "notes": self.notes,
+            "series": self.series,
         });
         std::fs::write(&path, serde_json::to_string_pretty(&body)?)?;
         Ok(path)
     }
+}
+
+/// `bench/results/`, created if needed.
+fn results_dir() -> anyhow::Result<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("results");
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }
 
 /// CPU model, core count and memory, from `/proc`.

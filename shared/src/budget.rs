@@ -62,16 +62,8 @@ pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudget
         ("idempotency_keys", Keep::new(budgets.idempotency_keys)),
     ];
     let now = chrono::Utc::now().timestamp();
-    let mut cursor: u64 = 0;
-    loop {
-        let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
-            .arg("MATCH")
-            .arg(format!("{ns}:*"))
-            .arg("COUNT")
-            .arg(1000)
-            .query_async(conn)
-            .await?;
+    let mut scan = crate::redis_usage::KeyScan::new(ns);
+    while let Some(keys) = scan.next(conn).await? {
         let ours: Vec<(String, &'static str)> = keys
             .into_iter()
             .filter_map(|key| {
@@ -118,10 +110,6 @@ pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudget
                 let _: () = redis::cmd("UNLINK").arg(&victims).query_async(conn).await?;
             }
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     Ok(swept)
 }

@@ -42,19 +42,48 @@ pub fn kind_of(ns: &str, key: &str) -> Option<&'static str> {
     Some(KINDS.iter().find(|k| matches(k)).map_or("queue", |(_, kind, _)| kind))
 }
 
-/// Scans the namespace `ns` and sums keys and bytes by kind, biggest first.
-pub async fn by_kind(conn: &mut ConnectionManager, ns: &str) -> redis::RedisResult<Vec<KindUsage>> {
-    let mut usage: Vec<KindUsage> = Vec::new();
-    let mut cursor: u64 = 0;
-    loop {
+/// Walks the keys of a namespace with `SCAN`, a batch per round trip (never `KEYS`,
+/// which blocks Redis for the whole keyspace).
+#[derive(Debug)]
+pub struct KeyScan {
+    pattern: String,
+    cursor: u64,
+    done: bool,
+}
+
+impl KeyScan {
+    /// Every key of namespace `ns`.
+    pub fn new(ns: &str) -> Self {
+        Self { pattern: format!("{ns}:*"), cursor: 0, done: false }
+    }
+
+    /// The next batch (possibly empty), or `None` once the walk is over.
+    pub async fn next<C: redis::aio::ConnectionLike>(
+        &mut self,
+        conn: &mut C,
+    ) -> redis::RedisResult<Option<Vec<String>>> {
+        if self.done {
+            return Ok(None);
+        }
         let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-            .arg(cursor)
+            .arg(self.cursor)
             .arg("MATCH")
-            .arg(format!("{ns}:*"))
+            .arg(&self.pattern)
             .arg("COUNT")
             .arg(1000)
             .query_async(conn)
             .await?;
+        self.cursor = next;
+        self.done = next == 0;
+        Ok(Some(keys))
+    }
+}
+
+/// Scans the namespace `ns` and sums keys and bytes by kind, biggest first.
+pub async fn by_kind(conn: &mut ConnectionManager, ns: &str) -> redis::RedisResult<Vec<KindUsage>> {
+    let mut usage: Vec<KindUsage> = Vec::new();
+    let mut scan = KeyScan::new(ns);
+    while let Some(keys) = scan.next(conn).await? {
         if !keys.is_empty() {
             let mut pipe = redis::pipe();
             for key in &keys {
@@ -72,10 +101,6 @@ pub async fn by_kind(conn: &mut ConnectionManager, ns: &str) -> redis::RedisResu
                 }
             }
         }
-        if next == 0 {
-            break;
-        }
-        cursor = next;
     }
     usage.sort_by_key(|u| std::cmp::Reverse(u.bytes));
     Ok(usage)

@@ -199,6 +199,17 @@ impl PushService {
         self.inner.state().received.clone()
     }
 
+    /// How many pushes were accepted so far (without copying them).
+    pub fn received_count(&self) -> usize {
+        self.inner.state().received.len()
+    }
+
+    /// [`PushService::received_count`] as a function another task can keep.
+    pub fn received_counter(&self) -> impl Fn() -> usize + Send + Sync + 'static {
+        let inner = Arc::clone(&self.inner);
+        move || inner.state().received.len()
+    }
+
     /// Every request to a push endpoint, in arrival order.
     pub fn attempts(&self) -> Vec<Attempt> {
         self.inner.state().attempts.clone()
