@@ -1,6 +1,8 @@
 //! `cargo run --release -p bench -- <scenario>`: starts the release binaries of web and
 //! worker on a fresh PostgreSQL database and an isolated Redis namespace, with the
-//! push-service stand-in (which verifies and decrypts every push), drives load over real
+//! push-service stand-in (which verifies and decrypts every push — in `e2e` and `fanout`
+//! after the timed window, so it does not compete with the sender for the CPU, arrival
+//! times kept), drives load over real
 //! HTTP connections, and prints a table plus a JSON file under `bench/results/`.
 //!
 //! Scenarios:
@@ -13,12 +15,16 @@
 //!   push, pushes per second, connections opened to the push service, duplicates.
 //! - `admin`: R messages and S subscriptions in PostgreSQL; the inbox's first page, a
 //!   deep page, the counts and a message's page, cold and warm, plus their query plans.
+//! - `queue`: N `ping` jobs (they do nothing) fed in as a burst and drained by the
+//!   worker processes (`--workers`): jobs per second against `redis-benchmark`'s
+//!   LPUSH/RPOP figure for the same Redis.
 //! - `soak`: N submissions at R per second while an admin browses; Redis memory and keys
 //!   sampled every second and plotted (SVG) beside the JSON.
 
 mod admin;
 mod plot;
 mod procs;
+mod queue;
 mod report;
 mod soak;
 
@@ -49,6 +55,9 @@ struct Cli {
     /// Worker concurrency.
     #[arg(long, default_value_t = 16)]
     worker_concurrency: usize,
+    /// Worker processes.
+    #[arg(long, default_value_t = 1)]
+    workers: usize,
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -91,6 +100,12 @@ enum Scenario {
         /// Timed requests per page, cold and warm each.
         #[arg(long, default_value_t = 200)]
         requests: usize,
+    },
+    /// No-op jobs through the queue, against Redis's own ceiling.
+    Queue {
+        /// Jobs in all, fed in as fast as the backlog bound allows.
+        #[arg(long, default_value_t = 50_000)]
+        jobs: u64,
     },
     /// Sustained submissions with notifications; Redis memory and keys over time.
     Soak {
@@ -156,11 +171,16 @@ async fn run(
     .chain(scenario_env(cli.scenario).iter().map(|(k, v)| (*k, (*v).to_owned())))
     .map(|(k, v)| (k.to_owned(), v))
     .collect();
-    let stack = Stack::start(binaries, &env, cli.worker_concurrency).await?;
+    let stack = Stack::start(binaries, &env, cli.worker_concurrency, cli.workers).await?;
     let db = shared::db::connect(database_url).await?;
     let address = format!("http://127.0.0.1:{port}");
 
     let mut report = Report::new(scenario_name(cli.scenario), &env);
+    // Memory before any load: both processes idle after start, and Redis.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
+    report.figure("worker_idle_rss_mib", procs::rss_kib(stack.worker_pid()) as f64 / 1024.0);
+    let redis_before = procs::redis_used_memory_mib(&cli.redis).await;
     let before = stack.cpu();
     let started = Instant::now();
     match cli.scenario {
@@ -175,6 +195,7 @@ async fn run(
             let browser = push.new_subscription();
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
+            push.set_deferred(true);
             e2e(&address, push, rate, Duration::from_secs(seconds), &mut report).await?;
         }
         Scenario::Fanout { subscriptions, delay_ms } => {
@@ -193,6 +214,12 @@ async fn run(
             subscribe_many(&db, push, admin, subscriptions).await?;
             admin::run(&db, &address, &cli.redis, namespace, rows, requests, &mut report).await?;
         }
+        Scenario::Queue { jobs } => {
+            report.param("jobs", jobs);
+            report.param("workers", cli.workers);
+            report.param("worker_concurrency", cli.worker_concurrency);
+            queue::run(&cli.redis, namespace, jobs, &mut report).await?;
+        }
         Scenario::Soak { submissions, rate } => {
             report.param("submissions", submissions);
             report.param("rate_per_second", rate);
@@ -209,6 +236,8 @@ async fn run(
     report.figure("worker_cpu_seconds", after.1 - before.1);
     report.figure("web_peak_rss_mib", peak_rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
+    report.figure("redis_used_mib_before", redis_before);
+    report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
     stack.stop().await;
     Ok(report)
 }
@@ -219,6 +248,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::E2e { .. } => "e2e",
         Scenario::Fanout { .. } => "fanout",
         Scenario::Admin { .. } => "admin",
+        Scenario::Queue { .. } => "queue",
         Scenario::Soak { .. } => "soak",
     }
 }
@@ -227,6 +257,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
 fn scenario_env(scenario: Scenario) -> &'static [(&'static str, &'static str)] {
     match scenario {
         Scenario::Soak { .. } => &soak::ENV,
+        Scenario::Queue { .. } => &queue::ENV,
         _ => &[],
     }
 }
@@ -354,7 +385,7 @@ async fn e2e(
             post_form(client, &address, token, &content).await.unwrap_or(0)
         }));
         if i % rate.max(1) == 0 {
-            procs::progress(started.elapsed(), duration, &format!("{} received", push.received().len()));
+            procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));
         }
     }
     let mut rejected = 0u64;
@@ -364,8 +395,11 @@ async fn e2e(
         }
     }
     let expected = usize::try_from(total.saturating_sub(rejected)).unwrap_or(0);
-    let received = push.wait_for_received(expected, Duration::from_secs(60)).await;
+    push.wait_for_deferred(expected, Duration::from_secs(60)).await;
     eprintln!();
+    let refused = push.verify_deferred();
+    report.figure("refused_by_push_service", refused.len() as f64);
+    let received = push.received();
     let sent_at = sent_at.lock().map(|m| m.clone()).unwrap_or_default();
     let mut latencies = Vec::new();
     let mut seen: HashMap<String, u32> = HashMap::new();
@@ -435,10 +469,16 @@ async fn subscribe_many(
 async fn fanout(address: &str, push: &PushService, subscriptions: usize, report: &mut Report) -> anyhow::Result<()> {
     let client = client()?;
     let token = form_token(&client, address).await?;
+    // The stand-in checks and decrypts every push after the timed window, so it does not
+    // compete with the sender for the CPU while it is timed.
+    push.set_deferred(true);
     let started = Instant::now();
     let status = post_form(&client, address, &token, "fan-out").await?;
     anyhow::ensure!(status == 303, "the submission was refused ({status})");
-    let received = push.wait_for_received(subscriptions, Duration::from_secs(300)).await;
+    push.wait_for_deferred(subscriptions, Duration::from_secs(300)).await;
+    let refused = push.verify_deferred();
+    report.figure("refused_by_push_service", refused.len() as f64);
+    let received = push.received();
     let mut arrivals: Vec<Duration> = received.iter().map(|p| p.at.saturating_duration_since(started)).collect();
     arrivals.sort();
     let at = |fraction: f64| {

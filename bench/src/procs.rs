@@ -39,23 +39,35 @@ pub fn free_port() -> anyhow::Result<u16> {
 pub struct Stack {
     web: Child,
     worker: Child,
+    /// Further worker processes (`--workers`).
+    more_workers: Vec<Child>,
 }
 
 impl Stack {
     /// Migrates the database, starts web and worker, and waits for `/readyz`.
-    pub async fn start(binaries: &Binaries, env: &HashMap<String, String>, concurrency: usize) -> anyhow::Result<Self> {
+    /// `workers` worker processes run `concurrency` jobs each.
+    pub async fn start(
+        binaries: &Binaries,
+        env: &HashMap<String, String>,
+        concurrency: usize,
+        workers: usize,
+    ) -> anyhow::Result<Self> {
         let status = Command::new(&binaries.migrations).arg("up").envs(env).status().await?;
         anyhow::ensure!(status.success(), "migrations up failed");
         let web = Command::new(&binaries.web).arg("serve").envs(env).kill_on_drop(true).spawn()?;
-        let worker = Command::new(&binaries.worker)
-            .args(["run", "--concurrency", &concurrency.to_string()])
-            .envs(env)
-            .kill_on_drop(true)
-            .spawn()?;
+        let worker_process = || {
+            Command::new(&binaries.worker)
+                .args(["run", "--concurrency", &concurrency.to_string()])
+                .envs(env)
+                .kill_on_drop(true)
+                .spawn()
+        };
+        let worker = worker_process()?;
+        let more_workers = (1..workers.max(1)).map(|_| worker_process()).collect::<Result<Vec<_>, _>>()?;
         let ready = format!("http://{}/readyz", env.get("BIND").context("BIND")?);
         for _ in 0..100 {
             if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
-                return Ok(Self { web, worker });
+                return Ok(Self { web, worker, more_workers });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -72,18 +84,23 @@ impl Stack {
         self.worker.id().unwrap_or(0)
     }
 
-    /// CPU seconds used so far by (web, worker).
+    /// CPU seconds used so far by (web, all worker processes).
     pub fn cpu(&self) -> (f64, f64) {
-        (cpu_seconds(self.web_pid()), cpu_seconds(self.worker_pid()))
+        let more: f64 = self.more_workers.iter().map(|w| cpu_seconds(w.id().unwrap_or(0))).sum();
+        (cpu_seconds(self.web_pid()), cpu_seconds(self.worker_pid()) + more)
     }
 
-    /// SIGTERM both and wait for them.
+    /// SIGTERM every process and wait for them.
     pub async fn stop(mut self) {
-        for pid in [self.web_pid(), self.worker_pid()] {
+        let more: Vec<u32> = self.more_workers.iter().map(|w| w.id().unwrap_or(0)).collect();
+        for pid in [self.web_pid(), self.worker_pid()].into_iter().chain(more) {
             let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(40), self.web.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(40), self.worker.wait()).await;
+        for worker in &mut self.more_workers {
+            let _ = tokio::time::timeout(Duration::from_secs(40), worker.wait()).await;
+        }
     }
 }
 
@@ -99,12 +116,30 @@ pub fn cpu_seconds(pid: u32) -> f64 {
 
 /// Peak resident memory of process `pid` in KiB (VmHWM).
 pub fn peak_rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmHWM:")
+}
+
+/// Resident memory of process `pid` now, in KiB (VmRSS).
+pub fn rss_kib(pid: u32) -> u64 {
+    status_kib(pid, "VmRSS:")
+}
+
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
-        .and_then(|s| {
-            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with(field)).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
         .unwrap_or(0)
+}
+
+/// Redis's `used_memory` in MiB (0 when unreachable).
+pub async fn redis_used_memory_mib(redis_url: &str) -> f64 {
+    let Ok(client) = redis_client(redis_url) else { return 0.0 };
+    let Ok(mut conn) = client.get_multiplexed_async_connection().await else { return 0.0 };
+    let info: String = redis::cmd("INFO").arg("memory").query_async(&mut conn).await.unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("used_memory:"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map_or(0.0, |bytes| bytes / (1024.0 * 1024.0))
 }
 
 /// Deletes every Redis key of `namespace`.

@@ -46,16 +46,6 @@ struct Sample {
     received: f64,
 }
 
-async fn used_memory(conn: &mut redis::aio::MultiplexedConnection) -> anyhow::Result<f64> {
-    let info: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-    let bytes = info
-        .lines()
-        .find_map(|l| l.strip_prefix("used_memory:"))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .unwrap_or(0.0);
-    Ok(bytes / (1024.0 * 1024.0))
-}
-
 async fn key_count(conn: &mut redis::aio::MultiplexedConnection, namespace: &str) -> anyhow::Result<f64> {
     let mut scan = shared::redis_usage::KeyScan::new(namespace);
     let mut count = 0usize;
@@ -86,23 +76,28 @@ pub async fn run(
     .map(|a| a.id)
     .unwrap_or_default();
     crate::subscribe(db, push, &push.new_subscription(), admin).await?;
-    let mut redis = redis::Client::open(redis_url)?.get_multiplexed_async_connection().await?;
-    let baseline_mib = used_memory(&mut redis).await?;
+    let redis = redis::Client::open(redis_url)?.get_multiplexed_async_connection().await?;
+    let baseline_mib = crate::procs::redis_used_memory_mib(redis_url).await;
 
     let accepted = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let samples: Arc<std::sync::Mutex<Vec<Sample>>> = Arc::default();
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
-        let (samples, sampling, accepted, namespace) =
-            (Arc::clone(&samples), Arc::clone(&sampling), Arc::clone(&accepted), namespace.to_owned());
+        let (samples, sampling, accepted, namespace, redis_url) = (
+            Arc::clone(&samples),
+            Arc::clone(&sampling),
+            Arc::clone(&accepted),
+            namespace.to_owned(),
+            redis_url.to_owned(),
+        );
         let mut redis = redis.clone();
         let received = push.received_counter();
         tokio::spawn(async move {
             while sampling.load(Ordering::Relaxed) {
                 let sample = Sample {
                     at: started.elapsed().as_secs_f64(),
-                    used_mib: used_memory(&mut redis).await.unwrap_or(0.0),
+                    used_mib: crate::procs::redis_used_memory_mib(&redis_url).await,
                     keys: key_count(&mut redis, &namespace).await.unwrap_or(0.0),
                     accepted: accepted.load(Ordering::Relaxed) as f64,
                     received: received() as f64,
@@ -198,7 +193,7 @@ pub async fn run(
     report.figure("duplicated", seen.values().filter(|n| **n > 1).count() as f64);
     report.figure("load_seconds", load_seconds);
     report.figure("all_pushed_after_seconds", drained_seconds);
-    report.figure("redis_used_mib_before", baseline_mib);
+    report.figure("redis_used_mib_at_start", baseline_mib);
     report.figure("redis_used_mib_peak", peak(|s| s.used_mib));
     report.figure("redis_used_mib_end", last.used_mib);
     report.figure("keys_peak", peak(|s| s.keys));

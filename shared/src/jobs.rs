@@ -174,6 +174,35 @@ impl Default for TrimCaches {
     }
 }
 
+/// The `kind` of a [`Ping`] payload.
+pub const PING_KIND: &str = "ping";
+
+/// A job that does nothing: `worker ping` times the queue's round trip with it (and the
+/// benchmark its raw throughput).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ping {
+    /// Always [`PING_KIND`].
+    pub kind: String,
+    /// Payload format version; see [`Ping::VERSION`].
+    pub version: u16,
+}
+
+impl Ping {
+    /// The payload version this build writes and understands.
+    pub const VERSION: u16 = 1;
+
+    /// A ping.
+    pub fn new() -> Self {
+        Self { kind: PING_KIND.to_owned(), version: Self::VERSION }
+    }
+}
+
+impl Default for Ping {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// The lock a trim holds, shared by the periodic tick and the on-demand job so that two
 /// trims never run at once.
 pub const TRIM_LOCK: &str = "periodic:trim-caches";
@@ -252,6 +281,8 @@ pub enum QueuedJob {
     InvalidateCache(InvalidateCache),
     /// A trim of Redis on demand.
     TrimCaches(TrimCaches),
+    /// Nothing to do (the queue's round trip is what is measured).
+    Ping(Ping),
 }
 
 impl QueuedJob {
@@ -263,7 +294,7 @@ impl QueuedJob {
             Self::FanOut(job) => Some(format!("job:fan_out:{}", job.feedback_id)),
             Self::Digest(job) => Some(format!("job:digest:{}:{}", job.window_start, job.window_end)),
             Self::TrimCaches(_) => Some(TRIM_LOCK.to_owned()),
-            Self::TestPush(_) | Self::InvalidateCache(_) => None,
+            Self::TestPush(_) | Self::InvalidateCache(_) | Self::Ping(_) => None,
         }
     }
 
@@ -275,6 +306,7 @@ impl QueuedJob {
             Self::Digest(_) => DIGEST_KIND,
             Self::InvalidateCache(_) => INVALIDATE_CACHE_KIND,
             Self::TrimCaches(_) => TRIM_CACHES_KIND,
+            Self::Ping(_) => PING_KIND,
         }
     }
 
@@ -307,6 +339,11 @@ impl QueuedJob {
                 let job: TrimCaches = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
                 check_version(job.version, TrimCaches::VERSION)?;
                 Self::TrimCaches(job)
+            }
+            Some(PING_KIND) => {
+                let job: Ping = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
+                check_version(job.version, Ping::VERSION)?;
+                Self::Ping(job)
             }
             Some(other) => return Err(format!("unknown job kind {other:?}")),
         };

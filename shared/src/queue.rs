@@ -330,6 +330,34 @@ impl JobQueue {
         self.push_and_wake(new_task(payload, request_id).build()).await
     }
 
+    /// Puts each of `payloads` on the queue, due now, in one script call, and wakes the
+    /// workers; returns the tasks' ids.
+    pub async fn enqueue_many(&self, payloads: Vec<Vec<u8>>) -> Result<Vec<String>, QueueError> {
+        let mut ids = Vec::with_capacity(payloads.len());
+        let tasks: Vec<_> = payloads
+            .into_iter()
+            .map(|payload| {
+                let id = ulid::Ulid::generate();
+                ids.push(id.to_string());
+                new_task(payload, None).task_id(TaskId::from_ulid(id)).build()
+            })
+            .collect();
+        self.push_and_wake_all(&tasks).await?;
+        Ok(ids)
+    }
+
+    /// Whether task `id` finished (its id is in the queue's done set).
+    pub async fn is_done(&self, id: &str) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.sismember(self.fan_out.done_jobs_set(), id).await?)
+    }
+
+    /// Jobs finished and still remembered (the done set; the trim keeps it bounded).
+    pub async fn done_count(&self) -> Result<u64, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.scard(self.fan_out.done_jobs_set()).await?)
+    }
+
     /// Queues a [`crate::jobs::TrimCaches`] job unless one is queued already (at most
     /// one waits at a time, however many processes see a budget exceeded); true when
     /// this call queued it. The job clears the mark when it starts; the mark also

@@ -46,6 +46,15 @@ async fn web_metric(app: &TestApp, line_start: &str) -> u64 {
         .map_or(0, |v| v as u64)
 }
 
+/// A counter of the in-process worker's `/metrics` (0 when absent).
+async fn worker_metric(app: &TestApp, line_start: &str) -> u64 {
+    let url = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("worker metrics on"));
+    let text = reqwest::get(url).await.expect("metrics").text().await.expect("text");
+    text.lines()
+        .find_map(|l| l.strip_prefix(line_start).and_then(|rest| rest.trim().parse::<f64>().ok()))
+        .map_or(0, |v| v as u64)
+}
+
 /// SQL statements the web ran while `request` ran.
 async fn queries_during(app: &TestApp, request: impl std::future::Future<Output = String>) -> (u64, String) {
     let before = web_metric(app, "tidings_db_queries_total ").await;
@@ -133,6 +142,8 @@ async fn the_worker_invalidates_what_shows_a_message_changed_behind_the_caches_b
     settle(&app).await;
     let page = format!("{}/admin/feedback/{id}", app.address);
     get(&client, page.clone()).await; // the first look marks it read (and drops its page)
+    let read_handled = "tidings_jobs_total{kind=\"invalidate_cache\",outcome=\"succeeded\"} ";
+    assert!(wait_until(|| async { worker_metric(&app, read_handled).await == 1 }).await, "the read's job ran");
     assert!(get(&client, page.clone()).await.contains("Mark as handled"));
     // Changed in the database only: the cache still shows the old state...
     shared::queries::feedback::set_handled(&app.db, id, true).await.expect("update");
@@ -284,32 +295,25 @@ async fn past_its_budget_the_web_asks_for_one_trim_and_the_worker_runs_it() {
     ];
     let (app, client) = logged_in(Options { env, ..Options::default() }).await;
     let ids = [insert(&app, "a").await, insert(&app, "b").await, insert(&app, "c").await, insert(&app, "d").await];
+    // Read already, so looking at them changes nothing (and drops nothing).
+    for id in ids {
+        shared::queries::feedback::mark_read(&app.db, id).await.expect("read");
+    }
     settle(&app).await;
     let cache = test_cache(&app, app.settings.cache.clone()).await;
 
-    // The first look at a message marks it read (which drops its page); the second
-    // caches it.
+    // Four pages, the inbox and its counts: six entries for a budget of four.
     for id in ids {
         get(&client, format!("{}/admin/feedback/{id}", app.address)).await;
-        get(&client, format!("{}/admin/feedback/{id}", app.address)).await;
-        get(&client, format!("{}/admin/", app.address)).await;
     }
+    get(&client, format!("{}/admin/", app.address)).await;
 
-    let trimmed = wait_until(|| async { cache.usage().await.expect("usage").entries <= 4 }).await;
-    assert!(trimmed, "{:?}", cache.usage().await);
-    let mut conn = redis::Client::open(app.settings.redis_url.as_str())
-        .expect("url")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let report: String = redis::cmd("GET")
-        .arg(worker::jobs::trim::report_key(&app.settings.redis_namespace))
-        .query_async(&mut conn)
-        .await
-        .expect("a trim report");
-    let report: worker::jobs::trim::TrimReport = serde_json::from_str(&report).expect("json");
-    assert_eq!(report.trigger, "on_demand");
-    assert!(report.removed.iter().any(|(kind, n)| kind == "cache_evicted" && *n > 0), "{report:?}");
+    let on_demand = "tidings_trims_total{trigger=\"on_demand\"} ";
+    let trimmed = wait_until(|| async { worker_metric(&app, on_demand).await >= 1 }).await;
+    assert!(trimmed, "the web queued a trim and the worker ran it");
+    assert!(cache.usage().await.expect("usage").entries <= 4, "{:?}", cache.usage().await);
+    let evicted = worker_metric(&app, "tidings_trimmed_total{kind=\"cache_evicted\"} ").await;
+    assert!(evicted > 0, "entries were evicted");
 }
 
 #[tokio::test]
@@ -348,4 +352,21 @@ async fn the_trim_bounds_sessions_login_counters_and_idempotency_keys() {
     assert!(sessions.iter().all(|k| k[k.rfind(":s").expect("id") + 2..].parse::<u32>().expect("n") >= 20));
     assert_eq!(left("login-failures:*").await.len(), 5);
     assert_eq!(left("fanout:idempotency:*").await.len(), 20);
+}
+
+#[tokio::test]
+async fn at_most_one_trim_waits_however_often_it_is_asked_for() {
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+
+    let asked: Vec<bool> = futures::future::join_all((0..5).map(|_| queue.request_trim(None)))
+        .await
+        .into_iter()
+        .map(|r| r.expect("redis"))
+        .collect();
+
+    assert_eq!(asked.iter().filter(|queued| **queued).count(), 1, "{asked:?}");
+    let waiting = queue.waiting_jobs(100).await.expect("jobs");
+    assert_eq!(waiting.iter().filter(|j| j.kind == shared::jobs::TRIM_CACHES_KIND).count(), 1, "{waiting:?}");
 }

@@ -373,3 +373,16 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
     assert!(letter.error.contains("started 4 times without finishing"), "{}", letter.error);
     assert!(app.push.attempts().is_empty(), "it did not run");
 }
+
+#[tokio::test]
+async fn worker_ping_answers_while_a_worker_runs() {
+    let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+
+    let unanswered = worker::ops::ping(&app.settings, Duration::from_millis(500)).await;
+    app.start_worker().await;
+    let answered = worker::ops::ping(&app.settings, Duration::from_secs(10)).await;
+
+    let error = unanswered.expect_err("no worker runs").to_string();
+    assert!(error.contains("are workers running"), "{error}");
+    answered.expect("a worker ran the ping");
+}

@@ -120,6 +120,18 @@ struct State {
     delay: Duration,
     expected_key: Option<String>,
     peers: HashSet<String>,
+    /// Deferred mode: pushes accepted unchecked, checked by [`PushService::verify_deferred`].
+    defer: bool,
+    deferred: Vec<RawPush>,
+}
+
+/// A push accepted in deferred mode, kept as it came.
+struct RawPush {
+    id: String,
+    endpoint: String,
+    headers: HeaderMap,
+    body: Vec<u8>,
+    at: Instant,
 }
 
 struct Inner {
@@ -199,6 +211,51 @@ impl PushService {
         self.inner.state().received.clone()
     }
 
+    /// Deferred mode (benchmarks): answer 201 at once and keep each push as it came, so
+    /// checking and decrypting do not compete with the sender for the CPU during a timed
+    /// window; [`PushService::verify_deferred`] checks them all afterwards. Scripts are
+    /// not consulted in this mode.
+    pub fn set_deferred(&self, defer: bool) {
+        self.inner.state().defer = defer;
+    }
+
+    /// Checks every push kept in deferred mode exactly as an undeferred one is checked
+    /// (VAPID signature and claims, headers, decryption) and moves the good ones to
+    /// [`PushService::received`] with their arrival time; returns the refusals.
+    pub fn verify_deferred(&self) -> Vec<String> {
+        let raw = std::mem::take(&mut self.inner.state().deferred);
+        let mut refusals = Vec::new();
+        for push in raw {
+            match check(&self.inner, &push.id, &push.endpoint, &push.headers, &push.body) {
+                Ok(mut received) => {
+                    received.at = push.at;
+                    self.inner.state().received.push(received);
+                }
+                Err((status, reason)) => refusals.push(format!("{}: {status} {reason}", push.endpoint)),
+            }
+        }
+        self.inner.arrived.notify_waiters();
+        refusals
+    }
+
+    /// Waits until `n` pushes are kept in deferred mode or `timeout` passed; returns how
+    /// many are.
+    pub async fn wait_for_deferred(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let notified = self.inner.arrived.notified();
+            let count = self.deferred_count();
+            if count >= n || tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return self.deferred_count();
+            }
+        }
+    }
+
+    /// Pushes kept in deferred mode and not verified yet.
+    pub fn deferred_count(&self) -> usize {
+        self.inner.state().deferred.len()
+    }
+
     /// How many pushes were accepted so far (without copying them).
     pub fn received_count(&self) -> usize {
         self.inner.state().received.len()
@@ -262,12 +319,24 @@ async fn receive(
 ) -> Response {
     let endpoint = format!("{}/push/{id}", inner.origin);
     let at = Instant::now();
-    let delay = {
+    let (delay, defer) = {
         let mut state = inner.state();
         state.peers.insert(remote.to_string());
-        state.delay
+        (state.delay, state.defer)
     };
     let body = body.into_vec().await.unwrap_or_default();
+    if defer {
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        let raw = RawPush { id, endpoint: endpoint.clone(), headers: headers.clone(), body, at };
+        inner.state().deferred.push(raw);
+        inner.arrived.notify_waiters();
+        return Response::builder()
+            .status(StatusCode::CREATED)
+            .header("Location", format!("{endpoint}/messages/{}", uuid::Uuid::new_v4().simple()))
+            .finish();
+    }
     let checked = check(&inner, &id, &endpoint, headers, &body);
     if !delay.is_zero() {
         tokio::time::sleep(delay).await;
@@ -457,5 +526,30 @@ mod tests {
         assert_eq!(no_vapid.status(), 401);
         assert_eq!(service.attempts().len(), 3);
         assert!(service.received().is_empty());
+    }
+
+    #[tokio::test]
+    async fn deferred_pushes_are_accepted_at_once_and_checked_all_the_same_afterwards() {
+        let service = PushService::start().await.expect("starts");
+        let browser = service.new_subscription();
+        service.set_deferred(true);
+        let client = reqwest::Client::new();
+        let forged = client
+            .post(&browser.endpoint)
+            .header("TTL", "60")
+            .header("Content-Encoding", "aes128gcm")
+            .body(vec![0u8; 10])
+            .send()
+            .await
+            .expect("sent");
+        assert_eq!(forged.status(), 201, "answered without looking");
+        assert_eq!(service.deferred_count(), 1);
+
+        let refusals = service.verify_deferred();
+
+        assert_eq!(refusals.len(), 1, "{refusals:?}");
+        assert!(refusals[0].contains("401"), "{refusals:?}");
+        assert!(service.received().is_empty());
+        assert_eq!(service.deferred_count(), 0);
     }
 }

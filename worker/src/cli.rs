@@ -1,4 +1,5 @@
-//! The `worker` command line: `run --concurrency N`, `status`, `dead list|retry|discard`.
+//! The `worker` command line: `run --concurrency N`, `status`, `ping`,
+//! `dead list|retry|discard`, `jobs list|cancel`.
 //! The binary's `main` is [`main`]; the tests start the same code as a process.
 
 use std::process::ExitCode;
@@ -23,6 +24,13 @@ enum Command {
     },
     /// Print the queue's state: pending dispatches, dead letters.
     Status,
+    /// Put a job that does nothing on the queue and wait for a worker to run it: says
+    /// whether workers are consuming, and how long the round trip took.
+    Ping {
+        /// Give up after this many seconds (exit 1).
+        #[arg(long, default_value_t = 10)]
+        timeout_secs: u64,
+    },
     /// Inspect, retry or discard jobs the worker refused to run.
     Dead {
         #[command(subcommand)]
@@ -103,6 +111,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             app.run_until_stopped().await
         }
         Command::Status => crate::status::print(&settings).await,
+        Command::Ping { timeout_secs } => {
+            crate::ops::ping(&settings, std::time::Duration::from_secs(timeout_secs)).await
+        }
         Command::Dead { command: DeadCommand::List { limit } } => crate::ops::list(&settings, limit).await,
         Command::Dead { command: DeadCommand::Retry { id } } => crate::ops::retry(&settings, &id).await,
         Command::Dead { command: DeadCommand::Discard { id } } => crate::ops::discard(&settings, &id).await,

@@ -79,3 +79,20 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
     println!("{id} cancelled");
     Ok(())
 }
+
+/// `worker ping`: a job that does nothing, and the time until a worker ran it.
+pub async fn ping(settings: &Settings, timeout: std::time::Duration) -> anyhow::Result<()> {
+    let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
+    let payload = serde_json::to_vec(&shared::jobs::Ping::new())?;
+    let started = std::time::Instant::now();
+    let ids = queue.enqueue_many(vec![payload]).await?;
+    let id = ids.first().map(String::as_str).unwrap_or_default();
+    while started.elapsed() < timeout {
+        if queue.is_done(id).await? {
+            println!("pong {id} in {:.1} ms", started.elapsed().as_secs_f64() * 1000.0);
+            return Ok(());
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+    }
+    anyhow::bail!("no worker ran ping {id} within {timeout:?}: are workers running (`worker status`)?")
+}

@@ -112,16 +112,19 @@ pub async fn keyset_page<C: ConnectionTrait>(
     Ok(rows)
 }
 
-/// Whether any message is older than `id` / newer than `id`.
+/// Whether any message is older than `oldest` / newer than `newest`: one id each, read
+/// from the primary key's index (ordered, so the planner never scans the table for a
+/// row that is not there).
 pub async fn has_older_newer<C: ConnectionTrait>(db: &C, oldest: i64, newest: i64) -> Result<(bool, bool), DbErr> {
-    use sea_orm::{ColumnTrait, QueryFilter, QuerySelect};
+    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder, QuerySelect};
     let id = feedback_message::Column::Id;
-    let older = feedback_message::Entity::find().filter(id.lt(oldest)).limit(1).one(db).await?.is_some();
-    let newer = feedback_message::Entity::find().filter(id.gt(newest)).limit(1).one(db).await?.is_some();
+    let probe = || feedback_message::Entity::find().select_only().column(id).limit(1);
+    let older = probe().filter(id.lt(oldest)).order_by_desc(id).into_tuple::<i64>().one(db).await?.is_some();
+    let newer = probe().filter(id.gt(newest)).order_by_asc(id).into_tuple::<i64>().one(db).await?.is_some();
     Ok((older, newer))
 }
 
-/// Counts unread feedback messages.
+/// Counts unread feedback messages (on the partial index of unread messages).
 pub async fn count_unread<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};
     feedback_message::Entity::find().filter(feedback_message::Column::ReadAt.is_null()).count(db).await

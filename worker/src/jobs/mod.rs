@@ -18,6 +18,7 @@ pub async fn run(
         Ok(QueuedJob::FanOut(payload)) => fan_out::run(payload, ctx).await,
         Ok(QueuedJob::TestPush(payload)) => test_push::run(&payload, ctx).await.map(|_| ()),
         Ok(QueuedJob::Digest(payload)) => digest::run(&payload, ctx).await.map(|_| ()),
+        Ok(QueuedJob::Ping(_)) => Ok(()),
         Ok(QueuedJob::InvalidateCache(payload)) => invalidate(ctx, &payload.feedback_ids).await,
         Ok(QueuedJob::TrimCaches(_)) => {
             if let Some(queue) = &ctx.queue {
