@@ -22,6 +22,7 @@
 //!   sampled every second and plotted (SVG) beside the JSON.
 
 mod admin;
+mod django;
 mod plot;
 mod procs;
 mod queue;
@@ -29,6 +30,7 @@ mod report;
 mod soak;
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -58,6 +60,39 @@ struct Cli {
     /// Worker processes.
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// What to measure: Tidings, or the reference stack (`submit`, `e2e`, `fanout`).
+    #[arg(long, value_enum, default_value_t = Target::Tidings)]
+    target: Target,
+    /// The reference stack's folder (for `--target django`).
+    #[arg(long, default_value = "../shared/peers/django_huey")]
+    peer_dir: PathBuf,
+}
+
+/// The system under test.
+#[derive(clap::ValueEnum, Clone, Copy, PartialEq, Eq, Debug)]
+enum Target {
+    /// Tidings' release binaries.
+    Tidings,
+    /// Django + Huey + pywebpush, as the seed builds it.
+    Django,
+}
+
+/// The feedback form of a target: where it is, its CSRF field, its success status.
+#[derive(Clone, Copy)]
+struct Form {
+    path: &'static str,
+    token_field: &'static str,
+    accepted: u16,
+}
+
+const TIDINGS_FORM: Form = Form { path: "/feedback", token_field: "csrf_token", accepted: 303 };
+const DJANGO_FORM: Form = Form { path: "/feedback/", token_field: "csrfmiddlewaretoken", accepted: 302 };
+
+/// The form of this run's target.
+static FORM: std::sync::OnceLock<Form> = std::sync::OnceLock::new();
+
+fn form() -> Form {
+    *FORM.get_or_init(|| TIDINGS_FORM)
 }
 
 #[derive(Subcommand, Clone, Copy)]
@@ -121,8 +156,14 @@ enum Scenario {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let binaries = procs::build_release().await?;
     let push = PushService::start().await?;
+    if cli.target == Target::Django {
+        let report = run_django(&cli, &push).await?;
+        report.print();
+        println!("\nsaved {}", report.save()?.display());
+        return Ok(());
+    }
+    let binaries = procs::build_release().await?;
     let namespace = format!("bench-{}", uuid::Uuid::new_v4().simple());
     let database_name = namespace.replace('-', "_");
     let server = Database::connect(&cli.database).await.context("connecting to PostgreSQL")?;
@@ -253,6 +294,62 @@ fn scenario_name(scenario: Scenario) -> &'static str {
     }
 }
 
+/// Runs `submit`, `e2e` or `fanout` against the reference stack; when it cannot be
+/// started, says why and reports the figures measured for it on this machine kind.
+async fn run_django(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
+    let _ = FORM.set(DJANGO_FORM);
+    let mut report = Report::new(scenario_name(cli.scenario), &HashMap::new());
+    report.param("target", "django");
+    let peer = match django::Peer::start(&cli.peer_dir).await {
+        Ok(peer) => peer,
+        Err(e) => {
+            eprintln!("the reference stack cannot be started on this machine: {e:#}");
+            eprintln!("reporting the figures measured for it on this machine kind instead");
+            report.param("fallback", format!("not started: {e:#}"));
+            for (name, value) in django::MEASURED {
+                report.figure(name, value);
+            }
+            return Ok(report);
+        }
+    };
+    let result = async {
+        push.expect_vapid_public_key(&peer.vapid_public_key()?);
+        let address = django::ADDRESS;
+        let before = peer.cpu_seconds();
+        let started = Instant::now();
+        match cli.scenario {
+            Scenario::Submit { connections, seconds } => {
+                report.param("connections", connections);
+                report.param("seconds", seconds);
+                peer.subscribe(&[]).await?;
+                submit(address, connections, Duration::from_secs(seconds), &mut report).await?;
+            }
+            Scenario::E2e { rate, seconds } => {
+                report.param("rate_per_second", rate);
+                report.param("seconds", seconds);
+                django::subscribe_many(&peer, push, 1).await?;
+                push.set_deferred(true);
+                e2e(address, push, rate, Duration::from_secs(seconds), &mut report).await?;
+            }
+            Scenario::Fanout { subscriptions, delay_ms } => {
+                report.param("subscriptions", subscriptions);
+                report.param("delay_ms", delay_ms);
+                django::subscribe_many(&peer, push, subscriptions).await?;
+                push.set_delay(Duration::from_millis(delay_ms));
+                fanout(address, push, subscriptions, &mut report).await?;
+            }
+            _ => anyhow::bail!("--target django runs submit, e2e and fanout"),
+        }
+        report.figure("wall_seconds", started.elapsed().as_secs_f64());
+        report.figure("reference_cpu_seconds", peer.cpu_seconds() - before);
+        Ok(())
+    }
+    .await;
+    peer.drain(Duration::from_secs(120)).await;
+    peer.stop().await;
+    result.map(|()| report)
+}
+
 /// Settings a scenario runs with beyond the common ones.
 fn scenario_env(scenario: Scenario) -> &'static [(&'static str, &'static str)] {
     match scenario {
@@ -273,23 +370,26 @@ fn client() -> anyhow::Result<reqwest::Client> {
 }
 
 async fn form_token(client: &reqwest::Client, address: &str) -> anyhow::Result<String> {
-    let html = client.get(format!("{address}/feedback")).send().await?.text().await?;
-    tidings_tests::harness::extract_attribute(&html, "name=\"csrf_token\" value=\"")
-        .context("no csrf_token in the form")
+    let form = form();
+    let html = client.get(format!("{address}{}", form.path)).send().await?.text().await?;
+    tidings_tests::harness::extract_attribute(&html, &format!("name=\"{}\" value=\"", form.token_field))
+        .with_context(|| format!("no {} in the form", form.token_field))
 }
 
-async fn post_form(client: &reqwest::Client, address: &str, token: &str, content: &str) -> anyhow::Result<u16> {
+/// Posts the form; true when the target accepted it.
+async fn post_form(client: &reqwest::Client, address: &str, token: &str, content: &str) -> anyhow::Result<bool> {
+    let form = form();
     let response = client
-        .post(format!("{address}/feedback"))
+        .post(format!("{address}{}", form.path))
         .form(&[
-            ("csrf_token", token),
+            (form.token_field, token),
             ("submitter_name", "Bench"),
             ("submitter_email", "bench@example.com"),
             ("content", content),
         ])
         .send()
         .await?;
-    Ok(response.status().as_u16())
+    Ok(response.status().as_u16() == form.accepted)
 }
 
 async fn submit(address: &str, connections: usize, measured: Duration, report: &mut Report) -> anyhow::Result<()> {
@@ -310,10 +410,10 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let started = Instant::now();
-                let status = post_form(&client, &address, &token, &format!("submit {connection}-{i}")).await;
+                let accepted_now = post_form(&client, &address, &token, &format!("submit {connection}-{i}")).await;
                 if measuring.load(Ordering::Relaxed) {
-                    match status {
-                        Ok(303) => {
+                    match accepted_now {
+                        Ok(true) => {
                             latencies.push(started.elapsed());
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
@@ -382,7 +482,7 @@ async fn e2e(
             if let Ok(mut map) = sent_at.lock() {
                 map.insert(content.clone(), at);
             }
-            post_form(client, &address, token, &content).await.unwrap_or(0)
+            post_form(client, &address, token, &content).await.unwrap_or(false)
         }));
         if i % rate.max(1) == 0 {
             procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));
@@ -390,7 +490,7 @@ async fn e2e(
     }
     let mut rejected = 0u64;
     for handle in handles {
-        if handle.await? != 303 {
+        if !handle.await? {
             rejected += 1;
         }
     }
@@ -473,8 +573,7 @@ async fn fanout(address: &str, push: &PushService, subscriptions: usize, report:
     // compete with the sender for the CPU while it is timed.
     push.set_deferred(true);
     let started = Instant::now();
-    let status = post_form(&client, address, &token, "fan-out").await?;
-    anyhow::ensure!(status == 303, "the submission was refused ({status})");
+    anyhow::ensure!(post_form(&client, address, &token, "fan-out").await?, "the submission was refused");
     push.wait_for_deferred(subscriptions, Duration::from_secs(300)).await;
     let refused = push.verify_deferred();
     report.figure("refused_by_push_service", refused.len() as f64);

@@ -26,13 +26,14 @@ pub const ENV: [(&str, &str); 5] = [
 
 /// What the budgets above allow in keys: finished job records and their idempotency keys,
 /// the backlog's records, cache entries, and a margin for the fixed structures
-/// (queues, locks, per-minute stats, the session).
+/// (queues, locks, per-minute stats, the session) and the jobs that finish between two
+/// trims.
 pub fn key_budget() -> f64 {
     let setting = |name: &str| ENV.iter().find(|(k, _)| *k == name).and_then(|(_, v)| v.parse::<f64>().ok());
     2.0 * setting("JOB_RETENTION_COUNT").unwrap_or(0.0)
         + 2.0 * setting("QUEUE_MAX_BACKLOG").unwrap_or(0.0)
         + setting("CACHE_MAX_ENTRIES").unwrap_or(0.0)
-        + 500.0
+        + 1000.0
 }
 
 /// One sample: seconds since the start, used_memory (MiB), the namespace's keys, and
@@ -121,7 +122,7 @@ pub async fn run(
                 let path =
                     if i.is_multiple_of(2) { format!("/admin/?before={id}") } else { format!("/admin/feedback/{id}") };
                 let _ = admin_client.get(format!("{address}{path}")).send().await;
-                tokio::time::sleep(Duration::from_millis(20)).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
     };
@@ -147,7 +148,7 @@ pub async fn run(
         tokio::spawn(async move {
             let (client, token) = &clients[usize::try_from(i).unwrap_or(0) % clients.len()];
             match crate::post_form(client, &address, token, &format!("soak {i}")).await {
-                Ok(303) => ok.fetch_add(1, Ordering::Relaxed),
+                Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
                 _ => refused.fetch_add(1, Ordering::Relaxed),
             };
             drop(permit);

@@ -115,28 +115,37 @@ pub async fn count<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     Entity::find().count(db).await
 }
 
+/// How fresh a subscription's `last_success_at` is kept: a success within this long of
+/// the recorded one changes nothing. Under a flood of messages every push would otherwise
+/// rewrite the same rows — lock contention between concurrent fan-outs and a table
+/// bloated with dead row versions — for a figure shown to the minute and used in days.
+pub const SUCCESS_RESOLUTION: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Records an accepted push.
 pub async fn record_success<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
-    Entity::update_many()
-        .col_expr(Column::LastSuccessAt, Expr::value(super::now()))
-        .col_expr(Column::FailureCount, Expr::value(0))
-        .col_expr(Column::LastFailureReason, Expr::value(Option::<String>::None))
-        .filter(Column::Id.eq(id))
-        .exec(db)
-        .await?;
-    Ok(())
+    record_successes(db, &[id]).await
 }
 
-/// Records a successful delivery to each of `ids` in one statement.
+/// Records a successful delivery to each of `ids` in one statement; rows already marked
+/// successful within [`SUCCESS_RESOLUTION`] and not failing are left alone.
 pub async fn record_successes<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<(), DbErr> {
+    use sea_orm::Condition;
     if ids.is_empty() {
         return Ok(());
     }
+    let now = super::now();
+    let stale = now - chrono::Duration::from_std(SUCCESS_RESOLUTION).unwrap_or(chrono::Duration::minutes(1));
     Entity::update_many()
-        .col_expr(Column::LastSuccessAt, Expr::value(super::now()))
+        .col_expr(Column::LastSuccessAt, Expr::value(now))
         .col_expr(Column::FailureCount, Expr::value(0))
         .col_expr(Column::LastFailureReason, Expr::value(Option::<String>::None))
         .filter(Column::Id.is_in(ids.iter().copied()))
+        .filter(
+            Condition::any()
+                .add(Column::FailureCount.gt(0))
+                .add(Column::LastSuccessAt.is_null())
+                .add(Column::LastSuccessAt.lt(stale)),
+        )
         .exec(db)
         .await?;
     Ok(())
