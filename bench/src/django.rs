@@ -32,8 +32,46 @@ pub struct Peer {
     run_dir: PathBuf,
 }
 
+/// A Python of at least 3.12 (what the reference's Django needs): `PYTHON` if set, else
+/// the first that answers among `python3.13`, `python3.12`, `python3` and pyenv's.
+async fn find_python() -> Option<String> {
+    if let Ok(python) = std::env::var("PYTHON") {
+        return Some(python);
+    }
+    let mut candidates: Vec<String> = ["python3.13", "python3.12", "python3"].iter().map(|s| (*s).to_owned()).collect();
+    if let Ok(out) = Command::new("pyenv").arg("root").output().await {
+        let root = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        if let Ok(versions) = std::fs::read_dir(Path::new(&root).join("versions")) {
+            let mut found: Vec<String> = versions
+                .filter_map(Result::ok)
+                .map(|v| v.path().join("bin/python3").to_string_lossy().into_owned())
+                .collect();
+            found.sort();
+            candidates.extend(found.into_iter().rev());
+        }
+    }
+    for candidate in candidates {
+        let check = Command::new(&candidate)
+            .args(["-c", "import sys; sys.exit(0 if sys.version_info >= (3, 12) else 1)"])
+            .output()
+            .await;
+        if check.is_ok_and(|o| o.status.success()) {
+            return Some(candidate);
+        }
+    }
+    None
+}
+
 async fn script(path: &Path, args: &[&str], run_dir: &Path) -> anyhow::Result<String> {
-    let output = Command::new("bash")
+    script_with(path, args, run_dir, None).await
+}
+
+async fn script_with(path: &Path, args: &[&str], run_dir: &Path, python: Option<&str>) -> anyhow::Result<String> {
+    let mut command = Command::new("bash");
+    if let Some(python) = python {
+        command.env("PYTHON", python);
+    }
+    let output = command
         .arg(path)
         .args(args)
         .env("RUN_DIR", run_dir)
@@ -53,7 +91,8 @@ impl Peer {
         let peers = dir.parent().context("the reference stack's folder has no parent")?;
         if !peers.join(".venv").exists() {
             eprintln!("setting the reference stack up (once)…");
-            script(&peers.join("setup.sh"), &[], &std::env::temp_dir()).await?;
+            let python = find_python().await.context("the reference needs Python 3.12 or newer (set PYTHON=…)")?;
+            script_with(&peers.join("setup.sh"), &[], &std::env::temp_dir(), Some(&python)).await?;
         }
         let run_dir = std::env::temp_dir().join("tidings-bench-django");
         std::fs::create_dir_all(&run_dir)?;

@@ -36,19 +36,24 @@ pub async fn record(
     run_ms: u64,
     wait_ms: u64,
 ) -> redis::RedisResult<()> {
+    let mut pipe = redis::pipe();
+    add_to(&mut pipe, namespace, now, succeeded, run_ms, wait_ms);
+    pipe.query_async(conn).await
+}
+
+/// Adds what [`record`] sends to `pipe`, for a caller that has more to send in the same
+/// round trip.
+pub fn add_to(pipe: &mut redis::Pipeline, namespace: &str, now: i64, succeeded: bool, run_ms: u64, wait_ms: u64) {
     let minute = now - now.rem_euclid(60);
     let key = key(namespace, minute);
-    redis::pipe()
-        .hincr(&key, if succeeded { "succeeded" } else { "failed" }, 1)
+    pipe.hincr(&key, if succeeded { "succeeded" } else { "failed" }, 1)
         .ignore()
         .hincr(&key, "run_ms", run_ms)
         .ignore()
         .hincr(&key, "wait_ms", wait_ms)
         .ignore()
         .expire(&key, KEEP_SECS)
-        .ignore()
-        .query_async(conn)
-        .await
+        .ignore();
 }
 
 /// The last `minutes` minutes up to `now`, oldest first (zeros where nothing ran).

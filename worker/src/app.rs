@@ -461,22 +461,20 @@ async fn handle_fan_out(
             if starts > ctx.settings.worker.poison_after {
                 let reason = format!("started {starts} times without finishing: it may be crashing its worker");
                 tracing::error!(starts, "job.poison");
-                forget_starts(&ctx, &task_id).await;
-                account(&ctx, kind, "dead", std::time::Duration::ZERO, waited).await;
+                account(&ctx, &task_id, kind, "dead", std::time::Duration::ZERO, waited).await;
                 return dead_letter(&ctx, job.0, reason, attempt).await;
             }
             let started = std::time::Instant::now();
             let result = crate::jobs::run(parsed, &ctx).await;
             let took = started.elapsed();
-            forget_starts(&ctx, &task_id).await;
             match result {
                 Ok(()) => {
-                    account(&ctx, kind, "succeeded", took, waited).await;
+                    account(&ctx, &task_id, kind, "succeeded", took, waited).await;
                     Ok(())
                 }
                 Err(JobError::Permanent(reason)) => {
                     tracing::error!(%reason, "job.dead_lettered");
-                    account(&ctx, kind, "dead", took, waited).await;
+                    account(&ctx, &task_id, kind, "dead", took, waited).await;
                     dead_letter(&ctx, job.0, reason, attempt).await
                 }
                 Err(JobError::Retryable { error, retry_after, rest }) => {
@@ -485,10 +483,10 @@ async fn handle_fan_out(
                     if attempt >= policy.max_attempts as usize {
                         let reason = format!("gave up after {attempt} attempts: {error:#}");
                         tracing::error!(%reason, "job.dead_lettered");
-                        account(&ctx, kind, "dead", took, waited).await;
+                        account(&ctx, &task_id, kind, "dead", took, waited).await;
                         return dead_letter(&ctx, payload, reason, attempt).await;
                     }
-                    account(&ctx, kind, "retried", took, waited).await;
+                    account(&ctx, &task_id, kind, "retried", took, waited).await;
                     let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
                     let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
                     match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
@@ -576,11 +574,6 @@ async fn count_start(ctx: &Process, task_id: &TaskId) -> u64 {
         .unwrap_or(0)
 }
 
-async fn forget_starts(ctx: &Process, task_id: &TaskId) {
-    let mut conn = ctx.queue.connection();
-    let _: redis::RedisResult<()> = redis::cmd("DEL").arg(starts_key(ctx, task_id)).query_async(&mut conn).await;
-}
-
 /// Keeps `payload` as a dead letter; completing the job keeps apalis from retrying it.
 async fn dead_letter(ctx: &Process, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
     let letter = DeadLetter {
@@ -599,9 +592,11 @@ fn millis_since(then_ms: i64) -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis().saturating_sub(then_ms)).unwrap_or(0)
 }
 
-/// Counts and times a finished run: `outcome` is succeeded, retried or dead.
+/// Counts and times a finished run (`outcome` is succeeded, retried or dead) and forgets
+/// its start count, in one round trip to Redis.
 async fn account(
     ctx: &Process,
+    task_id: &TaskId,
     kind: &'static str,
     outcome: &'static str,
     took: std::time::Duration,
@@ -618,7 +613,10 @@ async fn account(
     let now = chrono::Utc::now().timestamp();
     let (run_ms, wait_ms) = (as_ms(took), waited.map_or(0, as_ms));
     let succeeded = outcome == "succeeded";
-    if let Err(e) = shared::job_stats::record(&mut conn, ctx.queue.namespace(), now, succeeded, run_ms, wait_ms).await {
+    let mut pipe = redis::pipe();
+    pipe.del(starts_key(ctx, task_id)).ignore();
+    shared::job_stats::add_to(&mut pipe, ctx.queue.namespace(), now, succeeded, run_ms, wait_ms);
+    if let Err(e) = pipe.query_async::<()>(&mut conn).await {
         tracing::debug!(error = %e, "job_stats.record_failed");
     }
 }
