@@ -405,6 +405,7 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
             let client = client()?;
             let token = form_token(&client, &address).await?;
             let mut latencies = Vec::new();
+            let mut completed_at = Vec::new();
             let mut errors = 0u64;
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
@@ -415,13 +416,14 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
                     match accepted_now {
                         Ok(true) => {
                             latencies.push(started.elapsed());
+                            completed_at.push(Instant::now());
                             accepted.fetch_add(1, Ordering::Relaxed);
                         }
                         _ => errors += 1,
                     }
                 }
             }
-            Ok::<_, anyhow::Error>((latencies, errors))
+            Ok::<_, anyhow::Error>((latencies, completed_at, errors))
         }));
     }
     tokio::time::sleep(warm_up).await;
@@ -434,14 +436,19 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
     stop.store(true, Ordering::Relaxed);
     let elapsed = started.elapsed();
     let mut latencies = Vec::new();
+    let mut completions = Vec::new();
     let mut errors = 0;
     for task in tasks {
-        let (l, e) = task.await??;
+        let (l, c, e) = task.await??;
         latencies.extend(l);
+        completions.extend(c.iter().map(|at| at.saturating_duration_since(started).as_secs_f64()));
         errors += e;
     }
     eprintln!();
     latencies.sort();
+    completions.sort_by(f64::total_cmp);
+    report.plot_latencies("latency", &latencies)?;
+    report.plot_throughput("accepted", &completions)?;
     report.figure("accepted", latencies.len() as f64);
     report.figure("errors", errors as f64);
     report.figure("accepted_per_second", latencies.len() as f64 / elapsed.as_secs_f64());
@@ -513,6 +520,11 @@ async fn e2e(
         }
     }
     latencies.sort();
+    report.plot_latencies("submit_to_push", &latencies)?;
+    let mut arrivals: Vec<f64> =
+        received.iter().map(|p| p.at.saturating_duration_since(started).as_secs_f64()).collect();
+    arrivals.sort_by(f64::total_cmp);
+    report.plot_throughput("pushes", &arrivals)?;
     let duplicated = seen.values().filter(|n| **n > 1).count();
     report.figure("submitted", total as f64);
     report.figure("rejected", rejected as f64);
@@ -580,6 +592,8 @@ async fn fanout(address: &str, push: &PushService, subscriptions: usize, report:
     let received = push.received();
     let mut arrivals: Vec<Duration> = received.iter().map(|p| p.at.saturating_duration_since(started)).collect();
     arrivals.sort();
+    report.plot_latencies("arrival", &arrivals)?;
+    report.plot_throughput("pushes", &arrivals.iter().map(Duration::as_secs_f64).collect::<Vec<_>>())?;
     let at = |fraction: f64| {
         let index = ((subscriptions as f64 * fraction).ceil() as usize).clamp(1, arrivals.len().max(1)) - 1;
         arrivals.get(index).copied().unwrap_or_default().as_secs_f64()

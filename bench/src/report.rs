@@ -65,6 +65,41 @@ impl Report {
         Ok(dir.join(format!("{}-{}-{suffix}", self.scenario, self.stamp)))
     }
 
+    /// Plots the distribution of sorted `values` (latency by percentile) beside the JSON.
+    pub fn plot_latencies(&self, name: &str, sorted: &[Duration]) -> anyhow::Result<()> {
+        let points: Vec<(f64, f64)> = (0..=100)
+            .map(|p| (f64::from(p), percentile(sorted, f64::from(p) / 100.0).as_secs_f64() * 1000.0))
+            .collect();
+        crate::plot::Chart {
+            title: &format!("{}: {name}, latency by percentile", self.scenario),
+            x_label: "percentile",
+            y_label: "milliseconds",
+            series: vec![crate::plot::Series { name, points: &points }],
+            limit: None,
+        }
+        .save(&self.artefact(&format!("{name}-latency.svg"))?)
+    }
+
+    /// Plots `events` (seconds since the start, sorted) as a rate per second over time
+    /// beside the JSON, and records the series.
+    pub fn plot_throughput(&mut self, name: &str, events: &[f64]) -> anyhow::Result<()> {
+        let last = events.last().copied().unwrap_or(0.0).ceil().max(1.0) as usize;
+        let mut per_second = vec![0.0f64; last + 1];
+        for at in events {
+            per_second[(*at as usize).min(last)] += 1.0;
+        }
+        let points: Vec<(f64, f64)> = per_second.iter().enumerate().map(|(s, n)| (s as f64, *n)).collect();
+        self.series(&format!("{name}_per_second"), &points);
+        crate::plot::Chart {
+            title: &format!("{}: {name} per second", self.scenario),
+            x_label: "seconds",
+            y_label: "per second",
+            series: vec![crate::plot::Series { name, points: &points }],
+            limit: None,
+        }
+        .save(&self.artefact(&format!("{name}-throughput.svg"))?)
+    }
+
     /// Records p50/p90/p95/p99/max of sorted `values` in milliseconds.
     pub fn latencies(&mut self, name: &str, sorted: &[Duration]) {
         for (label, p) in [("p50", 0.50), ("p90", 0.90), ("p95", 0.95), ("p99", 0.99), ("max", 1.0)] {
