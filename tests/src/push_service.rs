@@ -506,6 +506,18 @@ mod tests {
         assert!(parse_vapid("vapid t=a.b.c").is_err());
     }
 
+    /// A push with the right headers and no VAPID signature.
+    async fn unsigned_push(client: &reqwest::Client, endpoint: &str) -> reqwest::Response {
+        client
+            .post(endpoint)
+            .header("TTL", "60")
+            .header("Content-Encoding", "aes128gcm")
+            .body(vec![0u8; 10])
+            .send()
+            .await
+            .expect("sent")
+    }
+
     #[tokio::test]
     async fn unknown_endpoints_missing_ttl_and_bad_vapid_are_refused() {
         let service = PushService::start().await.expect("starts");
@@ -515,14 +527,7 @@ mod tests {
         assert_eq!(unknown.status(), 404);
         let no_ttl = client.post(&browser.endpoint).send().await.expect("sent");
         assert_eq!(no_ttl.status(), 400);
-        let no_vapid = client
-            .post(&browser.endpoint)
-            .header("TTL", "60")
-            .header("Content-Encoding", "aes128gcm")
-            .body(vec![0u8; 10])
-            .send()
-            .await
-            .expect("sent");
+        let no_vapid = unsigned_push(&client, &browser.endpoint).await;
         assert_eq!(no_vapid.status(), 401);
         assert_eq!(service.attempts().len(), 3);
         assert!(service.received().is_empty());
@@ -534,14 +539,7 @@ mod tests {
         let browser = service.new_subscription();
         service.set_deferred(true);
         let client = reqwest::Client::new();
-        let forged = client
-            .post(&browser.endpoint)
-            .header("TTL", "60")
-            .header("Content-Encoding", "aes128gcm")
-            .body(vec![0u8; 10])
-            .send()
-            .await
-            .expect("sent");
+        let forged = unsigned_push(&client, &browser.endpoint).await;
         assert_eq!(forged.status(), 201, "answered without looking");
         assert_eq!(service.deferred_count(), 1);
 
