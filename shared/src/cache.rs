@@ -2,9 +2,10 @@
 //! pages, so the admin stays fast however many messages pile up.
 //!
 //! Layout, under `{ns}:cache:`:
-//! - entries `{ns}:cache:{version}:{name}`: the version is the build's cache format and
-//!   package version (plus `CACHE_VERSION`), so a deploy never reads what an older build
-//!   wrote; the trim removes every entry of another version.
+//! - entries `{ns}:cache:{version}:{name}`: the version is the package version, the
+//!   cache format and a hash of the template rendered into cached HTML (plus
+//!   `CACHE_VERSION`), so a deploy that changes any of them never reads what an older
+//!   build wrote; the trim removes every entry of another version.
 //! - `lru` (sorted set: entry → last use, ms), `size` (hash: entry → bytes) and `bytes`
 //!   (their sum): what the trim needs to evict the least recently used first.
 //! - `lo`/`hi` (sorted sets: entry → lowest / highest message id it shows; ±inf for "any"):
@@ -14,7 +15,11 @@
 //!   puts the old state back after the change's invalidation ran.
 //!
 //! Every entry also expires on its own after `CACHE_TTL_SECS`, which bounds staleness
-//! if Redis failed exactly when an invalidation was due.
+//! whatever happens to the jobs that invalidate (Redis failing at the wrong moment, no
+//! worker running).
+//!
+//! The trim brings the cache down to 90% of its budget (a low-water mark), so that a
+//! full cache does not ask for a trim with every new entry.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -22,6 +27,25 @@ use redis::aio::ConnectionManager;
 
 /// Bumped when the shape of what is cached changes.
 pub const FORMAT: u32 = 1;
+
+/// The template of the one thing cached as rendered HTML (a message's page): a change to
+/// it changes the version, so a deploy never serves HTML an older template rendered.
+/// Web and worker share this crate, so both always agree on the version.
+const RENDERED_TEMPLATE: &[u8] = include_bytes!("../../web/templates/admin_feedback_message.html");
+
+/// FNV-1a, at compile time.
+const fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let mut i = 0;
+    while i < bytes.len() {
+        hash ^= bytes[i] as u64;
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+        i += 1;
+    }
+    hash
+}
+
+const TEMPLATE_HASH: u64 = fnv1a(RENDERED_TEMPLATE);
 
 /// The cache's budget and switches (`CACHE_*` settings).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -210,7 +234,7 @@ fn now_ms() -> u64 {
 
 /// The version entries of this build are written under.
 pub fn version(deploy_version: &str) -> String {
-    let build = format!("{}.{FORMAT}", env!("CARGO_PKG_VERSION"));
+    let build = format!("{}.{FORMAT}.{:08x}", env!("CARGO_PKG_VERSION"), TEMPLATE_HASH & 0xffff_ffff);
     if deploy_version.is_empty() { build } else { format!("{build}-{deploy_version}") }
 }
 
@@ -301,6 +325,12 @@ impl Cache {
         Ok(CacheUsage { entries, bytes: bytes.unwrap_or(0).max(0) as u64 })
     }
 
+    /// Drops entries `names` of this build's version (an entry that could not be read).
+    pub async fn remove(&self, names: &[&str]) -> redis::RedisResult<u64> {
+        let keys: Vec<String> = names.iter().map(|n| self.entry_key(n)).collect();
+        self.drop_entries(&keys).await
+    }
+
     async fn drop_entries(&self, keys: &[String]) -> redis::RedisResult<u64> {
         if keys.is_empty() {
             return Ok(0);
@@ -343,10 +373,16 @@ impl Cache {
             }
             cursor = next;
         }
+        let (keep_entries, keep_bytes) = low_water(&self.settings);
         loop {
             let usage = self.usage().await?;
-            let over_entries = usage.entries.saturating_sub(self.settings.max_entries);
-            if over_entries == 0 && usage.bytes <= self.settings.max_bytes {
+            if usage.entries == 0 && usage.bytes > 0 {
+                // Nothing left to account for: a drifted sum starts again from zero.
+                let _: () = redis::cmd("SET").arg(self.key("bytes")).arg(0).query_async(&mut conn).await?;
+                break;
+            }
+            let over_entries = usage.entries.saturating_sub(keep_entries);
+            if over_entries == 0 && usage.bytes <= keep_bytes {
                 break;
             }
             // Over on bytes alone: evict about as many average entries as the excess.
@@ -354,7 +390,7 @@ impl Cache {
                 over_entries
             } else {
                 let average = (usage.bytes / usage.entries.max(1)).max(1);
-                (usage.bytes - self.settings.max_bytes) / average + 1
+                (usage.bytes - keep_bytes) / average + 1
             };
             let take = take.min(BATCH as u64) as isize;
             let victims: Vec<String> =
@@ -368,9 +404,21 @@ impl Cache {
     }
 }
 
+/// What a trim leaves: 90% of the budget (all of it for budgets under ten).
+fn low_water(settings: &CacheSettings) -> (u64, u64) {
+    (settings.max_entries - settings.max_entries / 10, settings.max_bytes - settings.max_bytes / 10)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_trim_leaves_room_below_the_budget() {
+        let settings = CacheSettings { max_entries: 10_000, max_bytes: 1000, ..CacheSettings::default() };
+        assert_eq!(low_water(&settings), (9_000, 900));
+        assert_eq!(low_water(&CacheSettings { max_entries: 5, ..settings }).0, 5);
+    }
 
     #[test]
     fn covers_become_score_bounds() {
@@ -381,7 +429,8 @@ mod tests {
 
     #[test]
     fn versions_include_the_format_and_the_deploy_tag() {
-        assert!(version("").ends_with(&format!(".{FORMAT}")));
+        assert!(version("").contains(&format!(".{FORMAT}.")));
+        assert_eq!(version(""), version(""), "web and worker compute the same");
         assert!(version("blue").ends_with("-blue"));
     }
 }

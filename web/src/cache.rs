@@ -61,8 +61,15 @@ impl<'a> ReadCache<'a> {
                     return Ok(value);
                 }
                 Err(e) => {
+                    // Written by a build that shaped it differently: drop it, fill it again.
                     tracing::warn!(entry = name, error = %e, "cache.unreadable_entry");
-                    None
+                    match cache.remove(&[name]).await {
+                        Ok(_) => match cache.get(name).await {
+                            Ok(Lookup::Miss { seq }) => Some(seq),
+                            _ => None,
+                        },
+                        Err(_) => None,
+                    }
                 }
             },
             Ok(Lookup::Miss { seq }) => Some(seq),

@@ -79,7 +79,9 @@ pub async fn run(ctx: &WorkerContext, trigger: &str) -> Result<TrimReport, JobEr
         let usage = cache.usage().await.map_err(JobError::retryable)?;
         cache_after = Some((usage.entries, usage.bytes));
     }
-    if let Some(queue) = &ctx.queue {
+    // The on-demand trim is about the cache; the walk of the whole namespace waits for the
+    // tick.
+    if let (Some(queue), "tick") = (&ctx.queue, trigger) {
         let mut conn = queue.connection();
         let swept = shared::budget::sweep(&mut conn, queue.namespace(), &ctx.settings.budgets)
             .await
@@ -155,8 +157,12 @@ async fn trim_job_records(ctx: &WorkerContext, queue: &JobQueue) -> Result<Trimm
             for id in &victims {
                 pipe.del(format!("{}:{id}", config.job_meta_hash())).ignore();
             }
-            // A finished job's idempotency key has done its work: it goes with the record.
-            for key in aged.iter().take(remove).filter_map(|(_, _, key)| key.as_deref().filter(|k| !k.is_empty())) {
+            // A finished fan-out's idempotency key has done its work (its dispatch is
+            // settled, nothing enqueues it again): it goes with the record. A digest's key
+            // stays until it expires: it keeps a burst's window to one digest however
+            // late its messages' fan-outs run.
+            let done_with = |key: &&str| key.starts_with("dispatch-");
+            for key in aged.iter().take(remove).filter_map(|(_, _, key)| key.as_deref().filter(done_with)) {
                 pipe.del(format!("{}:{key}", config.idempotency_key_set())).ignore();
             }
             let _: () = pipe.query_async(&mut conn).await.map_err(redis_error)?;

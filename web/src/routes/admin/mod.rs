@@ -228,7 +228,8 @@ async fn inbox(
         (None, None) => (PageFrom::Newest, "page:newest".to_owned()),
     };
     let cache = ReadCache::new(&state);
-    let page = cache.get_or_load(&name, |page: &InboxPage| Some(page.cover()), || inbox_page(&state.db, from)).await?;
+    let page =
+        cache.get_or_load(&name, |page: &InboxPage| Some(page.cover(from)), || inbox_page(&state.db, from)).await?;
     let counts = inbox_counts(&cache, &state.db).await?;
     let InboxPage { messages, older, newer } = page;
     Ok(render(StatusCode::OK, &AdminInbox { csrf_token: &token.0, messages, older, newer, counts }))
@@ -265,11 +266,19 @@ struct InboxPage {
 }
 
 impl InboxPage {
-    /// The messages the page shows; a page with no newer link also reaches past the
-    /// newest message, since a new one would land on it (or give it that link).
-    fn cover(&self) -> Cover {
+    /// The messages the page, read from `from`, shows. The first page, and a page with
+    /// no newer link or room for more, also reach past the newest message: a new one
+    /// would land on them or give them that link. (Not `newer` alone: a message committed
+    /// between reading the rows and looking for newer ones gives the first page a newer
+    /// link without showing it.)
+    fn cover(&self, from: PageFrom) -> Cover {
         let lo = self.messages.last().map(|m| m.id);
-        let hi = if self.newer.is_none() { None } else { self.messages.first().map(|m| m.id) };
+        let open_above = match from {
+            PageFrom::Newest => true,
+            PageFrom::After(_) => self.newer.is_none() || (self.messages.len() as u64) < PER_PAGE,
+            PageFrom::Before(_) => self.newer.is_none(),
+        };
+        let hi = if open_above { None } else { self.messages.first().map(|m| m.id) };
         Cover::Ids { lo, hi }
     }
 }
@@ -399,4 +408,37 @@ async fn message_view(
         handled: message.handled_at.is_some(),
         read: message.read_at.is_some(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(ids: std::ops::RangeInclusive<i64>, newer: Option<i64>) -> InboxPage {
+        let messages = ids
+            .rev()
+            .map(|id| InboxLine {
+                id,
+                submitter_name: "Ann".into(),
+                content: "hi".into(),
+                created_at: chrono::Utc::now(),
+                read_at: None,
+                handled: false,
+            })
+            .collect();
+        InboxPage { messages, older: None, newer }
+    }
+
+    #[test]
+    fn the_first_page_reaches_past_the_newest_message_even_with_a_newer_link() {
+        // A message committed between reading the rows and looking for newer ones.
+        let first = page(51..=100, Some(100));
+        assert_eq!(first.cover(PageFrom::Newest), Cover::Ids { lo: Some(51), hi: None });
+        let deep = page(1..=50, Some(50));
+        assert_eq!(deep.cover(PageFrom::Before(51)), Cover::Ids { lo: Some(1), hi: Some(50) });
+        let short_after = page(90..=100, Some(100));
+        assert_eq!(short_after.cover(PageFrom::After(89)), Cover::Ids { lo: Some(90), hi: None });
+        let empty = InboxPage { messages: Vec::new(), older: None, newer: None };
+        assert_eq!(empty.cover(PageFrom::Newest), Cover::Ids { lo: None, hi: None });
+    }
 }
