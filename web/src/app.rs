@@ -56,7 +56,8 @@ impl Application {
             &settings.redis_namespace,
             settings.worker.max_backlog,
             metrics.clone(),
-        );
+        )
+        .with_cache(&settings.cache);
         if let Some(runner) = runner {
             dispatcher = dispatcher.run_jobs_in_process(runner);
         }

@@ -34,6 +34,8 @@ pub struct Dispatcher {
     metrics: Registry,
     /// In-process mode (tests): jobs run in the request instead of going to Redis.
     immediate: Option<Arc<dyn JobRunner>>,
+    /// The read cache's settings, when it is on: a new message drops what it changes.
+    cache: Option<shared::cache::CacheSettings>,
 }
 
 impl Dispatcher {
@@ -48,7 +50,16 @@ impl Dispatcher {
             enqueue_lock: Mutex::new(()),
             metrics,
             immediate: None,
+            cache: None,
         }
+    }
+
+    /// With the read cache on, a committed message also drops the cached first page and
+    /// counts at once (its fan-out job does it too; this way they are fresh even while
+    /// no worker runs or the queue has a backlog).
+    pub fn with_cache(mut self, settings: &shared::cache::CacheSettings) -> Self {
+        self.cache = settings.enabled.then(|| settings.clone());
+        self
     }
 
     /// In-process mode: every job runs at once through `runner`, in the request that
@@ -81,6 +92,18 @@ impl Dispatcher {
     pub async fn announce(&self, submitted: Submitted, request_id: Option<String>) {
         let outcome = self.try_announce(submitted, request_id.as_deref()).await;
         self.count_dispatch(outcome);
+        self.invalidate_new(submitted.feedback_id).await;
+    }
+
+    /// Drops what a new message changes from the read cache (best effort: its fan-out
+    /// job does it again).
+    async fn invalidate_new(&self, feedback_id: i64) {
+        let Some(settings) = &self.cache else { return };
+        let Some(queue) = self.queue().await else { return };
+        let cache = shared::cache::Cache::new(queue.connection(), &self.namespace, settings);
+        if let Err(e) = cache.invalidate(&[feedback_id]).await {
+            tracing::debug!(feedback_id, error = %e, "cache.invalidate_failed; the fan-out job will");
+        }
     }
 
     /// Counts what became of a committed submission's announcement.
