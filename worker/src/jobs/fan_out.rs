@@ -1,6 +1,7 @@
 //! The fan-out job: send one feedback message to every push subscription.
 //!
-//! Subscriptions are read in pages (memory stays flat however many there are) and each
+//! Subscriptions are read in pages (memory stays flat however many there are; the next
+//! page is claimed while the current one is sent) and each
 //! delivery is *claimed* in the database before its push is sent (see
 //! `shared::queries::delivery`), so re-running the job — a retry, a second worker during
 //! a graceful drain, the relay re-enqueueing a lost job — never sends a subscription the
@@ -24,6 +25,9 @@ use crate::push::{PushMessage, PushOutcome, PushTarget, Urgency};
 
 /// Subscriptions read and claimed per page.
 const PAGE: u64 = 500;
+
+/// The first page: small, so that the first pushes do not wait for 500 claims.
+const FIRST_PAGE: u64 = 64;
 
 /// Runs one fan-out job.
 pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
@@ -147,15 +151,25 @@ impl Run<'_> {
         // Retries that are due, and claims abandoned by a crashed worker.
         delivery::claim_due(db, self.feedback_id, &self.token, self.lease()).await?;
         stats.add(self.send_claimed().await?);
-        let mut after = 0;
-        loop {
-            let ids = subscription::ids_after(db, after, PAGE).await?;
-            let Some(&last) = ids.last() else { break };
-            after = last;
-            delivery::claim_new(db, self.feedback_id, &ids, &self.token, self.lease()).await?;
-            stats.add(self.send_claimed().await?);
+        // The first page is small, so the first pushes leave at once; every further page
+        // is claimed while the one before it is being sent.
+        let mut claimed = self.claim_page(0, FIRST_PAGE).await?;
+        while let Some(last) = claimed {
+            let (sent, next) = tokio::join!(self.send_claimed(), self.claim_page(last, PAGE));
+            stats.add(sent?);
+            claimed = next?;
         }
         Ok(stats)
+    }
+
+    /// Claims the deliveries to the next `size` subscriptions after id `after`; returns
+    /// the last subscription id of the page, `None` when there are no more.
+    async fn claim_page(&self, after: i64, size: u64) -> Result<Option<i64>, JobError> {
+        let db = &self.ctx.db;
+        let ids = subscription::ids_after(db, after, size).await?;
+        let Some(&last) = ids.last() else { return Ok(None) };
+        delivery::claim_new(db, self.feedback_id, &ids, &self.token, self.lease()).await?;
+        Ok(Some(last))
     }
 
     /// Sends every delivery this run holds a claim on, with bounded concurrency.
