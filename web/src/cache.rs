@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
-use shared::cache::{Cache, Cover, Lookup};
+use shared::cache::{Cover, Lookup};
 use shared::jobs::InvalidateCache;
 
 use crate::dispatch::Dispatcher;
@@ -50,7 +50,7 @@ impl<'a> ReadCache<'a> {
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<T, sea_orm::DbErr>>,
     {
-        let Some(cache) = cache_of(&self.state.dispatcher, &self.state.settings).await else {
+        let Some(cache) = self.state.dispatcher.cache().await else {
             self.count("off");
             return Ok(load().await?);
         };
@@ -96,7 +96,7 @@ impl<'a> ReadCache<'a> {
     /// Messages `ids` changed (handled, read, deleted) and the change committed: drop what
     /// shows them now, and enqueue the job that makes sure of it.
     pub async fn changed(&self, ids: &[i64]) {
-        let Some(cache) = cache_of(&self.state.dispatcher, &self.state.settings).await else { return };
+        let Some(cache) = self.state.dispatcher.cache().await else { return };
         if let Err(e) = cache.invalidate(ids).await {
             tracing::warn!(?ids, error = %e, "cache.invalidate_failed; the job will");
         }
@@ -121,15 +121,6 @@ impl<'a> ReadCache<'a> {
             None => tracing::warn!(?ids, "cache.invalidate_job_not_enqueued; redis is not reachable"),
         }
     }
-}
-
-/// The cache, when it is on and Redis is reachable.
-async fn cache_of(dispatcher: &Dispatcher, settings: &shared::settings::Settings) -> Option<Cache> {
-    if !settings.cache.enabled {
-        return None;
-    }
-    let queue = dispatcher.queue().await?;
-    Some(Cache::new(queue.connection(), &settings.redis_namespace, &settings.cache))
 }
 
 /// The cache is past its budget: ask the worker for a trim (at most one waits at a

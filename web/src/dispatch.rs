@@ -95,12 +95,17 @@ impl Dispatcher {
         self.invalidate_new(submitted.feedback_id).await;
     }
 
+    /// The read cache, when it is on and Redis is reachable (on the queue's connection).
+    pub async fn cache(&self) -> Option<shared::cache::Cache> {
+        let settings = self.cache.as_ref()?;
+        let queue = self.queue().await?;
+        Some(shared::cache::Cache::new(queue.connection(), &self.namespace, settings))
+    }
+
     /// Drops what a new message changes from the read cache (best effort: its fan-out
     /// job does it again).
     async fn invalidate_new(&self, feedback_id: i64) {
-        let Some(settings) = &self.cache else { return };
-        let Some(queue) = self.queue().await else { return };
-        let cache = shared::cache::Cache::new(queue.connection(), &self.namespace, settings);
+        let Some(cache) = self.cache().await else { return };
         if let Err(e) = cache.invalidate(&[feedback_id]).await {
             tracing::debug!(feedback_id, error = %e, "cache.invalidate_failed; the fan-out job will");
         }
