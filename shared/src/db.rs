@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use anyhow::Context;
-use sea_orm::{ConnectOptions, ConnectionTrait, Database, DatabaseConnection, DbBackend};
+use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 
 /// Connects to `url`, creating the SQLite file (and its folder) if needed.
 ///
@@ -22,19 +22,20 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
         .min_connections(1)
         .connect_timeout(Duration::from_secs(3))
         .acquire_timeout(Duration::from_secs(3))
+        // A connection is checked with a round trip only after it sat idle; checking it
+        // on every use would double the round trips of every statement.
+        .test_before_acquire_if_idle_for(Duration::from_secs(30))
+        // Every connection of the pool gets these, not only the first.
+        .map_sqlx_sqlite_opts(|sqlite| {
+            use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
+            sqlite
+                .journal_mode(SqliteJournalMode::Wal)
+                .busy_timeout(Duration::from_secs(5))
+                .foreign_keys(true)
+                .synchronous(SqliteSynchronous::Normal)
+        })
         .sqlx_logging(false);
-    let db = Database::connect(options).await.context("connecting to the database (DATABASE_URL)")?;
-    if db.get_database_backend() == DbBackend::Sqlite {
-        for pragma in [
-            "PRAGMA journal_mode = WAL",
-            "PRAGMA busy_timeout = 5000",
-            "PRAGMA foreign_keys = ON",
-            "PRAGMA synchronous = NORMAL",
-        ] {
-            db.execute_unprepared(pragma).await.with_context(|| pragma.to_owned())?;
-        }
-    }
-    Ok(db)
+    Database::connect(options).await.context("connecting to the database (DATABASE_URL)")
 }
 
 /// The file path of a `sqlite:` URL, if it names a file.
