@@ -262,10 +262,11 @@ impl JobQueue {
     }
 
     /// Puts many fan-out jobs on the queue in one script call and wakes the workers:
-    /// each with its enqueue count and the id of the request that asked for it.
-    pub async fn enqueue_fan_outs(&self, jobs: &[(FanOut, i32, Option<String>)]) -> Result<(), QueueError> {
+    /// each with its enqueue count and the id of the request that asked for it. Returns
+    /// the backlog right after (read with the wake, in the same round trip).
+    pub async fn enqueue_fan_outs(&self, jobs: &[(FanOut, i32, Option<String>)]) -> Result<u64, QueueError> {
         if jobs.is_empty() {
-            return Ok(());
+            return self.backlog().await;
         }
         let mut tasks = Vec::with_capacity(jobs.len());
         for (job, enqueue_count, request_id) in jobs {
@@ -407,15 +408,23 @@ impl JobQueue {
     }
 
     async fn push_and_wake(&self, task: apalis_redis::RedisTask) -> Result<(), QueueError> {
-        self.push_and_wake_all(std::slice::from_ref(&task)).await
+        self.push_and_wake_all(std::slice::from_ref(&task)).await.map(|_| ())
     }
 
-    async fn push_and_wake_all(&self, tasks: &[apalis_redis::RedisTask]) -> Result<(), QueueError> {
+    /// Pushes `tasks`, then wakes the workers and reads the backlog in one round trip;
+    /// returns the backlog.
+    async fn push_and_wake_all(&self, tasks: &[apalis_redis::RedisTask]) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         let push = async {
             apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, tasks).await?;
-            let _: i64 = conn.publish(wake_channel(&self.namespace), FAN_OUT_QUEUE).await?;
-            Ok::<_, QueueError>(())
+            let (scheduled, active): (u64, u64) = redis::pipe()
+                .publish(wake_channel(&self.namespace), FAN_OUT_QUEUE)
+                .ignore()
+                .zcard(self.fan_out.scheduled_jobs_set())
+                .llen(self.fan_out.active_jobs_list())
+                .query_async(&mut conn)
+                .await?;
+            Ok::<_, QueueError>(scheduled + active)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, push).await.map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))?
     }

@@ -5,17 +5,33 @@
 //! relay enqueues it later: nothing is lost, and nothing is ever enqueued for a
 //! transaction that rolled back (this code only sees committed ids).
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
+use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
 use shared::jobs::FanOut;
 use shared::metrics::Registry;
 use shared::queries::feedback::Submitted;
 use shared::queue::{JobQueue, JobRunner};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, mpsc};
+
+/// Submissions announced in one round of the announcer, at most.
+const MAX_BATCH: usize = 256;
+
+/// A backlog figure older than this is read again before it decides anything.
+const BACKLOG_FRESH_FOR: Duration = Duration::from_millis(500);
+
+/// A committed submission waiting to be announced, with the id of its request.
+type Announcement = (Submitted, Option<String>);
 
 /// Connects to Redis lazily and re-connects after failures, so the web starts and keeps
 /// accepting feedback while Redis is down.
+///
+/// Committed submissions are announced by one task per process, in batches: whatever
+/// committed while the previous batch was on its way goes out together — one script call
+/// pushes the jobs, one round trip wakes the workers and reads the backlog, one
+/// statement marks the records — so under load the cost per submission falls, and alone
+/// a submission is announced at once (the way a database groups commits).
 pub struct Dispatcher {
     /// Database pool, to mark records enqueued.
     db: DatabaseConnection,
@@ -24,18 +40,26 @@ pub struct Dispatcher {
     /// Key namespace of the queue.
     namespace: String,
     /// The connected queue, once a connection succeeded.
-    queue: Mutex<Option<JobQueue>>,
+    queue: RwLock<Option<JobQueue>>,
+    /// One connection attempt at a time.
+    connecting: Mutex<()>,
     /// Jobs Redis may hold waiting before new ones are left to the relay.
     max_backlog: u64,
-    /// Makes "check the backlog, then push" one step within this process, so concurrent
-    /// submissions cannot all see room for one job and overshoot the bound together.
-    enqueue_lock: Mutex<()>,
     /// Counts enqueued and deferred jobs.
     metrics: Registry,
     /// In-process mode (tests): jobs run in the request instead of going to Redis.
     immediate: Option<Arc<dyn JobRunner>>,
     /// The read cache's settings, when it is on: a new message drops what it changes.
     cache: Option<shared::cache::CacheSettings>,
+    /// The announcer's inbox, once it runs.
+    announcer: OnceLock<mpsc::UnboundedSender<Announcement>>,
+}
+
+/// The backlog as last seen, and when.
+#[derive(Clone, Copy)]
+struct Backlog {
+    jobs: u64,
+    at: Instant,
 }
 
 impl Dispatcher {
@@ -45,12 +69,13 @@ impl Dispatcher {
             db,
             redis_url: redis_url.to_owned(),
             namespace: namespace.to_owned(),
-            queue: Mutex::new(None),
+            queue: RwLock::new(None),
+            connecting: Mutex::new(()),
             max_backlog,
-            enqueue_lock: Mutex::new(()),
             metrics,
             immediate: None,
             cache: None,
+            announcer: OnceLock::new(),
         }
     }
 
@@ -76,23 +101,29 @@ impl Dispatcher {
 
     /// The queue, connecting if needed.
     pub async fn queue(&self) -> Option<JobQueue> {
-        let mut guard = self.queue.lock().await;
-        if guard.is_none() {
-            match JobQueue::connect(&self.redis_url, &self.namespace).await {
-                Ok(queue) => *guard = Some(queue),
-                Err(e) => tracing::warn!(error = %e, "queue.connect failed; the relay will enqueue later"),
+        if let Some(queue) = self.connected() {
+            return Some(queue);
+        }
+        let _one_attempt = self.connecting.lock().await;
+        if let Some(queue) = self.connected() {
+            return Some(queue);
+        }
+        match JobQueue::connect(&self.redis_url, &self.namespace).await {
+            Ok(queue) => {
+                if let Ok(mut slot) = self.queue.write() {
+                    *slot = Some(queue.clone());
+                }
+                Some(queue)
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "queue.connect failed; the relay will enqueue later");
+                None
             }
         }
-        guard.clone()
     }
 
-    /// Enqueues the job of a committed submission and marks its record; failures are
-    /// logged and left to the relay.
-    /// `request_id` is the submitting request's, carried by the job.
-    pub async fn announce(&self, submitted: Submitted, request_id: Option<String>) {
-        let outcome = self.try_announce(submitted, request_id.as_deref()).await;
-        self.count_dispatch(outcome);
-        self.invalidate_new(submitted.feedback_id).await;
+    fn connected(&self) -> Option<JobQueue> {
+        self.queue.read().ok().and_then(|slot| slot.clone())
     }
 
     /// The read cache, when it is on and Redis is reachable (on the queue's connection).
@@ -102,60 +133,104 @@ impl Dispatcher {
         Some(shared::cache::Cache::new(queue.connection(), &self.namespace, settings))
     }
 
-    /// Drops what a new message changes from the read cache (best effort: its fan-out
-    /// job does it again).
-    async fn invalidate_new(&self, feedback_id: i64) {
-        let Some(cache) = self.cache().await else { return };
-        if let Err(e) = cache.invalidate(&[feedback_id]).await {
-            tracing::debug!(feedback_id, error = %e, "cache.invalidate_failed; the fan-out job will");
-        }
-    }
-
-    /// Counts what became of a committed submission's announcement.
-    fn count_dispatch(&self, outcome: &'static str) {
+    /// Counts what became of committed submissions' announcements.
+    fn count_dispatch(&self, outcome: &'static str, n: usize) {
         self.metrics
             .counter(
                 "tidings_dispatch_total",
                 "Committed submissions handed to Redis, run in process, or left to the relay.",
                 &[("outcome", outcome)],
             )
-            .inc();
+            .add(n as u64);
     }
 
-    async fn try_announce(&self, submitted: Submitted, request_id: Option<&str>) -> &'static str {
-        let Some(queue) = self.queue().await else { return "deferred_redis_down" };
-        let one_at_a_time = self.enqueue_lock.lock().await;
-        // Over the backlog bound, the record waits in the database for the relay.
-        match queue.backlog().await {
-            Ok(backlog) if backlog >= self.max_backlog => {
-                tracing::debug!(feedback_id = submitted.feedback_id, backlog, "queue.full; left to the relay");
-                return "deferred_backlog_full";
-            }
-            Ok(_) => {}
+    /// The announcer: takes whatever committed submissions are waiting, announces them
+    /// together, and starts over.
+    async fn announce_all(self: Arc<Self>, mut inbox: mpsc::UnboundedReceiver<Announcement>) {
+        let mut backlog: Option<Backlog> = None;
+        let mut batch = Vec::with_capacity(MAX_BATCH);
+        while inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
+            backlog = self.announce_batch(&batch, backlog).await;
+            batch.clear();
+        }
+    }
+
+    /// Enqueues the jobs of committed submissions and marks their records; what cannot
+    /// go to Redis now (down, or the backlog at its bound) is left to the relay. Returns
+    /// the backlog as seen after the push.
+    async fn announce_batch(&self, batch: &[Announcement], known: Option<Backlog>) -> Option<Backlog> {
+        let ids: Vec<i64> = batch.iter().map(|(s, _)| s.feedback_id).collect();
+        let Some(queue) = self.queue().await else {
+            self.count_dispatch("deferred_redis_down", batch.len());
+            return None;
+        };
+        // The cache drop goes out on the same connection while the jobs are pushed.
+        let (pushed, ()) = tokio::join!(self.push(&queue, batch, known), self.invalidate_new(&ids));
+        let (taken, seen) = match pushed {
+            Ok(pushed) => pushed,
             Err(e) => {
-                tracing::warn!(feedback_id = submitted.feedback_id, error = %e, "queue.backlog failed; left to the relay");
-                return "deferred_redis_error";
+                tracing::warn!(jobs = batch.len(), error = %e, "queue.enqueue failed; the relay will enqueue later");
+                self.count_dispatch("deferred_redis_error", batch.len());
+                return None;
             }
+        };
+        if taken < batch.len() {
+            tracing::debug!(deferred = batch.len() - taken, "queue.full; left to the relay");
+            self.count_dispatch("deferred_backlog_full", batch.len() - taken);
         }
-        let job = FanOut::new(submitted.feedback_id, submitted.dispatch_id);
-        if let Err(e) = queue.enqueue_fan_out(job, 0, request_id).await {
-            tracing::warn!(
-                feedback_id = submitted.feedback_id,
-                error = %e,
-                "queue.enqueue failed; the relay will enqueue later"
-            );
-            return "deferred_redis_error";
+        if taken > 0 {
+            self.count_dispatch("enqueued", taken);
+            self.metrics
+                .counter("tidings_jobs_enqueued_total", "Jobs put on the Redis queue, by kind.", &[("kind", "fan_out")])
+                .add(taken as u64);
+            let records: Vec<i64> = batch[..taken].iter().map(|(s, _)| s.dispatch_id).collect();
+            let db = self.db.clone();
+            // Off the announcer's path: the jobs are queued; at worst the relay enqueues
+            // one once more (jobs are idempotent).
+            tokio::spawn(async move {
+                if let Err(e) = shared::queries::dispatch::mark_enqueued_many(&db, &records).await {
+                    tracing::warn!(records = records.len(), error = %e, "dispatch.mark_enqueued failed");
+                }
+            });
         }
-        // Only the check and the push need to be one step; the bookkeeping does not.
-        drop(one_at_a_time);
-        self.metrics
-            .counter("tidings_jobs_enqueued_total", "Jobs put on the Redis queue, by kind.", &[("kind", "fan_out")])
-            .inc();
-        if let Err(e) = shared::queries::dispatch::mark_enqueued(&self.db, submitted.dispatch_id).await {
-            // The job is queued; at worst the relay enqueues it once more (jobs are idempotent).
-            tracing::warn!(dispatch_id = submitted.dispatch_id, error = %e, "dispatch.mark_enqueued failed");
+        seen
+    }
+
+    /// Pushes as many of `batch` as the backlog bound leaves room for (in order); returns
+    /// how many, and the backlog after.
+    async fn push(
+        &self,
+        queue: &JobQueue,
+        batch: &[Announcement],
+        known: Option<Backlog>,
+    ) -> Result<(usize, Option<Backlog>), shared::queue::QueueError> {
+        // This task is the only one of this process that pushes, so a backlog it read
+        // after its own last push is only ever too high (workers drain it) — unless it
+        // is old, when other processes may have added to it.
+        let backlog = match known.filter(|b| b.at.elapsed() < BACKLOG_FRESH_FOR) {
+            Some(known) => known,
+            None => Backlog { jobs: queue.backlog().await?, at: Instant::now() },
+        };
+        let room = usize::try_from(self.max_backlog.saturating_sub(backlog.jobs)).unwrap_or(usize::MAX);
+        let taken = batch.len().min(room);
+        if taken == 0 {
+            return Ok((0, Some(backlog)));
         }
-        "enqueued"
+        let jobs: Vec<(FanOut, i32, Option<String>)> = batch[..taken]
+            .iter()
+            .map(|(s, request_id)| (FanOut::new(s.feedback_id, s.dispatch_id), 0, request_id.clone()))
+            .collect();
+        let after = queue.enqueue_fan_outs(&jobs).await?;
+        Ok((taken, Some(Backlog { jobs: after, at: Instant::now() })))
+    }
+
+    /// Drops what new messages change from the read cache (best effort: their fan-out
+    /// jobs do it again).
+    async fn invalidate_new(&self, feedback_ids: &[i64]) {
+        let Some(cache) = self.cache().await else { return };
+        if let Err(e) = cache.invalidate(feedback_ids).await {
+            tracing::debug!(?feedback_ids, error = %e, "cache.invalidate_failed; the fan-out jobs will");
+        }
     }
 
     /// Announces a committed submission: in the background (the visitor never waits for
@@ -172,11 +247,18 @@ impl Dispatcher {
                 },
                 Err(_) => "failed_in_process",
             };
-            self.count_dispatch(outcome);
+            self.count_dispatch(outcome, 1);
             return;
         }
-        let this = Arc::clone(self);
+        let inbox = self.announcer.get_or_init(|| {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(Arc::clone(self).announce_all(rx));
+            tx
+        });
         let request_id = crate::middleware::request_id::current();
-        tokio::spawn(async move { this.announce(submitted, request_id).await });
+        if inbox.send((submitted, request_id)).is_err() {
+            // The announcer is gone (the runtime is shutting down): the relay will do it.
+            self.count_dispatch("deferred_shutdown", 1);
+        }
     }
 }

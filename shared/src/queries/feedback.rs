@@ -20,21 +20,55 @@ pub struct Submitted {
 /// will be announced even if enqueueing fails afterwards (the relay picks it up).
 pub async fn insert_with_dispatch<C>(db: &C, feedback: &NewFeedback) -> Result<Submitted, DbErr>
 where
-    C: TransactionTrait,
+    C: TransactionTrait + ConnectionTrait,
 {
     insert_for_request(db, feedback, None).await
 }
 
 /// As [`insert_with_dispatch`], recording the submitting request's id on the dispatch so
 /// the job carries it even when the relay enqueues it later.
+///
+/// On PostgreSQL both rows are written by one statement (one round trip, atomic on its
+/// own); elsewhere in a transaction.
 pub async fn insert_for_request<C>(db: &C, feedback: &NewFeedback, request_id: Option<&str>) -> Result<Submitted, DbErr>
 where
-    C: TransactionTrait,
+    C: TransactionTrait + ConnectionTrait,
 {
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        return insert_in_one_statement(db, feedback, request_id).await;
+    }
     let txn = db.begin().await?;
     let submitted = insert_with_dispatch_in(&txn, feedback, request_id).await?;
     txn.commit().await?;
     Ok(submitted)
+}
+
+/// [`insert_for_request`] on PostgreSQL: the message and its dispatch record in one
+/// statement, a data-modifying `WITH`.
+async fn insert_in_one_statement<C: ConnectionTrait>(
+    db: &C,
+    feedback: &NewFeedback,
+    request_id: Option<&str>,
+) -> Result<Submitted, DbErr> {
+    use sea_orm::{DbBackend, Statement};
+    const SQL: &str = "WITH message AS (\
+         INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
+         VALUES ($1, $2, $3, $4) RETURNING id) \
+         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count, request_id) \
+         SELECT id, $4, $4, 0, $5 FROM message RETURNING id, feedback_id";
+    let now = super::now();
+    let values: [sea_orm::Value; 5] = [
+        feedback.submitter_name.as_str().into(),
+        feedback.submitter_email.as_str().into(),
+        feedback.content.as_str().into(),
+        now.into(),
+        request_id.map(str::to_owned).into(),
+    ];
+    let row = db
+        .query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values))
+        .await?
+        .ok_or_else(|| DbErr::RecordNotInserted)?;
+    Ok(Submitted { feedback_id: row.try_get("", "feedback_id")?, dispatch_id: row.try_get("", "id")? })
 }
 
 /// The inserts of [`insert_with_dispatch`], on a caller's connection or transaction.
