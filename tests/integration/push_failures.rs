@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use sea_orm::{EntityTrait, PaginatorTrait};
-use tidings_tests::harness::{Options, TestApp, spawn_app_with};
+use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
 use tidings_tests::push_service::Scripted;
 
 use crate::pipeline::wait_until;
@@ -39,7 +39,17 @@ async fn gone_subscriptions_are_deleted_while_the_others_still_get_theirs() {
 
 #[tokio::test]
 async fn throttled_and_failing_deliveries_are_retried_alone_without_duplicates() {
-    let app = app().await;
+    retried_alone_without_duplicates(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn throttled_and_failing_deliveries_are_retried_alone_without_duplicates_on_sqlite() {
+    retried_alone_without_duplicates(Backend::Sqlite).await;
+}
+
+/// PostgreSQL claims, records and closes a run in one statement each; SQLite in several.
+async fn retried_alone_without_duplicates(backend: Backend) {
+    let app = spawn_app_with(Options { backend, ..Options::default() }).await;
     let throttled = app.subscribe_browser().await;
     let flaky = app.subscribe_browser().await;
     let healthy = app.subscribe_browser().await;

@@ -198,3 +198,218 @@ pub async fn next_due<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<Op
 pub async fn of_feedback<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<Vec<delivery::Model>, DbErr> {
     Entity::find().filter(Column::FeedbackId.eq(feedback_id)).all(db).await
 }
+
+/// A delivery a run holds a claim on, with where to send it.
+#[derive(Debug, Clone, PartialEq, Eq, sea_orm::FromQueryResult)]
+pub struct Target {
+    /// The subscription.
+    pub subscription_id: i64,
+    /// Its push service endpoint.
+    pub endpoint: String,
+    /// Its public key (base64url).
+    pub p256dh: String,
+    /// Its authentication secret (base64url).
+    pub auth: String,
+    /// Attempts including this one.
+    pub attempts: i32,
+}
+
+/// One page of subscriptions claimed by [`claim_page`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimedPage {
+    /// The deliveries newly claimed on the page (those already recorded are left alone).
+    pub targets: Vec<Target>,
+    /// The last subscription id of the page; `None` when there were no more.
+    pub last: Option<i64>,
+    /// Whether the page was full (more subscriptions may follow).
+    pub full: bool,
+}
+
+/// Claims the deliveries of `feedback_id` to the next `size` subscriptions after id
+/// `after` that have no delivery yet, and returns them with their subscriptions. With
+/// `with_due` (a run's first page) it also claims the deliveries due again: retries whose
+/// time has come, claims whose lease expired (see [`claim_due_targets`]).
+///
+/// On PostgreSQL this is one statement; elsewhere four (seven with `with_due`).
+pub async fn claim_page<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    after: i64,
+    size: u64,
+    token: &str,
+    lease_until: DateTime<Utc>,
+    with_due: bool,
+) -> Result<ClaimedPage, DbErr> {
+    use sea_orm::{DbBackend, FromQueryResult, Statement};
+    if db.get_database_backend() != DbBackend::Postgres {
+        let mut targets =
+            if with_due { claim_due_targets(db, feedback_id, token, lease_until).await? } else { Vec::new() };
+        let ids = crate::queries::subscription::ids_after(db, after, size).await?;
+        let Some(&last) = ids.last() else { return Ok(ClaimedPage { targets, last: None, full: false }) };
+        claim_new(db, feedback_id, &ids, token, lease_until).await?;
+        let claimed: Vec<Claimed> = claimed(db, feedback_id, token)
+            .await?
+            .into_iter()
+            .filter(|c| {
+                ids.contains(&c.subscription_id) && !targets.iter().any(|t| t.subscription_id == c.subscription_id)
+            })
+            .collect();
+        targets.extend(with_subscriptions(db, &claimed).await?);
+        return Ok(ClaimedPage { targets, last: Some(last), full: ids.len() as u64 >= size });
+    }
+    // The page's size and last id come back on every row (one row of NULLs when nothing
+    // was claimed). A due delivery's row exists, so the page's insert skips it.
+    const SQL: &str = "WITH due AS (\
+         UPDATE deliveries SET status = $4, claim_token = $5, lease_until = $6, attempts = attempts + 1, updated_at = $7 \
+         WHERE $8 AND feedback_id = $3 \
+         AND ((status = $9 AND next_attempt_at <= $7) OR (status = $4 AND lease_until < $7)) \
+         RETURNING subscription_id, attempts), \
+         page AS (\
+         SELECT id FROM push_subscriptions WHERE id > $1 ORDER BY id LIMIT $2), \
+         fresh AS (\
+         INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, claim_token, lease_until, updated_at) \
+         SELECT $3, id, $4, 1, $5, $6, $7 FROM page \
+         ON CONFLICT (feedback_id, subscription_id) DO NOTHING \
+         RETURNING subscription_id, attempts), \
+         claimed AS (SELECT * FROM due UNION ALL SELECT * FROM fresh) \
+         SELECT p.n AS page_size, p.last AS page_last, \
+         s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
+         FROM (SELECT count(*) AS n, max(id) AS last FROM page) p \
+         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) ON true";
+    let values: [sea_orm::Value; 9] = [
+        after.into(),
+        i64::try_from(size).unwrap_or(i64::MAX).into(),
+        feedback_id.into(),
+        SENDING.into(),
+        token.into(),
+        lease_until.into(),
+        super::now().into(),
+        with_due.into(),
+        RETRY.into(),
+    ];
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    let mut page = ClaimedPage::default();
+    for row in rows {
+        let n: i64 = row.try_get("", "page_size")?;
+        page.last = row.try_get("", "page_last")?;
+        page.full = u64::try_from(n).unwrap_or(0) >= size;
+        if row.try_get::<Option<i64>>("", "subscription_id")?.is_some() {
+            page.targets.push(Target::from_query_result(&row, "")?);
+        }
+    }
+    Ok(page)
+}
+
+/// Claims the deliveries of `feedback_id` that are due again (retries whose time has
+/// come, claims whose lease expired) and returns them with their subscriptions.
+///
+/// On PostgreSQL this is one statement; elsewhere three.
+pub async fn claim_due_targets<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    token: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<Vec<Target>, DbErr> {
+    use sea_orm::{DbBackend, FromQueryResult, Statement};
+    if db.get_database_backend() != DbBackend::Postgres {
+        claim_due(db, feedback_id, token, lease_until).await?;
+        let claimed = claimed(db, feedback_id, token).await?;
+        return with_subscriptions(db, &claimed).await;
+    }
+    const SQL: &str = "WITH claimed AS (\
+         UPDATE deliveries SET status = $2, claim_token = $3, lease_until = $4, attempts = attempts + 1, updated_at = $5 \
+         WHERE feedback_id = $1 \
+         AND ((status = $6 AND next_attempt_at <= $5) OR (status = $2 AND lease_until < $5)) \
+         RETURNING subscription_id, attempts) \
+         SELECT s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
+         FROM claimed c JOIN push_subscriptions s ON s.id = c.subscription_id";
+    let values: [sea_orm::Value; 6] =
+        [feedback_id.into(), SENDING.into(), token.into(), lease_until.into(), super::now().into(), RETRY.into()];
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    rows.iter().map(|row| Target::from_query_result(row, "")).collect()
+}
+
+/// `claimed` joined with their subscriptions (those that still exist).
+async fn with_subscriptions<C: ConnectionTrait>(db: &C, claimed: &[Claimed]) -> Result<Vec<Target>, DbErr> {
+    let ids: Vec<i64> = claimed.iter().map(|c| c.subscription_id).collect();
+    let subscriptions = crate::queries::subscription::by_ids(db, &ids).await?;
+    Ok(subscriptions
+        .into_iter()
+        .map(|s| Target {
+            attempts: claimed.iter().find(|c| c.subscription_id == s.id).map_or(1, |c| c.attempts),
+            subscription_id: s.id,
+            endpoint: s.endpoint,
+            p256dh: s.p256dh,
+            auth: s.auth,
+        })
+        .collect())
+}
+
+/// Records pushes of `feedback_id` to `subscription_ids` as sent (those the claim `token`
+/// still holds) and their subscriptions' success, atomically.
+///
+/// On PostgreSQL this is one statement; elsewhere a transaction of two.
+pub async fn record_sent<C: ConnectionTrait + sea_orm::TransactionTrait>(
+    db: &C,
+    feedback_id: i64,
+    subscription_ids: &[i64],
+    token: &str,
+) -> Result<(), DbErr> {
+    use sea_orm::{DbBackend, Statement, TransactionSession};
+    if subscription_ids.is_empty() {
+        return Ok(());
+    }
+    if db.get_database_backend() != DbBackend::Postgres {
+        let txn = db.begin().await?;
+        finish_sent_many(&txn, feedback_id, subscription_ids, token).await?;
+        crate::queries::subscription::record_successes(&txn, subscription_ids).await?;
+        return txn.commit().await;
+    }
+    const SQL: &str = "WITH sent AS (\
+         UPDATE deliveries SET status = $4, sent_at = $5, lease_until = NULL, last_error = NULL, updated_at = $5 \
+         WHERE feedback_id = $1 AND claim_token = $2 AND status = $6 AND subscription_id = ANY($3::text::bigint[]) \
+         RETURNING subscription_id) \
+         UPDATE push_subscriptions SET last_success_at = $5, failure_count = 0, last_failure_reason = NULL \
+         WHERE id IN (SELECT subscription_id FROM sent) \
+         AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $7)";
+    let now = super::now();
+    let stale = now
+        - chrono::Duration::from_std(crate::queries::subscription::SUCCESS_RESOLUTION)
+            .unwrap_or(chrono::Duration::minutes(1));
+    let ids = format!("{{{}}}", subscription_ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+    let values: [sea_orm::Value; 7] =
+        [feedback_id.into(), token.into(), ids.into(), SENT.into(), now.into(), SENDING.into(), stale.into()];
+    db.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    Ok(())
+}
+
+/// Closes the run of dispatch `dispatch_id` for `feedback_id`: marks it completed and,
+/// when deliveries are still owed (a retry scheduled, another run's claim outstanding),
+/// writes a dispatch record for when the next is due. Returns that time.
+///
+/// On PostgreSQL this is one statement; elsewhere three or four.
+pub async fn close_run<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    dispatch_id: i64,
+) -> Result<Option<DateTime<Utc>>, DbErr> {
+    use sea_orm::{DbBackend, Statement};
+    if db.get_database_backend() != DbBackend::Postgres {
+        let due = next_due(db, feedback_id).await?;
+        if let Some(due) = due {
+            crate::queries::dispatch::create(db, feedback_id, due).await?;
+        }
+        crate::queries::dispatch::mark_completed(db, dispatch_id).await?;
+        return Ok(due);
+    }
+    const SQL: &str = "WITH due AS (\
+         SELECT min(CASE WHEN status = $3 THEN next_attempt_at ELSE lease_until END) AS at \
+         FROM deliveries WHERE feedback_id = $1 AND status IN ($3, $4)), \
+         done AS (UPDATE dispatches SET completed_at = $5 WHERE id = $2 AND completed_at IS NULL) \
+         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
+         SELECT $1, $5, at, 0 FROM due WHERE at IS NOT NULL RETURNING due_at";
+    let values: [sea_orm::Value; 5] =
+        [feedback_id.into(), dispatch_id.into(), RETRY.into(), SENDING.into(), super::now().into()];
+    let row = db.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    row.map(|row| row.try_get("", "due_at")).transpose()
+}

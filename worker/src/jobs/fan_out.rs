@@ -12,9 +12,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use futures::StreamExt;
-use sea_orm::TransactionTrait;
 use shared::domain::Notification;
-use shared::entities::push_subscription;
 use shared::jobs::FanOut;
 use shared::queries::delivery::{self, Outcome};
 use shared::queries::{dispatch, feedback, subscription};
@@ -32,16 +30,19 @@ const FIRST_PAGE: u64 = 64;
 /// Runs one fan-out job.
 pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
     job.check_version().map_err(|e| JobError::Permanent(e.to_string()))?;
-    let Some(message) = feedback::find(&ctx.db, job.feedback_id).await? else {
+    // A new message changes the inbox's first page and counts: drop them (while the
+    // message loads) before anyone is notified, so the click lands on an inbox that
+    // shows it.
+    let ids = [job.feedback_id];
+    let (message, invalidated) = tokio::join!(feedback::find(&ctx.db, job.feedback_id), super::invalidate(ctx, &ids));
+    if let Err(e) = invalidated {
+        tracing::warn!(feedback_id = job.feedback_id, error = %e, "cache.invalidate_failed");
+    }
+    let Some(message) = message? else {
         // Deleted since it was submitted: there is nothing left to announce.
         dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
         return Ok(());
     };
-    // A new message changes the inbox's first page and counts: drop them before anyone is
-    // notified, so the click lands on an inbox that shows it.
-    if let Err(e) = super::invalidate(ctx, &[message.id]).await {
-        tracing::warn!(feedback_id = message.id, error = %e, "cache.invalidate_failed");
-    }
     if fold_into_digest(&message, ctx).await? {
         dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
         return Ok(());
@@ -56,10 +57,7 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         token: uuid::Uuid::new_v4().simple().to_string(),
     };
     let stats = run.deliver_all().await?;
-    if let Some(due) = delivery::next_due(&ctx.db, message.id).await? {
-        dispatch::create(&ctx.db, message.id, due).await?;
-    }
-    dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
+    delivery::close_run(&ctx.db, message.id, job.dispatch_id).await?;
     tracing::info!(
         feedback_id = message.id,
         sent = stats.sent,
@@ -146,54 +144,45 @@ impl Run<'_> {
     }
 
     async fn deliver_all(&self) -> Result<Stats, JobError> {
-        let db = &self.ctx.db;
         let mut stats = Stats::default();
-        // Retries that are due, and claims abandoned by a crashed worker.
-        delivery::claim_due(db, self.feedback_id, &self.token, self.lease()).await?;
-        stats.add(self.send_claimed().await?);
-        // The first page is small, so the first pushes leave at once; every further page
-        // is claimed while the one before it is being sent.
-        let mut claimed = self.claim_page(0, FIRST_PAGE).await?;
-        while let Some(last) = claimed {
-            let (sent, next) = tokio::join!(self.send_claimed(), self.claim_page(last, PAGE));
+        // The first page comes with the deliveries due again (retries whose time has come,
+        // claims abandoned by a crashed worker). It is small, so the first pushes leave at
+        // once; every further page is claimed while the one before it is being sent. A
+        // page that is not full is the last.
+        let mut page = self.claim_page(0, FIRST_PAGE, true).await?;
+        loop {
+            let next = page.last.filter(|_| page.full);
+            let targets = std::mem::take(&mut page.targets);
+            let Some(after) = next else {
+                stats.add(self.send(targets).await?);
+                return Ok(stats);
+            };
+            let (sent, claimed) = tokio::join!(self.send(targets), self.claim_page(after, PAGE, false));
             stats.add(sent?);
-            claimed = next?;
+            page = claimed?;
         }
-        Ok(stats)
     }
 
-    /// Claims the deliveries to the next `size` subscriptions after id `after`; returns
-    /// the last subscription id of the page, `None` when there are no more.
-    async fn claim_page(&self, after: i64, size: u64) -> Result<Option<i64>, JobError> {
+    /// Claims the deliveries to the next `size` subscriptions after id `after`.
+    async fn claim_page(&self, after: i64, size: u64, with_due: bool) -> Result<delivery::ClaimedPage, JobError> {
         let db = &self.ctx.db;
-        let ids = subscription::ids_after(db, after, size).await?;
-        let Some(&last) = ids.last() else { return Ok(None) };
-        delivery::claim_new(db, self.feedback_id, &ids, &self.token, self.lease()).await?;
-        Ok(Some(last))
+        Ok(delivery::claim_page(db, self.feedback_id, after, size, &self.token, self.lease(), with_due).await?)
     }
 
-    /// Sends every delivery this run holds a claim on, with bounded concurrency.
+    /// Sends the claimed deliveries `targets`, with bounded concurrency.
     ///
     /// Successes are recorded in batches: whatever pushes have completed when the
-    /// previous batch is written (at most `PUSH_CONCURRENCY`) go in one transaction, so
+    /// previous batch is written (at most `PUSH_CONCURRENCY`) go in one statement, so
     /// a fan-out costs a few commits, not two per subscription. If the worker dies, the
     /// pushes not yet recorded (in flight, or sent and waiting for their batch: at most
     /// twice `PUSH_CONCURRENCY`) are the only ones sent again.
-    async fn send_claimed(&self) -> Result<Stats, JobError> {
-        let db = &self.ctx.db;
-        let claimed = delivery::claimed(db, self.feedback_id, &self.token).await?;
-        if claimed.is_empty() {
+    async fn send(&self, targets: Vec<delivery::Target>) -> Result<Stats, JobError> {
+        if targets.is_empty() {
             return Ok(Stats::default());
         }
-        let ids: Vec<i64> = claimed.iter().map(|c| c.subscription_id).collect();
-        let subscriptions = subscription::by_ids(db, &ids).await?;
-        let attempts_of = |id: i64| claimed.iter().find(|c| c.subscription_id == id).map_or(1, |c| c.attempts);
         let concurrency = self.ctx.settings.push.concurrency.max(1);
-        let mut results = futures::stream::iter(subscriptions)
-            .map(|sub| {
-                let attempts = attempts_of(sub.id);
-                async move { self.deliver(sub, attempts).await }
-            })
+        let mut results = futures::stream::iter(targets)
+            .map(|target| self.deliver(target))
             .buffer_unordered(concurrency)
             .ready_chunks(concurrency);
         let mut stats = Stats::default();
@@ -206,28 +195,17 @@ impl Run<'_> {
                 }
             }
             stats.sent += sent.len();
-            self.record_sent(&sent).await?;
+            delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
         }
         Ok(stats)
     }
 
-    /// Records pushes the push service took, in one transaction.
-    async fn record_sent(&self, ids: &[i64]) -> Result<(), JobError> {
-        if ids.is_empty() {
-            return Ok(());
-        }
-        let txn = self.ctx.db.begin().await?;
-        delivery::finish_sent_many(&txn, self.feedback_id, ids, &self.token).await?;
-        subscription::record_successes(&txn, ids).await?;
-        txn.commit().await?;
-        Ok(())
-    }
-
     /// Sends to one subscription and records the outcome, except a success, which the
     /// caller records in its batch.
-    async fn deliver(&self, sub: push_subscription::Model, attempts: i32) -> Result<Delivered, JobError> {
+    async fn deliver(&self, sub: delivery::Target) -> Result<Delivered, JobError> {
         let db = &self.ctx.db;
         let push = &self.ctx.settings.push;
+        let attempts = sub.attempts;
         let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
         let message = PushMessage { payload: &self.payload, topic: &self.topic, urgency: Urgency::High };
         let started = std::time::Instant::now();
@@ -235,40 +213,47 @@ impl Run<'_> {
         crate::push::record(&self.ctx.metrics, &outcome, started.elapsed());
         let mut stats = Stats::default();
         match outcome {
-            PushOutcome::Delivered => return Ok(Delivered::Sent(sub.id)),
+            PushOutcome::Delivered => return Ok(Delivered::Sent(sub.subscription_id)),
             PushOutcome::Gone { status } => {
-                tracing::info!(subscription_id = sub.id, status, "push.subscription_gone");
-                subscription::delete(db, sub.id).await?;
+                tracing::info!(subscription_id = sub.subscription_id, status, "push.subscription_gone");
+                subscription::delete(db, sub.subscription_id).await?;
                 stats.gone = 1;
             }
             PushOutcome::Retry { reason, retry_after } => {
                 let attempts = u32::try_from(attempts).unwrap_or(1);
                 if attempts >= push.max_attempts {
                     let reason = format!("gave up after {attempts} attempts: {reason}");
-                    tracing::warn!(subscription_id = sub.id, feedback_id = self.feedback_id, %reason, "push.failed");
+                    tracing::warn!(subscription_id = sub.subscription_id, feedback_id = self.feedback_id, %reason, "push.failed");
                     delivery::finish(
                         db,
                         self.feedback_id,
-                        sub.id,
+                        sub.subscription_id,
                         &self.token,
                         &Outcome::Failed { reason: reason.clone() },
                     )
                     .await?;
-                    subscription::record_failure(db, sub.id, &reason).await?;
+                    subscription::record_failure(db, sub.subscription_id, &reason).await?;
                     stats.failed = 1;
                 } else {
                     let wait = backoff::delay(attempts, push.retry_base, push.retry_cap, retry_after);
                     let at = shared::queries::now()
                         + chrono::Duration::from_std(wait).unwrap_or(chrono::Duration::seconds(1));
                     tracing::info!(
-                        subscription_id = sub.id,
+                        subscription_id = sub.subscription_id,
                         feedback_id = self.feedback_id,
                         attempt = attempts,
                         retry_in_ms = wait.as_millis() as u64,
                         %reason,
                         "push.retry_scheduled"
                     );
-                    delivery::finish(db, self.feedback_id, sub.id, &self.token, &Outcome::Retry { at, reason }).await?;
+                    delivery::finish(
+                        db,
+                        self.feedback_id,
+                        sub.subscription_id,
+                        &self.token,
+                        &Outcome::Retry { at, reason },
+                    )
+                    .await?;
                     stats.retrying = 1;
                 }
             }
@@ -277,16 +262,16 @@ impl Run<'_> {
                     Some(code) => format!("{code}: {reason}"),
                     None => reason,
                 };
-                tracing::warn!(subscription_id = sub.id, feedback_id = self.feedback_id, %reason, "push.rejected");
+                tracing::warn!(subscription_id = sub.subscription_id, feedback_id = self.feedback_id, %reason, "push.rejected");
                 delivery::finish(
                     db,
                     self.feedback_id,
-                    sub.id,
+                    sub.subscription_id,
                     &self.token,
                     &Outcome::Failed { reason: reason.clone() },
                 )
                 .await?;
-                subscription::record_failure(db, sub.id, &reason).await?;
+                subscription::record_failure(db, sub.subscription_id, &reason).await?;
                 stats.failed = 1;
             }
         }
