@@ -38,17 +38,41 @@ pub async fn try_acquire(
     name: &str,
     ttl: Duration,
 ) -> redis::RedisResult<Option<LockGuard>> {
-    let key = lock_key(namespace, name);
-    let token = uuid::Uuid::new_v4().simple().to_string();
-    let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(100);
+    let (key, token, ttl_ms) = attempt(namespace, name, ttl);
     let mut conn = conn.clone();
     let set: Option<String> =
         redis::cmd("SET").arg(&key).arg(&token).arg("NX").arg("PX").arg(ttl_ms).query_async(&mut conn).await?;
-    if set.is_none() {
-        return Ok(None);
-    }
+    Ok(set.map(|_| held(conn, key, token, ttl_ms)))
+}
+
+/// The key, a fresh token and the TTL in milliseconds of an attempt to take `name`.
+fn attempt(namespace: &str, name: &str, ttl: Duration) -> (String, String, u64) {
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    (lock_key(namespace, name), token, u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(100))
+}
+
+/// The guard of a lock just taken, renewing it.
+fn held(conn: ConnectionManager, key: String, token: String, ttl_ms: u64) -> LockGuard {
     let renewer = tokio::spawn(renew(conn.clone(), key.clone(), token.clone(), ttl_ms));
-    Ok(Some(LockGuard { conn, key, token, renewer: Some(renewer) }))
+    LockGuard { conn, key, token, renewer: Some(renewer) }
+}
+
+/// As [`try_acquire`], sending the commands `also` adds in the same round trip (after
+/// the attempt, whether or not it succeeds); their results (one or more) come back as `T`.
+pub async fn try_acquire_with<T: redis::FromRedisValue>(
+    conn: &ConnectionManager,
+    namespace: &str,
+    name: &str,
+    ttl: Duration,
+    also: impl FnOnce(&mut redis::Pipeline),
+) -> redis::RedisResult<(Option<LockGuard>, T)> {
+    let (key, token, ttl_ms) = attempt(namespace, name, ttl);
+    let mut conn = conn.clone();
+    let mut pipe = redis::pipe();
+    pipe.cmd("SET").arg(&key).arg(&token).arg("NX").arg("PX").arg(ttl_ms);
+    also(&mut pipe);
+    let (set, more): (Option<String>, T) = pipe.query_async(&mut conn).await?;
+    Ok((set.map(|_| held(conn, key, token, ttl_ms)), more))
 }
 
 /// Keeps the lock alive every third of its TTL until aborted or the lock is lost.
@@ -79,6 +103,18 @@ impl LockGuard {
         let released: i64 =
             redis::Script::new(RELEASE).key(&self.key).arg(&self.token).invoke_async(&mut self.conn).await?;
         Ok(released == 1)
+    }
+}
+
+impl LockGuard {
+    /// Adds the release to `pipe`, to go with other commands in one round trip; the
+    /// lock is no longer renewed. The caller sends `pipe` (if it never does, the lock
+    /// expires after its TTL).
+    pub fn release_in(mut self, pipe: &mut redis::Pipeline) {
+        if let Some(renewer) = self.renewer.take() {
+            renewer.abort();
+        }
+        pipe.cmd("EVAL").arg(RELEASE).arg(1).arg(&self.key).arg(&self.token).ignore();
     }
 }
 

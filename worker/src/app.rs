@@ -421,24 +421,29 @@ async fn handle_fan_out(
     async move {
         // A job with a unique key runs at most once at a time across all workers; a second
         // copy waits its turn (deferred a second, its attempt not counted).
-        let lock = match parsed.as_ref().ok().and_then(QueuedJob::unique_key) {
-            Some(key) => match shared::lock::try_acquire(
+        // The start is counted (poison jobs, below) in the lock's round trip.
+        let starts_key = starts_key(&ctx, &task_id);
+        let (mut lock, starts) = match parsed.as_ref().ok().and_then(QueuedJob::unique_key) {
+            Some(key) => match shared::lock::try_acquire_with::<u64>(
                 &ctx.queue.connection(),
                 ctx.queue.namespace(),
                 &key,
                 job_lock_ttl(&ctx),
+                |pipe| {
+                    pipe.incr(&starts_key, 1).expire(&starts_key, START_COUNT_TTL_SECS).ignore();
+                },
             )
             .await
             {
-                Ok(Some(guard)) => Some(guard),
-                Ok(None) => return defer_locked(&ctx, job.0, attempt, &task_id, &meta, kind, &key).await,
+                Ok((Some(guard), starts)) => (Some(guard), starts),
+                Ok((None, _)) => return defer_locked(&ctx, job.0, attempt, &task_id, &meta, kind, &key).await,
                 Err(e) => {
                     // Redis is failing us; the job is idempotent, so run it unlocked.
                     tracing::warn!(lock = %key, error = %e, "job.lock_failed");
-                    None
+                    (None, 0)
                 }
             },
-            None => None,
+            None => (None, count_start(&ctx, &starts_key).await),
         };
         let result = async {
             let waited = meta
@@ -457,11 +462,10 @@ async fn handle_fan_out(
             }
             // Poison jobs: a job started again and again without ever returning is taking its
             // worker down with it (a crash, an OOM kill). Past POISON_AFTER starts it is set aside.
-            let starts = count_start(&ctx, &task_id).await;
             if starts > ctx.settings.worker.poison_after {
                 let reason = format!("started {starts} times without finishing: it may be crashing its worker");
                 tracing::error!(starts, "job.poison");
-                account(&ctx, &task_id, kind, "dead", std::time::Duration::ZERO, waited).await;
+                account(&ctx, &task_id, &mut lock, kind, "dead", std::time::Duration::ZERO, waited).await;
                 return dead_letter(&ctx, job.0, reason, attempt).await;
             }
             let started = std::time::Instant::now();
@@ -469,12 +473,12 @@ async fn handle_fan_out(
             let took = started.elapsed();
             match result {
                 Ok(()) => {
-                    account(&ctx, &task_id, kind, "succeeded", took, waited).await;
+                    account(&ctx, &task_id, &mut lock, kind, "succeeded", took, waited).await;
                     Ok(())
                 }
                 Err(JobError::Permanent(reason)) => {
                     tracing::error!(%reason, "job.dead_lettered");
-                    account(&ctx, &task_id, kind, "dead", took, waited).await;
+                    account(&ctx, &task_id, &mut lock, kind, "dead", took, waited).await;
                     dead_letter(&ctx, job.0, reason, attempt).await
                 }
                 Err(JobError::Retryable { error, retry_after, rest }) => {
@@ -483,10 +487,10 @@ async fn handle_fan_out(
                     if attempt >= policy.max_attempts as usize {
                         let reason = format!("gave up after {attempt} attempts: {error:#}");
                         tracing::error!(%reason, "job.dead_lettered");
-                        account(&ctx, &task_id, kind, "dead", took, waited).await;
+                        account(&ctx, &task_id, &mut lock, kind, "dead", took, waited).await;
                         return dead_letter(&ctx, payload, reason, attempt).await;
                     }
-                    account(&ctx, &task_id, kind, "retried", took, waited).await;
+                    account(&ctx, &task_id, &mut lock, kind, "retried", took, waited).await;
                     let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
                     let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
                     match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
@@ -538,6 +542,9 @@ async fn defer_locked(
     kind: &'static str,
     key: &str,
 ) -> Result<(), JobError> {
+    // Its start was counted with the attempt; this task never ran.
+    let _: redis::RedisResult<()> =
+        redis::AsyncCommands::del(&mut ctx.queue.connection(), starts_key(ctx, task_id)).await;
     let again = std::time::Duration::from_secs(1);
     let failed = attempt.saturating_sub(1);
     match ctx.queue.schedule_retry(payload, failed, again, &task_id.to_string(), meta).await {
@@ -560,13 +567,15 @@ fn starts_key(ctx: &Process, task_id: &TaskId) -> String {
     format!("{}:job-starts:{task_id}", ctx.queue.namespace())
 }
 
-/// Counts a start of `task_id` (kept a day); 0 when Redis does not answer.
-async fn count_start(ctx: &Process, task_id: &TaskId) -> u64 {
+/// How long a job's start count is kept.
+const START_COUNT_TTL_SECS: i64 = 24 * 3600;
+
+/// Counts a start of a job at its start-count `key`; 0 when Redis does not answer.
+async fn count_start(ctx: &Process, key: &str) -> u64 {
     let mut conn = ctx.queue.connection();
-    let key = starts_key(ctx, task_id);
     redis::pipe()
-        .incr(&key, 1)
-        .expire(&key, 24 * 3600)
+        .incr(key, 1)
+        .expire(key, START_COUNT_TTL_SECS)
         .ignore()
         .query_async::<(u64,)>(&mut conn)
         .await
@@ -592,11 +601,12 @@ fn millis_since(then_ms: i64) -> u64 {
     u64::try_from(chrono::Utc::now().timestamp_millis().saturating_sub(then_ms)).unwrap_or(0)
 }
 
-/// Counts and times a finished run (`outcome` is succeeded, retried or dead) and forgets
-/// its start count, in one round trip to Redis.
+/// Counts and times a finished run (`outcome` is succeeded, retried or dead), forgets
+/// its start count and releases its lock, in one round trip to Redis.
 async fn account(
     ctx: &Process,
     task_id: &TaskId,
+    lock: &mut Option<shared::lock::LockGuard>,
     kind: &'static str,
     outcome: &'static str,
     took: std::time::Duration,
@@ -616,6 +626,9 @@ async fn account(
     let mut pipe = redis::pipe();
     pipe.del(starts_key(ctx, task_id)).ignore();
     shared::job_stats::add_to(&mut pipe, ctx.queue.namespace(), now, succeeded, run_ms, wait_ms);
+    if let Some(lock) = lock.take() {
+        lock.release_in(&mut pipe);
+    }
     if let Err(e) = pipe.query_async::<()>(&mut conn).await {
         tracing::debug!(error = %e, "job_stats.record_failed");
     }
