@@ -13,6 +13,7 @@
 pub mod app;
 pub mod cli;
 pub mod context;
+pub mod encrypt;
 pub mod immediate;
 pub mod jobs;
 pub mod ops;
