@@ -62,12 +62,20 @@ async fn find_python() -> Option<String> {
     None
 }
 
+/// The `sslmode` of the benchmark's database URL, given to the reference's PostgreSQL
+/// driver too.
+pub static SSLMODE: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+
 async fn script(path: &Path, args: &[&str], run_dir: &Path) -> anyhow::Result<String> {
     script_with(path, args, run_dir, None).await
 }
 
 async fn script_with(path: &Path, args: &[&str], run_dir: &Path, python: Option<&str>) -> anyhow::Result<String> {
     let mut command = Command::new("bash");
+    if let Some(mode) = SSLMODE.get() {
+        // libpq's own variable: the reference talks to PostgreSQL as Tidings does.
+        command.env("PGSSLMODE", mode);
+    }
     if let Some(python) = python {
         command.env("PYTHON", python);
     }

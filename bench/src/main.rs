@@ -48,8 +48,13 @@ use crate::report::Report;
 struct Cli {
     #[command(subcommand)]
     scenario: Scenario,
-    /// PostgreSQL server to create the benchmark database on.
-    #[arg(long, env = "BENCH_DATABASE_URL", default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    /// PostgreSQL server to create the benchmark database on. On one host TLS is off
+    /// (`sslmode=disable`); the reference stack is given the same `sslmode`.
+    #[arg(
+        long,
+        env = "BENCH_DATABASE_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+    )]
     database: String,
     /// Redis to use (a fresh key namespace is used and removed).
     #[arg(long, env = "BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
@@ -57,7 +62,8 @@ struct Cli {
     /// Worker concurrency.
     #[arg(long, default_value_t = 16)]
     worker_concurrency: usize,
-    /// Worker processes.
+    /// Worker processes (0 with `submit`: the web's intake alone, nothing draining the
+    /// queue — what the web takes while the workers run elsewhere).
     #[arg(long, default_value_t = 1)]
     workers: usize,
     /// What to measure: Tidings, or the reference stack (`submit`, `e2e`, `fanout`).
@@ -66,6 +72,9 @@ struct Cli {
     /// The reference stack's folder (for `--target django`).
     #[arg(long, default_value = "../shared/peers/django_huey")]
     peer_dir: PathBuf,
+    /// `RUST_LOG` of the web and worker processes (their logs go to this terminal).
+    #[arg(long, default_value = "warn")]
+    log: String,
 }
 
 /// The system under test.
@@ -157,6 +166,9 @@ enum Scenario {
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let push = PushService::start().await?;
+    if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
+        let _ = django::SSLMODE.set(mode.to_owned());
+    }
     if cli.target == Target::Django {
         let report = run_django(&cli, &push).await?;
         report.print();
@@ -168,8 +180,13 @@ async fn main() -> anyhow::Result<()> {
     let database_name = namespace.replace('-', "_");
     let server = Database::connect(&cli.database).await.context("connecting to PostgreSQL")?;
     server.execute_unprepared(&format!("CREATE DATABASE \"{database_name}\"")).await?;
-    let base = cli.database.rsplit_once('/').map_or(cli.database.as_str(), |(b, _)| b);
-    let database_url = format!("{base}/{database_name}");
+    // The same server and options (`?sslmode=…`), the run's own database.
+    let (url, options) = cli.database.split_once('?').map_or((cli.database.as_str(), None), |(u, o)| (u, Some(o)));
+    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+    let database_url = match options {
+        Some(options) => format!("{base}/{database_name}?{options}"),
+        None => format!("{base}/{database_name}"),
+    };
 
     let result = run(&cli, &binaries, &push, &namespace, &database_url).await;
 
@@ -206,7 +223,7 @@ async fn run(
         ("SUBMIT_RATE_LIMIT", "0".into()),
         ("NOTIFY_BURST_THRESHOLD", "0".into()),
         ("WORKER_METRICS_BIND", "off".into()),
-        ("RUST_LOG", "warn".into()),
+        ("RUST_LOG", cli.log.clone()),
     ]
     .into_iter()
     .chain(scenario_env(cli.scenario).iter().map(|(k, v)| (*k, (*v).to_owned())))
@@ -228,6 +245,7 @@ async fn run(
         Scenario::Submit { connections, seconds } => {
             report.param("connections", connections);
             report.param("seconds", seconds);
+            report.param("workers", cli.workers);
             submit(&address, connections, Duration::from_secs(seconds), &mut report).await?;
         }
         Scenario::E2e { rate, seconds } => {

@@ -38,7 +38,8 @@ pub fn free_port() -> anyhow::Result<u16> {
 /// The web and worker processes under test.
 pub struct Stack {
     web: Child,
-    worker: Child,
+    /// The first worker process; none with `--workers 0` (the web alone).
+    worker: Option<Child>,
     /// Further worker processes (`--workers`).
     more_workers: Vec<Child>,
 }
@@ -62,7 +63,7 @@ impl Stack {
                 .kill_on_drop(true)
                 .spawn()
         };
-        let worker = worker_process()?;
+        let worker = if workers == 0 { None } else { Some(worker_process()?) };
         let more_workers = (1..workers.max(1)).map(|_| worker_process()).collect::<Result<Vec<_>, _>>()?;
         let ready = format!("http://{}/readyz", env.get("BIND").context("BIND")?);
         for _ in 0..100 {
@@ -81,7 +82,7 @@ impl Stack {
 
     /// Operating-system process id of the worker.
     pub fn worker_pid(&self) -> u32 {
-        self.worker.id().unwrap_or(0)
+        self.worker.as_ref().and_then(Child::id).unwrap_or(0)
     }
 
     /// CPU seconds used so far by (web, all worker processes).
@@ -97,7 +98,9 @@ impl Stack {
             let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(40), self.web.wait()).await;
-        let _ = tokio::time::timeout(Duration::from_secs(40), self.worker.wait()).await;
+        if let Some(worker) = &mut self.worker {
+            let _ = tokio::time::timeout(Duration::from_secs(40), worker.wait()).await;
+        }
         for worker in &mut self.more_workers {
             let _ = tokio::time::timeout(Duration::from_secs(40), worker.wait()).await;
         }
