@@ -240,6 +240,7 @@ async fn run(
     report.figure("worker_idle_rss_mib", procs::rss_kib(stack.worker_pid()) as f64 / 1024.0);
     let redis_before = procs::redis_used_memory_mib(&cli.redis).await;
     let before = stack.cpu();
+    let servers_before = (procs::cpu_by_name(&["postgres"]), procs::cpu_by_name(&["redis-server"]));
     let started = Instant::now();
     match cli.scenario {
         Scenario::Submit { connections, seconds } => {
@@ -293,6 +294,8 @@ async fn run(
     report.figure("wall_seconds", wall.as_secs_f64());
     report.figure("web_cpu_seconds", after.0 - before.0);
     report.figure("worker_cpu_seconds", after.1 - before.1);
+    report.figure("postgres_cpu_seconds", procs::cpu_between(&servers_before.0, &procs::cpu_by_name(&["postgres"])));
+    report.figure("redis_cpu_seconds", procs::cpu_between(&servers_before.1, &procs::cpu_by_name(&["redis-server"])));
     report.figure("web_peak_rss_mib", peak_rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
     report.figure("redis_used_mib_before", redis_before);

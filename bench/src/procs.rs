@@ -94,7 +94,8 @@ impl Stack {
     /// SIGTERM every process and wait for them.
     pub async fn stop(mut self) {
         let more: Vec<u32> = self.more_workers.iter().map(|w| w.id().unwrap_or(0)).collect();
-        for pid in [self.web_pid(), self.worker_pid()].into_iter().chain(more) {
+        // (`kill 0` would signal this whole process group: a pid of 0 is no process.)
+        for pid in [self.web_pid(), self.worker_pid()].into_iter().chain(more).filter(|&pid| pid != 0) {
             let _ = Command::new("kill").arg("-TERM").arg(pid.to_string()).status().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(40), self.web.wait()).await;
@@ -184,4 +185,23 @@ pub fn progress_count(elapsed: Duration, done: usize, total: usize, detail: &str
         elapsed.as_secs_f64()
     );
     let _ = err.flush();
+}
+
+/// CPU seconds so far of every running process named one of `names` (by process id):
+/// the database and Redis servers, whose share of each scenario is reported too.
+pub fn cpu_by_name(names: &[&str]) -> HashMap<u32, f64> {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return HashMap::new() };
+    entries
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/comm")).is_ok_and(|comm| names.contains(&comm.trim()))
+        })
+        .map(|pid| (pid, cpu_seconds(pid)))
+        .collect()
+}
+
+/// CPU seconds `names` used between two [`cpu_by_name`] snapshots (processes started in
+/// between count whole; those that ended are missed).
+pub fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
+    after.iter().map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0)).filter(|d| *d > 0.0).sum()
 }

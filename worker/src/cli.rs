@@ -80,7 +80,15 @@ enum DeadCommand {
 
 /// Parses the arguments, runs the command, and returns the process's exit code.
 pub fn main() -> ExitCode {
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // WORKER_THREADS=1 runs every job on one thread (no hand-offs between threads);
+    // otherwise one thread per core, or as many as it says.
+    let threads = std::env::var("WORKER_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    let built = match threads {
+        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        Some(n) if n > 1 => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+    };
+    let runtime = match built {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("worker: cannot start the async runtime: {e}");

@@ -171,33 +171,53 @@ impl Run<'_> {
 
     /// Sends the claimed deliveries `targets`, with bounded concurrency.
     ///
-    /// Successes are recorded in batches: whatever pushes have completed when the
-    /// previous batch is written (at most `PUSH_CONCURRENCY`) go in one statement, so
-    /// a fan-out costs a few commits, not two per subscription. If the worker dies, the
-    /// pushes not yet recorded (in flight, or sent and waiting for their batch: at most
-    /// twice `PUSH_CONCURRENCY`) are the only ones sent again.
+    /// Successes are recorded in batches while the sending goes on: whatever pushes have
+    /// completed while the previous batch was being written go in one statement, so a
+    /// fan-out costs a few commits, not two per subscription, and never stops sending to
+    /// wait for one. If the worker dies, the pushes not yet recorded (in flight, done and
+    /// waiting for the next batch, or in the batch being written: at most three times
+    /// `PUSH_CONCURRENCY`) are the only ones sent again.
     async fn send(&self, targets: Vec<delivery::Target>) -> Result<Stats, JobError> {
         if targets.is_empty() {
             return Ok(Stats::default());
         }
         let concurrency = self.ctx.settings.push.concurrency.max(1);
-        let mut results = futures::stream::iter(targets)
-            .map(|target| self.deliver(target))
-            .buffer_unordered(concurrency)
-            .ready_chunks(concurrency);
-        let mut stats = Stats::default();
-        while let Some(batch) = results.next().await {
-            let mut sent = Vec::with_capacity(batch.len());
-            for result in batch {
-                match result? {
-                    Delivered::Sent(id) => sent.push(id),
-                    Delivered::Other(other) => stats.add(other),
+        // Room for one chunk waiting: the sender waits when the recorder falls behind.
+        let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
+        let sender = async move {
+            let mut results = futures::stream::iter(targets)
+                .map(|target| self.deliver(target))
+                .buffer_unordered(concurrency)
+                .ready_chunks(concurrency);
+            let mut stats = Stats::default();
+            while let Some(chunk) = results.next().await {
+                let mut sent = Vec::with_capacity(chunk.len());
+                for result in chunk {
+                    match result? {
+                        Delivered::Sent(id) => sent.push(id),
+                        Delivered::Other(other) => stats.add(other),
+                    }
+                }
+                stats.sent += sent.len();
+                if !sent.is_empty() && done.send(sent).await.is_err() {
+                    // The recorder failed; its error is the one returned.
+                    break;
                 }
             }
-            stats.sent += sent.len();
-            delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
-        }
-        Ok(stats)
+            Ok::<_, JobError>(stats)
+        };
+        let recorder = async move {
+            while let Some(mut batch) = to_record.recv().await {
+                while let Ok(more) = to_record.try_recv() {
+                    batch.extend(more);
+                }
+                delivery::record_sent(&self.ctx.db, self.feedback_id, &batch, &self.token).await?;
+            }
+            Ok::<_, JobError>(())
+        };
+        let (stats, recorded) = tokio::join!(sender, recorder);
+        recorded?;
+        stats
     }
 
     /// Sends to one subscription and records the outcome, except a success, which the
