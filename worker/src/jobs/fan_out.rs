@@ -117,6 +117,21 @@ impl Stats {
     }
 }
 
+/// Counts the outcomes of some pushes; returns them and the subscriptions sent to (whose
+/// success the caller records).
+fn tally(results: Vec<Result<Delivered, JobError>>) -> Result<(Stats, Vec<i64>), JobError> {
+    let mut stats = Stats::default();
+    let mut sent = Vec::with_capacity(results.len());
+    for result in results {
+        match result? {
+            Delivered::Sent(id) => sent.push(id),
+            Delivered::Other(other) => stats.add(other),
+        }
+    }
+    stats.sent += sent.len();
+    Ok((stats, sent))
+}
+
 /// What one push came to: a success for the batch, or the counts of an outcome already
 /// recorded.
 enum Delivered {
@@ -182,6 +197,14 @@ impl Run<'_> {
             return Ok(Stats::default());
         }
         let concurrency = self.ctx.settings.push.concurrency.max(1);
+        if targets.len() <= concurrency {
+            // All at once: send them, then record the successes.
+            let results =
+                futures::stream::iter(targets).map(|target| self.deliver(target)).buffer_unordered(concurrency);
+            let (stats, sent) = tally(results.collect::<Vec<_>>().await)?;
+            delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
+            return Ok(stats);
+        }
         // Room for one chunk waiting: the sender waits when the recorder falls behind.
         let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
         let sender = async move {
@@ -191,14 +214,8 @@ impl Run<'_> {
                 .ready_chunks(concurrency);
             let mut stats = Stats::default();
             while let Some(chunk) = results.next().await {
-                let mut sent = Vec::with_capacity(chunk.len());
-                for result in chunk {
-                    match result? {
-                        Delivered::Sent(id) => sent.push(id),
-                        Delivered::Other(other) => stats.add(other),
-                    }
-                }
-                stats.sent += sent.len();
+                let (chunk_stats, sent) = tally(chunk)?;
+                stats.add(chunk_stats);
                 if !sent.is_empty() && done.send(sent).await.is_err() {
                     // The recorder failed; its error is the one returned.
                     break;
