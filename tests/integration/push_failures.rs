@@ -176,3 +176,30 @@ async fn subscriptions_failing_for_days_are_pruned_by_the_periodic_task() {
     assert!(subscription_exists(&app, &set_up[1]).await, "a recent success keeps it");
     assert!(subscription_exists(&app, &set_up[2]).await, "a healthy subscription stays");
 }
+
+#[tokio::test]
+async fn a_retry_past_the_first_page_is_sent_once_on_sqlite() {
+    // A due retry is claimed with the first page; the second page, claimed while it is
+    // still being sent, must not take it again.
+    let app = spawn_app_with(Options { backend: Backend::Sqlite, ..Options::default() }).await;
+    let mut browsers = Vec::new();
+    for _ in 0..100 {
+        browsers.push(app.subscribe_browser().await);
+    }
+    let late = &browsers[80];
+    app.push.script(&late.endpoint, vec![Scripted::Status(500)]);
+    app.push.set_delay(Duration::from_millis(200));
+
+    app.submit_valid_feedback("Ann", "one hundred browsers").await;
+
+    let received = app.push.wait_for_received(100, Duration::from_secs(30)).await;
+    assert_eq!(received.len(), 100, "every subscription got the message");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let received = app.push.received();
+    for browser in &browsers {
+        let copies = received.iter().filter(|p| p.endpoint == browser.endpoint).count();
+        assert_eq!(copies, 1, "exactly one accepted push per subscription");
+    }
+    let late_attempts = app.push.attempts().iter().filter(|a| a.endpoint == late.endpoint).count();
+    assert_eq!(late_attempts, 2, "the failed push was tried once more, not twice");
+}

@@ -230,7 +230,7 @@ pub struct ClaimedPage {
 /// `with_due` (a run's first page) it also claims the deliveries due again: retries whose
 /// time has come, claims whose lease expired (see [`claim_due_targets`]).
 ///
-/// On PostgreSQL this is one statement; elsewhere four (seven with `with_due`).
+/// On PostgreSQL this is one statement; elsewhere five (eight with `with_due`).
 pub async fn claim_page<C: ConnectionTrait>(
     db: &C,
     feedback_id: i64,
@@ -246,13 +246,21 @@ pub async fn claim_page<C: ConnectionTrait>(
             if with_due { claim_due_targets(db, feedback_id, token, lease_until).await? } else { Vec::new() };
         let ids = crate::queries::subscription::ids_after(db, after, size).await?;
         let Some(&last) = ids.last() else { return Ok(ClaimedPage { targets, last: None, full: false }) };
+        // Only the rows this call inserts are new claims: a delivery that already had a
+        // row (sent, owed, or claimed earlier in this run and still being sent) is not.
+        let existing: Vec<i64> = Entity::find()
+            .select_only()
+            .column(Column::SubscriptionId)
+            .filter(Column::FeedbackId.eq(feedback_id))
+            .filter(Column::SubscriptionId.is_in(ids.iter().copied()))
+            .into_tuple()
+            .all(db)
+            .await?;
         claim_new(db, feedback_id, &ids, token, lease_until).await?;
         let claimed: Vec<Claimed> = claimed(db, feedback_id, token)
             .await?
             .into_iter()
-            .filter(|c| {
-                ids.contains(&c.subscription_id) && !targets.iter().any(|t| t.subscription_id == c.subscription_id)
-            })
+            .filter(|c| ids.contains(&c.subscription_id) && !existing.contains(&c.subscription_id))
             .collect();
         targets.extend(with_subscriptions(db, &claimed).await?);
         return Ok(ClaimedPage { targets, last: Some(last), full: ids.len() as u64 >= size });
