@@ -117,9 +117,9 @@ async fn a_worker_killed_mid_fan_out_is_taken_over_and_every_subscription_gets_i
     let duplicated: Vec<_> =
         browsers.iter().filter(|b| received.iter().filter(|p| p.endpoint == b.endpoint).count() > 1).collect();
     // Only pushes in flight at the kill can arrive twice: those on the wire (at most
-    // PUSH_CONCURRENCY) and those sent but waiting for their batch to be recorded (at
-    // most PUSH_CONCURRENCY more).
-    assert!(duplicated.len() <= 8, "{} duplicates, {at_kill} delivered before the kill", duplicated.len());
+    // PUSH_CONCURRENCY) and those sent but not yet recorded (a batch being written, one
+    // waiting, one the sender holds: at most three times PUSH_CONCURRENCY more).
+    assert!(duplicated.len() <= 16, "{} duplicates, {at_kill} delivered before the kill", duplicated.len());
     let topics: std::collections::HashSet<_> = received.iter().map(|p| p.topic.clone()).collect();
     assert_eq!(topics.len(), 1, "every copy carries the same Topic, so a push service replaces an undelivered one");
 }

@@ -117,19 +117,24 @@ impl Stats {
     }
 }
 
-/// Counts the outcomes of some pushes; returns them and the subscriptions sent to (whose
-/// success the caller records).
-fn tally(results: Vec<Result<Delivered, JobError>>) -> Result<(Stats, Vec<i64>), JobError> {
+/// Counts the outcomes of some pushes; returns them, the subscriptions sent to (whose
+/// success the caller records, even when another push of the chunk failed) and the
+/// first error.
+fn tally(results: Vec<Result<Delivered, JobError>>) -> (Stats, Vec<i64>, Option<JobError>) {
     let mut stats = Stats::default();
     let mut sent = Vec::with_capacity(results.len());
+    let mut error = None;
     for result in results {
-        match result? {
-            Delivered::Sent(id) => sent.push(id),
-            Delivered::Other(other) => stats.add(other),
+        match result {
+            Ok(Delivered::Sent(id)) => sent.push(id),
+            Ok(Delivered::Other(other)) => stats.add(other),
+            Err(e) => {
+                error.get_or_insert(e);
+            }
         }
     }
     stats.sent += sent.len();
-    Ok((stats, sent))
+    (stats, sent, error)
 }
 
 /// What one push came to: a success for the batch, or the counts of an outcome already
@@ -186,12 +191,12 @@ impl Run<'_> {
 
     /// Sends the claimed deliveries `targets`, with bounded concurrency.
     ///
-    /// Successes are recorded in batches while the sending goes on: whatever pushes have
-    /// completed while the previous batch was being written go in one statement, so a
-    /// fan-out costs a few commits, not two per subscription, and never stops sending to
-    /// wait for one. If the worker dies, the pushes not yet recorded (in flight, done and
-    /// waiting for the next batch, or in the batch being written: at most three times
-    /// `PUSH_CONCURRENCY`) are the only ones sent again.
+    /// Successes are recorded in batches (the pushes that completed together, at most
+    /// `PUSH_CONCURRENCY`, go in one statement) while the sending goes on, so a fan-out
+    /// costs a few commits, not two per subscription, and waits for one only when two
+    /// batches are ready during one write. If the worker dies, the pushes not yet
+    /// recorded (in flight, in a batch waiting or being written, or in the batch the
+    /// sender holds: at most four times `PUSH_CONCURRENCY`) are the only ones sent again.
     async fn send(&self, targets: Vec<delivery::Target>) -> Result<Stats, JobError> {
         if targets.is_empty() {
             return Ok(Stats::default());
@@ -201,9 +206,9 @@ impl Run<'_> {
             // All at once: send them, then record the successes.
             let results =
                 futures::stream::iter(targets).map(|target| self.deliver(target)).buffer_unordered(concurrency);
-            let (stats, sent) = tally(results.collect::<Vec<_>>().await)?;
+            let (stats, sent, error) = tally(results.collect::<Vec<_>>().await);
             delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
-            return Ok(stats);
+            return error.map_or(Ok(stats), Err);
         }
         // Room for one chunk waiting: the sender waits when the recorder falls behind.
         let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
@@ -214,20 +219,20 @@ impl Run<'_> {
                 .ready_chunks(concurrency);
             let mut stats = Stats::default();
             while let Some(chunk) = results.next().await {
-                let (chunk_stats, sent) = tally(chunk)?;
+                let (chunk_stats, sent, error) = tally(chunk);
                 stats.add(chunk_stats);
                 if !sent.is_empty() && done.send(sent).await.is_err() {
                     // The recorder failed; its error is the one returned.
                     break;
                 }
+                if let Some(error) = error {
+                    return Err(error);
+                }
             }
             Ok::<_, JobError>(stats)
         };
         let recorder = async move {
-            while let Some(mut batch) = to_record.recv().await {
-                while let Ok(more) = to_record.try_recv() {
-                    batch.extend(more);
-                }
+            while let Some(batch) = to_record.recv().await {
                 delivery::record_sent(&self.ctx.db, self.feedback_id, &batch, &self.token).await?;
             }
             Ok::<_, JobError>(())
