@@ -58,7 +58,8 @@ fn held(conn: ConnectionManager, key: String, token: String, ttl_ms: u64) -> Loc
 }
 
 /// As [`try_acquire`], sending the commands `also` adds in the same round trip (after
-/// the attempt, whether or not it succeeds); their results (one or more) come back as `T`.
+/// the attempt, whether or not it succeeds); `T` decodes the one reply they leave (mark
+/// the others ignored).
 pub async fn try_acquire_with<T: redis::FromRedisValue>(
     conn: &ConnectionManager,
     namespace: &str,

@@ -258,7 +258,7 @@ impl Dispatcher {
         let request_id = crate::middleware::request_id::current();
         if inbox.send((submitted, request_id)).is_err() {
             // The announcer is gone (the runtime is shutting down): the relay will do it.
-            self.count_dispatch("deferred_shutdown", 1);
+            self.count_dispatch("deferred_announcer_gone", 1);
         }
     }
 }

@@ -542,9 +542,9 @@ async fn defer_locked(
     kind: &'static str,
     key: &str,
 ) -> Result<(), JobError> {
-    // Its start was counted with the attempt; this task never ran.
-    let _: redis::RedisResult<()> =
-        redis::AsyncCommands::del(&mut ctx.queue.connection(), starts_key(ctx, task_id)).await;
+    // Its start was counted with the attempt, but this task did not run: take it back.
+    let _: redis::RedisResult<i64> =
+        redis::AsyncCommands::decr(&mut ctx.queue.connection(), starts_key(ctx, task_id), 1).await;
     let again = std::time::Duration::from_secs(1);
     let failed = attempt.saturating_sub(1);
     match ctx.queue.schedule_retry(payload, failed, again, &task_id.to_string(), meta).await {
