@@ -22,9 +22,11 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
         .min_connections(1)
         .connect_timeout(Duration::from_secs(3))
         .acquire_timeout(Duration::from_secs(3))
-        // A connection is checked with a round trip only after it sat idle; checking it
-        // on every use would double the round trips of every statement.
-        .test_before_acquire_if_idle_for(Duration::from_secs(30))
+        // A connection is checked with a round trip only after it sat idle for a second:
+        // checking it on every use would double the round trips of every statement, and
+        // a busy pool reuses its connections well within that. A database restart takes
+        // longer, so connections it broke are found by the check, not by a statement.
+        .test_before_acquire_if_idle_for(Duration::from_secs(1))
         // Every connection of the pool gets these, not only the first.
         .map_sqlx_sqlite_opts(|sqlite| {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
