@@ -18,6 +18,10 @@ use tokio::sync::{Mutex, mpsc};
 /// Submissions announced in one round of the announcer, at most.
 const MAX_BATCH: usize = 256;
 
+/// Committed submissions waiting for the announcer, at most; past it (Redis slow or
+/// down) new ones are left to the relay instead of piling up in memory.
+const MAX_WAITING: usize = 10_000;
+
 /// A backlog figure older than this is read again before it decides anything.
 const BACKLOG_FRESH_FOR: Duration = Duration::from_millis(500);
 
@@ -52,7 +56,7 @@ pub struct Dispatcher {
     /// The read cache's settings, when it is on: a new message drops what it changes.
     cache: Option<shared::cache::CacheSettings>,
     /// The announcer's inbox, once it runs.
-    announcer: OnceLock<mpsc::UnboundedSender<Announcement>>,
+    announcer: OnceLock<mpsc::Sender<Announcement>>,
 }
 
 /// The backlog as last seen, and when.
@@ -146,7 +150,7 @@ impl Dispatcher {
 
     /// The announcer: takes whatever committed submissions are waiting, announces them
     /// together, and starts over.
-    async fn announce_all(self: Arc<Self>, mut inbox: mpsc::UnboundedReceiver<Announcement>) {
+    async fn announce_all(self: Arc<Self>, mut inbox: mpsc::Receiver<Announcement>) {
         let mut backlog: Option<Backlog> = None;
         let mut batch = Vec::with_capacity(MAX_BATCH);
         while inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
@@ -251,14 +255,18 @@ impl Dispatcher {
             return;
         }
         let inbox = self.announcer.get_or_init(|| {
-            let (tx, rx) = mpsc::unbounded_channel();
+            let (tx, rx) = mpsc::channel(MAX_WAITING);
             tokio::spawn(Arc::clone(self).announce_all(rx));
             tx
         });
         let request_id = crate::middleware::request_id::current();
-        if inbox.send((submitted, request_id)).is_err() {
+        match inbox.try_send((submitted, request_id)) {
+            Ok(()) => {}
+            // Redis is slow or down and the announcer has this much to do: the record
+            // waits in the database for the relay.
+            Err(mpsc::error::TrySendError::Full(_)) => self.count_dispatch("deferred_announcer_full", 1),
             // The announcer is gone (the runtime is shutting down): the relay will do it.
-            self.count_dispatch("deferred_announcer_gone", 1);
+            Err(mpsc::error::TrySendError::Closed(_)) => self.count_dispatch("deferred_announcer_gone", 1),
         }
     }
 }
