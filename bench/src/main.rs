@@ -9,7 +9,8 @@
 //! - `submit`: closed-loop form posts (GET the form once per connection, then POST with
 //!   cookie and token) from C connections for D seconds after a warm-up.
 //! - `e2e`: open-loop submissions at R per second with one subscription: submit -> push
-//!   received latency, lost and duplicated counts.
+//!   received latency, lost and duplicated counts; with `--gap-secs G`, one submission
+//!   every G seconds to an idle worker, coalescing as shipped.
 //! - `fanout`: one submission to S subscriptions, the stand-in answering at once or after
 //!   a delay (a real push service's round trip): time to the first, 50%, 99% and last
 //!   push, pushes per second, connections opened to the push service, duplicates.
@@ -123,6 +124,10 @@ enum Scenario {
         /// Seconds of load.
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// Instead of `--rate`: one submission every this many seconds, so the worker is
+        /// idle between them (and coalescing runs at its default, as on a quiet site).
+        #[arg(long)]
+        gap_secs: Option<u64>,
     },
     /// One message to many subscriptions.
     Fanout {
@@ -249,14 +254,13 @@ async fn run(
             report.param("workers", cli.workers);
             submit(&address, connections, Duration::from_secs(seconds), &mut report).await?;
         }
-        Scenario::E2e { rate, seconds } => {
-            report.param("rate_per_second", rate);
-            report.param("seconds", seconds);
+        Scenario::E2e { rate, seconds, gap_secs } => {
+            let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
             let browser = push.new_subscription();
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
             push.set_deferred(true);
-            e2e(&address, push, rate, Duration::from_secs(seconds), &mut report).await?;
+            e2e(&address, push, interval, total, &mut report).await?;
         }
         Scenario::Fanout { subscriptions, delay_ms } => {
             report.param("subscriptions", subscriptions);
@@ -345,12 +349,11 @@ async fn run_django(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
                 peer.subscribe(&[]).await?;
                 submit(address, connections, Duration::from_secs(seconds), &mut report).await?;
             }
-            Scenario::E2e { rate, seconds } => {
-                report.param("rate_per_second", rate);
-                report.param("seconds", seconds);
+            Scenario::E2e { rate, seconds, gap_secs } => {
+                let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
                 django::subscribe_many(&peer, push, 1).await?;
                 push.set_deferred(true);
-                e2e(address, push, rate, Duration::from_secs(seconds), &mut report).await?;
+                e2e(address, push, interval, total, &mut report).await?;
             }
             Scenario::Fanout { subscriptions, delay_ms } => {
                 report.param("subscriptions", subscriptions);
@@ -376,6 +379,8 @@ fn scenario_env(scenario: Scenario) -> &'static [(&'static str, &'static str)] {
     match scenario {
         Scenario::Soak { .. } => &soak::ENV,
         Scenario::Queue { .. } => &queue::ENV,
+        // Spaced submissions: coalescing as shipped.
+        Scenario::E2e { gap_secs: Some(_), .. } => &[("NOTIFY_BURST_THRESHOLD", "6")],
         _ => &[],
     }
 }
@@ -477,15 +482,30 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
     Ok(())
 }
 
+/// The interval between `e2e` submissions and how many there are, recorded as parameters.
+fn e2e_pace(report: &mut Report, rate: u64, seconds: u64, gap_secs: Option<u64>) -> (Duration, u64) {
+    report.param("seconds", seconds);
+    match gap_secs {
+        Some(gap) => {
+            report.param("gap_seconds", gap);
+            (Duration::from_secs(gap.max(1)), (seconds / gap.max(1)).max(1))
+        }
+        None => {
+            report.param("rate_per_second", rate);
+            (Duration::from_secs_f64(1.0 / rate.max(1) as f64), rate * seconds)
+        }
+    }
+}
+
 async fn e2e(
     address: &str,
     push: &PushService,
-    rate: u64,
-    duration: Duration,
+    interval: Duration,
+    total: u64,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let total = rate * duration.as_secs();
-    let interval = Duration::from_secs_f64(1.0 / rate.max(1) as f64);
+    let duration = interval.mul_f64(total as f64);
+    let per_second = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
     // One client per in-flight request slot, each with its cookie and token.
     let slots = 32usize;
     let mut clients = Vec::new();
@@ -512,7 +532,7 @@ async fn e2e(
             }
             post_form(client, &address, token, &content).await.unwrap_or(false)
         }));
-        if i % rate.max(1) == 0 {
+        if i % per_second == 0 {
             procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));
         }
     }
