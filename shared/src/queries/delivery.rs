@@ -194,6 +194,19 @@ pub async fn next_due<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<Op
     Ok([retry.flatten(), lease.flatten()].into_iter().flatten().min())
 }
 
+/// Whether any delivery of `feedback_id` exists (reads at most one row).
+pub async fn any_of_feedback<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<bool, DbErr> {
+    let one: Option<i64> = Entity::find()
+        .select_only()
+        .column(Column::SubscriptionId)
+        .filter(Column::FeedbackId.eq(feedback_id))
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?;
+    Ok(one.is_some())
+}
+
 /// All deliveries of `feedback_id` (tests and the admin detail page).
 pub async fn of_feedback<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<Vec<delivery::Model>, DbErr> {
     Entity::find().filter(Column::FeedbackId.eq(feedback_id)).all(db).await

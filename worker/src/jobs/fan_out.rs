@@ -80,15 +80,20 @@ async fn fold_into_digest(
     let worker = &ctx.settings.worker;
     // In-process mode has no queue to schedule a digest on: every message goes out alone.
     let Some(queue) = &ctx.queue else { return Ok(false) };
-    if worker.burst_threshold == 0 || !delivery::of_feedback(&ctx.db, message.id).await?.is_empty() {
+    if worker.burst_threshold == 0 {
         return Ok(false);
     }
     let window = i64::try_from(worker.burst_window.as_secs()).unwrap_or(60).max(1);
     let created = message.created_at.timestamp();
     let start = created.div_euclid(window) * window;
     let from = chrono::DateTime::from_timestamp(start, 0).unwrap_or(message.created_at);
-    let in_window = feedback::count_created_between(&ctx.db, from, message.created_at).await?;
-    if in_window <= worker.burst_threshold {
+    // Both questions at once: has anything gone out for it, and how busy is its window.
+    let (started, in_window) = tokio::join!(
+        delivery::any_of_feedback(&ctx.db, message.id),
+        feedback::count_created_between(&ctx.db, from, message.created_at)
+    );
+    let (started, in_window) = (started?, in_window?);
+    if started || in_window <= worker.burst_threshold {
         return Ok(false);
     }
     queue
