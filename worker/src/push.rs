@@ -173,8 +173,7 @@ impl PushSender {
         if message.payload.len() > MAX_PAYLOAD {
             return Err(rejected(format!("payload of {} bytes exceeds {MAX_PAYLOAD}", message.payload.len())));
         }
-        let info = SubscriptionInfo::new(target.endpoint, target.p256dh, target.auth);
-        let authorization = self.signature_for(&url, &info).map_err(rejected)?;
+        let authorization = self.signature_for(&url, target).map_err(rejected)?;
         let key = |name: &str, value: &str| {
             URL_SAFE_NO_PAD
                 .decode(value.trim_end_matches('='))
@@ -220,7 +219,7 @@ impl PushSender {
 
     /// The `Authorization` header for the endpoint's origin (a VAPID signature, re-signed
     /// only when close to expiry).
-    fn signature_for(&self, url: &Url, info: &SubscriptionInfo) -> Result<String, String> {
+    fn signature_for(&self, url: &Url, target: &PushTarget<'_>) -> Result<String, String> {
         let audience = url.origin().ascii_serialization();
         let now = Instant::now();
         {
@@ -232,7 +231,8 @@ impl PushSender {
             }
         }
         let expires = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default() + SIGNATURE_LIFETIME;
-        let mut builder = VapidSignatureBuilder::from_base64(self.private_key.expose_secret(), info)
+        let info = SubscriptionInfo::new(target.endpoint, target.p256dh, target.auth);
+        let mut builder = VapidSignatureBuilder::from_base64(self.private_key.expose_secret(), &info)
             .map_err(|e| format!("VAPID key: {e}"))?;
         builder.add_claim("sub", self.config.vapid_subject.as_str());
         // web-push would drop the port from `aud`; push services check the full origin.

@@ -241,7 +241,7 @@ pub struct ClaimedPage {
 /// Claims the deliveries of `feedback_id` to the next `size` subscriptions after id
 /// `after` that have no delivery yet, and returns them with their subscriptions. With
 /// `with_due` (a run's first page) it also claims the deliveries due again: retries whose
-/// time has come, claims whose lease expired (see [`claim_due_targets`]).
+/// time has come, claims whose lease expired.
 ///
 /// On PostgreSQL this is one statement; elsewhere five (eight with `with_due`).
 pub async fn claim_page<C: ConnectionTrait>(
@@ -322,32 +322,17 @@ pub async fn claim_page<C: ConnectionTrait>(
 }
 
 /// Claims the deliveries of `feedback_id` that are due again (retries whose time has
-/// come, claims whose lease expired) and returns them with their subscriptions.
-///
-/// On PostgreSQL this is one statement; elsewhere three.
-pub async fn claim_due_targets<C: ConnectionTrait>(
+/// come, claims whose lease expired) and returns them with their subscriptions: the
+/// generic part of [`claim_page`] (on PostgreSQL its one statement does this).
+async fn claim_due_targets<C: ConnectionTrait>(
     db: &C,
     feedback_id: i64,
     token: &str,
     lease_until: DateTime<Utc>,
 ) -> Result<Vec<Target>, DbErr> {
-    use sea_orm::{DbBackend, FromQueryResult, Statement};
-    if db.get_database_backend() != DbBackend::Postgres {
-        claim_due(db, feedback_id, token, lease_until).await?;
-        let claimed = claimed(db, feedback_id, token).await?;
-        return with_subscriptions(db, &claimed).await;
-    }
-    const SQL: &str = "WITH claimed AS (\
-         UPDATE deliveries SET status = $2, claim_token = $3, lease_until = $4, attempts = attempts + 1, updated_at = $5 \
-         WHERE feedback_id = $1 \
-         AND ((status = $6 AND next_attempt_at <= $5) OR (status = $2 AND lease_until < $5)) \
-         RETURNING subscription_id, attempts) \
-         SELECT s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
-         FROM claimed c JOIN push_subscriptions s ON s.id = c.subscription_id";
-    let values: [sea_orm::Value; 6] =
-        [feedback_id.into(), SENDING.into(), token.into(), lease_until.into(), super::now().into(), RETRY.into()];
-    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
-    rows.iter().map(|row| Target::from_query_result(row, "")).collect()
+    claim_due(db, feedback_id, token, lease_until).await?;
+    let claimed = claimed(db, feedback_id, token).await?;
+    with_subscriptions(db, &claimed).await
 }
 
 /// `claimed` joined with their subscriptions (those that still exist).
