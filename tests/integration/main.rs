@@ -19,3 +19,4 @@ mod push_failures;
 mod pwa;
 mod queues;
 mod retries;
+mod runs;

@@ -253,7 +253,7 @@ pub async fn claim_page<C: ConnectionTrait>(
     lease_until: DateTime<Utc>,
     with_due: bool,
 ) -> Result<ClaimedPage, DbErr> {
-    use sea_orm::{DbBackend, FromQueryResult, Statement};
+    use sea_orm::{DbBackend, Statement};
     if db.get_database_backend() != DbBackend::Postgres {
         let mut targets =
             if with_due { claim_due_targets(db, feedback_id, token, lease_until).await? } else { Vec::new() };
@@ -309,16 +309,7 @@ pub async fn claim_page<C: ConnectionTrait>(
         RETRY.into(),
     ];
     let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
-    let mut page = ClaimedPage::default();
-    for row in rows {
-        let n: i64 = row.try_get("", "page_size")?;
-        page.last = row.try_get("", "page_last")?;
-        page.full = u64::try_from(n).unwrap_or(0) >= size;
-        if row.try_get::<Option<i64>>("", "subscription_id")?.is_some() {
-            page.targets.push(Target::from_query_result(&row, "")?);
-        }
-    }
-    Ok(page)
+    page_of(&rows, size)
 }
 
 /// Claims the deliveries of `feedback_id` that are due again (retries whose time has
@@ -379,28 +370,36 @@ pub async fn record_sent<C: ConnectionTrait + sea_orm::TransactionTrait>(
          WHERE id IN (SELECT subscription_id FROM sent) \
          AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $7)";
     let now = super::now();
-    let stale = now
-        - chrono::Duration::from_std(crate::queries::subscription::SUCCESS_RESOLUTION)
-            .unwrap_or(chrono::Duration::minutes(1));
-    let ids = format!("{{{}}}", subscription_ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
-    let values: [sea_orm::Value; 7] =
-        [feedback_id.into(), token.into(), ids.into(), SENT.into(), now.into(), SENDING.into(), stale.into()];
+    let values: [sea_orm::Value; 7] = [
+        feedback_id.into(),
+        token.into(),
+        id_array(subscription_ids).into(),
+        SENT.into(),
+        now.into(),
+        SENDING.into(),
+        success_stale_before(now).into(),
+    ];
     db.execute_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
     Ok(())
 }
 
-/// Closes the run of dispatch `dispatch_id` for `feedback_id`: marks it completed and,
-/// when deliveries are still owed (a retry scheduled, another run's claim outstanding),
-/// writes a dispatch record for when the next is due. Returns that time.
+/// Closes the run of dispatch `dispatch_id` for `feedback_id`: records the pushes to
+/// `sent` as sent (those the claim `token` still holds, with their subscriptions'
+/// success, like [`record_sent`]), marks the dispatch completed and, when deliveries are
+/// still owed (a retry scheduled, another run's claim outstanding), writes a dispatch
+/// record for when the next is due. Returns that time.
 ///
-/// On PostgreSQL this is one statement; elsewhere three or four.
-pub async fn close_run<C: ConnectionTrait>(
+/// On PostgreSQL this is one statement; elsewhere four or five.
+pub async fn close_run<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     feedback_id: i64,
     dispatch_id: i64,
+    sent: &[i64],
+    token: &str,
 ) -> Result<Option<DateTime<Utc>>, DbErr> {
     use sea_orm::{DbBackend, Statement};
     if db.get_database_backend() != DbBackend::Postgres {
+        record_sent(db, feedback_id, sent, token).await?;
         let due = next_due(db, feedback_id).await?;
         if let Some(due) = due {
             crate::queries::dispatch::create(db, feedback_id, due).await?;
@@ -408,14 +407,198 @@ pub async fn close_run<C: ConnectionTrait>(
         crate::queries::dispatch::mark_completed(db, dispatch_id).await?;
         return Ok(due);
     }
-    const SQL: &str = "WITH due AS (\
+    // Every part reads the statement's snapshot, so the deliveries `sent` updates still
+    // look claimed to `due`, which leaves them out itself.
+    const SQL: &str = "WITH sent AS (\
+         UPDATE deliveries SET status = $6, sent_at = $5, lease_until = NULL, last_error = NULL, updated_at = $5 \
+         WHERE feedback_id = $1 AND claim_token = $7 AND status = $4 AND subscription_id = ANY($8::text::bigint[]) \
+         RETURNING subscription_id), \
+         success AS (\
+         UPDATE push_subscriptions SET last_success_at = $5, failure_count = 0, last_failure_reason = NULL \
+         WHERE id IN (SELECT subscription_id FROM sent) \
+         AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $9)), \
+         due AS (\
          SELECT min(CASE WHEN status = $3 THEN next_attempt_at ELSE lease_until END) AS at \
-         FROM deliveries WHERE feedback_id = $1 AND status IN ($3, $4)), \
+         FROM deliveries WHERE feedback_id = $1 AND status IN ($3, $4) \
+         AND (status <> $4 OR claim_token IS DISTINCT FROM $7 OR NOT subscription_id = ANY($8::text::bigint[]))), \
          done AS (UPDATE dispatches SET completed_at = $5 WHERE id = $2 AND completed_at IS NULL) \
          INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
          SELECT $1, $5, at, 0 FROM due WHERE at IS NOT NULL RETURNING due_at";
-    let values: [sea_orm::Value; 5] =
-        [feedback_id.into(), dispatch_id.into(), RETRY.into(), SENDING.into(), super::now().into()];
+    let now = super::now();
+    let values: [sea_orm::Value; 9] = [
+        feedback_id.into(),
+        dispatch_id.into(),
+        RETRY.into(),
+        SENDING.into(),
+        now.into(),
+        SENT.into(),
+        token.into(),
+        id_array(sent).into(),
+        success_stale_before(now).into(),
+    ];
     let row = db.query_one_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
     row.map(|row| row.try_get("", "due_at")).transpose()
+}
+
+/// `ids` as a PostgreSQL array literal (bound as text: the driver has no array type here).
+fn id_array(ids: &[i64]) -> String {
+    format!("{{{}}}", ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+}
+
+/// A subscription's last success older than this is written again (see
+/// `subscription::SUCCESS_RESOLUTION`).
+fn success_stale_before(now: DateTime<Utc>) -> DateTime<Utc> {
+    now - chrono::Duration::from_std(crate::queries::subscription::SUCCESS_RESOLUTION)
+        .unwrap_or(chrono::Duration::minutes(1))
+}
+
+/// Coalescing of a message's first run: past `threshold` messages in one window of
+/// `window_secs`, a message is folded into the window's digest instead of announced on
+/// its own. A `threshold` of 0 turns it off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Coalescing {
+    /// Messages a window announces one by one; 0: every message.
+    pub threshold: u64,
+    /// The window's length in seconds (at least 1).
+    pub window_secs: i64,
+}
+
+impl Coalescing {
+    /// Every message announced on its own.
+    pub const OFF: Coalescing = Coalescing { threshold: 0, window_secs: 60 };
+
+    /// The start (seconds since the epoch) of the window `created_at` falls in.
+    pub fn window_start(&self, created_at: DateTime<Utc>) -> i64 {
+        let window = Ord::max(self.window_secs, 1);
+        created_at.timestamp().div_euclid(window) * window
+    }
+}
+
+/// How a fan-out run of a message opened ([`open_run`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Opening {
+    /// The message no longer exists (deleted since it was submitted).
+    Missing,
+    /// The message is part of a burst: `in_window` messages arrived in its window so far.
+    Folded {
+        /// The message.
+        message: crate::entities::feedback_message::Model,
+        /// Messages in its window up to it.
+        in_window: u64,
+    },
+    /// The first page of its deliveries is claimed.
+    Claimed {
+        /// The message.
+        message: crate::entities::feedback_message::Model,
+        /// The page.
+        page: ClaimedPage,
+    },
+}
+
+/// Opens a fan-out run of `feedback_id`: loads the message, decides whether it folds
+/// into a digest ([`Coalescing`]: only a message nothing was sent for yet folds) and, if
+/// not, claims its first page of `size` subscriptions with the deliveries due again (as
+/// [`claim_page`] with `with_due`).
+///
+/// On PostgreSQL this is one statement; elsewhere the same steps one after another.
+pub async fn open_run<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    size: u64,
+    token: &str,
+    lease_until: DateTime<Utc>,
+    coalescing: Coalescing,
+) -> Result<Opening, DbErr> {
+    use sea_orm::{DbBackend, FromQueryResult, Statement};
+
+    use crate::entities::feedback_message;
+    if db.get_database_backend() != DbBackend::Postgres {
+        let Some(message) = crate::queries::feedback::find(db, feedback_id).await? else {
+            return Ok(Opening::Missing);
+        };
+        if coalescing.threshold > 0 {
+            let from =
+                DateTime::from_timestamp(coalescing.window_start(message.created_at), 0).unwrap_or(message.created_at);
+            // Both questions at once: has anything gone out for it, and how busy is its window.
+            let (started, in_window) = tokio::join!(
+                any_of_feedback(db, feedback_id),
+                crate::queries::feedback::count_created_between(db, from, message.created_at)
+            );
+            let (started, in_window) = (started?, in_window?);
+            if !started && in_window > coalescing.threshold {
+                return Ok(Opening::Folded { message, in_window });
+            }
+        }
+        let page = claim_page(db, feedback_id, 0, size, token, lease_until, true).await?;
+        return Ok(Opening::Claimed { message, page });
+    }
+    // `burst` is 0 when coalescing is off or something went out already; nothing is
+    // claimed unless the message exists and is not folded (`go`). Every row carries the
+    // message and the page's size (one row of NULL targets when nothing was claimed).
+    const SQL: &str = "WITH msg AS (SELECT * FROM feedback_messages WHERE id = $3), \
+         burst AS (SELECT CASE WHEN $10::bigint = 0 OR EXISTS (SELECT 1 FROM deliveries WHERE feedback_id = $3) THEN 0 \
+         ELSE (SELECT count(*) FROM feedback_messages f, msg m \
+         WHERE f.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $11::bigint) * $11::bigint)::float8) \
+         AND f.created_at <= m.created_at) END AS n), \
+         go AS (SELECT 1 FROM msg, burst WHERE burst.n <= $10::bigint), \
+         due AS (\
+         UPDATE deliveries SET status = $4, claim_token = $5, lease_until = $6, attempts = attempts + 1, updated_at = $7 \
+         WHERE EXISTS (SELECT 1 FROM go) AND feedback_id = $3 \
+         AND ((status = $9 AND next_attempt_at <= $7) OR (status = $4 AND lease_until < $7)) \
+         RETURNING subscription_id, attempts), \
+         page AS (\
+         SELECT id FROM push_subscriptions WHERE EXISTS (SELECT 1 FROM go) AND id > $1 ORDER BY id LIMIT $2), \
+         fresh AS (\
+         INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, claim_token, lease_until, updated_at) \
+         SELECT $3, id, $4, 1, $5, $6, $7 FROM page \
+         ON CONFLICT (feedback_id, subscription_id) DO NOTHING \
+         RETURNING subscription_id, attempts), \
+         claimed AS (SELECT * FROM due UNION ALL SELECT * FROM fresh) \
+         SELECT p.n AS page_size, p.last AS page_last, b.n AS in_window, \
+         m.id AS m_id, m.submitter_name AS m_submitter_name, m.submitter_email AS m_submitter_email, \
+         m.content AS m_content, m.created_at AS m_created_at, m.read_at AS m_read_at, m.handled_at AS m_handled_at, \
+         s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
+         FROM (SELECT count(*) AS n, max(id) AS last FROM page) p \
+         CROSS JOIN burst b LEFT JOIN msg m ON true \
+         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) ON true";
+    let values: [sea_orm::Value; 11] = [
+        0i64.into(),
+        i64::try_from(size).unwrap_or(i64::MAX).into(),
+        feedback_id.into(),
+        SENDING.into(),
+        token.into(),
+        lease_until.into(),
+        super::now().into(),
+        true.into(),
+        RETRY.into(),
+        i64::try_from(coalescing.threshold).unwrap_or(i64::MAX).into(),
+        Ord::max(coalescing.window_secs, 1).into(),
+    ];
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    let Some(first) = rows.first() else { return Ok(Opening::Missing) };
+    if first.try_get::<Option<i64>>("", "m_id")?.is_none() {
+        return Ok(Opening::Missing);
+    }
+    let message = feedback_message::Model::from_query_result(first, "m_")?;
+    let in_window = u64::try_from(first.try_get::<i64>("", "in_window")?).unwrap_or(0);
+    if coalescing.threshold > 0 && in_window > coalescing.threshold {
+        return Ok(Opening::Folded { message, in_window });
+    }
+    let page = page_of(&rows, size)?;
+    Ok(Opening::Claimed { message, page })
+}
+
+/// The claimed page in `rows` of the claiming statements.
+fn page_of(rows: &[sea_orm::QueryResult], size: u64) -> Result<ClaimedPage, DbErr> {
+    use sea_orm::FromQueryResult;
+    let mut page = ClaimedPage::default();
+    for row in rows {
+        let n: i64 = row.try_get("", "page_size")?;
+        page.last = row.try_get("", "page_last")?;
+        page.full = u64::try_from(n).unwrap_or(0) >= size;
+        if row.try_get::<Option<i64>>("", "subscription_id")?.is_some() {
+            page.targets.push(Target::from_query_result(row, "")?);
+        }
+    }
+    Ok(page)
 }

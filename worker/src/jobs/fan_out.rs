@@ -14,8 +14,8 @@ use chrono::Utc;
 use futures::StreamExt;
 use shared::domain::Notification;
 use shared::jobs::FanOut;
-use shared::queries::delivery::{self, Outcome};
-use shared::queries::{dispatch, feedback, subscription};
+use shared::queries::delivery::{self, Coalescing, Opening, Outcome};
+use shared::queries::{dispatch, subscription};
 
 use super::{JobError, backoff};
 use crate::context::WorkerContext;
@@ -30,23 +30,28 @@ const FIRST_PAGE: u64 = 64;
 /// Runs one fan-out job.
 pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
     job.check_version().map_err(|e| JobError::Permanent(e.to_string()))?;
-    // A new message changes the inbox's first page and counts: drop them (while the
-    // message loads) before anyone is notified, so the click lands on an inbox that
-    // shows it.
+    let token = uuid::Uuid::new_v4().simple().to_string();
+    // A new message changes the inbox's first page and counts: drop them (while the run
+    // opens) before anyone is notified, so the click lands on an inbox that shows it.
     let ids = [job.feedback_id];
-    let (message, invalidated) = tokio::join!(feedback::find(&ctx.db, job.feedback_id), super::invalidate(ctx, &ids));
+    let opening = delivery::open_run(&ctx.db, job.feedback_id, FIRST_PAGE, &token, lease(ctx), coalescing(ctx));
+    let (opened, invalidated) = tokio::join!(opening, super::invalidate(ctx, &ids));
     if let Err(e) = invalidated {
         tracing::warn!(feedback_id = job.feedback_id, error = %e, "cache.invalidate_failed");
     }
-    let Some(message) = message? else {
+    let (message, page) = match opened? {
+        Opening::Claimed { message, page } => (message, page),
         // Deleted since it was submitted: there is nothing left to announce.
-        dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
-        return Ok(());
+        Opening::Missing => {
+            dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
+            return Ok(());
+        }
+        Opening::Folded { message, in_window } => {
+            fold_into_digest(&message, in_window, ctx).await?;
+            dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
+            return Ok(());
+        }
     };
-    if fold_into_digest(&message, ctx).await? {
-        dispatch::mark_completed(&ctx.db, job.dispatch_id).await?;
-        return Ok(());
-    }
     let notification =
         Notification::for_feedback(message.id, &message.submitter_name, &message.content, &ctx.settings.web.public_url);
     let run = Run {
@@ -54,10 +59,10 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         feedback_id: message.id,
         payload: notification.to_payload(),
         topic: format!("feedback{}", message.id),
-        token: uuid::Uuid::new_v4().simple().to_string(),
+        token,
     };
-    let stats = run.deliver_all().await?;
-    delivery::close_run(&ctx.db, message.id, job.dispatch_id).await?;
+    let (stats, sent) = run.deliver_all(page).await?;
+    delivery::close_run(&ctx.db, message.id, job.dispatch_id, &sent, &run.token).await?;
     tracing::info!(
         feedback_id = message.id,
         sent = stats.sent,
@@ -69,39 +74,40 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
     Ok(())
 }
 
-/// Coalescing: past `NOTIFY_BURST_THRESHOLD` messages in one window, a message is not
-/// announced on its own but counted in the window's digest, scheduled for the window's
-/// end (once per window). Only a first run folds: a message some deliveries already went
-/// out for is finished normally.
+/// How long a claim holds: longer than one send can take (the request timeout) plus a
+/// margin for recording it. If the worker dies, the claim lapses after this and the
+/// delivery is sent again (the only duplicates possible are these in-flight ones).
+fn lease(ctx: &WorkerContext) -> chrono::DateTime<Utc> {
+    let hold = ctx.settings.push.request_timeout + Duration::from_secs(5);
+    shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(30))
+}
+
+/// Coalescing as configured: past `NOTIFY_BURST_THRESHOLD` messages in one window, a
+/// message's first run folds it into the window's digest. In-process mode has no queue to
+/// schedule a digest on: every message goes out alone.
+fn coalescing(ctx: &WorkerContext) -> Coalescing {
+    let worker = &ctx.settings.worker;
+    if ctx.queue.is_none() {
+        return Coalescing::OFF;
+    }
+    let window_secs = i64::try_from(worker.burst_window.as_secs()).unwrap_or(60).max(1);
+    Coalescing { threshold: worker.burst_threshold, window_secs }
+}
+
+/// Schedules the digest of the window `message` falls in, for the window's end (once per
+/// window however many messages ask).
 async fn fold_into_digest(
     message: &shared::entities::feedback_message::Model,
+    in_window: u64,
     ctx: &WorkerContext,
-) -> Result<bool, JobError> {
-    let worker = &ctx.settings.worker;
-    // In-process mode has no queue to schedule a digest on: every message goes out alone.
-    let Some(queue) = &ctx.queue else { return Ok(false) };
-    if worker.burst_threshold == 0 {
-        return Ok(false);
-    }
-    let window = i64::try_from(worker.burst_window.as_secs()).unwrap_or(60).max(1);
-    let created = message.created_at.timestamp();
-    let start = created.div_euclid(window) * window;
-    let from = chrono::DateTime::from_timestamp(start, 0).unwrap_or(message.created_at);
-    // Both questions at once: has anything gone out for it, and how busy is its window.
-    let (started, in_window) = tokio::join!(
-        delivery::any_of_feedback(&ctx.db, message.id),
-        feedback::count_created_between(&ctx.db, from, message.created_at)
-    );
-    let (started, in_window) = (started?, in_window?);
-    if started || in_window <= worker.burst_threshold {
-        return Ok(false);
-    }
-    queue
-        .schedule_digest(&shared::jobs::Digest::new(start, start + window), None)
-        .await
-        .map_err(JobError::retryable)?;
-    tracing::info!(feedback_id = message.id, in_window, window_end = start + window, "fan_out.folded_into_digest");
-    Ok(true)
+) -> Result<(), JobError> {
+    let Some(queue) = &ctx.queue else { return Ok(()) };
+    let coalescing = coalescing(ctx);
+    let start = coalescing.window_start(message.created_at);
+    let end = start + coalescing.window_secs;
+    queue.schedule_digest(&shared::jobs::Digest::new(start, end), None).await.map_err(JobError::retryable)?;
+    tracing::info!(feedback_id = message.id, in_window, window_end = end, "fan_out.folded_into_digest");
+    Ok(())
 }
 
 /// Counts of outcomes in one run.
@@ -160,38 +166,32 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
-    /// How long a claim holds: longer than one send can take (the request timeout) plus
-    /// a margin for recording it. If the worker dies, the claim lapses after this and the
-    /// delivery is sent again (the only duplicates possible are these in-flight ones).
-    fn lease(&self) -> chrono::DateTime<Utc> {
-        let hold = self.ctx.settings.push.request_timeout + Duration::from_secs(5);
-        shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(30))
-    }
-
-    async fn deliver_all(&self) -> Result<Stats, JobError> {
+    /// Sends the run's deliveries, starting with its first `page` (claimed when the run
+    /// opened, with the deliveries due again: retries whose time has come, claims
+    /// abandoned by a crashed worker; small, so the first pushes leave at once). Every
+    /// further page is claimed while the one before it is being sent; a page that is not
+    /// full is the last. Returns the counts and the successes of the last page, if it was
+    /// sent all at once: the caller records them with the run's close.
+    async fn deliver_all(&self, mut page: delivery::ClaimedPage) -> Result<(Stats, Vec<i64>), JobError> {
         let mut stats = Stats::default();
-        // The first page comes with the deliveries due again (retries whose time has come,
-        // claims abandoned by a crashed worker). It is small, so the first pushes leave at
-        // once; every further page is claimed while the one before it is being sent. A
-        // page that is not full is the last.
-        let mut page = self.claim_page(0, FIRST_PAGE, true).await?;
         loop {
             let next = page.last.filter(|_| page.full);
             let targets = std::mem::take(&mut page.targets);
             let Some(after) = next else {
-                stats.add(self.send(targets).await?);
-                return Ok(stats);
+                let (last, unrecorded) = self.send(targets, true).await?;
+                stats.add(last);
+                return Ok((stats, unrecorded));
             };
-            let (sent, claimed) = tokio::join!(self.send(targets), self.claim_page(after, PAGE, false));
-            stats.add(sent?);
+            let (sent, claimed) = tokio::join!(self.send(targets, false), self.claim_page(after));
+            stats.add(sent?.0);
             page = claimed?;
         }
     }
 
-    /// Claims the deliveries to the next `size` subscriptions after id `after`.
-    async fn claim_page(&self, after: i64, size: u64, with_due: bool) -> Result<delivery::ClaimedPage, JobError> {
+    /// Claims the deliveries to the next page of subscriptions after id `after`.
+    async fn claim_page(&self, after: i64) -> Result<delivery::ClaimedPage, JobError> {
         let db = &self.ctx.db;
-        Ok(delivery::claim_page(db, self.feedback_id, after, size, &self.token, self.lease(), with_due).await?)
+        Ok(delivery::claim_page(db, self.feedback_id, after, PAGE, &self.token, lease(self.ctx), false).await?)
     }
 
     /// Sends the claimed deliveries `targets`, with bounded concurrency.
@@ -202,18 +202,25 @@ impl Run<'_> {
     /// batches are ready during one write. If the worker dies, the pushes not yet
     /// recorded (in flight, in a batch waiting or being written, or in the batch the
     /// sender holds: at most four times `PUSH_CONCURRENCY`) are the only ones sent again.
-    async fn send(&self, targets: Vec<delivery::Target>) -> Result<Stats, JobError> {
+    ///
+    /// With `defer`, successes of targets sent all at once (no more than
+    /// `PUSH_CONCURRENCY`) are returned unrecorded when every push came to an outcome: the
+    /// caller records them with its next statement.
+    async fn send(&self, targets: Vec<delivery::Target>, defer: bool) -> Result<(Stats, Vec<i64>), JobError> {
         if targets.is_empty() {
-            return Ok(Stats::default());
+            return Ok((Stats::default(), Vec::new()));
         }
         let concurrency = self.ctx.settings.push.concurrency.max(1);
         if targets.len() <= concurrency {
-            // All at once: send them, then record the successes.
+            // All at once: send them, then record the successes (or hand them back).
             let results =
                 futures::stream::iter(targets).map(|target| self.deliver(target)).buffer_unordered(concurrency);
             let (stats, sent, error) = tally(results.collect::<Vec<_>>().await);
+            if defer && error.is_none() {
+                return Ok((stats, sent));
+            }
             delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
-            return error.map_or(Ok(stats), Err);
+            return error.map_or(Ok((stats, Vec::new())), Err);
         }
         // Room for one chunk waiting: the sender waits when the recorder falls behind.
         let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
@@ -244,7 +251,7 @@ impl Run<'_> {
         };
         let (stats, recorded) = tokio::join!(sender, recorder);
         recorded?;
-        stats
+        Ok((stats?, Vec::new()))
     }
 
     /// Sends to one subscription and records the outcome, except a success, which the
