@@ -246,6 +246,7 @@ async fn run(
     let redis_before = procs::redis_used_memory_mib(&cli.redis).await;
     let before = stack.cpu();
     let servers_before = (procs::cpu_by_name(&["postgres"]), procs::cpu_by_name(&["redis-server"]));
+    let (bench_before, machine_before) = (procs::cpu_seconds(std::process::id()), procs::machine_busy_seconds());
     let started = Instant::now();
     match cli.scenario {
         Scenario::Submit { connections, seconds } => {
@@ -300,12 +301,32 @@ async fn run(
     report.figure("worker_cpu_seconds", after.1 - before.1);
     report.figure("postgres_cpu_seconds", procs::cpu_between(&servers_before.0, &procs::cpu_by_name(&["postgres"])));
     report.figure("redis_cpu_seconds", procs::cpu_between(&servers_before.1, &procs::cpu_by_name(&["redis-server"])));
+    // The load generator and the push-service stand-in run in this process.
+    report.figure("bench_cpu_seconds", procs::cpu_seconds(std::process::id()) - bench_before);
+    let machine_busy = procs::machine_busy_seconds() - machine_before;
+    report.figure("machine_busy_cpu_seconds", machine_busy);
+    if let Scenario::Submit { .. } = cli.scenario {
+        cpu_ceiling(&mut report, machine_busy);
+    }
     report.figure("web_peak_rss_mib", peak_rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
     report.figure("redis_used_mib_before", redis_before);
     report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
     stack.stop().await;
     Ok(report)
+}
+
+/// What the machine's cores allow at the CPU one submission cost in this run, counting
+/// every process (the load generator, PostgreSQL, Redis and the kernel too): the ceiling
+/// no change to the web or the worker alone can lift past.
+fn cpu_ceiling(report: &mut Report, machine_busy: f64) {
+    let accepted = report.get("accepted").unwrap_or(0.0);
+    if accepted <= 0.0 || machine_busy <= 0.0 {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map_or(1, usize::from) as f64;
+    report.figure("machine_cpu_ms_per_submission", machine_busy * 1000.0 / accepted);
+    report.figure("cpu_ceiling_per_second", cores * accepted / machine_busy);
 }
 
 fn scenario_name(scenario: Scenario) -> &'static str {
