@@ -3,11 +3,9 @@
 //! apalis-redis is the engine; this module fixes what its defaults get wrong for us
 //! (see `docs/ARCHITECTURE.md`):
 //!
-//! - **Wake on push.** The push script announces every job due now on the queue's
-//!   `tasks:…:available` channel (apalis-redis's events, on for pushes only), so the push
-//!   and the wake are one call; workers subscribe to it and to the namespace's wake
-//!   channel (anyone else who wants a fetch) and fetch at once, with a slow fallback
-//!   timer (`QUEUE_POLL_MS`) in case a message is missed.
+//! - **Wake on push.** After every push the producer `PUBLISH`es on the namespace's wake
+//!   channel; workers subscribe to it and fetch at once, with a slow fallback timer
+//!   (`QUEUE_POLL_MS`) in case a message is missed.
 //! - **Payloads never crash a worker.** Jobs travel as raw bytes ([`RawJob`]) through a
 //!   codec that cannot fail ([`RawCodec`]); the handler parses them and dead-letters what
 //!   it can't read, so a malformed payload can't kill the worker's fetch loop.
@@ -208,9 +206,6 @@ pub struct JobQueue {
     conn: ConnectionManager,
     namespace: String,
     fan_out: Config,
-    /// `fan_out` for pushes: apalis-redis's push script then announces each job due now
-    /// on [`JobQueue::announce_channel`], so the push and the wake are one call.
-    push: Config,
 }
 
 impl std::fmt::Debug for JobQueue {
@@ -230,20 +225,7 @@ impl JobQueue {
         let conn = tokio::time::timeout(CONNECT_TIMEOUT, client.get_connection_manager_with_config(config))
             .await
             .map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
-        let fan_out = config_for_queue(namespace, FAN_OUT_QUEUE);
-        let push = fan_out.clone().emit_events(true);
-        Ok(Self { conn, namespace: namespace.to_owned(), fan_out, push })
-    }
-
-    /// The channel apalis-redis's push script announces each job due now on.
-    pub fn announce_channel(&self) -> String {
-        format!("tasks:{}:available", self.fan_out.active_jobs_list())
-    }
-
-    /// The channels a worker listens on to fetch at once: the push script's
-    /// announcements and the wake channel (anything else that wants a fetch).
-    pub fn wake_channels(&self) -> Vec<String> {
-        vec![self.announce_channel(), wake_channel(&self.namespace)]
+        Ok(Self { conn, namespace: namespace.to_owned(), fan_out: config_for_queue(namespace, FAN_OUT_QUEUE) })
     }
 
     /// The key namespace every key of this queue lives under.
@@ -426,26 +408,31 @@ impl JobQueue {
     }
 
     async fn push_and_wake(&self, task: apalis_redis::RedisTask) -> Result<(), QueueError> {
-        let mut conn = self.conn.clone();
-        let push = apalis_redis::queries::push_tasks(&mut conn, &self.push, std::slice::from_ref(&task));
-        tokio::time::timeout(CONNECT_TIMEOUT, push).await.map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))??;
-        Ok(())
+        self.push_and_wake_all(std::slice::from_ref(&task)).await.map(|_| ())
     }
 
-    /// Pushes `tasks` (the push script wakes the workers) and reads the backlog after
-    /// them, both in one round trip on the multiplexed connection; returns the backlog.
+    /// Pushes `tasks`, wakes the workers and reads the backlog, all in one round trip;
+    /// returns the backlog.
+    ///
+    /// The push script and the pipeline after it go out back to back on the one
+    /// multiplexed connection, so Redis runs them in that order: the wake follows the
+    /// push (should it ever come first, as when Redis must load the script again, the
+    /// worker's repeated wake fetches the job 15 ms later) and the backlog counts it.
     async fn push_and_wake_all(&self, tasks: &[apalis_redis::RedisTask]) -> Result<u64, QueueError> {
-        let (mut conn, mut read) = (self.conn.clone(), self.conn.clone());
-        let mut backlog = redis::pipe();
-        backlog.zcard(self.fan_out.scheduled_jobs_set()).llen(self.fan_out.active_jobs_list());
+        let (mut conn, mut then) = (self.conn.clone(), self.conn.clone());
+        let mut wake_and_count = redis::pipe();
+        wake_and_count
+            .publish(wake_channel(&self.namespace), FAN_OUT_QUEUE)
+            .ignore()
+            .zcard(self.fan_out.scheduled_jobs_set())
+            .llen(self.fan_out.active_jobs_list());
         let both = async {
-            // Sent in this order on the one connection: the backlog counts the pushed jobs.
-            let (pushed, backlog) = tokio::join!(
-                apalis_redis::queries::push_tasks(&mut conn, &self.push, tasks),
-                backlog.query_async::<(u64, u64)>(&mut read)
+            let (pushed, counted) = tokio::join!(
+                apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, tasks),
+                wake_and_count.query_async::<(u64, u64)>(&mut then)
             );
             pushed?;
-            let (scheduled, active) = backlog?;
+            let (scheduled, active) = counted?;
             Ok::<_, QueueError>(scheduled + active)
         };
         tokio::time::timeout(CONNECT_TIMEOUT, both).await.map_err(|_| QueueError::Timeout(CONNECT_TIMEOUT))?

@@ -229,9 +229,14 @@ async fn running_workers_report_themselves_to_readyz_and_status() {
 #[tokio::test]
 async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once() {
     // apalis' own poller can sit idle until the 30 s heartbeat; ours must not. The
-    // fallback timer is set far away, so only the wake on push can deliver in time.
+    // fallback timer, the relay and the heartbeat (a quarter of the recovery bound) are
+    // set far away, so only the wake on push can deliver in time.
     let app = spawn_app_with(Options {
-        env: vec![("QUEUE_POLL_MS".into(), "60000".into()), ("RELAY_INTERVAL_MS".into(), "60000".into())],
+        env: vec![
+            ("QUEUE_POLL_MS".into(), "600000".into()),
+            ("RELAY_INTERVAL_MS".into(), "600000".into()),
+            ("WORKER_RECOVERY_SECS".into(), "600".into()),
+        ],
         ..Options::default()
     })
     .await;
@@ -240,7 +245,7 @@ async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once(
 
     app.submit_valid_feedback("Ann", "after a long silence").await;
 
-    // A stall would last until the next heartbeat (up to 30 s) or fallback poll (60 s).
+    // A stall would last until the next heartbeat (150 s) or fallback poll (600 s).
     let received = app.push.wait_for_received(1, Duration::from_secs(5)).await;
     assert_eq!(received.len(), 1, "picked up by the wake, not by a heartbeat");
 }

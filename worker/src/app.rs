@@ -227,7 +227,7 @@ impl Application {
                 .with_codec(RawCodec)
                 .poll_with_strategy(wake_strategy(
                     &settings.redis_url,
-                    ctx.queue.wake_channels(),
+                    shared::queue::wake_channel(ctx.queue.namespace()),
                     settings.worker.poll_interval,
                 ));
             update(&health, |r| {

@@ -1,8 +1,8 @@
 //! apalis wiring the stock defaults get wrong (see `docs/ARCHITECTURE.md`):
 //!
 //! - [`wake_strategy`]: the poll strategy. apalis-redis's interval poller can stall until
-//!   the 30 s heartbeat, so workers fetch when a producer's push script announces a job
-//!   (or anyone `PUBLISH`es on the wake channel), plus on a fallback timer that re-arms itself correctly (tokio's interval).
+//!   the 30 s heartbeat, so workers fetch when a producer `PUBLISH`es on the wake
+//!   channel, plus on a fallback timer that re-arms itself correctly (tokio's interval).
 //! - [`Periodic`]: periodic work that runs once per tick across all worker processes:
 //!   each tick is claimed with `SET NX PX` in Redis, so no process is special and any
 //!   of them may die without stopping the schedule.
@@ -30,9 +30,9 @@ pub fn worker_name(queue: &str) -> String {
     format!("{queue}-{host}-{}-{}", std::process::id(), &id[..8])
 }
 
-/// Wakes the worker's fetch loop: once per message on any of the wake `channels` (with
-/// one repeat shortly after) and every `fallback` at the latest. Reconnects to Redis by itself.
-pub fn wake_strategy(redis_url: &str, channels: Vec<String>, fallback: Duration) -> WakeStrategy {
+/// Wakes the worker's fetch loop: once per message on the wake channel (with one repeat
+/// shortly after) and every `fallback` at the latest. Reconnects to Redis by itself.
+pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration) -> WakeStrategy {
     let (tx, rx) = mpsc::channel::<()>(1);
     let timer_tx = tx.clone();
     tokio::spawn(async move {
@@ -52,7 +52,7 @@ pub fn wake_strategy(redis_url: &str, channels: Vec<String>, fallback: Duration)
             if tx.is_closed() {
                 return;
             }
-            if let Err(e) = forward_wakes(&redis_url, &channels, &tx).await {
+            if let Err(e) = forward_wakes(&redis_url, &channel, &tx).await {
                 tracing::warn!(error = %e, "queue.wake_subscription_lost; retrying");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -85,25 +85,18 @@ impl PollStrategy for WakeStrategy {
     }
 }
 
-async fn forward_wakes(redis_url: &str, channels: &[String], tx: &mpsc::Sender<()>) -> redis::RedisResult<()> {
+async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) -> redis::RedisResult<()> {
     let client = redis::Client::open(redis_url)?;
     let mut pubsub = client.get_async_pubsub().await?;
-    pubsub.subscribe(channels).await?;
+    pubsub.subscribe(channel).await?;
     let mut messages = pubsub.on_message();
-    // One repeat covers every message that arrives before it fires (a batch of jobs is
-    // announced one message per job).
-    let repeat_pending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     while messages.next().await.is_some() {
         if tx.try_send(()).is_err() && tx.is_closed() {
             return Ok(());
         }
-        if repeat_pending.swap(true, std::sync::atomic::Ordering::AcqRel) {
-            continue;
-        }
-        let (tx, pending) = (tx.clone(), repeat_pending.clone());
+        let tx = tx.clone();
         tokio::spawn(async move {
             tokio::time::sleep(REPEAT_WAKE_AFTER).await;
-            pending.store(false, std::sync::atomic::Ordering::Release);
             let _ = tx.try_send(());
         });
     }
