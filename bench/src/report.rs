@@ -49,11 +49,6 @@ impl Report {
         self.figures.push((name.to_owned(), value));
     }
 
-    /// The figure `name` recorded last, if any.
-    pub fn get(&self, name: &str) -> Option<f64> {
-        self.figures.iter().rev().find(|(n, _)| n == name).map(|(_, v)| *v)
-    }
-
     /// Records a text (a query plan), printed after the table and saved.
     pub fn note(&mut self, name: &str, text: String) {
         self.notes.insert(name.to_owned(), text);
