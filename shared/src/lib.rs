@@ -17,6 +17,7 @@
 //! - [`db`]: database connections.
 //! - [`worker_health`]: what worker processes report about themselves in Redis.
 
+pub mod batch;
 pub mod budget;
 pub mod cache;
 pub mod db;

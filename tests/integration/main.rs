@@ -8,6 +8,7 @@ mod cache;
 mod feedback_form;
 mod fleet;
 mod immediate;
+mod intake;
 mod jobs;
 mod locks;
 mod measure;

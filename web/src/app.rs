@@ -63,6 +63,7 @@ impl Application {
         }
         let dispatcher = Arc::new(dispatcher);
         let state = AppState {
+            intake: crate::intake::Intake::start(db.clone(), &metrics),
             db,
             dispatcher,
             submit_limiter: Arc::new(SubmitLimiter::new(settings.web.submit_rate_limit)),

@@ -14,6 +14,7 @@ pub mod cache;
 pub mod commands;
 pub mod dispatch;
 pub mod error;
+pub mod intake;
 pub mod middleware;
 pub mod routes;
 pub mod session;

@@ -14,6 +14,8 @@ use crate::middleware::rate_limit::SubmitLimiter;
 pub struct AppState {
     /// Database pool.
     pub db: DatabaseConnection,
+    /// Stores submissions (in batches under load).
+    pub intake: crate::intake::Intake,
     /// Hands committed feedback to the Redis queue.
     pub dispatcher: Arc<Dispatcher>,
     /// Per-client limit on feedback submissions.

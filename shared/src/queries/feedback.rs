@@ -43,6 +43,72 @@ where
     Ok(submitted)
 }
 
+/// Stores many submissions, each `(feedback, request id)` with its dispatch record, and
+/// returns their ids in the same order. Each submission is atomic as with
+/// [`insert_for_request`]; all of them commit together or not at all.
+///
+/// On PostgreSQL this is one statement (the rows travel as one JSON array); elsewhere a
+/// transaction of two inserts per submission.
+pub async fn insert_many_for_requests<C>(
+    db: &C,
+    submissions: &[(&NewFeedback, Option<&str>)],
+) -> Result<Vec<Submitted>, DbErr>
+where
+    C: TransactionTrait + ConnectionTrait,
+{
+    use sea_orm::{DbBackend, Statement};
+    if submissions.is_empty() {
+        return Ok(Vec::new());
+    }
+    if db.get_database_backend() != DbBackend::Postgres {
+        let txn = db.begin().await?;
+        let mut submitted = Vec::with_capacity(submissions.len());
+        for (feedback, request_id) in submissions {
+            submitted.push(insert_with_dispatch_in(&txn, feedback, *request_id).await?);
+        }
+        txn.commit().await?;
+        return Ok(submitted);
+    }
+    // The ids are drawn first, one per row in its place (`o`), so each answer is matched
+    // to its submission without relying on the order rows come back in.
+    const SQL: &str = "WITH input AS (\
+         SELECT * FROM json_to_recordset($1::json) AS t(o int, n text, e text, c text, r text)), \
+         ids AS (SELECT o, nextval(pg_get_serial_sequence('feedback_messages', 'id')) AS id FROM input), \
+         message AS (\
+         INSERT INTO feedback_messages (id, submitter_name, submitter_email, content, created_at) \
+         SELECT ids.id, input.n, input.e, input.c, $2 FROM input JOIN ids USING (o) RETURNING id), \
+         dispatch AS (\
+         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count, request_id) \
+         SELECT m.id, $2, $2, 0, input.r FROM message m JOIN ids ON ids.id = m.id JOIN input USING (o) \
+         RETURNING id, feedback_id) \
+         SELECT ids.o, d.feedback_id, d.id FROM dispatch d JOIN ids ON ids.id = d.feedback_id";
+    let rows: Vec<serde_json::Value> = submissions
+        .iter()
+        .enumerate()
+        .map(|(o, (feedback, request_id))| {
+            serde_json::json!({
+                "o": o,
+                "n": feedback.submitter_name.as_str(),
+                "e": feedback.submitter_email.as_str(),
+                "c": feedback.content.as_str(),
+                "r": request_id,
+            })
+        })
+        .collect();
+    let values: [sea_orm::Value; 2] = [serde_json::Value::Array(rows).to_string().into(), super::now().into()];
+    let answers = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    let mut submitted = vec![None; submissions.len()];
+    for row in answers {
+        let o: i32 = row.try_get("", "o")?;
+        let slot = usize::try_from(o).ok().and_then(|o| submitted.get_mut(o));
+        if let Some(slot) = slot {
+            *slot =
+                Some(Submitted { feedback_id: row.try_get("", "feedback_id")?, dispatch_id: row.try_get("", "id")? });
+        }
+    }
+    submitted.into_iter().collect::<Option<Vec<_>>>().ok_or(DbErr::RecordNotInserted)
+}
+
 /// [`insert_for_request`] on PostgreSQL: the message and its dispatch record in one
 /// statement, a data-modifying `WITH`.
 async fn insert_in_one_statement<C: ConnectionTrait>(

@@ -95,13 +95,7 @@ impl FeedbackApi {
                 return Ok(SubmitResponse::Invalid(Json(ValidationErrors { errors })));
             }
         };
-        match shared::queries::feedback::insert_for_request(
-            &state.db,
-            &feedback,
-            crate::middleware::request_id::current().as_deref(),
-        )
-        .await
-        {
+        match state.intake.submit(feedback, crate::middleware::request_id::current()).await {
             Ok(submitted) => {
                 tracing::info!(feedback_id = submitted.feedback_id, "feedback.submitted");
                 state.count_submission("api", "accepted");

@@ -74,12 +74,7 @@ async fn submit(
             return Ok(render(StatusCode::UNPROCESSABLE_ENTITY, &form));
         }
     };
-    let submitted = shared::queries::feedback::insert_for_request(
-        &state.db,
-        &feedback,
-        crate::middleware::request_id::current().as_deref(),
-    )
-    .await?;
+    let submitted = state.intake.submit(feedback, crate::middleware::request_id::current()).await?;
     tracing::info!(feedback_id = submitted.feedback_id, "feedback.submitted");
     state.count_submission("form", "accepted");
     state.dispatcher.announce_after_commit(submitted).await;

@@ -1,0 +1,121 @@
+//! Group writes: a few writer tasks take whatever requests wait and serve them with one
+//! call, the way a database groups commits.
+//!
+//! Alone, a request is served at once; under load, those that arrive while the writers
+//! are busy go out together, so the cost per request falls as the load rises. A request
+//! is answered only when the call that served it has returned.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use sea_orm::DbErr;
+use tokio::sync::{Mutex, mpsc, oneshot};
+
+/// A request waiting for a writer, and where to answer it.
+type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>);
+
+/// The writers' inbox; cheap to clone.
+pub struct Batcher<I, O> {
+    inbox: mpsc::Sender<Waiting<I, O>>,
+}
+
+impl<I, O> Clone for Batcher<I, O> {
+    fn clone(&self) -> Self {
+        Self { inbox: self.inbox.clone() }
+    }
+}
+
+impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
+    /// Starts `writers` tasks that each take up to `max_batch` waiting requests and
+    /// serve them with `write`, which answers each request in its place. At most
+    /// `max_waiting` requests wait; past it a caller waits for room.
+    pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, write: F) -> Self
+    where
+        F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
+        Fut: Future<Output = Vec<Result<O, DbErr>>> + Send,
+    {
+        let (inbox, waiting) = mpsc::channel::<Waiting<I, O>>(max_waiting.max(1));
+        let waiting = Arc::new(Mutex::new(waiting));
+        let write = Arc::new(write);
+        for _ in 0..writers.max(1) {
+            let (waiting, write) = (Arc::clone(&waiting), Arc::clone(&write));
+            tokio::spawn(async move {
+                loop {
+                    let batch = {
+                        let mut waiting = waiting.lock().await;
+                        let Some(first) = waiting.recv().await else { return };
+                        let mut batch = vec![first];
+                        while batch.len() < max_batch.max(1) {
+                            match waiting.try_recv() {
+                                Ok(next) => batch.push(next),
+                                Err(_) => break,
+                            }
+                        }
+                        batch
+                    };
+                    let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+                    let mut answers = write(items).await.into_iter();
+                    for reply in replies {
+                        let answer =
+                            answers.next().unwrap_or_else(|| Err(DbErr::Custom("the batch gave no answer".into())));
+                        let _ = reply.send(answer);
+                    }
+                }
+            });
+        }
+        Self { inbox }
+    }
+
+    /// Hands `item` to the writers and waits for its answer.
+    pub async fn call(&self, item: I) -> Result<O, DbErr> {
+        let (reply, answer) = oneshot::channel();
+        let stopped = || DbErr::Custom("the writers stopped".into());
+        self.inbox.send((item, reply)).await.map_err(|_| stopped())?;
+        answer.await.map_err(|_| stopped())?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Batcher;
+
+    #[tokio::test]
+    async fn every_request_gets_its_own_answer_and_waiting_ones_go_together() {
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&sizes);
+        let batcher = Batcher::start(1, 8, 100, move |items: Vec<u32>| {
+            seen.lock().expect("lock").push(items.len());
+            async move {
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+                items.into_iter().map(|i| Ok(i * 10)).collect()
+            }
+        });
+
+        let calls: Vec<_> = (0..20)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.call(i).await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for call in calls {
+            answers.push(call.await.expect("joined").expect("answered"));
+        }
+
+        assert_eq!(answers, (0..20).map(|i| i * 10).collect::<Vec<_>>());
+        let sizes = sizes.lock().expect("lock").clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 20);
+        assert!(sizes.len() < 20 && sizes.iter().all(|&n| n <= 8), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_answers_short_fails_the_rest_clearly() {
+        let batcher = Batcher::start(1, 8, 100, |items: Vec<u32>| async move {
+            items.into_iter().take(0).map(Ok).collect::<Vec<_>>()
+        });
+
+        let answer = batcher.call(1).await;
+
+        assert!(answer.is_err());
+    }
+}

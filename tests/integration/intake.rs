@@ -1,0 +1,103 @@
+//! Storing submissions in batches: every submission keeps its own message, dispatch
+//! record and request id, on both databases.
+
+use reqwest::StatusCode;
+use sea_orm::EntityTrait;
+use shared::domain::NewFeedback;
+use shared::entities::{dispatch, feedback_message};
+use shared::queries::feedback::insert_many_for_requests;
+use tidings_tests::harness::{Backend, Options, spawn_app_with};
+
+/// Content that a hand-built literal would get wrong.
+fn tricky(i: usize) -> String {
+    format!("\"quoted\" {{braces}}, [brackets] \\back\\slash\n'single' é ✓ 🎉 NULL {i}")
+}
+
+async fn a_batch_keeps_each_submission_apart(backend: Backend) {
+    // Arrange
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    let feedback: Vec<NewFeedback> = (0..5)
+        .map(|i| NewFeedback::parse(&format!("Visitor {i}"), &format!("v{i}@example.com"), &tricky(i)).expect("valid"))
+        .collect();
+    let request_ids: Vec<Option<String>> = (0..5).map(|i| (i % 2 == 0).then(|| format!("req-{i}"))).collect();
+    let rows: Vec<(&NewFeedback, Option<&str>)> =
+        feedback.iter().zip(&request_ids).map(|(f, r)| (f, r.as_deref())).collect();
+
+    // Act
+    let submitted = insert_many_for_requests(&app.db, &rows).await.expect("stored");
+
+    // Assert: the answers come back in the submissions' order, each with its own rows.
+    assert_eq!(submitted.len(), 5);
+    for (i, one) in submitted.iter().enumerate() {
+        let message = feedback_message::Entity::find_by_id(one.feedback_id).one(&app.db).await.expect("query");
+        let message = message.expect("the message exists");
+        assert_eq!(message.submitter_name, format!("Visitor {i}"));
+        assert_eq!(message.submitter_email, format!("v{i}@example.com"));
+        assert_eq!(message.content, tricky(i));
+        let record = dispatch::Entity::find_by_id(one.dispatch_id).one(&app.db).await.expect("query");
+        let record = record.expect("the dispatch record exists");
+        assert_eq!(record.feedback_id, one.feedback_id);
+        assert_eq!(record.request_id, request_ids[i]);
+        assert_eq!(record.completed_at, None);
+    }
+    assert!(insert_many_for_requests(&app.db, &[]).await.expect("nothing to store").is_empty());
+}
+
+#[tokio::test]
+async fn a_batch_keeps_each_submission_apart_on_postgres() {
+    a_batch_keeps_each_submission_apart(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_batch_keeps_each_submission_apart_on_sqlite() {
+    a_batch_keeps_each_submission_apart(Backend::Sqlite).await;
+}
+
+async fn concurrent_submissions_each_get_their_own_message(backend: Backend) {
+    // Arrange: enough at once that the writers batch them.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    let count = 120;
+
+    // Act
+    let answers = futures::future::join_all((0..count).map(|i| {
+        let app = &app;
+        async move {
+            let body = serde_json::json!({
+                "submitter_name": format!("Visitor {i}"),
+                "submitter_email": "v@example.com",
+                "content": tricky(i),
+            });
+            let response = app.post_api_feedback(&body).await;
+            assert_eq!(response.status(), StatusCode::CREATED);
+            let created: serde_json::Value = response.json().await.expect("json");
+            (i, created["id"].as_i64().expect("an id"))
+        }
+    }))
+    .await;
+
+    // Assert: every answer names the message its request sent, and nothing else was stored.
+    assert_eq!(app.feedback_count().await, count as u64);
+    for (i, id) in answers {
+        let message = feedback_message::Entity::find_by_id(id).one(&app.db).await.expect("query").expect("stored");
+        assert_eq!((message.submitter_name, message.content), (format!("Visitor {i}"), tricky(i)));
+    }
+    // ... and they were written together: fewer statements than submissions.
+    let metrics = app.client.get(format!("{}/metrics", app.address)).send().await.expect("metrics");
+    let metrics = metrics.text().await.expect("text");
+    let writes: u64 = metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("tidings_submission_writes_total "))
+        .and_then(|n| n.trim().parse().ok())
+        .expect("the writes are counted");
+    assert!(writes < count as u64, "{writes} writes for {count} submissions");
+}
+
+#[tokio::test]
+async fn concurrent_submissions_each_get_their_own_message_on_postgres() {
+    concurrent_submissions_each_get_their_own_message(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn concurrent_submissions_each_get_their_own_message_on_sqlite() {
+    concurrent_submissions_each_get_their_own_message(Backend::Sqlite).await;
+}
