@@ -1,10 +1,11 @@
-//! Opening and closing a fan-out run (`shared::queries::delivery::{open_run, close_run}`):
-//! one statement each on PostgreSQL, a few on SQLite, and the same answers on both.
+//! Opening and closing fan-out runs (`shared::queries::delivery::{open_run, close_run,
+//! close_runs}`): one statement each on PostgreSQL, a few on SQLite, and the same answers
+//! on both.
 
 use sea_orm::EntityTrait;
 use shared::domain::NewFeedback;
 use shared::entities::{dispatch, push_subscription};
-use shared::queries::delivery::{self, Coalescing, Opening};
+use shared::queries::delivery::{self, Coalescing, Opening, RunToClose};
 use shared::queries::feedback::{Submitted, insert_with_dispatch};
 use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
 
@@ -90,14 +91,30 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
     assert_eq!(dispatches.len(), 1);
     assert!(dispatches[0].completed_at.is_some(), "the run's dispatch completed");
 
-    // Closing a run while a delivery is still claimed (here by the run itself, unsent)
-    // leaves a dispatch for when its claim lapses.
-    let fourth_id = messages[3].feedback_id;
-    let next = delivery::close_run(&app.db, fourth_id, messages[3].dispatch_id, &[], "t3").await.expect("closed");
-    assert!(next.is_some_and(|due| due > shared::queries::now()), "{next:?}");
+    // Many runs closed at once, each answered in its place: a run whose delivery is still
+    // claimed (here by the run itself, unsent) leaves a dispatch for when its claim
+    // lapses; one whose push went out is finished.
+    let second = open(messages[1].feedback_id, "t1", Coalescing::OFF).await;
+    assert_eq!(claimed(&second), Ok(vec![subscription_id]));
+    let (second_id, fourth_id) = (messages[1].feedback_id, messages[3].feedback_id);
+    let sent = [subscription_id];
+    let runs = [
+        RunToClose { feedback_id: fourth_id, dispatch_id: messages[3].dispatch_id, sent: &[], token: "t3" },
+        RunToClose { feedback_id: second_id, dispatch_id: messages[1].dispatch_id, sent: &sent, token: "t1" },
+    ];
+    let next = delivery::close_runs(&app.db, &runs).await.expect("closed");
+    assert_eq!(next.len(), 2);
+    assert!(next[0].is_some_and(|due| due > shared::queries::now()), "{next:?}");
+    assert_eq!(next[1], None, "{next:?}");
     let dispatches = dispatches_of(&app, fourth_id).await;
     assert_eq!(dispatches.len(), 2, "the completed one and the next");
     assert_eq!(dispatches.iter().filter(|d| d.completed_at.is_none()).count(), 1);
+    let dispatches = dispatches_of(&app, second_id).await;
+    assert_eq!(dispatches.len(), 1);
+    assert!(dispatches[0].completed_at.is_some());
+    let deliveries = delivery::of_feedback(&app.db, second_id).await.expect("query");
+    assert_eq!(deliveries.iter().map(|d| d.status.as_str()).collect::<Vec<_>>(), ["sent"]);
+    assert!(delivery::close_runs(&app.db, &[]).await.expect("nothing to close").is_empty());
 }
 
 async fn dispatches_of(app: &TestApp, feedback_id: i64) -> Vec<dispatch::Model> {

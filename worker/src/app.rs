@@ -89,6 +89,7 @@ impl Application {
             .context("VAPID_PRIVATE_KEY is not set: run `web vapid generate` and put its output in .env")?;
         let sender = PushSender::new(sender_config(&settings, private_key))?;
         let db = shared::db::connect(&settings.database_url).await?;
+        let registry = Registry::new();
         let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
             .await
             .context("connecting to Redis (REDIS_URL)")?;
@@ -109,6 +110,7 @@ impl Application {
         Ok(Self {
             ctx: Process {
                 ctx: WorkerContext {
+                    closer: crate::closer::Closer::start(db.clone(), &registry),
                     db,
                     sender: Arc::new(sender),
                     queue: Some(queue.clone()),
@@ -116,7 +118,7 @@ impl Application {
                         shared::cache::Cache::new(queue.connection(), &settings.redis_namespace, &settings.cache)
                     }),
                     settings: Arc::new(settings),
-                    metrics: Registry::new(),
+                    metrics: registry,
                 },
                 queue,
             },

@@ -35,13 +35,15 @@ impl Immediate {
             .clone()
             .context("VAPID_PRIVATE_KEY is not set: run `web vapid generate` and put its output in .env")?;
         let sender = PushSender::new(crate::app::sender_config(&settings, private_key))?;
+        let metrics = Registry::new();
         let ctx = WorkerContext {
+            closer: crate::closer::Closer::start(db.clone(), &metrics),
             db,
             sender: Arc::new(sender),
             queue: None,
             cache: None,
             settings: Arc::new(settings),
-            metrics: Registry::new(),
+            metrics,
         };
         Ok(Self { ctx })
     }

@@ -12,6 +12,7 @@
 
 pub mod app;
 pub mod cli;
+pub mod closer;
 pub mod context;
 pub mod encrypt;
 pub mod immediate;

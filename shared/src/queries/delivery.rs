@@ -440,6 +440,103 @@ pub async fn close_run<C: ConnectionTrait + sea_orm::TransactionTrait>(
     row.map(|row| row.try_get("", "due_at")).transpose()
 }
 
+/// A run for [`close_runs`] to close: as the arguments of [`close_run`].
+#[derive(Debug, Clone, Copy)]
+pub struct RunToClose<'a> {
+    /// The message the run announced.
+    pub feedback_id: i64,
+    /// Its dispatch record.
+    pub dispatch_id: i64,
+    /// Pushes of its last page not recorded yet.
+    pub sent: &'a [i64],
+    /// Its claim token.
+    pub token: &'a str,
+}
+
+/// Closes many runs at once, each as [`close_run`] does; returns, in their order, when
+/// each one's message is next due (the dispatch written for it), if at all. All of them
+/// commit together or not at all.
+///
+/// On PostgreSQL this is one statement; elsewhere [`close_run`] for each.
+pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
+    db: &C,
+    runs: &[RunToClose<'_>],
+) -> Result<Vec<Option<DateTime<Utc>>>, DbErr> {
+    use sea_orm::{DbBackend, Statement};
+    if db.get_database_backend() != DbBackend::Postgres {
+        let mut due = Vec::with_capacity(runs.len());
+        for run in runs {
+            due.push(close_run(db, run.feedback_id, run.dispatch_id, run.sent, run.token).await?);
+        }
+        return Ok(due);
+    }
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // As close_run's statement, for every run: `sent_in` lists each run's successes. The
+    // ids travel as arrays, so the planner looks them up by index (a set-returning
+    // function's row count is a guess, which made it scan whole tables).
+    const SQL: &str = "WITH sent_in AS (\
+         SELECT * FROM unnest($8::text::bigint[], $9::text::text[], $10::text::bigint[]) AS i(f, t, s)), \
+         sent AS (\
+         UPDATE deliveries d SET status = $5, sent_at = $3, lease_until = NULL, last_error = NULL, updated_at = $3 \
+         FROM sent_in i \
+         WHERE d.feedback_id = i.f AND d.subscription_id = i.s AND d.claim_token = i.t AND d.status = $6 \
+         RETURNING d.subscription_id), \
+         success AS (\
+         UPDATE push_subscriptions SET last_success_at = $3, failure_count = 0, last_failure_reason = NULL \
+         WHERE id IN (SELECT subscription_id FROM sent) \
+         AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $7)), \
+         due AS (\
+         SELECT d.feedback_id, min(CASE WHEN d.status = $4 THEN d.next_attempt_at ELSE d.lease_until END) AS at \
+         FROM deliveries d WHERE d.feedback_id = ANY($1::text::bigint[]) AND d.status IN ($4, $6) \
+         AND NOT EXISTS (SELECT 1 FROM sent_in i \
+         WHERE i.f = d.feedback_id AND i.s = d.subscription_id AND i.t = d.claim_token AND d.status = $6) \
+         GROUP BY d.feedback_id), \
+         done AS (UPDATE dispatches SET completed_at = $3 WHERE id = ANY($2::text::bigint[]) AND completed_at IS NULL) \
+         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
+         SELECT feedback_id, $3, at, 0 FROM due WHERE at IS NOT NULL RETURNING feedback_id, due_at";
+    let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
+    let dispatch_ids: Vec<i64> = runs.iter().map(|r| r.dispatch_id).collect();
+    let (mut sent_feedback, mut sent_tokens, mut sent_subscriptions) = (Vec::new(), Vec::new(), Vec::new());
+    for run in runs {
+        for &subscription_id in run.sent {
+            sent_feedback.push(run.feedback_id);
+            sent_tokens.push(token_literal(run.token)?);
+            sent_subscriptions.push(subscription_id);
+        }
+    }
+    let now = super::now();
+    let values: [sea_orm::Value; 10] = [
+        id_array(&feedback_ids).into(),
+        id_array(&dispatch_ids).into(),
+        now.into(),
+        RETRY.into(),
+        SENT.into(),
+        SENDING.into(),
+        success_stale_before(now).into(),
+        id_array(&sent_feedback).into(),
+        format!("{{{}}}", sent_tokens.join(",")).into(),
+        id_array(&sent_subscriptions).into(),
+    ];
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    let mut due = std::collections::HashMap::with_capacity(rows.len());
+    for row in rows {
+        due.insert(row.try_get::<i64>("", "feedback_id")?, row.try_get::<DateTime<Utc>>("", "due_at")?);
+    }
+    Ok(runs.iter().map(|r| due.get(&r.feedback_id).copied()).collect())
+}
+
+/// A claim token as an element of a PostgreSQL array literal: tokens are made of letters,
+/// digits and dashes (UUIDs), which need no quoting; anything else (and `NULL`, which
+/// would read as no value) is refused.
+fn token_literal(token: &str) -> Result<&str, DbErr> {
+    let plain = !token.is_empty()
+        && !token.eq_ignore_ascii_case("null")
+        && token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+    plain.then_some(token).ok_or_else(|| DbErr::Custom(format!("claim token {token:?} is not plain")))
+}
+
 /// `ids` as a PostgreSQL array literal (bound as text: the driver has no array type here).
 fn id_array(ids: &[i64]) -> String {
     format!("{{{}}}", ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))

@@ -62,7 +62,7 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         token,
     };
     let (stats, sent) = run.deliver_all(page).await?;
-    delivery::close_run(&ctx.db, message.id, job.dispatch_id, &sent, &run.token).await?;
+    ctx.closer.close(message.id, job.dispatch_id, sent, run.token.clone()).await?;
     tracing::info!(
         feedback_id = message.id,
         sent = stats.sent,
