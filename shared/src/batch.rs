@@ -1,12 +1,15 @@
 //! Group writes: a few writer tasks take whatever requests wait and serve them with one
 //! call, the way a database groups commits.
 //!
-//! Alone, a request is served at once; under load, those that arrive while the writers
-//! are busy go out together, so the cost per request falls as the load rises. A request
-//! is answered only when the call that served it has returned.
+//! Alone, a request is served at once, in the caller's own task (no hand-over to another
+//! task); while others are in flight, requests wait for a writer, and those that arrive
+//! while the writers are busy go out together, so the cost per request falls as the load
+//! rises. A request is answered only when the call that served it has returned.
 
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use sea_orm::DbErr;
 use tokio::sync::{Mutex, mpsc, oneshot};
@@ -14,15 +17,39 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 /// A request waiting for a writer, and where to answer it.
 type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>);
 
+/// What serves a batch: one answer per request, in its place.
+type Write<I, O> = Arc<dyn Fn(Vec<I>) -> Pin<Box<dyn Future<Output = Vec<Result<O, DbErr>>> + Send>> + Send + Sync>;
+
 /// The writers' inbox; cheap to clone.
 pub struct Batcher<I, O> {
     inbox: mpsc::Sender<Waiting<I, O>>,
+    write: Write<I, O>,
+    /// Requests not answered yet (served, waiting or in a batch).
+    pending: Arc<AtomicUsize>,
 }
 
 impl<I, O> Clone for Batcher<I, O> {
     fn clone(&self) -> Self {
-        Self { inbox: self.inbox.clone() }
+        Self { inbox: self.inbox.clone(), write: Arc::clone(&self.write), pending: Arc::clone(&self.pending) }
     }
+}
+
+/// Counts a request as pending until it is dropped (answered, or its caller gone).
+struct Pending(Arc<AtomicUsize>);
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The answer in first place of `answers`, or an error saying there was none.
+fn first<O>(answers: Vec<Result<O, DbErr>>) -> Result<O, DbErr> {
+    answers.into_iter().next().unwrap_or_else(|| Err(no_answer()))
+}
+
+fn no_answer() -> DbErr {
+    DbErr::Custom("the batch gave no answer".into())
 }
 
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
@@ -32,11 +59,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, write: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
-        Fut: Future<Output = Vec<Result<O, DbErr>>> + Send,
+        Fut: Future<Output = Vec<Result<O, DbErr>>> + Send + 'static,
     {
+        let write: Write<I, O> = Arc::new(move |batch| Box::pin(write(batch)));
         let (inbox, waiting) = mpsc::channel::<Waiting<I, O>>(max_waiting.max(1));
         let waiting = Arc::new(Mutex::new(waiting));
-        let write = Arc::new(write);
         for _ in 0..writers.max(1) {
             let (waiting, write) = (Arc::clone(&waiting), Arc::clone(&write));
             tokio::spawn(async move {
@@ -56,18 +83,22 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
                     let mut answers = write(items).await.into_iter();
                     for reply in replies {
-                        let answer =
-                            answers.next().unwrap_or_else(|| Err(DbErr::Custom("the batch gave no answer".into())));
-                        let _ = reply.send(answer);
+                        let _ = reply.send(answers.next().unwrap_or_else(|| Err(no_answer())));
                     }
                 }
             });
         }
-        Self { inbox }
+        Self { inbox, write, pending: Arc::new(AtomicUsize::new(0)) }
     }
 
-    /// Hands `item` to the writers and waits for its answer.
+    /// Serves `item`: at once in this task when nothing else is pending, else through
+    /// the writers; returns its answer.
     pub async fn call(&self, item: I) -> Result<O, DbErr> {
+        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0;
+        let _pending = Pending(Arc::clone(&self.pending));
+        if alone {
+            return first((self.write)(vec![item]).await);
+        }
         let (reply, answer) = oneshot::channel();
         let stopped = || DbErr::Custom("the writers stopped".into());
         self.inbox.send((item, reply)).await.map_err(|_| stopped())?;
@@ -106,6 +137,19 @@ mod tests {
         let sizes = sizes.lock().expect("lock").clone();
         assert_eq!(sizes.iter().sum::<usize>(), 20);
         assert!(sizes.len() < 20 && sizes.iter().all(|&n| n <= 8), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn a_lone_request_is_served_in_the_callers_task() {
+        let batcher = Batcher::start(1, 8, 100, |items: Vec<()>| async move {
+            items.into_iter().map(|()| Ok(tokio::task::try_id())).collect()
+        });
+
+        let caller = tokio::spawn(async move { (tokio::task::try_id(), batcher.call(()).await) });
+
+        let (caller, served) = caller.await.expect("joined");
+        assert!(caller.is_some());
+        assert_eq!(served.expect("answered"), caller);
     }
 
     #[tokio::test]
