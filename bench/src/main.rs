@@ -254,6 +254,7 @@ async fn run(
             report.param("seconds", seconds);
             report.param("workers", cli.workers);
             submit(&address, connections, Duration::from_secs(seconds), &mut report).await?;
+            worker_progress(&db, &mut report).await?;
         }
         Scenario::E2e { rate, seconds, gap_secs } => {
             let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
@@ -324,6 +325,23 @@ fn cpu_ceiling(report: &mut Report, accepted: usize, machine_busy: f64) {
     report.figure("window_machine_busy_cpu_seconds", machine_busy);
     report.figure("machine_cpu_ms_per_submission", machine_busy * 1000.0 / accepted as f64);
     report.figure("cpu_ceiling_per_second", cores * accepted as f64 / machine_busy);
+}
+
+/// How far the worker got while the submissions came in: the dispatch records it had
+/// completed when the load stopped, of all stored (warm-up included).
+async fn worker_progress(db: &sea_orm::DatabaseConnection, report: &mut Report) -> anyhow::Result<()> {
+    use sea_orm::ConnectionTrait;
+    let row = db
+        .query_one_raw(sea_orm::Statement::from_string(
+            db.get_database_backend(),
+            "SELECT count(*) AS stored, count(completed_at) AS completed FROM dispatches",
+        ))
+        .await?
+        .context("counting dispatch records")?;
+    let (stored, completed): (i64, i64) = (row.try_get("", "stored")?, row.try_get("", "completed")?);
+    report.figure("dispatches_stored", stored as f64);
+    report.figure("dispatches_completed_by_the_end", completed as f64);
+    Ok(())
 }
 
 fn scenario_name(scenario: Scenario) -> &'static str {
