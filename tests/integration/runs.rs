@@ -5,7 +5,7 @@
 use sea_orm::EntityTrait;
 use shared::domain::NewFeedback;
 use shared::entities::{dispatch, push_subscription};
-use shared::queries::delivery::{self, Coalescing, Opening, RunToClose};
+use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
 use shared::queries::feedback::{Submitted, insert_with_dispatch};
 use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
 
@@ -115,6 +115,51 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
     let deliveries = delivery::of_feedback(&app.db, second_id).await.expect("query");
     assert_eq!(deliveries.iter().map(|d| d.status.as_str()).collect::<Vec<_>>(), ["sent"]);
     assert!(delivery::close_runs(&app.db, &[]).await.expect("nothing to close").is_empty());
+}
+
+async fn many_runs_open_at_once_each_with_its_own_claims(backend: Backend) {
+    // Arrange: one subscription; three messages in one window (a threshold of 1 folds the
+    // second and third), and one that does not exist.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let subscription_id = push_subscription::Entity::find().all(&app.db).await.expect("query")[0].id;
+    let mut messages = Vec::new();
+    for n in 0..3 {
+        messages.push(submit(&app, n).await.feedback_id);
+    }
+    let coalescing = Coalescing { threshold: 1, ..ONE_WINDOW };
+    let runs = [
+        RunToOpen { feedback_id: messages[2], token: "a" },
+        RunToOpen { feedback_id: 9_999_999, token: "b" },
+        RunToOpen { feedback_id: messages[0], token: "c" },
+        // Two runs of one message (a job and its copy): only one of them may claim.
+        RunToOpen { feedback_id: messages[0], token: "d" },
+    ];
+
+    // Act
+    let opened = delivery::open_runs(&app.db, &runs, 64, lease(), coalescing).await.expect("opened");
+
+    // Assert: in their order, each as it would open alone.
+    assert_eq!(opened.len(), 4);
+    assert!(matches!(opened[0], Opening::Folded { in_window: 3, .. }), "{:?}", opened[0]);
+    assert_eq!(opened[1], Opening::Missing);
+    let (c, d) = (claimed(&opened[2]).expect("claimed"), claimed(&opened[3]).expect("claimed"));
+    assert_eq!([c.clone(), d.clone()].concat(), vec![subscription_id], "one claim between the two: {c:?} {d:?}");
+    let deliveries = delivery::of_feedback(&app.db, messages[0]).await.expect("query");
+    assert_eq!(deliveries.len(), 1);
+    let winner = if c.is_empty() { "d" } else { "c" };
+    assert_eq!(deliveries[0].claim_token.as_deref(), Some(winner));
+    assert!(delivery::open_runs(&app.db, &[], 64, lease(), coalescing).await.expect("nothing").is_empty());
+}
+
+#[tokio::test]
+async fn many_runs_open_at_once_each_with_its_own_claims_on_postgres() {
+    many_runs_open_at_once_each_with_its_own_claims(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn many_runs_open_at_once_each_with_its_own_claims_on_sqlite() {
+    many_runs_open_at_once_each_with_its_own_claims(Backend::Sqlite).await;
 }
 
 async fn dispatches_of(app: &TestApp, feedback_id: i64) -> Vec<dispatch::Model> {

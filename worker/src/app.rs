@@ -110,7 +110,13 @@ impl Application {
         Ok(Self {
             ctx: Process {
                 ctx: WorkerContext {
-                    closer: crate::closer::Closer::start(db.clone(), &registry),
+                    runs: crate::runs::Runs::start(
+                        db.clone(),
+                        &registry,
+                        crate::jobs::fan_out::FIRST_PAGE,
+                        crate::jobs::fan_out::claim_hold(&settings),
+                        crate::jobs::fan_out::coalescing_of(&settings, true),
+                    ),
                     db,
                     sender: Arc::new(sender),
                     queue: Some(queue.clone()),

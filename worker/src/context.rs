@@ -25,6 +25,6 @@ pub struct WorkerContext {
     pub settings: Arc<Settings>,
     /// The process's metrics, served at `/metrics`.
     pub metrics: Registry,
-    /// Closes fan-out runs, many in one statement under load.
-    pub closer: crate::closer::Closer,
+    /// Opens and closes fan-out runs, many in one statement under load.
+    pub runs: crate::runs::Runs,
 }

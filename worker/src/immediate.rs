@@ -37,7 +37,13 @@ impl Immediate {
         let sender = PushSender::new(crate::app::sender_config(&settings, private_key))?;
         let metrics = Registry::new();
         let ctx = WorkerContext {
-            closer: crate::closer::Closer::start(db.clone(), &metrics),
+            runs: crate::runs::Runs::start(
+                db.clone(),
+                &metrics,
+                crate::jobs::fan_out::FIRST_PAGE,
+                crate::jobs::fan_out::claim_hold(&settings),
+                crate::jobs::fan_out::coalescing_of(&settings, false),
+            ),
             db,
             sender: Arc::new(sender),
             queue: None,

@@ -12,7 +12,6 @@
 
 pub mod app;
 pub mod cli;
-pub mod closer;
 pub mod context;
 pub mod encrypt;
 pub mod immediate;
@@ -20,4 +19,5 @@ pub mod jobs;
 pub mod ops;
 pub mod push;
 pub mod queue;
+pub mod runs;
 pub mod status;

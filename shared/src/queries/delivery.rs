@@ -470,6 +470,10 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
         }
         return Ok(due);
     }
+    if let [run] = runs {
+        // Alone: close_run's statement, whose plan the server keeps.
+        return Ok(vec![close_run(db, run.feedback_id, run.dispatch_id, run.sent, run.token).await?]);
+    }
     if runs.is_empty() {
         return Ok(Vec::new());
     }
@@ -606,29 +610,131 @@ pub async fn open_run<C: ConnectionTrait>(
     lease_until: DateTime<Utc>,
     coalescing: Coalescing,
 ) -> Result<Opening, DbErr> {
+    let mut opened = open_runs(db, &[RunToOpen { feedback_id, token }], size, lease_until, coalescing).await?;
+    opened.pop().ok_or_else(|| DbErr::Custom("the run was not opened".into()))
+}
+
+/// A run for [`open_runs`] to open: its message and its claim token.
+#[derive(Debug, Clone, Copy)]
+pub struct RunToOpen<'a> {
+    /// The message to announce.
+    pub feedback_id: i64,
+    /// The run's claim token.
+    pub token: &'a str,
+}
+
+/// Opens many runs at once, each as [`open_run`] does; returns their openings in their
+/// order. Every run claims on the same first page of subscriptions.
+///
+/// On PostgreSQL this is one statement; elsewhere [`open_run`]'s steps for each.
+pub async fn open_runs<C: ConnectionTrait>(
+    db: &C,
+    runs: &[RunToOpen<'_>],
+    size: u64,
+    lease_until: DateTime<Utc>,
+    coalescing: Coalescing,
+) -> Result<Vec<Opening>, DbErr> {
     use sea_orm::{DbBackend, FromQueryResult, Statement};
 
     use crate::entities::feedback_message;
     if db.get_database_backend() != DbBackend::Postgres {
-        let Some(message) = crate::queries::feedback::find(db, feedback_id).await? else {
-            return Ok(Opening::Missing);
-        };
-        if coalescing.threshold > 0 {
-            let from =
-                DateTime::from_timestamp(coalescing.window_start(message.created_at), 0).unwrap_or(message.created_at);
-            // Both questions at once: has anything gone out for it, and how busy is its window.
-            let (started, in_window) = tokio::join!(
-                any_of_feedback(db, feedback_id),
-                crate::queries::feedback::count_created_between(db, from, message.created_at)
-            );
-            let (started, in_window) = (started?, in_window?);
-            if !started && in_window > coalescing.threshold {
-                return Ok(Opening::Folded { message, in_window });
-            }
+        let mut opened = Vec::with_capacity(runs.len());
+        for run in runs {
+            opened.push(open_one_by_one(db, run.feedback_id, size, run.token, lease_until, coalescing).await?);
         }
-        let page = claim_page(db, feedback_id, 0, size, token, lease_until, true).await?;
-        return Ok(Opening::Claimed { message, page });
+        return Ok(opened);
     }
+    if let [run] = runs {
+        return Ok(vec![open_alone(db, run.feedback_id, size, run.token, lease_until, coalescing).await?]);
+    }
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    // Per run (`o`, its place): `burst` is 0 when coalescing is off or something went out
+    // already; a run claims only if its message exists and is not folded (`go`). Claims
+    // carry their run's token, so two runs of one message never share one. Every row
+    // carries its run's message and the page's size (one row of NULL targets for a run
+    // that claimed nothing).
+    const SQL: &str = "WITH runs AS (\
+         SELECT * FROM unnest($1::text::bigint[], $2::text::text[]) WITH ORDINALITY AS r(f, t, o)), \
+         msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
+         burst AS (SELECT m.id AS f, \
+         CASE WHEN $7::bigint = 0 OR EXISTS (SELECT 1 FROM deliveries WHERE feedback_id = m.id) THEN 0 \
+         ELSE (SELECT count(*) FROM feedback_messages x \
+         WHERE x.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $8::bigint) * $8::bigint)::float8) \
+         AND x.created_at <= m.created_at) END AS n FROM msg m), \
+         go AS (SELECT r.f, r.t FROM runs r JOIN burst b ON b.f = r.f WHERE b.n <= $7::bigint), \
+         due AS (\
+         UPDATE deliveries d SET status = $3, claim_token = go.t, lease_until = $4, attempts = d.attempts + 1, \
+         updated_at = $5 FROM go WHERE d.feedback_id = go.f \
+         AND ((d.status = $6 AND d.next_attempt_at <= $5) OR (d.status = $3 AND d.lease_until < $5)) \
+         RETURNING d.feedback_id, d.subscription_id, d.attempts, d.claim_token), \
+         page AS (SELECT id FROM push_subscriptions WHERE EXISTS (SELECT 1 FROM go) ORDER BY id LIMIT $9), \
+         fresh AS (\
+         INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, claim_token, lease_until, updated_at) \
+         SELECT go.f, page.id, $3, 1, go.t, $4, $5 FROM go CROSS JOIN page \
+         ON CONFLICT (feedback_id, subscription_id) DO NOTHING \
+         RETURNING feedback_id, subscription_id, attempts, claim_token), \
+         claimed AS (SELECT * FROM due UNION ALL SELECT * FROM fresh) \
+         SELECT r.o AS run, p.n AS page_size, p.last AS page_last, b.n AS in_window, \
+         m.id AS m_id, m.submitter_name AS m_submitter_name, m.submitter_email AS m_submitter_email, \
+         m.content AS m_content, m.created_at AS m_created_at, m.read_at AS m_read_at, m.handled_at AS m_handled_at, \
+         s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
+         FROM runs r CROSS JOIN (SELECT count(*) AS n, max(id) AS last FROM page) p \
+         LEFT JOIN msg m ON m.id = r.f LEFT JOIN burst b ON b.f = r.f \
+         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) \
+         ON c.feedback_id = r.f AND c.claim_token = r.t";
+    let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
+    let tokens = runs.iter().map(|r| token_literal(r.token)).collect::<Result<Vec<_>, _>>()?;
+    let values: [sea_orm::Value; 9] = [
+        id_array(&feedback_ids).into(),
+        format!("{{{}}}", tokens.join(",")).into(),
+        SENDING.into(),
+        lease_until.into(),
+        super::now().into(),
+        RETRY.into(),
+        i64::try_from(coalescing.threshold).unwrap_or(i64::MAX).into(),
+        Ord::max(coalescing.window_secs, 1).into(),
+        i64::try_from(size).unwrap_or(i64::MAX).into(),
+    ];
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    let mut by_run: Vec<Vec<sea_orm::QueryResult>> = (0..runs.len()).map(|_| Vec::new()).collect();
+    for row in rows {
+        let run: i64 = row.try_get("", "run")?;
+        let slot = usize::try_from(run - 1).ok().and_then(|i| by_run.get_mut(i));
+        slot.ok_or_else(|| DbErr::Custom(format!("a row for run {run} of {}", runs.len())))?.push(row);
+    }
+    let mut opened = Vec::with_capacity(runs.len());
+    for rows in by_run {
+        let Some(first) = rows.first() else { return Err(DbErr::Custom("a run without a row".into())) };
+        if first.try_get::<Option<i64>>("", "m_id")?.is_none() {
+            opened.push(Opening::Missing);
+            continue;
+        }
+        let message = feedback_message::Model::from_query_result(first, "m_")?;
+        let in_window = u64::try_from(first.try_get::<i64>("", "in_window")?).unwrap_or(0);
+        if coalescing.threshold > 0 && in_window > coalescing.threshold {
+            opened.push(Opening::Folded { message, in_window });
+        } else {
+            opened.push(Opening::Claimed { message, page: page_of(&rows, size)? });
+        }
+    }
+    Ok(opened)
+}
+
+/// [`open_run`] on PostgreSQL: one statement whose plan, unlike that of the batch, the
+/// server keeps (a run alone is the common case, and the one that waits for it).
+async fn open_alone<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    size: u64,
+    token: &str,
+    lease_until: DateTime<Utc>,
+    coalescing: Coalescing,
+) -> Result<Opening, DbErr> {
+    use sea_orm::{DbBackend, FromQueryResult, Statement};
+
+    use crate::entities::feedback_message;
     // `burst` is 0 when coalescing is off or something went out already; nothing is
     // claimed unless the message exists and is not folded (`go`). Every row carries the
     // message and the page's size (one row of NULL targets when nothing was claimed).
@@ -682,6 +788,35 @@ pub async fn open_run<C: ConnectionTrait>(
         return Ok(Opening::Folded { message, in_window });
     }
     let page = page_of(&rows, size)?;
+    Ok(Opening::Claimed { message, page })
+}
+
+/// [`open_run`] as separate statements (databases other than PostgreSQL).
+async fn open_one_by_one<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    size: u64,
+    token: &str,
+    lease_until: DateTime<Utc>,
+    coalescing: Coalescing,
+) -> Result<Opening, DbErr> {
+    let Some(message) = crate::queries::feedback::find(db, feedback_id).await? else {
+        return Ok(Opening::Missing);
+    };
+    if coalescing.threshold > 0 {
+        let from =
+            DateTime::from_timestamp(coalescing.window_start(message.created_at), 0).unwrap_or(message.created_at);
+        // Both questions at once: has anything gone out for it, and how busy is its window.
+        let (started, in_window) = tokio::join!(
+            any_of_feedback(db, feedback_id),
+            crate::queries::feedback::count_created_between(db, from, message.created_at)
+        );
+        let (started, in_window) = (started?, in_window?);
+        if !started && in_window > coalescing.threshold {
+            return Ok(Opening::Folded { message, in_window });
+        }
+    }
+    let page = claim_page(db, feedback_id, 0, size, token, lease_until, true).await?;
     Ok(Opening::Claimed { message, page })
 }
 

@@ -60,6 +60,10 @@ where
     if submissions.is_empty() {
         return Ok(Vec::new());
     }
+    if let [(feedback, request_id)] = submissions {
+        // Alone: the single statement, whose plan the server keeps.
+        return Ok(vec![insert_for_request(db, feedback, *request_id).await?]);
+    }
     if db.get_database_backend() != DbBackend::Postgres {
         let txn = db.begin().await?;
         let mut submitted = Vec::with_capacity(submissions.len());

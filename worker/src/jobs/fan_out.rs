@@ -25,7 +25,7 @@ use crate::push::{PushMessage, PushOutcome, PushTarget, Urgency};
 const PAGE: u64 = 500;
 
 /// The first page: small, so that the first pushes do not wait for 500 claims.
-const FIRST_PAGE: u64 = 64;
+pub const FIRST_PAGE: u64 = 64;
 
 /// Runs one fan-out job.
 pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
@@ -34,7 +34,7 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
     // A new message changes the inbox's first page and counts: drop them (while the run
     // opens) before anyone is notified, so the click lands on an inbox that shows it.
     let ids = [job.feedback_id];
-    let opening = delivery::open_run(&ctx.db, job.feedback_id, FIRST_PAGE, &token, lease(ctx), coalescing(ctx));
+    let opening = ctx.runs.open(job.feedback_id, token.clone());
     let (opened, invalidated) = tokio::join!(opening, super::invalidate(ctx, &ids));
     if let Err(e) = invalidated {
         tracing::warn!(feedback_id = job.feedback_id, error = %e, "cache.invalidate_failed");
@@ -62,7 +62,7 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         token,
     };
     let (stats, sent) = run.deliver_all(page).await?;
-    ctx.closer.close(message.id, job.dispatch_id, sent, run.token.clone()).await?;
+    ctx.runs.close(message.id, job.dispatch_id, sent, run.token.clone()).await?;
     tracing::info!(
         feedback_id = message.id,
         sent = stats.sent,
@@ -77,21 +77,28 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
 /// How long a claim holds: longer than one send can take (the request timeout) plus a
 /// margin for recording it. If the worker dies, the claim lapses after this and the
 /// delivery is sent again (the only duplicates possible are these in-flight ones).
+pub fn claim_hold(settings: &shared::settings::Settings) -> Duration {
+    settings.push.request_timeout + Duration::from_secs(5)
+}
+
 fn lease(ctx: &WorkerContext) -> chrono::DateTime<Utc> {
-    let hold = ctx.settings.push.request_timeout + Duration::from_secs(5);
-    shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(30))
+    crate::runs::lease_until(claim_hold(&ctx.settings))
 }
 
 /// Coalescing as configured: past `NOTIFY_BURST_THRESHOLD` messages in one window, a
-/// message's first run folds it into the window's digest. In-process mode has no queue to
-/// schedule a digest on: every message goes out alone.
-fn coalescing(ctx: &WorkerContext) -> Coalescing {
-    let worker = &ctx.settings.worker;
-    if ctx.queue.is_none() {
+/// message's first run folds it into the window's digest. In-process mode (no queue to
+/// schedule a digest on) passes `queued: false`: every message goes out alone.
+pub fn coalescing_of(settings: &shared::settings::Settings, queued: bool) -> Coalescing {
+    let worker = &settings.worker;
+    if !queued {
         return Coalescing::OFF;
     }
     let window_secs = i64::try_from(worker.burst_window.as_secs()).unwrap_or(60).max(1);
     Coalescing { threshold: worker.burst_threshold, window_secs }
+}
+
+fn coalescing(ctx: &WorkerContext) -> Coalescing {
+    coalescing_of(&ctx.settings, ctx.queue.is_some())
 }
 
 /// Schedules the digest of the window `message` falls in, for the window's end (once per

@@ -1,0 +1,152 @@
+//! Opening and closing fan-out runs together: the runs that start (or finish) while an
+//! open (or a close) is being written go out in the next statement
+//! (`shared::queries::delivery::{open_runs, close_runs}`, through `shared::batch`), so
+//! under load a worker spends one statement on many runs instead of one each. Alone, a
+//! run is opened and closed at once, in its own task. Should a batch fail (a deadlock
+//! with another statement, say), its runs are served one by one.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use sea_orm::{DatabaseConnection, DbErr};
+use shared::batch::Batcher;
+use shared::metrics::Registry;
+use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
+
+/// Statements of each kind in flight at once.
+const WRITERS: usize = 2;
+
+/// Runs in one statement, at most.
+const MAX_BATCH: usize = 64;
+
+/// Runs waiting to be closed, at most (the worker's concurrency bounds it well below).
+const MAX_WAITING: usize = 1024;
+
+/// A run's close: its message, dispatch record, successes not yet recorded and token.
+struct Close {
+    feedback_id: i64,
+    dispatch_id: i64,
+    sent: Vec<i64>,
+    token: String,
+}
+
+impl Close {
+    fn as_run(&self) -> RunToClose<'_> {
+        RunToClose {
+            feedback_id: self.feedback_id,
+            dispatch_id: self.dispatch_id,
+            sent: &self.sent,
+            token: &self.token,
+        }
+    }
+}
+
+/// Opens and closes the runs of a worker process; cheap to clone.
+#[derive(Clone)]
+pub struct Runs {
+    openers: Batcher<(i64, String), Opening>,
+    closers: Batcher<Close, Option<DateTime<Utc>>>,
+}
+
+impl Runs {
+    /// Starts the openers and closers on `db`, counting their statements in `metrics`.
+    /// A run claims a first page of `first_page` subscriptions, each claim held for
+    /// `hold`, and folds into a digest as `coalescing` says.
+    pub fn start(
+        db: DatabaseConnection,
+        metrics: &Registry,
+        first_page: u64,
+        hold: Duration,
+        coalescing: Coalescing,
+    ) -> Self {
+        Self { openers: openers(db.clone(), metrics, first_page, hold, coalescing), closers: closers(db, metrics) }
+    }
+
+    /// Opens the run of `feedback_id` with claim `token` (see `delivery::open_run`).
+    pub async fn open(&self, feedback_id: i64, token: String) -> Result<Opening, DbErr> {
+        self.openers.call((feedback_id, token)).await
+    }
+
+    /// Closes the run of `dispatch_id` for `feedback_id` as `close_run` does, recording
+    /// `sent` with it; returns when the message is next due, if a retry is owed.
+    pub async fn close(
+        &self,
+        feedback_id: i64,
+        dispatch_id: i64,
+        sent: Vec<i64>,
+        token: String,
+    ) -> Result<Option<DateTime<Utc>>, DbErr> {
+        self.closers.call(Close { feedback_id, dispatch_id, sent, token }).await
+    }
+}
+
+/// Until when a claim made now holds.
+pub fn lease_until(hold: Duration) -> DateTime<Utc> {
+    shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(30))
+}
+
+fn openers(
+    db: DatabaseConnection,
+    metrics: &Registry,
+    first_page: u64,
+    hold: Duration,
+    coalescing: Coalescing,
+) -> Batcher<(i64, String), Opening> {
+    let statements = metrics.counter(
+        "tidings_run_open_writes_total",
+        "Statements that opened fan-out runs; under load one opens many.",
+        &[],
+    );
+    Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<(i64, String)>| {
+        let (db, statements) = (db.clone(), statements.clone());
+        async move {
+            statements.inc();
+            let lease = lease_until(hold);
+            let runs: Vec<RunToOpen<'_>> = batch.iter().map(|(f, t)| RunToOpen { feedback_id: *f, token: t }).collect();
+            match delivery::open_runs(&db, &runs, first_page, lease, coalescing).await {
+                Ok(opened) => opened.into_iter().map(Ok).collect(),
+                Err(e) if batch.len() == 1 => vec![Err(e)],
+                Err(e) => {
+                    tracing::warn!(error = %e, runs = batch.len(), "fan_out.open_batch_failed; opening one by one");
+                    let mut answers = Vec::with_capacity(batch.len());
+                    for run in &runs {
+                        statements.inc();
+                        answers.push(
+                            delivery::open_run(&db, run.feedback_id, first_page, run.token, lease, coalescing).await,
+                        );
+                    }
+                    answers
+                }
+            }
+        }
+    })
+}
+
+fn closers(db: DatabaseConnection, metrics: &Registry) -> Batcher<Close, Option<DateTime<Utc>>> {
+    let statements = metrics.counter(
+        "tidings_run_close_writes_total",
+        "Statements that closed fan-out runs; under load one closes many.",
+        &[],
+    );
+    Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<Close>| {
+        let (db, statements) = (db.clone(), statements.clone());
+        async move {
+            statements.inc();
+            let runs: Vec<RunToClose<'_>> = batch.iter().map(Close::as_run).collect();
+            match delivery::close_runs(&db, &runs).await {
+                Ok(due) => due.into_iter().map(Ok).collect(),
+                Err(e) if batch.len() == 1 => vec![Err(e)],
+                Err(e) => {
+                    tracing::warn!(error = %e, runs = batch.len(), "fan_out.close_batch_failed; closing one by one");
+                    let mut answers = Vec::with_capacity(batch.len());
+                    for run in &runs {
+                        statements.inc();
+                        let closed = delivery::close_run(&db, run.feedback_id, run.dispatch_id, run.sent, run.token);
+                        answers.push(closed.await);
+                    }
+                    answers
+                }
+            }
+        }
+    })
+}
