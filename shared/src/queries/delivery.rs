@@ -634,9 +634,7 @@ pub async fn open_runs<C: ConnectionTrait>(
     lease_until: DateTime<Utc>,
     coalescing: Coalescing,
 ) -> Result<Vec<Opening>, DbErr> {
-    use sea_orm::{DbBackend, FromQueryResult, Statement};
-
-    use crate::entities::feedback_message;
+    use sea_orm::{DbBackend, Statement};
     if db.get_database_backend() != DbBackend::Postgres {
         let mut opened = Vec::with_capacity(runs.len());
         for run in runs {
@@ -706,20 +704,30 @@ pub async fn open_runs<C: ConnectionTrait>(
     }
     let mut opened = Vec::with_capacity(runs.len());
     for rows in by_run {
-        let Some(first) = rows.first() else { return Err(DbErr::Custom("a run without a row".into())) };
-        if first.try_get::<Option<i64>>("", "m_id")?.is_none() {
-            opened.push(Opening::Missing);
-            continue;
+        if rows.is_empty() {
+            return Err(DbErr::Custom("a run without a row".into()));
         }
-        let message = feedback_message::Model::from_query_result(first, "m_")?;
-        let in_window = u64::try_from(first.try_get::<i64>("", "in_window")?).unwrap_or(0);
-        if coalescing.threshold > 0 && in_window > coalescing.threshold {
-            opened.push(Opening::Folded { message, in_window });
-        } else {
-            opened.push(Opening::Claimed { message, page: page_of(&rows, size)? });
-        }
+        opened.push(opening_of(&rows, size, coalescing)?);
     }
     Ok(opened)
+}
+
+/// A run's opening from its `rows` of the opening statements: missing (no message),
+/// folded (past the threshold) or its claimed page.
+fn opening_of(rows: &[sea_orm::QueryResult], size: u64, coalescing: Coalescing) -> Result<Opening, DbErr> {
+    use sea_orm::FromQueryResult;
+
+    use crate::entities::feedback_message;
+    let Some(first) = rows.first() else { return Ok(Opening::Missing) };
+    if first.try_get::<Option<i64>>("", "m_id")?.is_none() {
+        return Ok(Opening::Missing);
+    }
+    let message = feedback_message::Model::from_query_result(first, "m_")?;
+    let in_window = u64::try_from(first.try_get::<i64>("", "in_window")?).unwrap_or(0);
+    if coalescing.threshold > 0 && in_window > coalescing.threshold {
+        return Ok(Opening::Folded { message, in_window });
+    }
+    Ok(Opening::Claimed { message, page: page_of(rows, size)? })
 }
 
 /// [`open_run`] on PostgreSQL: one statement whose plan, unlike that of the batch, the
@@ -732,9 +740,7 @@ async fn open_alone<C: ConnectionTrait>(
     lease_until: DateTime<Utc>,
     coalescing: Coalescing,
 ) -> Result<Opening, DbErr> {
-    use sea_orm::{DbBackend, FromQueryResult, Statement};
-
-    use crate::entities::feedback_message;
+    use sea_orm::{DbBackend, Statement};
     // `burst` is 0 when coalescing is off or something went out already; nothing is
     // claimed unless the message exists and is not folded (`go`). Every row carries the
     // message and the page's size (one row of NULL targets when nothing was claimed).
@@ -778,17 +784,7 @@ async fn open_alone<C: ConnectionTrait>(
         Ord::max(coalescing.window_secs, 1).into(),
     ];
     let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
-    let Some(first) = rows.first() else { return Ok(Opening::Missing) };
-    if first.try_get::<Option<i64>>("", "m_id")?.is_none() {
-        return Ok(Opening::Missing);
-    }
-    let message = feedback_message::Model::from_query_result(first, "m_")?;
-    let in_window = u64::try_from(first.try_get::<i64>("", "in_window")?).unwrap_or(0);
-    if coalescing.threshold > 0 && in_window > coalescing.threshold {
-        return Ok(Opening::Folded { message, in_window });
-    }
-    let page = page_of(&rows, size)?;
-    Ok(Opening::Claimed { message, page })
+    opening_of(&rows, size, coalescing)
 }
 
 /// [`open_run`] as separate statements (databases other than PostgreSQL).
