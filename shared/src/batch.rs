@@ -52,6 +52,22 @@ fn no_answer() -> DbErr {
     DbErr::Custom("the batch gave no answer".into())
 }
 
+/// The answers to a batch of `n` requests whose one call failed with `e`. When the
+/// connection failed, every request gets that failure at once (trying them one by one
+/// would wait for the connection once each, and a batch whose answer was lost on the way
+/// might have committed). When the statement failed (a deadlock, one bad row), they
+/// are served one by one by `one_by_one`, so one request never fails the others.
+pub async fn after_failure<O, Fut>(e: DbErr, n: usize, one_by_one: impl FnOnce() -> Fut) -> Vec<Result<O, DbErr>>
+where
+    Fut: Future<Output = Vec<Result<O, DbErr>>>,
+{
+    if n <= 1 || crate::db::is_connection_failure(&e) {
+        return (0..n).map(|_| Err(e.clone())).collect();
+    }
+    tracing::warn!(error = %e, requests = n, "batch.failed; serving its requests one by one");
+    one_by_one().await
+}
+
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts `writers` tasks that each take up to `max_batch` waiting requests and
     /// serve them with `write`, which answers each request in its place. At most
@@ -100,7 +116,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
             return first((self.write)(vec![item]).await);
         }
         let (reply, answer) = oneshot::channel();
-        let stopped = || DbErr::Custom("the writers stopped".into());
+        let stopped = || DbErr::Conn(sea_orm::RuntimeErr::Internal("the writers stopped".into()));
         self.inbox.send((item, reply)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
@@ -150,6 +166,20 @@ mod tests {
         let (caller, served) = caller.await.expect("joined");
         assert!(caller.is_some());
         assert_eq!(served.expect("answered"), caller);
+    }
+
+    #[tokio::test]
+    async fn a_failed_batch_is_served_one_by_one_unless_the_connection_failed() {
+        use sea_orm::{DbErr, RuntimeErr};
+        let statement = DbErr::Exec(RuntimeErr::Internal("deadlock detected".into()));
+        let answers = super::after_failure(statement, 3, || async { vec![Ok(1), Ok(2), Ok(3)] }).await;
+        assert_eq!(answers, vec![Ok(1), Ok(2), Ok(3)]);
+
+        let connection = DbErr::Conn(RuntimeErr::Internal("connection refused".into()));
+        let answers: Vec<Result<u32, DbErr>> =
+            super::after_failure(connection, 3, || async { panic!("not one by one") }).await;
+        assert_eq!(answers.len(), 3);
+        assert!(answers.iter().all(|a| matches!(a, Err(DbErr::Conn(_)))));
     }
 
     #[tokio::test]

@@ -40,6 +40,22 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
     Database::connect(options).await.context("connecting to the database (DATABASE_URL)")
 }
 
+/// Whether `e` says the connection failed (unreachable, refused, pool exhausted,
+/// dropped, SQLite busy), not the statement.
+pub fn is_connection_failure(e: &sea_orm::DbErr) -> bool {
+    use sea_orm::DbErr;
+    match e {
+        DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => true,
+        DbErr::Exec(inner) | DbErr::Query(inner) => {
+            let text = inner.to_string().to_ascii_lowercase();
+            ["connection", "pool timed out", "broken pipe", "io error", "database is locked"]
+                .iter()
+                .any(|needle| text.contains(needle))
+        }
+        _ => false,
+    }
+}
+
 /// The file path of a `sqlite:` URL, if it names a file.
 fn sqlite_path(url: &str) -> Option<&str> {
     let rest = url.strip_prefix("sqlite://").or_else(|| url.strip_prefix("sqlite:"))?;

@@ -415,9 +415,10 @@ impl JobQueue {
     /// returns the backlog.
     ///
     /// The push script and the pipeline after it go out back to back on the one
-    /// multiplexed connection, so Redis runs them in that order: the wake follows the
-    /// push (should it ever come first, as when Redis must load the script again, the
-    /// worker's repeated wake fetches the job 15 ms later) and the backlog counts it.
+    /// multiplexed connection (polled in that order), so Redis runs them in that order:
+    /// the wake follows the push and the backlog counts it. Should the wake ever come
+    /// first (Redis had to load the script again, or the connection was being
+    /// re-established), the worker's repeated wake fetches the job 15 ms later.
     async fn push_and_wake_all(&self, tasks: &[apalis_redis::RedisTask]) -> Result<u64, QueueError> {
         let (mut conn, mut then) = (self.conn.clone(), self.conn.clone());
         let mut wake_and_count = redis::pipe();
@@ -428,6 +429,7 @@ impl JobQueue {
             .llen(self.fan_out.active_jobs_list());
         let both = async {
             let (pushed, counted) = tokio::join!(
+                biased;
                 apalis_redis::queries::push_tasks(&mut conn, &self.fan_out, tasks),
                 wake_and_count.query_async::<(u64, u64)>(&mut then)
             );

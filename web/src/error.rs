@@ -48,22 +48,8 @@ pub enum WebError {
 
 impl From<DbErr> for WebError {
     fn from(e: DbErr) -> Self {
-        match e {
-            DbErr::Conn(_) | DbErr::ConnectionAcquire(_) => Self::Unavailable(e.into()),
-            DbErr::Exec(ref inner) | DbErr::Query(ref inner) if is_connection_failure(&inner.to_string()) => {
-                Self::Unavailable(e.into())
-            }
-            other => Self::Internal(other.into()),
-        }
+        if shared::db::is_connection_failure(&e) { Self::Unavailable(e.into()) } else { Self::Internal(e.into()) }
     }
-}
-
-/// Whether a driver error text says the connection, not the query, failed.
-fn is_connection_failure(text: &str) -> bool {
-    let text = text.to_ascii_lowercase();
-    ["connection", "pool timed out", "broken pipe", "io error", "database is locked"]
-        .iter()
-        .any(|needle| text.contains(needle))
 }
 
 impl WebError {

@@ -5,11 +5,12 @@
 //! submissions that arrive while the writers are busy go out in one statement
 //! (`shared::queries::feedback::insert_many_for_requests`, through `shared::batch`), so
 //! the database's cost per submission falls the way a database groups commits; alone, a
-//! submission is written at once. Should a batch fail, its submissions are written one by
-//! one, so one bad row never fails the others.
+//! submission is written at once. Should a batch's statement fail, its submissions are
+//! written one by one, so one bad row never fails the others (a lost connection fails
+//! them all at once: see `shared::batch::after_failure`).
 
 use sea_orm::{DatabaseConnection, DbErr};
-use shared::batch::Batcher;
+use shared::batch::{Batcher, after_failure};
 use shared::domain::NewFeedback;
 use shared::metrics::Registry;
 use shared::queries::feedback::{self, Submitted};
@@ -37,11 +38,8 @@ impl Intake {
             "Statements (transactions on SQLite) that stored submissions; under load one stores many.",
             &[],
         );
-        let writers = Batcher::start(
-            WRITERS,
-            MAX_BATCH,
-            MAX_WAITING,
-            move |batch: Vec<(NewFeedback, Option<String>)>| {
+        let writers =
+            Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<(NewFeedback, Option<String>)>| {
                 let (db, statements) = (db.clone(), statements.clone());
                 async move {
                     statements.inc();
@@ -49,20 +47,21 @@ impl Intake {
                         batch.iter().map(|(f, r)| (f, r.as_deref())).collect();
                     match feedback::insert_many_for_requests(&db, &rows).await {
                         Ok(submitted) => submitted.into_iter().map(Ok).collect(),
-                        Err(e) if batch.len() == 1 => vec![Err(e)],
                         Err(e) => {
-                            tracing::warn!(error = %e, submissions = batch.len(), "feedback.batch_failed; writing one by one");
-                            let mut answers = Vec::with_capacity(batch.len());
-                            for (feedback, request_id) in &batch {
-                                statements.inc();
-                                answers.push(feedback::insert_for_request(&db, feedback, request_id.as_deref()).await);
-                            }
-                            answers
+                            after_failure(e, batch.len(), || async {
+                                let mut answers = Vec::with_capacity(batch.len());
+                                for (feedback, request_id) in &batch {
+                                    statements.inc();
+                                    answers
+                                        .push(feedback::insert_for_request(&db, feedback, request_id.as_deref()).await);
+                                }
+                                answers
+                            })
+                            .await
                         }
                     }
                 }
-            },
-        );
+            });
         Self { writers }
     }
 

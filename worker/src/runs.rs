@@ -2,14 +2,14 @@
 //! open (or a close) is being written go out in the next statement
 //! (`shared::queries::delivery::{open_runs, close_runs}`, through `shared::batch`), so
 //! under load a worker spends one statement on many runs instead of one each. Alone, a
-//! run is opened and closed at once, in its own task. Should a batch fail (a deadlock
-//! with another statement, say), its runs are served one by one.
+//! run is opened and closed at once, in its own task. Should a batch's statement fail (a
+//! deadlock with another statement, say), its runs are served one by one.
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, DbErr};
-use shared::batch::Batcher;
+use shared::batch::{Batcher, after_failure};
 use shared::metrics::Registry;
 use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
 
@@ -105,17 +105,20 @@ fn openers(
             let runs: Vec<RunToOpen<'_>> = batch.iter().map(|(f, t)| RunToOpen { feedback_id: *f, token: t }).collect();
             match delivery::open_runs(&db, &runs, first_page, lease, coalescing).await {
                 Ok(opened) => opened.into_iter().map(Ok).collect(),
-                Err(e) if batch.len() == 1 => vec![Err(e)],
                 Err(e) => {
-                    tracing::warn!(error = %e, runs = batch.len(), "fan_out.open_batch_failed; opening one by one");
-                    let mut answers = Vec::with_capacity(batch.len());
-                    for run in &runs {
-                        statements.inc();
-                        answers.push(
-                            delivery::open_run(&db, run.feedback_id, first_page, run.token, lease, coalescing).await,
-                        );
-                    }
-                    answers
+                    after_failure(e, batch.len(), || async {
+                        let mut answers = Vec::with_capacity(batch.len());
+                        for run in &runs {
+                            statements.inc();
+                            // A fresh lease: the failed batch used up some of the first.
+                            let lease = lease_until(hold);
+                            let opened =
+                                delivery::open_run(&db, run.feedback_id, first_page, run.token, lease, coalescing);
+                            answers.push(opened.await);
+                        }
+                        answers
+                    })
+                    .await
                 }
             }
         }
@@ -135,16 +138,18 @@ fn closers(db: DatabaseConnection, metrics: &Registry) -> Batcher<Close, Option<
             let runs: Vec<RunToClose<'_>> = batch.iter().map(Close::as_run).collect();
             match delivery::close_runs(&db, &runs).await {
                 Ok(due) => due.into_iter().map(Ok).collect(),
-                Err(e) if batch.len() == 1 => vec![Err(e)],
                 Err(e) => {
-                    tracing::warn!(error = %e, runs = batch.len(), "fan_out.close_batch_failed; closing one by one");
-                    let mut answers = Vec::with_capacity(batch.len());
-                    for run in &runs {
-                        statements.inc();
-                        let closed = delivery::close_run(&db, run.feedback_id, run.dispatch_id, run.sent, run.token);
-                        answers.push(closed.await);
-                    }
-                    answers
+                    after_failure(e, batch.len(), || async {
+                        let mut answers = Vec::with_capacity(batch.len());
+                        for run in &runs {
+                            statements.inc();
+                            let closed =
+                                delivery::close_run(&db, run.feedback_id, run.dispatch_id, run.sent, run.token);
+                            answers.push(closed.await);
+                        }
+                        answers
+                    })
+                    .await
                 }
             }
         }

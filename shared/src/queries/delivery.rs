@@ -454,10 +454,10 @@ pub struct RunToClose<'a> {
 }
 
 /// Closes many runs at once, each as [`close_run`] does; returns, in their order, when
-/// each one's message is next due (the dispatch written for it), if at all. All of them
-/// commit together or not at all.
+/// each one's message is next due (the dispatch written for it), if at all.
 ///
-/// On PostgreSQL this is one statement; elsewhere [`close_run`] for each.
+/// On PostgreSQL this is one statement (all commit together or not at all); elsewhere
+/// [`close_run`] for each, each committing on its own.
 pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     runs: &[RunToClose<'_>],
@@ -626,7 +626,8 @@ pub struct RunToOpen<'a> {
 /// Opens many runs at once, each as [`open_run`] does; returns their openings in their
 /// order. Every run claims on the same first page of subscriptions.
 ///
-/// On PostgreSQL this is one statement; elsewhere [`open_run`]'s steps for each.
+/// On PostgreSQL this is one statement (all commit together or not at all); elsewhere
+/// [`open_run`]'s steps for each, each run committing on its own.
 pub async fn open_runs<C: ConnectionTrait>(
     db: &C,
     runs: &[RunToOpen<'_>],

@@ -62,7 +62,15 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         token,
     };
     let (stats, sent) = run.deliver_all(page).await?;
-    ctx.runs.close(message.id, job.dispatch_id, sent, run.token.clone()).await?;
+    if let Err(e) = ctx.runs.close(message.id, job.dispatch_id, sent.clone(), run.token.clone()).await {
+        // The close records the last page's successes; it failed as a whole, so record
+        // them on their own before the job is retried, or their claims would lapse and
+        // those pushes go out again.
+        if let Err(record) = delivery::record_sent(&ctx.db, message.id, &sent, &run.token).await {
+            tracing::warn!(feedback_id = message.id, error = %record, "fan_out.record_after_failed_close_failed");
+        }
+        return Err(e.into());
+    }
     tracing::info!(
         feedback_id = message.id,
         sent = stats.sent,
