@@ -29,6 +29,7 @@ mod procs;
 mod queue;
 mod report;
 mod soak;
+mod targets;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -106,7 +107,7 @@ fn form() -> Form {
 }
 
 #[derive(Subcommand, Clone, Copy)]
-enum Scenario {
+pub(crate) enum Scenario {
     /// Closed-loop form submissions.
     Submit {
         /// Concurrent connections.
@@ -311,6 +312,7 @@ async fn run(
     report.figure("redis_used_mib_before", redis_before);
     report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
     stack.stop().await;
+    targets::check(&mut report, cli.scenario, cli.workers);
     Ok(report)
 }
 

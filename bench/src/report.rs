@@ -14,6 +14,8 @@ pub struct Report {
     figures: Vec<(String, f64)>,
     notes: BTreeMap<String, String>,
     series: BTreeMap<String, Value>,
+    /// Targets checked: figure, bound as text, verdict.
+    verdicts: Vec<(String, String, String)>,
     stamp: String,
 }
 
@@ -36,7 +38,15 @@ impl Report {
             }
         }
         let stamp = chrono::Utc::now().format("%Y%m%dT%H%M%SZ").to_string();
-        Self { scenario, params, figures: Vec::new(), notes: BTreeMap::new(), series: BTreeMap::new(), stamp }
+        Self {
+            scenario,
+            params,
+            figures: Vec::new(),
+            notes: BTreeMap::new(),
+            series: BTreeMap::new(),
+            verdicts: Vec::new(),
+            stamp,
+        }
     }
 
     /// Records a parameter.
@@ -47,6 +57,17 @@ impl Report {
     /// Records a figure.
     pub fn figure(&mut self, name: &str, value: f64) {
         self.figures.push((name.to_owned(), value));
+    }
+
+    /// The figure `name` recorded last, if any.
+    pub fn get(&self, name: &str) -> Option<f64> {
+        self.figures.iter().rev().find(|(n, _)| n == name).map(|(_, v)| *v)
+    }
+
+    /// Records whether figure `name`, at `value`, meets `bound`.
+    pub fn verdict(&mut self, name: &str, bound: crate::targets::Bound, value: f64) {
+        let verdict = crate::targets::verdict(bound, value);
+        self.verdicts.push((name.to_owned(), crate::targets::describe(bound), verdict));
     }
 
     /// Records a text (a query plan), printed after the table and saved.
@@ -117,6 +138,13 @@ impl Report {
         for (name, value) in &self.figures {
             println!("  {name:<28} {value:>12.3}");
         }
+        if !self.verdicts.is_empty() {
+            println!("\ntargets:");
+            for (name, bound, verdict) in &self.verdicts {
+                let value = self.get(name).unwrap_or_default();
+                println!("  {name:<28} {value:>12.3}  target {bound}: {verdict}");
+            }
+        }
         for (name, text) in &self.notes {
             println!("\n{name}:\n{text}");
         }
@@ -133,6 +161,7 @@ impl Report {
             "figures": self.figures.iter().map(|(k, v)| (k.clone(), json!(v))).collect::<serde_json::Map<_, _>>(),
             "notes": self.notes,
             "series": self.series,
+            "targets": self.verdicts.iter().map(|(name, bound, verdict)| json!({"figure": name, "target": bound, "verdict": verdict})).collect::<Vec<_>>(),
         });
         std::fs::write(&path, serde_json::to_string_pretty(&body)?)?;
         Ok(path)
