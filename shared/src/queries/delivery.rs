@@ -506,7 +506,7 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     for run in runs {
         for &subscription_id in run.sent {
             sent_feedback.push(run.feedback_id);
-            sent_tokens.push(token_literal(run.token)?);
+            sent_tokens.push(run.token);
             sent_subscriptions.push(subscription_id);
         }
     }
@@ -520,7 +520,7 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
         SENDING.into(),
         success_stale_before(now).into(),
         id_array(&sent_feedback).into(),
-        format!("{{{}}}", sent_tokens.join(",")).into(),
+        token_array(&sent_tokens)?.into(),
         id_array(&sent_subscriptions).into(),
     ];
     let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
@@ -531,14 +531,19 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     Ok(runs.iter().map(|r| due.get(&r.feedback_id).copied()).collect())
 }
 
-/// A claim token as an element of a PostgreSQL array literal: tokens are made of letters,
-/// digits and dashes (UUIDs), which need no quoting; anything else (and `NULL`, which
-/// would read as no value) is refused.
-fn token_literal(token: &str) -> Result<&str, DbErr> {
-    let plain = !token.is_empty()
-        && !token.eq_ignore_ascii_case("null")
-        && token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
-    plain.then_some(token).ok_or_else(|| DbErr::Custom(format!("claim token {token:?} is not plain")))
+/// Claim `tokens` as a PostgreSQL array literal (bound as text). Tokens are made of
+/// letters, digits and dashes (UUIDs), which need no quoting; anything else (and `NULL`,
+/// which would read as no value) is refused.
+fn token_array(tokens: &[&str]) -> Result<String, DbErr> {
+    let plain = |token: &str| {
+        !token.is_empty()
+            && !token.eq_ignore_ascii_case("null")
+            && token.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    if let Some(token) = tokens.iter().find(|t| !plain(t)) {
+        return Err(DbErr::Custom(format!("claim token {token:?} is not plain")));
+    }
+    Ok(format!("{{{}}}", tokens.join(",")))
 }
 
 /// `ids` as a PostgreSQL array literal (bound as text: the driver has no array type here).
@@ -684,10 +689,10 @@ pub async fn open_runs<C: ConnectionTrait>(
          LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) \
          ON c.feedback_id = r.f AND c.claim_token = r.t";
     let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
-    let tokens = runs.iter().map(|r| token_literal(r.token)).collect::<Result<Vec<_>, _>>()?;
+    let tokens: Vec<&str> = runs.iter().map(|r| r.token).collect();
     let values: [sea_orm::Value; 9] = [
         id_array(&feedback_ids).into(),
-        format!("{{{}}}", tokens.join(",")).into(),
+        token_array(&tokens)?.into(),
         SENDING.into(),
         lease_until.into(),
         super::now().into(),
