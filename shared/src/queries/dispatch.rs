@@ -47,9 +47,17 @@ pub async fn mark_enqueued<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), Db
     Ok(())
 }
 
-/// Records that dispatches `ids` were handed to Redis (one statement).
-pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<(), DbErr> {
+/// Records that dispatches `ids` were handed to Redis (one statement; on PostgreSQL
+/// planned for its ids on each call, see [`crate::db::query_one_off`]).
+pub async fn mark_enqueued_many(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result<(), DbErr> {
     if ids.is_empty() {
+        return Ok(());
+    }
+    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        const SQL: &str = "UPDATE dispatches SET enqueued_at = $1, enqueue_count = enqueue_count + 1 \
+             WHERE id = ANY($2::text::bigint[])";
+        let values = vec![super::now().into(), super::delivery::id_array(ids).into()];
+        crate::db::query_one_off(db, SQL, values).await?;
         return Ok(());
     }
     Entity::update_many()
@@ -62,11 +70,18 @@ pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Resu
 }
 
 /// Records that a job for dispatch `id` finished (whatever the deliveries' outcomes).
+///
+/// A first completion time is kept with `COALESCE`, not with a `completed_at IS NULL`
+/// filter, which could lead a cached plan to the partial index of outstanding
+/// dispatches (all of them, under a backlog) instead of the primary key.
 pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+    use sea_orm::sea_query::Func;
     Entity::update_many()
-        .col_expr(Column::CompletedAt, Expr::value(super::now()))
+        .col_expr(
+            Column::CompletedAt,
+            Func::coalesce([Expr::col(Column::CompletedAt), Expr::value(super::now())]).into(),
+        )
         .filter(Column::Id.eq(id))
-        .filter(Column::CompletedAt.is_null())
         .exec(db)
         .await?;
     Ok(())
