@@ -259,6 +259,7 @@ async fn run(
         }
         Scenario::E2e { rate, seconds, gap_secs } => {
             let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
+            durable_commits(&db, &mut report).await?;
             let browser = push.new_subscription();
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
@@ -571,15 +572,19 @@ async fn e2e(
             if let Ok(mut map) = sent_at.lock() {
                 map.insert(content.clone(), at);
             }
-            post_form(client, &address, token, &content).await.unwrap_or(false)
+            let accepted = post_form(client, &address, token, &content).await.unwrap_or(false);
+            (accepted, at.elapsed())
         }));
         if i % per_second == 0 {
             procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));
         }
     }
     let mut rejected = 0u64;
+    let mut answered = Vec::with_capacity(handles.len());
     for handle in handles {
-        if !handle.await? {
+        let (accepted, took) = handle.await?;
+        answered.push(took);
+        if !accepted {
             rejected += 1;
         }
     }
@@ -601,7 +606,23 @@ async fn e2e(
             latencies.push(push.at.saturating_duration_since(*at));
         }
     }
+    // The slowest pushes, each with how long its submission took to be answered: the
+    // part of the delay spent before the commit, and the part after it.
+    let mut slowest: Vec<(Duration, Duration)> = received_order(&received, &sent_at, &answered);
+    slowest.sort_by_key(|&(push, _)| std::cmp::Reverse(push));
+    for (n, (push, answer)) in slowest.iter().take(3).enumerate() {
+        report.note(
+            &format!("slowest_push_{}", n + 1),
+            format!(
+                "{:.1} ms after its submission, which was answered after {:.1} ms",
+                push.as_secs_f64() * 1000.0,
+                answer.as_secs_f64() * 1000.0
+            ),
+        );
+    }
     latencies.sort();
+    answered.sort();
+    report.latencies("answered", &answered);
     report.plot_latencies("submit_to_push", &latencies)?;
     let mut arrivals: Vec<f64> =
         received.iter().map(|p| p.at.saturating_duration_since(started).as_secs_f64()).collect();
@@ -614,6 +635,50 @@ async fn e2e(
     report.figure("lost", expected.saturating_sub(seen.len()) as f64);
     report.figure("duplicated", duplicated as f64);
     report.latencies("submit_to_push", &latencies);
+    Ok(())
+}
+
+/// For each push received (first copies), its delay after the submission and how long
+/// that submission took to be answered (`e2e {i}` bodies; `answered` in `i` order).
+fn received_order(
+    received: &[tidings_tests::push_service::ReceivedPush],
+    sent_at: &HashMap<String, Instant>,
+    answered: &[Duration],
+) -> Vec<(Duration, Duration)> {
+    let mut seen = std::collections::HashSet::new();
+    received
+        .iter()
+        .filter_map(|push| {
+            let body = push.json()["body"].as_str().unwrap_or_default().to_owned();
+            let at = sent_at.get(&body)?;
+            let i: usize = body.strip_prefix("e2e ")?.parse().ok()?;
+            let answer = *answered.get(i)?;
+            seen.insert(body).then(|| (push.at.saturating_duration_since(*at), answer))
+        })
+        .collect()
+}
+
+/// The latency of a durable commit on this server, from one client at a time: 400 one-row
+/// inserts, 5 ms apart, before the load. Every submission waits for one such commit
+/// before it is answered, so this distribution's tail is a floor for `e2e`'s: where the
+/// disk's flushes stall, no durable pipeline on it answers faster.
+async fn durable_commits(db: &sea_orm::DatabaseConnection, report: &mut Report) -> anyhow::Result<()> {
+    db.execute_unprepared("CREATE TABLE bench_commit_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL)")
+        .await?;
+    let insert = sea_orm::Statement::from_string(
+        sea_orm::DbBackend::Postgres,
+        "INSERT INTO bench_commit_probe (at) VALUES (now())",
+    );
+    let mut took = Vec::with_capacity(400);
+    for _ in 0..400 {
+        let started = Instant::now();
+        db.execute_raw(insert.clone()).await?;
+        took.push(started.elapsed());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    db.execute_unprepared("DROP TABLE bench_commit_probe").await?;
+    took.sort();
+    report.latencies("durable_commit", &took);
     Ok(())
 }
 
