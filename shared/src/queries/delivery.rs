@@ -612,6 +612,14 @@ pub enum Opening {
 /// [`claim_page`] with `with_due`).
 ///
 /// On PostgreSQL this is one statement; elsewhere the same steps one after another.
+///
+/// On PostgreSQL the open commits without waiting for its flush to disk
+/// (`synchronous_commit` off for its own transaction, so call it outside any other): the
+/// first pushes leave one disk flush sooner. No promise is weakened. The run's close
+/// commits durably, and a durable commit flushes everything written before it, the open
+/// included. Only a server crash between the two can lose the open, and then the close
+/// is lost too and the run's pushes go out again either way: with the open kept, as
+/// soon as their claims lapse; with it lost, when the job is retried.
 pub async fn open_run<C: ConnectionTrait>(
     db: &C,
     feedback_id: i64,
@@ -696,7 +704,8 @@ pub async fn open_runs(
          FROM runs r CROSS JOIN (SELECT count(*) AS n, max(id) AS last FROM page) p \
          LEFT JOIN msg m ON m.id = r.f LEFT JOIN burst b ON b.f = r.f \
          LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) \
-         ON c.feedback_id = r.f AND c.claim_token = r.t";
+         ON c.feedback_id = r.f AND c.claim_token = r.t \
+         CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode";
     let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
     let tokens: Vec<&str> = runs.iter().map(|r| r.token).collect();
     let values = vec![
@@ -784,7 +793,8 @@ async fn open_alone<C: ConnectionTrait>(
          s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
          FROM (SELECT count(*) AS n, max(id) AS last FROM page) p \
          CROSS JOIN burst b LEFT JOIN msg m ON true \
-         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) ON true";
+         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) ON true \
+         CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode";
     let values: [sea_orm::Value; 11] = [
         0i64.into(),
         i64::try_from(size).unwrap_or(i64::MAX).into(),
