@@ -40,37 +40,30 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
     Database::connect(options).await.context("connecting to the database (DATABASE_URL)")
 }
 
-/// Runs `sql` with `values` on PostgreSQL as a one-off statement and returns its rows.
+/// The pool for statements that write a group at once (`queries::delivery::open_runs`,
+/// `close_runs`): on PostgreSQL a few connections on which every statement is planned for
+/// its values (`plan_cache_mode = force_custom_plan`); elsewhere `db` itself.
 ///
-/// The statement goes out unnamed, so the server plans it for these very values. The
-/// statements that take a group's ids as arrays need that: a plan the server cached
-/// while a table was small reads that table whole once it has grown (a grouped close
-/// went from 0.2 ms to 5–20 ms a call over one `submit` run), and the server replans
-/// only when the table's statistics change, which may be never (autovacuum off) or long
-/// after. A group's statement is planned for each call instead, a cost its runs share.
-pub async fn query_one_off(
-    db: &DatabaseConnection,
-    sql: &'static str,
-    values: Vec<sea_orm::Value>,
-) -> Result<Vec<sea_orm::QueryResult>, sea_orm::DbErr> {
-    use sea_orm::sqlx::{self, Error};
-    use sea_orm::{ConnAcquireErr, DbErr, RuntimeErr, Value};
-    let mut query = sqlx::query(sql).persistent(false);
-    for value in values {
-        query = match value {
-            Value::BigInt(v) => query.bind(v),
-            Value::Int(v) => query.bind(v),
-            Value::String(v) => query.bind(v),
-            Value::ChronoDateTimeUtc(v) => query.bind(v),
-            other => return Err(DbErr::Custom(format!("query_one_off cannot bind {other:?}"))),
-        };
+/// Those statements take a group's ids as arrays. A plan the server cached while a table
+/// was small reads that table whole once it has grown, and the server replans only when
+/// the table's statistics change, which may be long after (or never, with autovacuum
+/// off): over one `submit` run the grouped close went from 0.2 ms to 5–20 ms a call that
+/// way. Planned per call, a group pays the planning once for all its runs; a run alone
+/// keeps its statement's cached plan on the main pool, its ids passed one by one.
+pub async fn connect_for_groups(db: &DatabaseConnection, url: &str) -> anyhow::Result<DatabaseConnection> {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres {
+        return Ok(db.clone());
     }
-    let rows = query.fetch_all(db.get_postgres_connection_pool()).await.map_err(|e| match e {
-        Error::PoolTimedOut => DbErr::ConnectionAcquire(ConnAcquireErr::Timeout),
-        Error::PoolClosed => DbErr::ConnectionAcquire(ConnAcquireErr::ConnectionClosed),
-        e => DbErr::Query(RuntimeErr::SqlxError(e.into())),
-    })?;
-    Ok(rows.into_iter().map(sea_orm::QueryResult::from).collect())
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(4)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(3))
+        .acquire_timeout(Duration::from_secs(3))
+        .test_before_acquire_if_idle_for(Duration::from_secs(1))
+        .map_sqlx_postgres_opts(|pg| pg.options([("plan_cache_mode", "force_custom_plan")]))
+        .sqlx_logging(false);
+    Database::connect(options).await.context("connecting to the database for group writes (DATABASE_URL)")
 }
 
 /// Whether `e` says the connection failed (unreachable, refused, pool exhausted,

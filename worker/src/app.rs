@@ -89,6 +89,7 @@ impl Application {
             .context("VAPID_PRIVATE_KEY is not set: run `web vapid generate` and put its output in .env")?;
         let sender = PushSender::new(sender_config(&settings, private_key))?;
         let db = shared::db::connect(&settings.database_url).await?;
+        let groups = shared::db::connect_for_groups(&db, &settings.database_url).await?;
         let registry = Registry::new();
         let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
             .await
@@ -112,6 +113,7 @@ impl Application {
                 ctx: WorkerContext {
                     runs: crate::runs::Runs::start(
                         db.clone(),
+                        groups,
                         &registry,
                         crate::jobs::fan_out::FIRST_PAGE,
                         crate::jobs::fan_out::claim_hold(&settings),

@@ -49,17 +49,23 @@ pub struct Runs {
 }
 
 impl Runs {
-    /// Starts the openers and closers on `db`, counting their statements in `metrics`.
-    /// A run claims a first page of `first_page` subscriptions, each claim held for
-    /// `hold`, and folds into a digest as `coalescing` says.
+    /// Starts the openers and closers, counting their statements in `metrics`: a run alone
+    /// on `db`, a group on `groups` (`shared::db::connect_for_groups`). A run claims a
+    /// first page of `first_page` subscriptions, each claim held for `hold`, and folds
+    /// into a digest as `coalescing` says.
     pub fn start(
         db: DatabaseConnection,
+        groups: DatabaseConnection,
         metrics: &Registry,
         first_page: u64,
         hold: Duration,
         coalescing: Coalescing,
     ) -> Self {
-        Self { openers: openers(db.clone(), metrics, first_page, hold, coalescing), closers: closers(db, metrics) }
+        let pools = Pools { alone: db, groups };
+        Self {
+            openers: openers(pools.clone(), metrics, first_page, hold, coalescing),
+            closers: closers(pools, metrics),
+        }
     }
 
     /// Opens the run of `feedback_id` with claim `token` (see `delivery::open_run`).
@@ -80,13 +86,27 @@ impl Runs {
     }
 }
 
+/// The pool a run alone is written on, and the one for groups.
+#[derive(Clone)]
+struct Pools {
+    alone: DatabaseConnection,
+    groups: DatabaseConnection,
+}
+
+impl Pools {
+    /// The pool for a batch of `n` runs.
+    fn for_batch(&self, n: usize) -> &DatabaseConnection {
+        if n > 1 { &self.groups } else { &self.alone }
+    }
+}
+
 /// Until when a claim made now holds.
 pub fn lease_until(hold: Duration) -> DateTime<Utc> {
     shared::queries::now() + chrono::Duration::from_std(hold).unwrap_or(chrono::Duration::seconds(30))
 }
 
 fn openers(
-    db: DatabaseConnection,
+    pools: Pools,
     metrics: &Registry,
     first_page: u64,
     hold: Duration,
@@ -98,12 +118,12 @@ fn openers(
         &[],
     );
     Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<(i64, String)>| {
-        let (db, statements) = (db.clone(), statements.clone());
+        let (pools, statements) = (pools.clone(), statements.clone());
         async move {
             statements.inc();
             let lease = lease_until(hold);
             let runs: Vec<RunToOpen<'_>> = batch.iter().map(|(f, t)| RunToOpen { feedback_id: *f, token: t }).collect();
-            match delivery::open_runs(&db, &runs, first_page, lease, coalescing).await {
+            match delivery::open_runs(pools.for_batch(runs.len()), &runs, first_page, lease, coalescing).await {
                 Ok(opened) => opened.into_iter().map(Ok).collect(),
                 Err(e) => {
                     after_failure(e, batch.len(), || async {
@@ -112,8 +132,14 @@ fn openers(
                             statements.inc();
                             // A fresh lease: the failed batch used up some of the first.
                             let lease = lease_until(hold);
-                            let opened =
-                                delivery::open_run(&db, run.feedback_id, first_page, run.token, lease, coalescing);
+                            let opened = delivery::open_run(
+                                &pools.alone,
+                                run.feedback_id,
+                                first_page,
+                                run.token,
+                                lease,
+                                coalescing,
+                            );
                             answers.push(opened.await);
                         }
                         answers
@@ -125,26 +151,31 @@ fn openers(
     })
 }
 
-fn closers(db: DatabaseConnection, metrics: &Registry) -> Batcher<Close, Option<DateTime<Utc>>> {
+fn closers(pools: Pools, metrics: &Registry) -> Batcher<Close, Option<DateTime<Utc>>> {
     let statements = metrics.counter(
         "tidings_run_close_writes_total",
         "Statements that closed fan-out runs; under load one closes many.",
         &[],
     );
     Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<Close>| {
-        let (db, statements) = (db.clone(), statements.clone());
+        let (pools, statements) = (pools.clone(), statements.clone());
         async move {
             statements.inc();
             let runs: Vec<RunToClose<'_>> = batch.iter().map(Close::as_run).collect();
-            match delivery::close_runs(&db, &runs).await {
+            match delivery::close_runs(pools.for_batch(runs.len()), &runs).await {
                 Ok(due) => due.into_iter().map(Ok).collect(),
                 Err(e) => {
                     after_failure(e, batch.len(), || async {
                         let mut answers = Vec::with_capacity(batch.len());
                         for run in &runs {
                             statements.inc();
-                            let closed =
-                                delivery::close_run(&db, run.feedback_id, run.dispatch_id, run.sent, run.token);
+                            let closed = delivery::close_run(
+                                &pools.alone,
+                                run.feedback_id,
+                                run.dispatch_id,
+                                run.sent,
+                                run.token,
+                            );
                             answers.push(closed.await);
                         }
                         answers

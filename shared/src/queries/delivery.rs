@@ -456,14 +456,14 @@ pub struct RunToClose<'a> {
 /// Closes many runs at once, each as [`close_run`] does; returns, in their order, when
 /// each one's message is next due (the dispatch written for it), if at all.
 ///
-/// On PostgreSQL this is one statement (all commit together or not at all), planned for
-/// its values on each call ([`crate::db::query_one_off`]); elsewhere
+/// On PostgreSQL this is one statement (all commit together or not at all); run it on a
+/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
 /// [`close_run`] for each, each committing on its own.
-pub async fn close_runs(
-    db: &sea_orm::DatabaseConnection,
+pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
+    db: &C,
     runs: &[RunToClose<'_>],
 ) -> Result<Vec<Option<DateTime<Utc>>>, DbErr> {
-    use sea_orm::DbBackend;
+    use sea_orm::{DbBackend, Statement};
     if db.get_database_backend() != DbBackend::Postgres {
         let mut due = Vec::with_capacity(runs.len());
         for run in runs {
@@ -528,7 +528,7 @@ pub async fn close_runs(
         token_array(&sent_tokens)?.into(),
         id_array(&sent_subscriptions).into(),
     ];
-    let rows = crate::db::query_one_off(db, SQL, values).await?;
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
     let mut due = std::collections::HashMap::with_capacity(rows.len());
     for row in rows {
         due.insert(row.try_get::<i64>("", "feedback_id")?, row.try_get::<DateTime<Utc>>("", "due_at")?);
@@ -552,7 +552,7 @@ fn token_array(tokens: &[&str]) -> Result<String, DbErr> {
 }
 
 /// `ids` as a PostgreSQL array literal (bound as text: the driver has no array type here).
-pub(crate) fn id_array(ids: &[i64]) -> String {
+fn id_array(ids: &[i64]) -> String {
     format!("{{{}}}", ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
 }
 
@@ -647,17 +647,17 @@ pub struct RunToOpen<'a> {
 /// Opens many runs at once, each as [`open_run`] does; returns their openings in their
 /// order. Every run claims on the same first page of subscriptions.
 ///
-/// On PostgreSQL this is one statement (all commit together or not at all), planned for
-/// its values on each call ([`crate::db::query_one_off`]); elsewhere
+/// On PostgreSQL this is one statement (all commit together or not at all); run it on a
+/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
 /// [`open_run`]'s steps for each, each run committing on its own.
-pub async fn open_runs(
-    db: &sea_orm::DatabaseConnection,
+pub async fn open_runs<C: ConnectionTrait>(
+    db: &C,
     runs: &[RunToOpen<'_>],
     size: u64,
     lease_until: DateTime<Utc>,
     coalescing: Coalescing,
 ) -> Result<Vec<Opening>, DbErr> {
-    use sea_orm::DbBackend;
+    use sea_orm::{DbBackend, Statement};
     if db.get_database_backend() != DbBackend::Postgres {
         let mut opened = Vec::with_capacity(runs.len());
         for run in runs {
@@ -719,7 +719,7 @@ pub async fn open_runs(
         Ord::max(coalescing.window_secs, 1).into(),
         i64::try_from(size).unwrap_or(i64::MAX).into(),
     ];
-    let rows = crate::db::query_one_off(db, SQL, values).await?;
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
     let mut by_run: Vec<Vec<sea_orm::QueryResult>> = (0..runs.len()).map(|_| Vec::new()).collect();
     for row in rows {
         let run: i64 = row.try_get("", "run")?;

@@ -47,17 +47,9 @@ pub async fn mark_enqueued<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), Db
     Ok(())
 }
 
-/// Records that dispatches `ids` were handed to Redis (one statement; on PostgreSQL
-/// planned for its ids on each call, see [`crate::db::query_one_off`]).
-pub async fn mark_enqueued_many(db: &sea_orm::DatabaseConnection, ids: &[i64]) -> Result<(), DbErr> {
+/// Records that dispatches `ids` were handed to Redis (one statement).
+pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<(), DbErr> {
     if ids.is_empty() {
-        return Ok(());
-    }
-    if db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        const SQL: &str = "UPDATE dispatches SET enqueued_at = $1, enqueue_count = enqueue_count + 1 \
-             WHERE id = ANY($2::text::bigint[])";
-        let values = vec![super::now().into(), super::delivery::id_array(ids).into()];
-        crate::db::query_one_off(db, SQL, values).await?;
         return Ok(());
     }
     Entity::update_many()
