@@ -102,7 +102,8 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
         RunToClose { feedback_id: fourth_id, dispatch_id: messages[3].dispatch_id, sent: &[], token: "t3" },
         RunToClose { feedback_id: second_id, dispatch_id: messages[1].dispatch_id, sent: &sent, token: "t1" },
     ];
-    let next = delivery::close_runs(&app.db, &runs).await.expect("closed");
+    let groups = group_pool(&app).await;
+    let next = delivery::close_runs(&groups, &runs).await.expect("closed");
     assert_eq!(next.len(), 2);
     assert!(next[0].is_some_and(|due| due > shared::queries::now()), "{next:?}");
     assert_eq!(next[1], None, "{next:?}");
@@ -112,6 +113,10 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
     let dispatches = dispatches_of(&app, second_id).await;
     assert_eq!(dispatches.len(), 1);
     assert!(dispatches[0].completed_at.is_some());
+    // A second close of the same run (a job's copy) keeps the first completion time.
+    let again = delivery::close_run(&app.db, second_id, messages[1].dispatch_id, &[], "t1").await.expect("closed");
+    assert_eq!(again, None);
+    assert_eq!(dispatches_of(&app, second_id).await[0].completed_at, dispatches[0].completed_at);
     let deliveries = delivery::of_feedback(&app.db, second_id).await.expect("query");
     assert_eq!(deliveries.iter().map(|d| d.status.as_str()).collect::<Vec<_>>(), ["sent"]);
     assert!(delivery::close_runs(&app.db, &[]).await.expect("nothing to close").is_empty());
@@ -136,8 +141,8 @@ async fn many_runs_open_at_once_each_with_its_own_claims(backend: Backend) {
         RunToOpen { feedback_id: messages[0], token: "d" },
     ];
 
-    // Act
-    let opened = delivery::open_runs(&app.db, &runs, 64, lease(), coalescing).await.expect("opened");
+    // Act: on the pool the worker sends groups to.
+    let opened = delivery::open_runs(&group_pool(&app).await, &runs, 64, lease(), coalescing).await.expect("opened");
 
     // Assert: in their order, each as it would open alone.
     assert_eq!(opened.len(), 4);
@@ -160,6 +165,22 @@ async fn many_runs_open_at_once_each_with_its_own_claims_on_postgres() {
 #[tokio::test]
 async fn many_runs_open_at_once_each_with_its_own_claims_on_sqlite() {
     many_runs_open_at_once_each_with_its_own_claims(Backend::Sqlite).await;
+}
+
+/// The pool a worker writes groups of runs on; on PostgreSQL it plans every statement
+/// for its values, so no plan cached while a table was small is reused once it grew.
+async fn group_pool(app: &TestApp) -> sea_orm::DatabaseConnection {
+    use sea_orm::ConnectionTrait;
+    let groups = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
+    if groups.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let row = groups
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, "SHOW plan_cache_mode"))
+            .await
+            .expect("query")
+            .expect("a row");
+        assert_eq!(row.try_get::<String>("", "plan_cache_mode").expect("text"), "force_custom_plan");
+    }
+    groups
 }
 
 async fn dispatches_of(app: &TestApp, feedback_id: i64) -> Vec<dispatch::Model> {
