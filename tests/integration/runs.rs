@@ -6,7 +6,7 @@ use sea_orm::EntityTrait;
 use shared::domain::NewFeedback;
 use shared::entities::{dispatch, push_subscription};
 use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
-use shared::queries::feedback::{Submitted, insert_with_dispatch};
+use shared::queries::feedback::{Submitted, insert_for_request, insert_with_dispatch};
 use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
 
 /// A window long enough that every message of the test falls in the same one.
@@ -37,9 +37,11 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
     let subscriptions = push_subscription::Entity::find().all(&app.db).await.expect("query");
     let subscription_id = subscriptions[0].id;
     let mut messages = Vec::new();
-    for n in 0..4 {
+    for n in 0..3 {
         messages.push(submit(&app, n).await);
     }
+    let fourth = NewFeedback::parse("Ann", "ann@example.com", "message 3").expect("valid");
+    messages.push(insert_for_request(&app.db, &fourth, Some("req-fourth")).await.expect("stored"));
     let open = |feedback_id: i64, token: &'static str, coalescing: Coalescing| {
         let db = app.db.clone();
         async move { delivery::open_run(&db, feedback_id, 64, token, lease(), coalescing).await.expect("opened") }
@@ -110,6 +112,10 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
     let dispatches = dispatches_of(&app, fourth_id).await;
     assert_eq!(dispatches.len(), 2, "the completed one and the next");
     assert_eq!(dispatches.iter().filter(|d| d.completed_at.is_none()).count(), 1);
+    assert!(
+        dispatches.iter().all(|d| d.request_id.as_deref() == Some("req-fourth")),
+        "the next dispatch keeps the request's id: {dispatches:?}"
+    );
     let dispatches = dispatches_of(&app, second_id).await;
     assert_eq!(dispatches.len(), 1);
     assert!(dispatches[0].completed_at.is_some());

@@ -387,7 +387,8 @@ pub async fn record_sent<C: ConnectionTrait + sea_orm::TransactionTrait>(
 /// `sent` as sent (those the claim `token` still holds, with their subscriptions'
 /// success, like [`record_sent`]), marks the dispatch completed and, when deliveries are
 /// still owed (a retry scheduled, another run's claim outstanding), writes a dispatch
-/// record for when the next is due. Returns that time.
+/// record for when the next is due, with the request id of the one it closes (so the
+/// retry's job names the visitor's request too). Returns that time.
 ///
 /// On PostgreSQL this is one statement; elsewhere four or five.
 pub async fn close_run<C: ConnectionTrait + sea_orm::TransactionTrait>(
@@ -402,7 +403,10 @@ pub async fn close_run<C: ConnectionTrait + sea_orm::TransactionTrait>(
         record_sent(db, feedback_id, sent, token).await?;
         let due = next_due(db, feedback_id).await?;
         if let Some(due) = due {
-            crate::queries::dispatch::create(db, feedback_id, due).await?;
+            use sea_orm::EntityTrait;
+            let closed = crate::entities::dispatch::Entity::find_by_id(dispatch_id).one(db).await?;
+            let request_id = closed.and_then(|d| d.request_id);
+            crate::queries::dispatch::create_for_request(db, feedback_id, due, request_id.as_deref()).await?;
         }
         crate::queries::dispatch::mark_completed(db, dispatch_id).await?;
         return Ok(due);
@@ -422,8 +426,9 @@ pub async fn close_run<C: ConnectionTrait + sea_orm::TransactionTrait>(
          FROM deliveries WHERE feedback_id = $1 AND status IN ($3, $4) \
          AND (status <> $4 OR claim_token IS DISTINCT FROM $7 OR NOT subscription_id = ANY($8::text::bigint[]))), \
          done AS (UPDATE dispatches SET completed_at = COALESCE(completed_at, $5) WHERE id = $2) \
-         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
-         SELECT $1, $5, at, 0 FROM due WHERE at IS NOT NULL RETURNING due_at";
+         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count, request_id) \
+         SELECT $1, $5, at, 0, (SELECT request_id FROM dispatches WHERE id = $2) \
+         FROM due WHERE at IS NOT NULL RETURNING due_at";
     let now = super::now();
     let values: [sea_orm::Value; 9] = [
         feedback_id.into(),
@@ -503,8 +508,11 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
          WHERE i.f = d.feedback_id AND i.s = d.subscription_id AND i.t = d.claim_token AND d.status = $6) \
          GROUP BY d.feedback_id), \
          done AS (UPDATE dispatches SET completed_at = COALESCE(completed_at, $3) WHERE id = ANY($2::text::bigint[])) \
-         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count) \
-         SELECT feedback_id, $3, at, 0 FROM due WHERE at IS NOT NULL RETURNING feedback_id, due_at";
+         INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count, request_id) \
+         SELECT due.feedback_id, $3, due.at, 0, (SELECT x.request_id FROM dispatches x \
+         JOIN unnest($1::text::bigint[], $2::text::bigint[]) AS r(f, d) ON x.id = r.d \
+         WHERE r.f = due.feedback_id LIMIT 1) \
+         FROM due WHERE due.at IS NOT NULL RETURNING feedback_id, due_at";
     let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
     let dispatch_ids: Vec<i64> = runs.iter().map(|r| r.dispatch_id).collect();
     let (mut sent_feedback, mut sent_tokens, mut sent_subscriptions) = (Vec::new(), Vec::new(), Vec::new());
