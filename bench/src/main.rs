@@ -596,6 +596,9 @@ async fn e2e(
     let received = push.received();
     let sent_at = sent_at.lock().map(|m| m.clone()).unwrap_or_default();
     let mut latencies = Vec::new();
+    // Each first copy's delay with how long its submission (`e2e {i}`) took to be
+    // answered: the part of the delay spent before the commit, and the part after it.
+    let mut slowest: Vec<(Duration, Duration)> = Vec::new();
     let mut seen: HashMap<String, u32> = HashMap::new();
     for push in &received {
         let body = push.json()["body"].as_str().unwrap_or_default().to_owned();
@@ -603,12 +606,14 @@ async fn e2e(
         if seen[&body] == 1
             && let Some(at) = sent_at.get(&body)
         {
-            latencies.push(push.at.saturating_duration_since(*at));
+            let delay = push.at.saturating_duration_since(*at);
+            latencies.push(delay);
+            let i = body.strip_prefix("e2e ").and_then(|i| i.parse::<usize>().ok());
+            if let Some(answer) = i.and_then(|i| answered.get(i)) {
+                slowest.push((delay, *answer));
+            }
         }
     }
-    // The slowest pushes, each with how long its submission took to be answered: the
-    // part of the delay spent before the commit, and the part after it.
-    let mut slowest: Vec<(Duration, Duration)> = received_order(&received, &sent_at, &answered);
     slowest.sort_by_key(|&(push, _)| std::cmp::Reverse(push));
     for (n, (push, answer)) in slowest.iter().take(3).enumerate() {
         report.note(
@@ -636,26 +641,6 @@ async fn e2e(
     report.figure("duplicated", duplicated as f64);
     report.latencies("submit_to_push", &latencies);
     Ok(())
-}
-
-/// For each push received (first copies), its delay after the submission and how long
-/// that submission took to be answered (`e2e {i}` bodies; `answered` in `i` order).
-fn received_order(
-    received: &[tidings_tests::push_service::ReceivedPush],
-    sent_at: &HashMap<String, Instant>,
-    answered: &[Duration],
-) -> Vec<(Duration, Duration)> {
-    let mut seen = std::collections::HashSet::new();
-    received
-        .iter()
-        .filter_map(|push| {
-            let body = push.json()["body"].as_str().unwrap_or_default().to_owned();
-            let at = sent_at.get(&body)?;
-            let i: usize = body.strip_prefix("e2e ")?.parse().ok()?;
-            let answer = *answered.get(i)?;
-            seen.insert(body).then(|| (push.at.saturating_duration_since(*at), answer))
-        })
-        .collect()
 }
 
 /// The latency of a durable commit on this server, from one client at a time: 400 one-row

@@ -16,17 +16,8 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
     {
         std::fs::create_dir_all(dir).with_context(|| format!("creating the folder of {path}"))?;
     }
-    let mut options = ConnectOptions::new(url.to_owned());
+    let mut options = pool_options(url, if url.starts_with("sqlite:") { 8 } else { 20 });
     options
-        .max_connections(if url.starts_with("sqlite:") { 8 } else { 20 })
-        .min_connections(1)
-        .connect_timeout(Duration::from_secs(3))
-        .acquire_timeout(Duration::from_secs(3))
-        // A connection is checked with a round trip only after it sat idle for a second:
-        // checking it on every use would double the round trips of every statement, and
-        // a busy pool reuses its connections well within that. A database restart takes
-        // longer, so connections it broke are found by the check, not by a statement.
-        .test_before_acquire_if_idle_for(Duration::from_secs(1))
         // Every connection of the pool gets these, not only the first.
         .map_sqlx_sqlite_opts(|sqlite| {
             use sea_orm::sqlx::sqlite::{SqliteJournalMode, SqliteSynchronous};
@@ -35,9 +26,26 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
                 .busy_timeout(Duration::from_secs(5))
                 .foreign_keys(true)
                 .synchronous(SqliteSynchronous::Normal)
-        })
-        .sqlx_logging(false);
+        });
     Database::connect(options).await.context("connecting to the database (DATABASE_URL)")
+}
+
+/// What every pool shares: at most `max` connections, fail fast when the database is
+/// down, and a check of a connection only after it sat idle.
+fn pool_options(url: &str, max: u32) -> ConnectOptions {
+    let mut options = ConnectOptions::new(url.to_owned());
+    options
+        .max_connections(max)
+        .min_connections(1)
+        .connect_timeout(Duration::from_secs(3))
+        .acquire_timeout(Duration::from_secs(3))
+        // A connection is checked with a round trip only after it sat idle for a second:
+        // checking it on every use would double the round trips of every statement, and
+        // a busy pool reuses its connections well within that. A database restart takes
+        // longer, so connections it broke are found by the check, not by a statement.
+        .test_before_acquire_if_idle_for(Duration::from_secs(1))
+        .sqlx_logging(false);
+    options
 }
 
 /// The pool for statements that write a group at once (`queries::delivery::open_runs`,
@@ -54,15 +62,8 @@ pub async fn connect_for_groups(db: &DatabaseConnection, url: &str) -> anyhow::R
     if db.get_database_backend() != sea_orm::DbBackend::Postgres {
         return Ok(db.clone());
     }
-    let mut options = ConnectOptions::new(url.to_owned());
-    options
-        .max_connections(4)
-        .min_connections(1)
-        .connect_timeout(Duration::from_secs(3))
-        .acquire_timeout(Duration::from_secs(3))
-        .test_before_acquire_if_idle_for(Duration::from_secs(1))
-        .map_sqlx_postgres_opts(|pg| pg.options([("plan_cache_mode", "force_custom_plan")]))
-        .sqlx_logging(false);
+    let mut options = pool_options(url, 4);
+    options.map_sqlx_postgres_opts(|pg| pg.options([("plan_cache_mode", "force_custom_plan")]));
     Database::connect(options).await.context("connecting to the database for group writes (DATABASE_URL)")
 }
 

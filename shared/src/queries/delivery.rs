@@ -666,15 +666,12 @@ pub async fn open_runs<C: ConnectionTrait>(
     coalescing: Coalescing,
 ) -> Result<Vec<Opening>, DbErr> {
     use sea_orm::{DbBackend, Statement};
-    if db.get_database_backend() != DbBackend::Postgres {
+    if db.get_database_backend() != DbBackend::Postgres || runs.len() == 1 {
         let mut opened = Vec::with_capacity(runs.len());
         for run in runs {
-            opened.push(open_one_by_one(db, run.feedback_id, size, run.token, lease_until, coalescing).await?);
+            opened.push(open_run(db, run.feedback_id, size, run.token, lease_until, coalescing).await?);
         }
         return Ok(opened);
-    }
-    if let [run] = runs {
-        return Ok(vec![open_alone(db, run.feedback_id, size, run.token, lease_until, coalescing).await?]);
     }
     if runs.is_empty() {
         return Ok(Vec::new());
