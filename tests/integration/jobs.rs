@@ -250,6 +250,47 @@ async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once(
     assert_eq!(received.len(), 1, "picked up by the wake, not by a heartbeat");
 }
 
+/// The worker's `tidings_queue_fetches_total{result}`.
+async fn fetches(app: &TestApp, result: &str) -> u64 {
+    let url = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("worker metrics on"));
+    let text = reqwest::get(&url).await.expect("worker metrics").text().await.expect("text");
+    let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |n| n.parse().expect("a count"))
+}
+
+#[tokio::test]
+async fn the_worker_asks_redis_for_jobs_only_when_woken() {
+    // apalis-core's poll loop fetches again every time a job starts or finishes; the
+    // gate answers those itself. The fallback timer and the relay are minutes away, so
+    // every fetch that reaches Redis here was let through by a wake.
+    let app = spawn_app_with(Options {
+        env: vec![("QUEUE_POLL_MS".into(), "600000".into()), ("RELAY_INTERVAL_MS".into(), "600000".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    let messages = 12;
+
+    for i in 0..messages {
+        app.submit_valid_feedback("Ann", &format!("one at a time {i}")).await;
+        let received = app.push.wait_for_received(i + 1, Duration::from_secs(10)).await;
+        assert_eq!(received.len(), i + 1, "message {i} pushed");
+    }
+
+    // Each message's wake lets one fetch through, which finds its job; the worker's
+    // first fetch and a wake racing a fetch may add an empty one or two.
+    let found = fetches(&app, "jobs").await;
+    let empty = fetches(&app, "empty").await;
+    let skipped = fetches(&app, "skipped").await;
+    let messages = u64::try_from(messages).expect("small");
+    assert!(found >= messages, "every job was fetched: {found}");
+    assert!(
+        found + empty <= messages + 3,
+        "{found} fetches found jobs and {empty} found none, for {messages} messages"
+    );
+    assert!(skipped >= messages, "the poll loop's own fetches were held back: {skipped}");
+}
+
 #[tokio::test]
 async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
     // Arrange: keep finished records for 0 s, trim often.

@@ -33,7 +33,7 @@ use tracing::Instrument;
 use crate::context::WorkerContext;
 use crate::jobs::{JobError, prune, relay, trim};
 use crate::push::{PushSender, PushSenderConfig};
-use crate::queue::{Periodic, wake_strategy, worker_name};
+use crate::queue::{FetchGate, GatedConnection, Periodic, wake_strategy, worker_name};
 
 /// What the apalis handler and the process's own tasks share: the jobs' context, and the
 /// queue that is always there in a worker process. Derefs to the jobs' context.
@@ -232,14 +232,18 @@ impl Application {
         let mut restarts: u32 = 0;
         let mut name = name;
         let result = loop {
-            let storage = RedisStorage::<RawJob>::new(ctx.queue.connection())
-                .with_config(recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery))
-                .with_codec(RawCodec)
-                .poll_with_strategy(wake_strategy(
-                    &settings.redis_url,
-                    shared::queue::wake_channel(ctx.queue.namespace()),
-                    settings.worker.poll_interval,
-                ));
+            let config = recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery);
+            let gate = FetchGate::new(&ctx.metrics);
+            let storage =
+                RedisStorage::<RawJob, _>::new(GatedConnection::new(ctx.queue.connection(), &config, gate.clone()))
+                    .with_config(config)
+                    .with_codec(RawCodec)
+                    .poll_with_strategy(wake_strategy(
+                        &settings.redis_url,
+                        shared::queue::wake_channel(ctx.queue.namespace()),
+                        settings.worker.poll_interval,
+                        gate,
+                    ));
             update(&health, |r| {
                 r.worker = name.clone();
                 r.state = "running".into();

@@ -3,6 +3,10 @@
 //! - [`wake_strategy`]: the poll strategy. apalis-redis's interval poller can stall until
 //!   the 30 s heartbeat, so workers fetch when a producer `PUBLISH`es on the wake
 //!   channel, plus on a fallback timer that re-arms itself correctly (tokio's interval).
+//! - [`GatedConnection`]: the storage's connection, which lets a fetch reach Redis only
+//!   when it may find something. apalis-core's poll loop ignores the poll strategy's
+//!   answer and fetches again whenever the worker's loop is woken (a job starting or
+//!   finishing), which made seven fetch scripts per message, five of them empty.
 //! - [`Periodic`]: periodic work that runs once per tick across all worker processes:
 //!   each tick is claimed with `SET NX PX` in Redis, so no process is special and any
 //!   of them may die without stopping the schedule.
@@ -10,18 +14,17 @@
 //!   waits for its previous incarnation's registration to expire.
 
 use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use apalis_core::backend::ext::poll_strategy::{PollSnapshot, PollStrategy};
 use futures::StreamExt;
-use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionLike, ConnectionManager};
+use redis::{AsyncCommands, Cmd, RedisFuture, Value};
+use shared::metrics::{Counter, Registry};
 use tokio::sync::mpsc;
-
-/// Delay of the second wake after each published one: a wake that lands while a fetch
-/// is already in flight (and so is consumed without effect) is repeated once.
-const REPEAT_WAKE_AFTER: Duration = Duration::from_millis(15);
 
 /// A name for this worker process that no other process has used.
 pub fn worker_name(queue: &str) -> String {
@@ -30,9 +33,9 @@ pub fn worker_name(queue: &str) -> String {
     format!("{queue}-{host}-{}-{}", std::process::id(), &id[..8])
 }
 
-/// Wakes the worker's fetch loop: once per message on the wake channel (with one repeat
-/// shortly after) and every `fallback` at the latest. Reconnects to Redis by itself.
-pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration) -> WakeStrategy {
+/// Wakes the worker's fetch loop: once per message on the wake channel and every
+/// `fallback` at the latest, and opens `gate` for each wake. Reconnects to Redis by itself.
+pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration, gate: Arc<FetchGate>) -> WakeStrategy {
     let (tx, rx) = mpsc::channel::<()>(1);
     let timer_tx = tx.clone();
     tokio::spawn(async move {
@@ -58,17 +61,20 @@ pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration) -> Wa
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    WakeStrategy { wakes: rx }
+    WakeStrategy { wakes: rx, gate }
 }
 
 /// The poll strategy [`wake_strategy`] builds.
 ///
 /// Unlike apalis' stream strategy it drains every pending wake and always leaves its
 /// waker registered, so a wake can never be consumed without arming the next one (the
-/// way the stock interval poller stalls until the heartbeat).
+/// way the stock interval poller stalls until the heartbeat). apalis-core drops its
+/// answer, so each wake is recorded in the [`FetchGate`], which is what lets a fetch
+/// through.
 #[derive(Debug)]
 pub struct WakeStrategy {
     wakes: mpsc::Receiver<()>,
+    gate: Arc<FetchGate>,
 }
 
 impl PollStrategy for WakeStrategy {
@@ -81,7 +87,12 @@ impl PollStrategy for WakeStrategy {
                 Poll::Pending => break,
             }
         }
-        if woken { Poll::Ready(Some(())) } else { Poll::Pending }
+        if woken {
+            self.gate.wake();
+            Poll::Ready(Some(()))
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -91,16 +102,148 @@ async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) ->
     pubsub.subscribe(channel).await?;
     let mut messages = pubsub.on_message();
     while messages.next().await.is_some() {
+        // A full channel already holds a pending wake, which covers this message too.
         if tx.try_send(()).is_err() && tx.is_closed() {
             return Ok(());
         }
-        let tx = tx.clone();
-        tokio::spawn(async move {
-            tokio::time::sleep(REPEAT_WAKE_AFTER).await;
-            let _ = tx.try_send(());
-        });
     }
     Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection closed")))
+}
+
+/// Whether the worker's next fetch may find a job: a wake came after the last fetch
+/// that came back short of a full batch.
+///
+/// Wakes are counted, and a short fetch settles the count it started under, so a wake
+/// that lands while a fetch is in flight keeps the gate open for the next one. A fetch
+/// that fills its batch leaves the gate open: more may be waiting. A job that reaches
+/// Redis without a wake (a retry coming due, a `PUBLISH` lost with a dropped
+/// subscription) waits at most for the fallback timer's wake (`QUEUE_POLL_MS`), as it did
+/// before the gate.
+#[derive(Debug)]
+pub struct FetchGate {
+    wakes: AtomicU64,
+    settled: AtomicU64,
+    fetches: [Arc<Counter>; 3],
+}
+
+impl FetchGate {
+    /// An open gate (a worker's first fetch always goes through), counting fetches in
+    /// `tidings_queue_fetches_total{result}`.
+    pub fn new(metrics: &Registry) -> Arc<Self> {
+        let help = "The worker's fetches of jobs from Redis, by result (`skipped`: held back by the gate).";
+        let fetches = ["jobs", "empty", "skipped"]
+            .map(|result| metrics.counter("tidings_queue_fetches_total", help, &[("result", result)]));
+        Arc::new(Self { wakes: AtomicU64::new(1), settled: AtomicU64::new(0), fetches })
+    }
+
+    fn wake(&self) {
+        self.wakes.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The wake count a fetch starts under, or `None` while nothing can have arrived.
+    fn open(&self) -> Option<u64> {
+        let wakes = self.wakes.load(Ordering::Acquire);
+        (wakes != self.settled.load(Ordering::Acquire)).then_some(wakes)
+    }
+
+    fn settle(&self, seen: u64) {
+        self.settled.fetch_max(seen, Ordering::AcqRel);
+    }
+}
+
+/// The worker storage's connection to Redis: every command goes through, except the
+/// fetch script while its [`FetchGate`] is closed, which is answered "no jobs" at once.
+#[derive(Clone)]
+pub struct GatedConnection {
+    inner: ConnectionManager,
+    gate: Arc<FetchGate>,
+    /// The fetch script's second and fifth keys: this queue's active list and signal list.
+    active_list: Arc<str>,
+    signal_list: Arc<str>,
+    batch: usize,
+}
+
+impl GatedConnection {
+    /// `inner`, gating the fetches of the queue `config` describes.
+    pub fn new(inner: ConnectionManager, config: &apalis_redis::Config, gate: Arc<FetchGate>) -> Self {
+        Self {
+            inner,
+            gate,
+            active_list: config.active_jobs_list().into(),
+            signal_list: config.signal_list().into(),
+            batch: config.batch_size,
+        }
+    }
+
+    /// Whether `cmd` is apalis-redis's fetch script for this queue: `EVALSHA` (or `EVAL`)
+    /// with seven keys, the active list second and the signal list fifth.
+    fn is_fetch(&self, cmd: &Cmd) -> bool {
+        let mut args = cmd.args_iter().map(|a| match a {
+            redis::Arg::Simple(bytes) => bytes,
+            _ => &[],
+        });
+        let Some(name) = args.next() else { return false };
+        if !(name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL")) {
+            return false;
+        }
+        let args: Vec<&[u8]> = args.take(7).collect();
+        args.len() == 7
+            && args[1] == b"7"
+            && args[3] == self.active_list.as_bytes()
+            && args[6] == self.signal_list.as_bytes()
+    }
+}
+
+/// The reply of a fetch that found nothing: no job data, no metadata.
+fn no_jobs() -> Value {
+    Value::Array(vec![Value::Array(Vec::new()), Value::Array(Vec::new())])
+}
+
+/// How many jobs a fetch's reply holds; `None` for a reply of another shape.
+fn jobs_in(reply: &Value) -> Option<usize> {
+    match reply {
+        Value::Array(parts) => match parts.first() {
+            Some(Value::Array(jobs)) => Some(jobs.len()),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+impl ConnectionLike for GatedConnection {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        if !self.is_fetch(cmd) {
+            return self.inner.req_packed_command(cmd);
+        }
+        let Some(seen) = self.gate.open() else {
+            self.gate.fetches[2].inc();
+            return Box::pin(std::future::ready(Ok(no_jobs())));
+        };
+        Box::pin(async move {
+            let reply = self.inner.req_packed_command(cmd).await?;
+            let jobs = jobs_in(&reply);
+            // A full batch, or a reply this gate does not understand: fetch again.
+            if jobs.is_some_and(|n| n < self.batch) {
+                self.gate.settle(seen);
+            }
+            let found = if jobs == Some(0) { &self.gate.fetches[1] } else { &self.gate.fetches[0] };
+            found.inc();
+            Ok(reply)
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        self.inner.req_packed_commands(pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        self.inner.get_db()
+    }
 }
 
 /// Periodic work shared by all worker processes: each tick runs in exactly one of them.
