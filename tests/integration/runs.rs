@@ -173,18 +173,20 @@ async fn many_runs_open_at_once_each_with_its_own_claims_on_sqlite() {
     many_runs_open_at_once_each_with_its_own_claims(Backend::Sqlite).await;
 }
 
-/// The pool a worker writes groups of runs on; on PostgreSQL it plans every statement
-/// for its values, so no plan cached while a table was small is reused once it grew.
+/// The pool a worker writes groups of runs on; on PostgreSQL it plans each statement
+/// once, with sequential scans priced out, so no plan reads a grown table whole.
 async fn group_pool(app: &TestApp) -> sea_orm::DatabaseConnection {
     use sea_orm::ConnectionTrait;
     let groups = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
     if groups.get_database_backend() == sea_orm::DbBackend::Postgres {
-        let row = groups
-            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, "SHOW plan_cache_mode"))
-            .await
-            .expect("query")
-            .expect("a row");
-        assert_eq!(row.try_get::<String>("", "plan_cache_mode").expect("text"), "force_custom_plan");
+        for (setting, expected) in [("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")] {
+            let row = groups
+                .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, format!("SHOW {setting}")))
+                .await
+                .expect("query")
+                .expect("a row");
+            assert_eq!(row.try_get::<String>("", setting).expect("text"), expected, "{setting}");
+        }
     }
     groups
 }
