@@ -14,8 +14,8 @@
 //!   waits for its previous incarnation's registration to expire.
 
 use std::future::Future;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -37,6 +37,7 @@ pub fn worker_name(queue: &str) -> String {
 /// `fallback` at the latest, and opens `gate` for each wake. Reconnects to Redis by itself.
 pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration, gate: Arc<FetchGate>) -> WakeStrategy {
     let (tx, rx) = mpsc::channel::<()>(1);
+    gate.set_rewake(tx.clone());
     let timer_tx = tx.clone();
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(fallback);
@@ -113,9 +114,11 @@ async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) ->
 /// Whether the worker's next fetch may find a job: a wake came after the last fetch
 /// that came back short of a full batch.
 ///
-/// Wakes are counted, and a short fetch settles the count it started under, so a wake
-/// that lands while a fetch is in flight keeps the gate open for the next one. A fetch
-/// that fills its batch leaves the gate open: more may be waiting. A job that reaches
+/// Wakes are counted, and a short fetch settles the count it started under. A wake that
+/// lands while a fetch is in flight keeps the gate open, and since apalis-core does not
+/// poll again after a fetch comes back empty (it waits for the worker's next wake), the
+/// gate then wakes the poll loop itself, so that job is fetched at once. A fetch that
+/// fills its batch leaves the gate open: more may be waiting. A job that reaches
 /// Redis without a wake (a retry coming due, a `PUBLISH` lost with a dropped
 /// subscription) waits at most for the fallback timer's wake (`QUEUE_POLL_MS`), as it did
 /// before the gate.
@@ -123,6 +126,8 @@ async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) ->
 pub struct FetchGate {
     wakes: AtomicU64,
     settled: AtomicU64,
+    /// The poll strategy's wake channel.
+    rewake: OnceLock<mpsc::Sender<()>>,
     fetches: [Arc<Counter>; 3],
 }
 
@@ -133,7 +138,11 @@ impl FetchGate {
         let help = "The worker's fetches of jobs from Redis, by result (`skipped`: held back by the gate).";
         let fetches = ["jobs", "empty", "skipped"]
             .map(|result| metrics.counter("tidings_queue_fetches_total", help, &[("result", result)]));
-        Arc::new(Self { wakes: AtomicU64::new(1), settled: AtomicU64::new(0), fetches })
+        Arc::new(Self { wakes: AtomicU64::new(1), settled: AtomicU64::new(0), rewake: OnceLock::new(), fetches })
+    }
+
+    fn set_rewake(&self, wakes: mpsc::Sender<()>) {
+        let _ = self.rewake.set(wakes);
     }
 
     fn wake(&self) {
@@ -146,8 +155,22 @@ impl FetchGate {
         (wakes != self.settled.load(Ordering::Acquire)).then_some(wakes)
     }
 
-    fn settle(&self, seen: u64) {
+    /// Records a fetch that started under wake count `seen` and found `jobs` (`None`: a
+    /// reply of another shape) in batches of `batch`.
+    fn fetched(&self, seen: u64, jobs: Option<usize>, batch: usize) {
+        let found = if jobs == Some(0) { &self.fetches[1] } else { &self.fetches[0] };
+        found.inc();
+        // A full batch, or a reply this gate does not understand: fetch again.
+        if !jobs.is_some_and(|n| n < batch) {
+            return;
+        }
         self.settled.fetch_max(seen, Ordering::AcqRel);
+        if self.open().is_some()
+            && let Some(wakes) = self.rewake.get()
+        {
+            // A full channel already holds a wake, which does the same.
+            let _ = wakes.try_send(());
+        }
     }
 }
 
@@ -221,13 +244,7 @@ impl ConnectionLike for GatedConnection {
         };
         Box::pin(async move {
             let reply = self.inner.req_packed_command(cmd).await?;
-            let jobs = jobs_in(&reply);
-            // A full batch, or a reply this gate does not understand: fetch again.
-            if jobs.is_some_and(|n| n < self.batch) {
-                self.gate.settle(seen);
-            }
-            let found = if jobs == Some(0) { &self.gate.fetches[1] } else { &self.gate.fetches[0] };
-            found.inc();
+            self.gate.fetched(seen, jobs_in(&reply), self.batch);
             Ok(reply)
         })
     }
@@ -374,6 +391,46 @@ fn worker_pid_tag() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn gate() -> (Arc<FetchGate>, mpsc::Receiver<()>) {
+        let gate = FetchGate::new(&Registry::new());
+        let (tx, rx) = mpsc::channel(1);
+        gate.set_rewake(tx);
+        (gate, rx)
+    }
+
+    #[test]
+    fn a_short_fetch_closes_the_gate_until_the_next_wake() {
+        let (gate, mut rewakes) = gate();
+        let seen = gate.open().expect("a worker's first fetch goes through");
+        gate.fetched(seen, Some(3), 10);
+        assert_eq!(gate.open(), None, "nothing can have arrived since");
+        assert!(rewakes.try_recv().is_err(), "no wake of its own");
+        gate.wake();
+        assert!(gate.open().is_some(), "a wake opens it");
+    }
+
+    #[test]
+    fn a_full_batch_or_an_unknown_reply_leaves_the_gate_open() {
+        let (gate, _rewakes) = gate();
+        let seen = gate.open().expect("open");
+        gate.fetched(seen, Some(10), 10);
+        assert!(gate.open().is_some(), "more may be waiting");
+        gate.fetched(seen, None, 10);
+        assert!(gate.open().is_some(), "a reply it cannot read");
+    }
+
+    #[test]
+    fn a_wake_during_an_empty_fetch_wakes_the_poll_loop_again() {
+        // apalis-core does not poll after an empty fetch; the wake drained while the
+        // fetch was in flight would otherwise wait for the fallback timer.
+        let (gate, mut rewakes) = gate();
+        let seen = gate.open().expect("open");
+        gate.wake();
+        gate.fetched(seen, Some(0), 10);
+        assert!(gate.open().is_some(), "the wake that came during the fetch still counts");
+        assert!(rewakes.try_recv().is_ok(), "and the poll loop is woken to fetch for it");
+    }
 
     #[test]
     fn worker_names_are_unique_per_start() {
