@@ -104,8 +104,8 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
         RunToClose { feedback_id: fourth_id, dispatch_id: messages[3].dispatch_id, sent: &[], token: "t3" },
         RunToClose { feedback_id: second_id, dispatch_id: messages[1].dispatch_id, sent: &sent, token: "t1" },
     ];
-    let groups = group_pool(&app).await;
-    let next = delivery::close_runs(&groups, &runs).await.expect("closed");
+    let groups = group_pools(&app).await;
+    let next = delivery::close_runs(&groups.closes, &runs).await.expect("closed");
     assert_eq!(next.len(), 2);
     assert!(next[0].is_some_and(|due| due > shared::queries::now()), "{next:?}");
     assert_eq!(next[1], None, "{next:?}");
@@ -148,7 +148,8 @@ async fn many_runs_open_at_once_each_with_its_own_claims(backend: Backend) {
     ];
 
     // Act: on the pool the worker sends groups to.
-    let opened = delivery::open_runs(&group_pool(&app).await, &runs, 64, lease(), coalescing).await.expect("opened");
+    let opened =
+        delivery::open_runs(&group_pools(&app).await.opens, &runs, 64, lease(), coalescing).await.expect("opened");
 
     // Assert: in their order, each as it would open alone.
     assert_eq!(opened.len(), 4);
@@ -173,22 +174,28 @@ async fn many_runs_open_at_once_each_with_its_own_claims_on_sqlite() {
     many_runs_open_at_once_each_with_its_own_claims(Backend::Sqlite).await;
 }
 
-/// The pool a worker writes groups of runs on; on PostgreSQL it plans each statement
-/// once, with sequential scans priced out, so no plan reads a grown table whole.
-async fn group_pool(app: &TestApp) -> sea_orm::DatabaseConnection {
+/// The pools a worker writes groups of runs on. On PostgreSQL the opens are planned for
+/// their values on each call; the closes once per connection with sequential scans
+/// priced out, so no plan made on a small table reads it whole once it has grown.
+async fn group_pools(app: &TestApp) -> shared::db::GroupPools {
     use sea_orm::ConnectionTrait;
-    let groups = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
-    if groups.get_database_backend() == sea_orm::DbBackend::Postgres {
-        for (setting, expected) in [("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")] {
-            let row = groups
+    let pools = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
+    if app.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        let expected = [
+            (&pools.opens, "plan_cache_mode", "force_custom_plan"),
+            (&pools.closes, "plan_cache_mode", "force_generic_plan"),
+            (&pools.closes, "enable_seqscan", "off"),
+        ];
+        for (pool, setting, value) in expected {
+            let row = pool
                 .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, format!("SHOW {setting}")))
                 .await
                 .expect("query")
                 .expect("a row");
-            assert_eq!(row.try_get::<String>("", setting).expect("text"), expected, "{setting}");
+            assert_eq!(row.try_get::<String>("", setting).expect("text"), value, "{setting}");
         }
     }
-    groups
+    pools
 }
 
 async fn dispatches_of(app: &TestApp, feedback_id: i64) -> Vec<dispatch::Model> {
