@@ -212,3 +212,41 @@ async fn a_run_opens_folds_and_closes_the_same_way_on_postgres() {
 async fn a_run_opens_folds_and_closes_the_same_way_on_sqlite() {
     a_run_opens_folds_and_closes_the_same_way(Backend::Sqlite).await;
 }
+
+/// The scans of an `EXPLAIN (FORMAT JSON)` plan that read a table without an index
+/// condition: sequential scans, and index scans used as one.
+fn unconditioned_scans(node: &serde_json::Value, found: &mut Vec<String>) {
+    let kind = node["Node Type"].as_str().unwrap_or_default();
+    let relation = node["Relation Name"].as_str().or(node["Index Name"].as_str()).unwrap_or("?");
+    let by_index = ["Index Scan", "Index Only Scan", "Bitmap Index Scan"].contains(&kind);
+    if kind == "Seq Scan" || (by_index && node.get("Index Cond").is_none()) {
+        found.push(format!("{kind} on {relation}"));
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        unconditioned_scans(child, found);
+    }
+}
+
+#[tokio::test]
+async fn the_grouped_close_planned_once_on_empty_tables_looks_every_row_up_by_index() {
+    // The close pool plans each statement once per connection, typically while the tables
+    // are still small; that one plan must not read a table whole once it has grown.
+    use sea_orm::{ConnectionTrait, TransactionTrait};
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let pools = group_pools(&app).await;
+    let connection = pools.closes.begin().await.expect("one connection");
+    let sql = format!("PREPARE grouped_close AS {}", delivery::CLOSE_RUNS_SQL);
+    connection.execute_unprepared(&sql).await.expect("prepared");
+    let explain = "EXPLAIN (FORMAT JSON) EXECUTE grouped_close('{1,2}', '{3,4}', now(), 'retrying', 'sent', \
+                   'sending', now(), '{1}', '{t}', '{5}')";
+    let row = connection
+        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, explain))
+        .await
+        .expect("explained")
+        .expect("a plan");
+    let plan: serde_json::Value = row.try_get("", "QUERY PLAN").expect("json");
+    let mut found = Vec::new();
+    unconditioned_scans(&plan[0]["Plan"], &mut found);
+    assert!(found.is_empty(), "scans without an index condition: {found:?}\n{plan:#}");
+    connection.rollback().await.expect("rolled back");
+}
