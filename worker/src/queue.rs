@@ -161,7 +161,7 @@ impl FetchGate {
         let found = if jobs == Some(0) { &self.fetches[1] } else { &self.fetches[0] };
         found.inc();
         // A full batch, or a reply this gate does not understand: fetch again.
-        if !jobs.is_some_and(|n| n < batch) {
+        if jobs.is_none_or(|n| n >= batch) {
             return;
         }
         self.settled.fetch_max(seen, Ordering::AcqRel);
