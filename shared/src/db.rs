@@ -48,45 +48,32 @@ fn pool_options(url: &str, max: u32) -> ConnectOptions {
     options
 }
 
-/// The pools for statements that write a group of runs at once: on PostgreSQL two
-/// connections each, planned as each statement needs; elsewhere `db` itself.
-#[derive(Clone, Debug)]
-pub struct GroupPools {
-    /// For `queries::delivery::open_runs`: every statement planned for its values
-    /// (`plan_cache_mode = force_custom_plan`).
-    pub opens: DatabaseConnection,
-    /// For `queries::delivery::close_runs`: each statement planned once per connection,
-    /// sequential scans priced out (`plan_cache_mode = force_generic_plan`,
-    /// `enable_seqscan = off`).
-    pub closes: DatabaseConnection,
-}
-
-/// Connects the [`GroupPools`].
+/// The pool for statements that write a group of runs at once
+/// (`queries::delivery::open_runs`, `close_runs`): on PostgreSQL a few connections that
+/// plan each statement once, with sequential scans priced out
+/// (`plan_cache_mode = force_generic_plan`, `enable_seqscan = off`); elsewhere `db`
+/// itself.
 ///
-/// The group statements take a group's ids as arrays. Left to itself, the server plans
-/// a statement for the first values it sees, on tables that may still be small, and a
+/// Those statements take a group's ids as arrays. Left to itself, the server plans a
+/// statement for the first values it sees, on tables that may still be small, and a
 /// plan that reads a small table whole keeps doing so once it has grown, until the
 /// table's statistics change (never, with autovacuum off): over one `submit` run the
 /// grouped close went from 0.2 ms to 5–20 ms a call that way. Planning every call for
 /// its values avoids that but costs more than running the statement (0.7 ms against
-/// 0.2 ms). The close reaches every table through an index on its ids, so with scans
-/// priced out its one plan per connection stays right at any size. The open does not:
-/// planned once on empty tables, its burst check and its join to the subscriptions read
-/// those tables whole through their indexes, so it keeps planning per call. A run alone
-/// keeps its statements' cached plans on the main pool, its ids passed one by one.
-pub async fn connect_for_groups(db: &DatabaseConnection, url: &str) -> anyhow::Result<GroupPools> {
+/// 0.2 ms). Both statements reach every table through an index on the ids, written so
+/// that no plan can do otherwise (a lookup the planner could turn into a hash of the
+/// whole table is a scalar subquery or a `LATERAL` one); with scans priced out, their one
+/// plan per connection stays right at any size. A run alone keeps its statements'
+/// cached plans on the main pool, its ids passed one by one.
+pub async fn connect_for_groups(db: &DatabaseConnection, url: &str) -> anyhow::Result<DatabaseConnection> {
     if db.get_database_backend() != sea_orm::DbBackend::Postgres {
-        return Ok(GroupPools { opens: db.clone(), closes: db.clone() });
+        return Ok(db.clone());
     }
-    let connect = |settings: &'static [(&'static str, &'static str)]| {
-        let mut options = pool_options(url, 2);
-        options.map_sqlx_postgres_opts(|pg| pg.options(settings.iter().copied()));
-        async move { Database::connect(options).await.context("connecting to the database for group writes (DATABASE_URL)") }
-    };
-    Ok(GroupPools {
-        opens: connect(&[("plan_cache_mode", "force_custom_plan")]).await?,
-        closes: connect(&[("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")]).await?,
-    })
+    let mut options = pool_options(url, 4);
+    options.map_sqlx_postgres_opts(|pg| {
+        pg.options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")])
+    });
+    Database::connect(options).await.context("connecting to the database for group writes (DATABASE_URL)")
 }
 
 /// Whether `e` says the connection failed (unreachable, refused, pool exhausted,

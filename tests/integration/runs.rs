@@ -104,8 +104,8 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
         RunToClose { feedback_id: fourth_id, dispatch_id: messages[3].dispatch_id, sent: &[], token: "t3" },
         RunToClose { feedback_id: second_id, dispatch_id: messages[1].dispatch_id, sent: &sent, token: "t1" },
     ];
-    let groups = group_pools(&app).await;
-    let next = delivery::close_runs(&groups.closes, &runs).await.expect("closed");
+    let groups = group_pool(&app).await;
+    let next = delivery::close_runs(&groups, &runs).await.expect("closed");
     assert_eq!(next.len(), 2);
     assert!(next[0].is_some_and(|due| due > shared::queries::now()), "{next:?}");
     assert_eq!(next[1], None, "{next:?}");
@@ -148,8 +148,7 @@ async fn many_runs_open_at_once_each_with_its_own_claims(backend: Backend) {
     ];
 
     // Act: on the pool the worker sends groups to.
-    let opened =
-        delivery::open_runs(&group_pools(&app).await.opens, &runs, 64, lease(), coalescing).await.expect("opened");
+    let opened = delivery::open_runs(&group_pool(&app).await, &runs, 64, lease(), coalescing).await.expect("opened");
 
     // Assert: in their order, each as it would open alone.
     assert_eq!(opened.len(), 4);
@@ -174,19 +173,13 @@ async fn many_runs_open_at_once_each_with_its_own_claims_on_sqlite() {
     many_runs_open_at_once_each_with_its_own_claims(Backend::Sqlite).await;
 }
 
-/// The pools a worker writes groups of runs on. On PostgreSQL the opens are planned for
-/// their values on each call; the closes once per connection with sequential scans
-/// priced out, so no plan made on a small table reads it whole once it has grown.
-async fn group_pools(app: &TestApp) -> shared::db::GroupPools {
+/// The pool a worker writes groups of runs on; on PostgreSQL it plans each statement
+/// once, with sequential scans priced out.
+async fn group_pool(app: &TestApp) -> sea_orm::DatabaseConnection {
     use sea_orm::ConnectionTrait;
-    let pools = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
+    let pool = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
     if app.db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        let expected = [
-            (&pools.opens, "plan_cache_mode", "force_custom_plan"),
-            (&pools.closes, "plan_cache_mode", "force_generic_plan"),
-            (&pools.closes, "enable_seqscan", "off"),
-        ];
-        for (pool, setting, value) in expected {
+        for (setting, value) in [("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")] {
             let row = pool
                 .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, format!("SHOW {setting}")))
                 .await
@@ -195,7 +188,7 @@ async fn group_pools(app: &TestApp) -> shared::db::GroupPools {
             assert_eq!(row.try_get::<String>("", setting).expect("text"), value, "{setting}");
         }
     }
-    pools
+    pool
 }
 
 async fn dispatches_of(app: &TestApp, feedback_id: i64) -> Vec<dispatch::Model> {
@@ -214,39 +207,49 @@ async fn a_run_opens_folds_and_closes_the_same_way_on_sqlite() {
 }
 
 /// The scans of an `EXPLAIN (FORMAT JSON)` plan that read a table without an index
-/// condition: sequential scans, and index scans used as one.
-fn unconditioned_scans(node: &serde_json::Value, found: &mut Vec<String>) {
+/// condition: sequential scans, and index scans used as one (unless a `LIMIT` above them
+/// stops the reading early).
+fn unconditioned_scans(node: &serde_json::Value, limited: bool, found: &mut Vec<String>) {
     let kind = node["Node Type"].as_str().unwrap_or_default();
     let relation = node["Relation Name"].as_str().or(node["Index Name"].as_str()).unwrap_or("?");
     let by_index = ["Index Scan", "Index Only Scan", "Bitmap Index Scan"].contains(&kind);
-    if kind == "Seq Scan" || (by_index && node.get("Index Cond").is_none()) {
+    if kind == "Seq Scan" || (by_index && !limited && node.get("Index Cond").is_none()) {
         found.push(format!("{kind} on {relation}"));
     }
+    let limited = limited || kind == "Limit";
     for child in node["Plans"].as_array().into_iter().flatten() {
-        unconditioned_scans(child, found);
+        unconditioned_scans(child, limited, found);
     }
 }
 
 #[tokio::test]
-async fn the_grouped_close_planned_once_on_empty_tables_looks_every_row_up_by_index() {
-    // The close pool plans each statement once per connection, typically while the tables
-    // are still small; that one plan must not read a table whole once it has grown.
+async fn the_grouped_statements_planned_once_on_empty_tables_look_every_row_up_by_index() {
+    // The group pool plans each statement once per connection, typically while the
+    // tables are still small; that one plan must not read a table whole once it has grown.
     use sea_orm::{ConnectionTrait, TransactionTrait};
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    let pools = group_pools(&app).await;
-    let connection = pools.closes.begin().await.expect("one connection");
-    let sql = format!("PREPARE grouped_close AS {}", delivery::CLOSE_RUNS_SQL);
-    connection.execute_unprepared(&sql).await.expect("prepared");
-    let explain = "EXPLAIN (FORMAT JSON) EXECUTE grouped_close('{1,2}', '{3,4}', now(), 'retrying', 'sent', \
-                   'sending', now(), '{1}', '{t}', '{5}')";
-    let row = connection
-        .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, explain))
-        .await
-        .expect("explained")
-        .expect("a plan");
-    let plan: serde_json::Value = row.try_get("", "QUERY PLAN").expect("json");
-    let mut found = Vec::new();
-    unconditioned_scans(&plan[0]["Plan"], &mut found);
-    assert!(found.is_empty(), "scans without an index condition: {found:?}\n{plan:#}");
-    connection.rollback().await.expect("rolled back");
+    let pool = group_pool(&app).await;
+    let statements = [
+        ("grouped_open", delivery::OPEN_RUNS_SQL, "'{1,2}', '{a,b}', 'sending', now(), now(), 'retrying', 6, 60, 64"),
+        (
+            "grouped_close",
+            delivery::CLOSE_RUNS_SQL,
+            "'{1,2}', '{3,4}', now(), 'retrying', 'sent', 'sending', now(), '{1}', '{t}', '{5}'",
+        ),
+    ];
+    for (name, sql, arguments) in statements {
+        let connection = pool.begin().await.expect("one connection");
+        connection.execute_unprepared(&format!("PREPARE {name} AS {sql}")).await.expect("prepared");
+        let explain = format!("EXPLAIN (FORMAT JSON) EXECUTE {name}({arguments})");
+        let row = connection
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, explain))
+            .await
+            .expect("explained")
+            .expect("a plan");
+        let plan: serde_json::Value = row.try_get("", "QUERY PLAN").expect("json");
+        let mut found = Vec::new();
+        unconditioned_scans(&plan[0]["Plan"], false, &mut found);
+        assert!(found.is_empty(), "{name}: scans without an index condition: {found:?}\n{plan:#}");
+        connection.rollback().await.expect("rolled back");
+    }
 }

@@ -39,7 +39,7 @@ impl Immediate {
         let ctx = WorkerContext {
             runs: crate::runs::Runs::start(
                 db.clone(),
-                shared::db::GroupPools { opens: db.clone(), closes: db.clone() },
+                db.clone(),
                 &metrics,
                 crate::jobs::fan_out::FIRST_PAGE,
                 crate::jobs::fan_out::claim_hold(&settings),

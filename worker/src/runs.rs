@@ -10,7 +10,6 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use sea_orm::{DatabaseConnection, DbErr};
 use shared::batch::{Batcher, after_failure};
-use shared::db::GroupPools;
 use shared::metrics::Registry;
 use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
 
@@ -56,7 +55,7 @@ impl Runs {
     /// into a digest as `coalescing` says.
     pub fn start(
         db: DatabaseConnection,
-        groups: GroupPools,
+        groups: DatabaseConnection,
         metrics: &Registry,
         first_page: u64,
         hold: Duration,
@@ -87,22 +86,17 @@ impl Runs {
     }
 }
 
-/// The pool a run alone is written on, and the ones for groups.
+/// The pool a run alone is written on, and the one for groups.
 #[derive(Clone)]
 struct Pools {
     alone: DatabaseConnection,
-    groups: GroupPools,
+    groups: DatabaseConnection,
 }
 
 impl Pools {
-    /// The pool to open a batch of `n` runs on.
-    fn to_open(&self, n: usize) -> &DatabaseConnection {
-        if n > 1 { &self.groups.opens } else { &self.alone }
-    }
-
-    /// The pool to close a batch of `n` runs on.
-    fn to_close(&self, n: usize) -> &DatabaseConnection {
-        if n > 1 { &self.groups.closes } else { &self.alone }
+    /// The pool for a batch of `n` runs.
+    fn for_batch(&self, n: usize) -> &DatabaseConnection {
+        if n > 1 { &self.groups } else { &self.alone }
     }
 }
 
@@ -129,7 +123,7 @@ fn openers(
             statements.inc();
             let lease = lease_until(hold);
             let runs: Vec<RunToOpen<'_>> = batch.iter().map(|(f, t)| RunToOpen { feedback_id: *f, token: t }).collect();
-            match delivery::open_runs(pools.to_open(runs.len()), &runs, first_page, lease, coalescing).await {
+            match delivery::open_runs(pools.for_batch(runs.len()), &runs, first_page, lease, coalescing).await {
                 Ok(opened) => opened.into_iter().map(Ok).collect(),
                 Err(e) => {
                     after_failure(e, batch.len(), || async {
@@ -168,7 +162,7 @@ fn closers(pools: Pools, metrics: &Registry) -> Batcher<Close, Option<DateTime<U
         async move {
             statements.inc();
             let runs: Vec<RunToClose<'_>> = batch.iter().map(Close::as_run).collect();
-            match delivery::close_runs(pools.to_close(runs.len()), &runs).await {
+            match delivery::close_runs(pools.for_batch(runs.len()), &runs).await {
                 Ok(due) => due.into_iter().map(Ok).collect(),
                 Err(e) => {
                     after_failure(e, batch.len(), || async {

@@ -296,7 +296,7 @@ pub async fn claim_page<C: ConnectionTrait>(
          SELECT p.n AS page_size, p.last AS page_last, \
          s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
          FROM (SELECT count(*) AS n, max(id) AS last FROM page) p \
-         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) ON true";
+         LEFT JOIN (claimed c CROSS JOIN LATERAL (SELECT id, endpoint, p256dh, auth FROM push_subscriptions WHERE id = c.subscription_id OFFSET 0) s) ON true";
     let values: [sea_orm::Value; 9] = [
         after.into(),
         i64::try_from(size).unwrap_or(i64::MAX).into(),
@@ -496,7 +496,7 @@ pub const CLOSE_RUNS_SQL: &str = "WITH sent_in AS (\
 /// each one's message is next due (the dispatch written for it), if at all.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
+/// pool that plans it once with scans priced out ([`crate::db::connect_for_groups`]). Elsewhere
 /// [`close_run`] for each, each committing on its own.
 pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
@@ -656,11 +656,57 @@ pub struct RunToOpen<'a> {
     pub token: &'a str,
 }
 
+/// The statement of [`open_runs`] for a group on PostgreSQL (public so that tests can
+/// read the plan the server makes for it).
+///
+/// Per run (`o`, its place): `burst` is 0 when coalescing is off or something went out
+/// already; a run claims only if its message exists and is not folded (`go`). Claims
+/// carry their run's token, so two runs of one message never share one. Every row
+/// carries its run's message and the page's size (one row of NULL targets for a run
+/// that claimed nothing).
+///
+/// It is planned once per connection (`crate::db::connect_for_groups`), often on small
+/// tables, so every lookup is written to go by index whatever the planner estimates:
+/// the burst check's "anything sent yet" is a scalar subquery with `LIMIT 1` (an
+/// `EXISTS` there may become a hash of all deliveries), and each claim's subscription is
+/// read in a `LATERAL` subquery kept apart by `OFFSET 0` (a join may become a hash of all
+/// subscriptions).
+pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
+     SELECT * FROM unnest($1::text::bigint[], $2::text::text[]) WITH ORDINALITY AS r(f, t, o)), \
+     msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
+     burst AS (SELECT m.id AS f, \
+     CASE WHEN $7::bigint = 0 OR (SELECT 1 FROM deliveries WHERE feedback_id = m.id LIMIT 1) IS NOT NULL THEN 0 \
+     ELSE (SELECT count(*) FROM feedback_messages x \
+     WHERE x.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $8::bigint) * $8::bigint)::float8) \
+     AND x.created_at <= m.created_at) END AS n FROM msg m), \
+     go AS (SELECT r.f, r.t FROM runs r JOIN burst b ON b.f = r.f WHERE b.n <= $7::bigint), \
+     due AS (\
+     UPDATE deliveries d SET status = $3, claim_token = go.t, lease_until = $4, attempts = d.attempts + 1, \
+     updated_at = $5 FROM go WHERE d.feedback_id = go.f \
+     AND ((d.status = $6 AND d.next_attempt_at <= $5) OR (d.status = $3 AND d.lease_until < $5)) \
+     RETURNING d.feedback_id, d.subscription_id, d.attempts, d.claim_token), \
+     page AS (SELECT id FROM push_subscriptions WHERE EXISTS (SELECT 1 FROM go) ORDER BY id LIMIT $9), \
+     fresh AS (\
+     INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, claim_token, lease_until, updated_at) \
+     SELECT go.f, page.id, $3, 1, go.t, $4, $5 FROM go CROSS JOIN page \
+     ON CONFLICT (feedback_id, subscription_id) DO NOTHING \
+     RETURNING feedback_id, subscription_id, attempts, claim_token), \
+     claimed AS (SELECT * FROM due UNION ALL SELECT * FROM fresh) \
+     SELECT r.o AS run, p.n AS page_size, p.last AS page_last, b.n AS in_window, \
+     m.id AS m_id, m.submitter_name AS m_submitter_name, m.submitter_email AS m_submitter_email, \
+     m.content AS m_content, m.created_at AS m_created_at, m.read_at AS m_read_at, m.handled_at AS m_handled_at, \
+     s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
+     FROM runs r CROSS JOIN (SELECT count(*) AS n, max(id) AS last FROM page) p \
+     LEFT JOIN msg m ON m.id = r.f LEFT JOIN burst b ON b.f = r.f \
+     LEFT JOIN (claimed c CROSS JOIN LATERAL (SELECT id, endpoint, p256dh, auth FROM push_subscriptions WHERE id = c.subscription_id OFFSET 0) s) \
+     ON c.feedback_id = r.f AND c.claim_token = r.t \
+     CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode";
+
 /// Opens many runs at once, each as [`open_run`] does; returns their openings in their
 /// order. Every run claims on the same first page of subscriptions.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
+/// pool that plans it once with scans priced out ([`crate::db::connect_for_groups`]). Elsewhere
 /// [`open_run`]'s steps for each, each run committing on its own.
 pub async fn open_runs<C: ConnectionTrait>(
     db: &C,
@@ -680,41 +726,7 @@ pub async fn open_runs<C: ConnectionTrait>(
     if runs.is_empty() {
         return Ok(Vec::new());
     }
-    // Per run (`o`, its place): `burst` is 0 when coalescing is off or something went out
-    // already; a run claims only if its message exists and is not folded (`go`). Claims
-    // carry their run's token, so two runs of one message never share one. Every row
-    // carries its run's message and the page's size (one row of NULL targets for a run
-    // that claimed nothing).
-    const SQL: &str = "WITH runs AS (\
-         SELECT * FROM unnest($1::text::bigint[], $2::text::text[]) WITH ORDINALITY AS r(f, t, o)), \
-         msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
-         burst AS (SELECT m.id AS f, \
-         CASE WHEN $7::bigint = 0 OR EXISTS (SELECT 1 FROM deliveries WHERE feedback_id = m.id) THEN 0 \
-         ELSE (SELECT count(*) FROM feedback_messages x \
-         WHERE x.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $8::bigint) * $8::bigint)::float8) \
-         AND x.created_at <= m.created_at) END AS n FROM msg m), \
-         go AS (SELECT r.f, r.t FROM runs r JOIN burst b ON b.f = r.f WHERE b.n <= $7::bigint), \
-         due AS (\
-         UPDATE deliveries d SET status = $3, claim_token = go.t, lease_until = $4, attempts = d.attempts + 1, \
-         updated_at = $5 FROM go WHERE d.feedback_id = go.f \
-         AND ((d.status = $6 AND d.next_attempt_at <= $5) OR (d.status = $3 AND d.lease_until < $5)) \
-         RETURNING d.feedback_id, d.subscription_id, d.attempts, d.claim_token), \
-         page AS (SELECT id FROM push_subscriptions WHERE EXISTS (SELECT 1 FROM go) ORDER BY id LIMIT $9), \
-         fresh AS (\
-         INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, claim_token, lease_until, updated_at) \
-         SELECT go.f, page.id, $3, 1, go.t, $4, $5 FROM go CROSS JOIN page \
-         ON CONFLICT (feedback_id, subscription_id) DO NOTHING \
-         RETURNING feedback_id, subscription_id, attempts, claim_token), \
-         claimed AS (SELECT * FROM due UNION ALL SELECT * FROM fresh) \
-         SELECT r.o AS run, p.n AS page_size, p.last AS page_last, b.n AS in_window, \
-         m.id AS m_id, m.submitter_name AS m_submitter_name, m.submitter_email AS m_submitter_email, \
-         m.content AS m_content, m.created_at AS m_created_at, m.read_at AS m_read_at, m.handled_at AS m_handled_at, \
-         s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
-         FROM runs r CROSS JOIN (SELECT count(*) AS n, max(id) AS last FROM page) p \
-         LEFT JOIN msg m ON m.id = r.f LEFT JOIN burst b ON b.f = r.f \
-         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) \
-         ON c.feedback_id = r.f AND c.claim_token = r.t \
-         CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode";
+
     let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
     let tokens: Vec<&str> = runs.iter().map(|r| r.token).collect();
     let values = vec![
@@ -728,7 +740,7 @@ pub async fn open_runs<C: ConnectionTrait>(
         Ord::max(coalescing.window_secs, 1).into(),
         i64::try_from(size).unwrap_or(i64::MAX).into(),
     ];
-    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
+    let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, OPEN_RUNS_SQL, values)).await?;
     let mut by_run: Vec<Vec<sea_orm::QueryResult>> = (0..runs.len()).map(|_| Vec::new()).collect();
     for row in rows {
         let run: i64 = row.try_get("", "run")?;
@@ -802,7 +814,7 @@ async fn open_alone<C: ConnectionTrait>(
          s.id AS subscription_id, s.endpoint, s.p256dh, s.auth, c.attempts \
          FROM (SELECT count(*) AS n, max(id) AS last FROM page) p \
          CROSS JOIN burst b LEFT JOIN msg m ON true \
-         LEFT JOIN (claimed c JOIN push_subscriptions s ON s.id = c.subscription_id) ON true \
+         LEFT JOIN (claimed c CROSS JOIN LATERAL (SELECT id, endpoint, p256dh, auth FROM push_subscriptions WHERE id = c.subscription_id OFFSET 0) s) ON true \
          CROSS JOIN (SELECT set_config('synchronous_commit', 'off', true)) AS commit_mode";
     let values: [sea_orm::Value; 11] = [
         0i64.into(),
