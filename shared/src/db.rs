@@ -49,30 +49,24 @@ fn pool_options(url: &str, max: u32) -> ConnectOptions {
 }
 
 /// The pool for statements that write a group of runs at once
-/// (`queries::delivery::open_runs`, `close_runs`): on PostgreSQL a few connections that
-/// plan each statement once, with sequential scans priced out
-/// (`plan_cache_mode = force_generic_plan`, `enable_seqscan = off`); elsewhere `db`
-/// itself.
+/// (`queries::delivery::open_runs`, `close_runs`): on PostgreSQL a few connections on
+/// which every statement is planned for its values (`plan_cache_mode =
+/// force_custom_plan`); elsewhere `db` itself.
 ///
-/// Those statements take a group's ids as arrays. Left to itself, the server plans a
-/// statement for the first values it sees, on tables that may still be small, and a
-/// plan that reads a small table whole keeps doing so once it has grown, until the
-/// table's statistics change (never, with autovacuum off): over one `submit` run the
-/// grouped close went from 0.2 ms to 5–20 ms a call that way. Planning every call for
-/// its values avoids that but costs more than running the statement (0.7 ms against
-/// 0.2 ms). Both statements reach every table through an index on the ids, written so
-/// that no plan can do otherwise (a lookup the planner could turn into a hash of the
-/// whole table is a scalar subquery or a `LATERAL` one); with scans priced out, their one
-/// plan per connection stays right at any size. A run alone keeps its statements'
-/// cached plans on the main pool, its ids passed one by one.
+/// Those statements take a group's ids as arrays. A plan the server cached for them
+/// depends on the tables as they were when it was made: over one `submit` run a grouped
+/// close cached while the tables were small went from 0.2 ms to 5–20 ms a call, and a
+/// plan made once per connection with sequential scans priced out (measured, not kept)
+/// still hashed whole tables when made on small analysed tables, or joined the group
+/// with itself when made on empty ones. Planned per call, a group pays about 0.7 ms of
+/// planning for all its runs. A run alone keeps its statements' cached plans on the main
+/// pool, its ids passed one by one.
 pub async fn connect_for_groups(db: &DatabaseConnection, url: &str) -> anyhow::Result<DatabaseConnection> {
     if db.get_database_backend() != sea_orm::DbBackend::Postgres {
         return Ok(db.clone());
     }
     let mut options = pool_options(url, 4);
-    options.map_sqlx_postgres_opts(|pg| {
-        pg.options([("plan_cache_mode", "force_generic_plan"), ("enable_seqscan", "off")])
-    });
+    options.map_sqlx_postgres_opts(|pg| pg.options([("plan_cache_mode", "force_custom_plan")]));
     Database::connect(options).await.context("connecting to the database for group writes (DATABASE_URL)")
 }
 

@@ -458,8 +458,7 @@ pub struct RunToClose<'a> {
     pub token: &'a str,
 }
 
-/// The statement of [`close_runs`] for a group on PostgreSQL (public so that tests can
-/// read the plan the server makes for it).
+/// The statement of [`close_runs`] for a group on PostgreSQL.
 ///
 /// As [`close_run`]'s statement, for every run: `sent_in` lists each run's successes. The
 /// ids travel as arrays, so the planner looks them up by index (a set-returning
@@ -468,7 +467,7 @@ pub struct RunToClose<'a> {
 /// with the filter, the planner may pick the partial index of outstanding dispatches
 /// and, under a backlog of thousands, read all of them for each close (20 ms a call
 /// in a `submit` run, against 0.1 ms by primary key).
-pub const CLOSE_RUNS_SQL: &str = "WITH sent_in AS (\
+const CLOSE_RUNS_SQL: &str = "WITH sent_in AS (\
      SELECT * FROM unnest($8::text::bigint[], $9::text::text[], $10::text::bigint[]) AS i(f, t, s)), \
      sent AS (\
      UPDATE deliveries d SET status = $5, sent_at = $3, lease_until = NULL, last_error = NULL, updated_at = $3 \
@@ -496,7 +495,7 @@ pub const CLOSE_RUNS_SQL: &str = "WITH sent_in AS (\
 /// each one's message is next due (the dispatch written for it), if at all.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans it once with scans priced out ([`crate::db::connect_for_groups`]). Elsewhere
+/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
 /// [`close_run`] for each, each committing on its own.
 pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
@@ -656,22 +655,17 @@ pub struct RunToOpen<'a> {
     pub token: &'a str,
 }
 
-/// The statement of [`open_runs`] for a group on PostgreSQL (public so that tests can
-/// read the plan the server makes for it).
+/// The statement of [`open_runs`] for a group on PostgreSQL.
 ///
 /// Per run (`o`, its place): `burst` is 0 when coalescing is off or something went out
 /// already; a run claims only if its message exists and is not folded (`go`). Claims
 /// carry their run's token, so two runs of one message never share one. Every row
 /// carries its run's message and the page's size (one row of NULL targets for a run
-/// that claimed nothing).
-///
-/// It is planned once per connection (`crate::db::connect_for_groups`), often on small
-/// tables, so every lookup is written to go by index whatever the planner estimates:
-/// the burst check's "anything sent yet" is a scalar subquery with `LIMIT 1` (an
-/// `EXISTS` there may become a hash of all deliveries), and each claim's subscription is
-/// read in a `LATERAL` subquery kept apart by `OFFSET 0` (a join may become a hash of all
-/// subscriptions).
-pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
+/// that claimed nothing). The burst check's "anything sent yet" is a scalar subquery
+/// with `LIMIT 1` and each claim's subscription a `LATERAL` subquery kept apart by
+/// `OFFSET 0`: as an `EXISTS` and a join, a plan made for small tables hashed the whole
+/// of `deliveries` and `push_subscriptions` for them.
+const OPEN_RUNS_SQL: &str = "WITH runs AS (\
      SELECT * FROM unnest($1::text::bigint[], $2::text::text[]) WITH ORDINALITY AS r(f, t, o)), \
      msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
      burst AS (SELECT m.id AS f, \
@@ -706,7 +700,7 @@ pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
 /// order. Every run claims on the same first page of subscriptions.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans it once with scans priced out ([`crate::db::connect_for_groups`]). Elsewhere
+/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
 /// [`open_run`]'s steps for each, each run committing on its own.
 pub async fn open_runs<C: ConnectionTrait>(
     db: &C,
