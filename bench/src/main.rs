@@ -312,6 +312,11 @@ async fn run(
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
     report.figure("redis_used_mib_before", redis_before);
     report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
+    // The first worker's fetches over the whole run (start and drain included).
+    if let Some((to_redis, held_back)) = stack.worker_fetches().await {
+        report.figure("worker_fetches_to_redis", to_redis);
+        report.figure("worker_fetches_held_back", held_back);
+    }
     stack.stop().await;
     targets::check(&mut report, cli.scenario, cli.workers);
     Ok(report)

@@ -42,6 +42,8 @@ pub struct Stack {
     worker: Option<Child>,
     /// Further worker processes (`--workers`).
     more_workers: Vec<Child>,
+    /// The first worker's `/metrics`.
+    worker_metrics: Option<String>,
 }
 
 impl Stack {
@@ -56,19 +58,22 @@ impl Stack {
         let status = Command::new(&binaries.migrations).arg("up").envs(env).status().await?;
         anyhow::ensure!(status.success(), "migrations up failed");
         let web = Command::new(&binaries.web).arg("serve").envs(env).kill_on_drop(true).spawn()?;
-        let worker_process = || {
-            Command::new(&binaries.worker)
-                .args(["run", "--concurrency", &concurrency.to_string()])
-                .envs(env)
-                .kill_on_drop(true)
-                .spawn()
+        let worker_process = |metrics: Option<&str>| {
+            let mut command = Command::new(&binaries.worker);
+            command.args(["run", "--concurrency", &concurrency.to_string()]).envs(env).kill_on_drop(true);
+            if let Some(bind) = metrics {
+                command.env("WORKER_METRICS_BIND", bind);
+            }
+            command.spawn()
         };
-        let worker = if workers == 0 { None } else { Some(worker_process()?) };
-        let more_workers = (1..workers.max(1)).map(|_| worker_process()).collect::<Result<Vec<_>, _>>()?;
+        let metrics_bind = format!("127.0.0.1:{}", free_port()?);
+        let worker = if workers == 0 { None } else { Some(worker_process(Some(&metrics_bind))?) };
+        let worker_metrics = worker.as_ref().map(|_| format!("http://{metrics_bind}/metrics"));
+        let more_workers = (1..workers.max(1)).map(|_| worker_process(None)).collect::<Result<Vec<_>, _>>()?;
         let ready = format!("http://{}/readyz", env.get("BIND").context("BIND")?);
         for _ in 0..100 {
             if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
-                return Ok(Self { web, worker, more_workers });
+                return Ok(Self { web, worker, more_workers, worker_metrics });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -89,6 +94,20 @@ impl Stack {
     pub fn cpu(&self) -> (f64, f64) {
         let more: f64 = self.more_workers.iter().map(|w| cpu_seconds(w.id().unwrap_or(0))).sum();
         (cpu_seconds(self.web_pid()), cpu_seconds(self.worker_pid()) + more)
+    }
+
+    /// The first worker's fetches of jobs: (those that reached Redis, those its gate
+    /// answered itself), from its `tidings_queue_fetches_total`.
+    pub async fn worker_fetches(&self) -> Option<(f64, f64)> {
+        let text = reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()?;
+        if !text.contains("tidings_queue_fetches_total") {
+            return None;
+        }
+        let count = |result: &str| {
+            let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}} ");
+            text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+        };
+        Some((count("jobs") + count("empty"), count("skipped")))
     }
 
     /// SIGTERM every process and wait for them.
