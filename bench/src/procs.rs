@@ -104,8 +104,8 @@ impl Stack {
             return None;
         }
         let count = |result: &str| {
-            let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}} ");
-            text.lines().find_map(|l| l.strip_prefix(&series)?.trim().parse::<f64>().ok()).unwrap_or(0.0)
+            let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}}");
+            tidings_tests::harness::metric_value(&text, &series).unwrap_or(0.0)
         };
         Some((count("jobs") + count("empty"), count("skipped")))
     }

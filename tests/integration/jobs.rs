@@ -254,8 +254,8 @@ async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once(
 async fn fetches(app: &TestApp, result: &str) -> u64 {
     let url = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("worker metrics on"));
     let text = reqwest::get(&url).await.expect("worker metrics").text().await.expect("text");
-    let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}} ");
-    text.lines().find_map(|l| l.strip_prefix(&series)).map_or(0, |n| n.parse().expect("a count"))
+    let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}}");
+    tidings_tests::harness::metric_value(&text, &series).map_or(0, |n| n as u64)
 }
 
 #[tokio::test]

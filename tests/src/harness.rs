@@ -330,6 +330,12 @@ pub fn extract_attribute(html: &str, prefix: &str) -> Option<String> {
     Some(html[start..end].to_owned())
 }
 
+/// The value of the series `series` (a metric's name with its labels, as in
+/// `name{label="value"}`) in a Prometheus text exposition; `None` when it is absent.
+pub fn metric_value(exposition: &str, series: &str) -> Option<f64> {
+    exposition.lines().find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
 /// What to remove when a test ends.
 struct Cleanup {
     redis_url: String,

@@ -128,7 +128,12 @@ pub struct FetchGate {
     settled: AtomicU64,
     /// The poll strategy's wake channel.
     rewake: OnceLock<mpsc::Sender<()>>,
-    fetches: [Arc<Counter>; 3],
+    /// Fetches that reached Redis and found jobs (or a reply the gate cannot read).
+    found: Arc<Counter>,
+    /// Fetches that reached Redis and found none.
+    empty: Arc<Counter>,
+    /// Fetches the gate answered itself.
+    skipped: Arc<Counter>,
 }
 
 impl FetchGate {
@@ -136,9 +141,15 @@ impl FetchGate {
     /// `tidings_queue_fetches_total{result}`.
     pub fn new(metrics: &Registry) -> Arc<Self> {
         let help = "The worker's fetches of jobs from Redis, by result (`skipped`: held back by the gate).";
-        let fetches = ["jobs", "empty", "skipped"]
-            .map(|result| metrics.counter("tidings_queue_fetches_total", help, &[("result", result)]));
-        Arc::new(Self { wakes: AtomicU64::new(1), settled: AtomicU64::new(0), rewake: OnceLock::new(), fetches })
+        let counter = |result| metrics.counter("tidings_queue_fetches_total", help, &[("result", result)]);
+        Arc::new(Self {
+            wakes: AtomicU64::new(1),
+            settled: AtomicU64::new(0),
+            rewake: OnceLock::new(),
+            found: counter("jobs"),
+            empty: counter("empty"),
+            skipped: counter("skipped"),
+        })
     }
 
     fn set_rewake(&self, wakes: mpsc::Sender<()>) {
@@ -158,8 +169,7 @@ impl FetchGate {
     /// Records a fetch that started under wake count `seen` and found `jobs` (`None`: a
     /// reply of another shape) in batches of `batch`.
     fn fetched(&self, seen: u64, jobs: Option<usize>, batch: usize) {
-        let found = if jobs == Some(0) { &self.fetches[1] } else { &self.fetches[0] };
-        found.inc();
+        if jobs == Some(0) { &self.empty } else { &self.found }.inc();
         // A full batch, or a reply this gate does not understand: fetch again.
         if jobs.is_none_or(|n| n >= batch) {
             return;
@@ -209,11 +219,10 @@ impl GatedConnection {
         if !(name.eq_ignore_ascii_case(b"EVALSHA") || name.eq_ignore_ascii_case(b"EVAL")) {
             return false;
         }
-        let args: Vec<&[u8]> = args.take(7).collect();
-        args.len() == 7
-            && args[1] == b"7"
-            && args[3] == self.active_list.as_bytes()
-            && args[6] == self.signal_list.as_bytes()
+        // The script (or its SHA), the key count, then the keys.
+        args.nth(1) == Some(b"7".as_slice())
+            && args.nth(1) == Some(self.active_list.as_bytes())
+            && args.nth(2) == Some(self.signal_list.as_bytes())
     }
 }
 
@@ -239,7 +248,7 @@ impl ConnectionLike for GatedConnection {
             return self.inner.req_packed_command(cmd);
         }
         let Some(seen) = self.gate.open() else {
-            self.gate.fetches[2].inc();
+            self.gate.skipped.inc();
             return Box::pin(std::future::ready(Ok(no_jobs())));
         };
         Box::pin(async move {
