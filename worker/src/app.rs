@@ -265,13 +265,17 @@ impl Application {
                 }
             });
             let stop = stopped();
-            let result = worker
-                .run_until(async move {
-                    stop.await;
-                    tracing::info!("worker.draining");
-                    Ok::<(), std::io::Error>(())
-                })
-                .await;
+            // apalis runs every job inside the future that runs the worker. Spawned, that
+            // future lives on the runtime's threads beside the sockets' reactor, and a
+            // reply wakes the job on the thread that read it; awaited here, on the thread
+            // that blocks on `main`, every reply would cross threads to reach its job.
+            let result = tokio::spawn(worker.run_until(async move {
+                stop.await;
+                tracing::info!("worker.draining");
+                Ok::<(), std::io::Error>(())
+            }))
+            .await
+            .unwrap_or_else(|e| Err(apalis_core::error::WorkerError::PanicError(e.to_string())));
             drain_beat.abort();
             match result {
                 Ok(()) => break Ok(()),
