@@ -419,12 +419,35 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
     let _ = rx.wait_for(|stop| *stop).await;
 }
 
-/// The apalis handler of the fan-out queue: parses the payload, runs the job in a span
-/// that names it (task, kind, attempt, the request that enqueued it), and settles
-/// failures itself: a retryable one is scheduled again under the kind's retry policy, a
+/// The apalis handler of the fan-out queue: runs each job in a task of its own
+/// ([`run_job`]).
+///
+/// apalis-core polls every job inside the worker's own future, and each time that
+/// future is woken its storage builds a fetch (apalis-redis hashes the fetch script
+/// anew each time, and the fetch gate answers it): run in place, each reply to a job —
+/// from Redis, PostgreSQL, the push service — woke the worker and cost such a fetch,
+/// about fourteen per message at 50/s. In a task of its own, a job's replies wake only
+/// the job. A job that panics takes the worker down with it, as it would in place.
+async fn handle_fan_out(
+    job: RawJob,
+    ctx: Data<Process>,
+    attempt: Attempt,
+    task_id: TaskId,
+    meta: MetadataStore,
+) -> Result<(), JobError> {
+    match tokio::spawn(run_job(job, ctx, attempt, task_id, meta)).await {
+        Ok(result) => result,
+        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) => Err(JobError::retryable(anyhow::anyhow!("the job's task was cancelled: {e}"))),
+    }
+}
+
+/// Runs one job of the fan-out queue: parses the payload, runs the job in a span that
+/// names it (task, kind, attempt, the request that enqueued it), and settles failures
+/// itself: a retryable one is scheduled again under the kind's retry policy, a
 /// permanent one or the last attempt is dead-lettered. apalis only ever sees success,
 /// so its fixed retry schedule never applies.
-async fn handle_fan_out(
+async fn run_job(
     job: RawJob,
     ctx: Data<Process>,
     attempt: Attempt,
