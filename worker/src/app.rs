@@ -269,13 +269,18 @@ impl Application {
             // future lives on the runtime's threads beside the sockets' reactor, and a
             // reply wakes the job on the thread that read it; awaited here, on the thread
             // that blocks on `main`, every reply would cross threads to reach its job.
-            let result = tokio::spawn(worker.run_until(async move {
+            // A job's panic ends it here (not the process): the worker is rebuilt. The
+            // panic's text stays in the log; the health report, which others read, only
+            // says that it happened.
+            let running = tokio::spawn(worker.run_until(async move {
                 stop.await;
                 tracing::info!("worker.draining");
                 Ok::<(), std::io::Error>(())
-            }))
-            .await
-            .unwrap_or_else(|e| Err(apalis_core::error::WorkerError::PanicError(e.to_string())));
+            }));
+            let result = AbortOnDrop(running).await.unwrap_or_else(|e| {
+                let what = if e.is_panic() { "a job panicked" } else { "the worker's task was cancelled" };
+                Err(apalis_core::error::WorkerError::PanicError(what.into()))
+            });
             drain_beat.abort();
             match result {
                 Ok(()) => break Ok(()),
@@ -427,7 +432,14 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 /// anew each time, and the fetch gate answers it): run in place, each reply to a job —
 /// from Redis, PostgreSQL, the push service — woke the worker and cost such a fetch,
 /// about fourteen per message at 50/s. In a task of its own, a job's replies wake only
-/// the job. A job that panics takes the worker down with it, as it would in place.
+/// the job.
+///
+/// The job lives exactly as long as this handler: when apalis drops it (the worker died,
+/// and every job in flight with it), the job is aborted at its next await, as it was when
+/// it ran in place — its lock is released, its claims lapse and the job is taken back
+/// like any other orphan, never run twice at once. A job that panics takes the worker
+/// down with it, as before; the worker is then rebuilt (a job that keeps panicking is
+/// set aside by its start count, like one that crashes its process).
 async fn handle_fan_out(
     job: RawJob,
     ctx: Data<Process>,
@@ -435,10 +447,33 @@ async fn handle_fan_out(
     task_id: TaskId,
     meta: MetadataStore,
 ) -> Result<(), JobError> {
-    match tokio::spawn(run_job(job, ctx, attempt, task_id, meta)).await {
+    let task = task_id.to_string();
+    match AbortOnDrop(tokio::spawn(run_job(job, ctx, attempt.current(), task_id, meta))).await {
         Ok(result) => result,
-        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+        Err(e) if e.is_panic() => {
+            tracing::error!(task = %task, "job.panicked");
+            std::panic::resume_unwind(e.into_panic())
+        }
+        // Only when the runtime shuts down: the job did not finish, and apalis runs it again.
         Err(e) => Err(JobError::retryable(anyhow::anyhow!("the job's task was cancelled: {e}"))),
+    }
+}
+
+/// A spawned task that is aborted when its handle is dropped, so it never outlives the
+/// future waiting for it.
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> std::future::Future for AbortOnDrop<T> {
+    type Output = Result<T, tokio::task::JoinError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0).poll(cx)
+    }
+}
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -450,11 +485,10 @@ async fn handle_fan_out(
 async fn run_job(
     job: RawJob,
     ctx: Data<Process>,
-    attempt: Attempt,
+    attempt: usize,
     task_id: TaskId,
     meta: MetadataStore,
 ) -> Result<(), JobError> {
-    let attempt = attempt.current();
     let parsed = QueuedJob::parse(&job.0);
     let kind = parsed.as_ref().map_or("unreadable", QueuedJob::kind);
     let request_id = meta.get(queue_meta::REQUEST_ID).unwrap_or("-");
@@ -697,4 +731,30 @@ pub async fn shutdown_signal() {
         let _ = tokio::signal::ctrl_c().await;
     }
     tracing::info!("worker.shutdown_requested");
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::time::Duration;
+
+    use super::AbortOnDrop;
+
+    #[tokio::test]
+    async fn a_job_task_ends_with_the_handler_that_waits_for_it() {
+        let finished = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&finished);
+        let job = AbortOnDrop(tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            flag.store(true, Ordering::SeqCst);
+        }));
+        // The handler gives up on the job (its worker died) before the job finishes.
+        assert!(tokio::time::timeout(Duration::from_millis(5), job).await.is_err());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert!(!finished.load(Ordering::SeqCst), "the job went on after its handler was dropped");
+
+        // Awaited to the end, the job's own answer comes back.
+        assert_eq!(AbortOnDrop(tokio::spawn(async { 7 })).await.expect("the job ran"), 7);
+    }
 }
