@@ -272,15 +272,29 @@ impl Application {
             // A job's panic ends it here (not the process): the worker is rebuilt. The
             // panic's text stays in the log; the health report, which others read, only
             // says that it happened.
-            let running = tokio::spawn(worker.run_until(async move {
+            // The drain gets `SHUTDOWN_TIMEOUT_SECS`: past it the worker is stopped with the
+            // jobs still running (their claims lapse and another worker takes them back).
+            let mut running = AbortOnDrop(tokio::spawn(worker.run_until(async move {
                 stop.await;
                 tracing::info!("worker.draining");
                 Ok::<(), std::io::Error>(())
-            }));
-            let result = AbortOnDrop(running).await.unwrap_or_else(|e| {
-                let what = if e.is_panic() { "a job panicked" } else { "the worker's task was cancelled" };
-                Err(apalis_core::error::WorkerError::PanicError(what.into()))
-            });
+            })));
+            let drain_limit = settings.worker.shutdown_timeout;
+            let result = tokio::select! {
+                joined = &mut running => joined.unwrap_or_else(|e| {
+                    let what = if e.is_panic() { "a job panicked" } else { "the worker's task was cancelled" };
+                    Err(apalis_core::error::WorkerError::PanicError(what.into()))
+                }),
+                () = async { stopped().await; tokio::time::sleep(drain_limit).await } => {
+                    tracing::warn!(
+                        worker = %name,
+                        timeout_secs = drain_limit.as_secs(),
+                        "worker.drain_timed_out; the jobs still running stop here and another worker takes them back"
+                    );
+                    Ok(())
+                }
+            };
+            drop(running);
             drain_beat.abort();
             match result {
                 Ok(()) => break Ok(()),
