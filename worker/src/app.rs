@@ -317,10 +317,12 @@ impl Application {
                 }
             }
         };
-        // The relay stops on the same signal; don't wait on it longer than the drain.
-        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, relay).await;
-        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, trim).await;
-        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, prune).await;
+        // The periodic tasks stop on the same signal (they ran beside the drain): wait for
+        // them together, no longer than the drain's own bound.
+        let periodic = async {
+            let _ = tokio::join!(relay, trim, prune);
+        };
+        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, periodic).await;
         let _ = reporter.await;
         if result.is_ok() {
             tracing::info!(worker = %name, "worker.stopped");
