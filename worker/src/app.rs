@@ -228,10 +228,13 @@ impl Application {
 
         // A worker that dies (Redis unreachable) is rebuilt under a new name after a
         // backoff, so the process reconnects by itself; each death is logged as an error
-        // and counted.
+        // and counted. The backoff grows with the deaths in a row: a worker that ran for a
+        // while before dying starts again from the shortest wait.
         let mut restarts: u32 = 0;
+        let mut in_a_row: u32 = 0;
         let mut name = name;
         let result = loop {
+            let built = std::time::Instant::now();
             let config = recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery);
             let gate = FetchGate::new(&ctx.metrics);
             let storage =
@@ -301,8 +304,9 @@ impl Application {
                 Err(e) if *stop_tx.borrow() => break Err(anyhow::anyhow!("worker {name} failed while stopping: {e}")),
                 Err(e) => {
                     restarts += 1;
+                    in_a_row = deaths_in_a_row(in_a_row, built.elapsed());
                     ctx.metrics.counter("tidings_worker_restarts_total", "Dead apalis workers rebuilt.", &[]).inc();
-                    let wait = restart_delay(restarts);
+                    let wait = restart_delay(in_a_row);
                     update(&health, |r| {
                         r.state = "restarting".into();
                         r.restarts = restarts;
@@ -331,9 +335,19 @@ impl Application {
     }
 }
 
-/// Backoff between restarts of a dead worker: 0.5 s doubling up to 30 s.
-fn restart_delay(restarts: u32) -> Duration {
-    Duration::from_millis(500).saturating_mul(1 << restarts.saturating_sub(1).min(6)).min(Duration::from_secs(30))
+/// Backoff between restarts of a dead worker: 0.5 s doubling up to 30 s, by its deaths in
+/// a row.
+fn restart_delay(in_a_row: u32) -> Duration {
+    Duration::from_millis(500).saturating_mul(1 << in_a_row.saturating_sub(1).min(6)).min(Duration::from_secs(30))
+}
+
+/// A worker that ran this long before it died was healthy: its death starts a new count.
+const HEALTHY_RUN: Duration = Duration::from_secs(60);
+
+/// The deaths in a row after a worker that ran for `ran` died, `before` deaths having
+/// come before it in a row.
+fn deaths_in_a_row(before: u32, ran: Duration) -> u32 {
+    if ran >= HEALTHY_RUN { 1 } else { before.saturating_add(1) }
 }
 
 /// `GET /metrics` of the worker: its counters and histograms, plus the queue's depth and
@@ -755,7 +769,20 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use super::AbortOnDrop;
+    use super::{AbortOnDrop, deaths_in_a_row, restart_delay};
+
+    #[test]
+    fn the_restart_backoff_starts_again_after_a_worker_ran_for_a_while() {
+        let quick = Duration::from_secs(1);
+        let mut in_a_row = 0;
+        for _ in 0..10 {
+            in_a_row = deaths_in_a_row(in_a_row, quick);
+        }
+        assert_eq!(restart_delay(in_a_row), Duration::from_secs(30), "ten quick deaths wait the longest");
+        in_a_row = deaths_in_a_row(in_a_row, Duration::from_secs(3600));
+        assert_eq!(restart_delay(in_a_row), Duration::from_millis(500), "after an hour's run, the shortest wait");
+        assert_eq!(restart_delay(deaths_in_a_row(in_a_row, quick)), Duration::from_secs(1));
+    }
 
     #[tokio::test]
     async fn a_job_task_ends_with_the_handler_that_waits_for_it() {
