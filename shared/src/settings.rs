@@ -157,6 +157,9 @@ pub struct WorkerSettings {
     /// Subscriptions that failed and took no push for this many days are deleted;
     /// `None` (`PRUNE_FAILING_SUBSCRIPTIONS_DAYS=0`) keeps them.
     pub prune_failing_after_days: Option<u32>,
+    /// Dispatch records completed this many days ago are deleted;
+    /// `None` (`PRUNE_DISPATCHES_DAYS=0`) keeps them.
+    pub prune_dispatches_after_days: Option<u32>,
     /// How often the prune task runs (once per tick across all workers).
     pub prune_interval: Duration,
     /// Retry policy of each job kind (`JOB_RETRY_FAN_OUT`, `JOB_RETRY_DIGEST`,
@@ -275,6 +278,8 @@ impl Settings {
                 poison_after: env.parse::<u64>("POISON_AFTER", "3")?.max(1),
                 retry_policies: parse_retry_policies(&env)?,
                 prune_failing_after_days: Some(env.parse::<u32>("PRUNE_FAILING_SUBSCRIPTIONS_DAYS", "7")?)
+                    .filter(|days| *days > 0),
+                prune_dispatches_after_days: Some(env.parse::<u32>("PRUNE_DISPATCHES_DAYS", "30")?)
                     .filter(|days| *days > 0),
                 prune_interval: Duration::from_millis(env.parse::<u64>("PRUNE_INTERVAL_MS", "3600000")?.max(10)),
                 recovery: parse_recovery(env.parse::<u64>("WORKER_RECOVERY_SECS", "30")?)?,

@@ -135,6 +135,73 @@ async fn a_push_service_that_hangs_times_out_and_the_delivery_is_retried() {
 }
 
 #[tokio::test]
+async fn completed_dispatch_records_are_pruned_after_their_retention_on_postgres() {
+    dispatch_records_are_pruned_after_their_retention(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn completed_dispatch_records_are_pruned_after_their_retention_on_sqlite() {
+    dispatch_records_are_pruned_after_their_retention(Backend::Sqlite).await;
+}
+
+async fn dispatch_records_are_pruned_after_their_retention(backend: Backend) {
+    use sea_orm::{ActiveModelTrait, QueryOrder, Set};
+    use shared::entities::dispatch;
+
+    // Arrange: more than a batch of records completed 40 days ago, one still outstanding
+    // since then, one completed yesterday (retention 30 days).
+    let app = spawn_app_with(Options {
+        backend,
+        worker: false,
+        env: vec![("PRUNE_INTERVAL_MS".into(), "200".into()), ("PRUNE_DISPATCHES_DAYS".into(), "30".into())],
+        ..Options::default()
+    })
+    .await;
+    app.submit_valid_feedback("Ann", "long ago").await;
+    let feedback_id = dispatch::Entity::find().one(&app.db).await.expect("query").expect("stored").feedback_id;
+    let long_ago = shared::queries::now() - chrono::Duration::days(40);
+    let yesterday = shared::queries::now() - chrono::Duration::days(1);
+    for _ in 0..1_050 {
+        let id = shared::queries::dispatch::create(&app.db, feedback_id, long_ago).await.expect("created");
+        set_times(&app, id, long_ago, Some(long_ago + chrono::Duration::minutes(1))).await;
+    }
+    let owed = shared::queries::dispatch::create(&app.db, feedback_id, long_ago).await.expect("created");
+    set_times(&app, owed, long_ago, None).await;
+    let recent = shared::queries::dispatch::create(&app.db, feedback_id, yesterday).await.expect("created");
+    set_times(&app, recent, yesterday, Some(yesterday)).await;
+    let first = dispatch::Entity::find().order_by_asc(dispatch::Column::Id).one(&app.db).await.expect("query");
+    let first = first.expect("stored").id;
+
+    // Act: a worker runs its periodic tasks.
+    let mut app = app;
+    app.start_worker().await;
+
+    // Assert: the records completed 40 days ago go; the one still owed (the relay takes it
+    // up) and the recent one stay, and so does the submission's own.
+    let remaining = || async { dispatch::Entity::find().count(&app.db).await.expect("count") };
+    assert!(wait_until(|| async { remaining().await == 3 }).await, "{} records left", remaining().await);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(remaining().await, 3);
+    for id in [first, owed, recent] {
+        assert!(dispatch::Entity::find_by_id(id).one(&app.db).await.expect("query").is_some(), "record {id} stays");
+    }
+
+    async fn set_times(
+        app: &TestApp,
+        id: i64,
+        created: chrono::DateTime<chrono::Utc>,
+        completed: Option<chrono::DateTime<chrono::Utc>>,
+    ) {
+        let row = dispatch::Entity::find_by_id(id).one(&app.db).await.expect("query").expect("stored");
+        let mut row: dispatch::ActiveModel = row.into();
+        row.created_at = Set(created);
+        row.completed_at = Set(completed);
+        row.enqueued_at = Set(completed);
+        row.update(&app.db).await.expect("updated");
+    }
+}
+
+#[tokio::test]
 async fn subscriptions_failing_for_days_are_pruned_by_the_periodic_task() {
     use sea_orm::{ActiveModelTrait, ColumnTrait, QueryFilter, Set};
     use shared::entities::push_subscription;

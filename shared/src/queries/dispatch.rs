@@ -113,3 +113,33 @@ pub async fn outstanding<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
     use sea_orm::PaginatorTrait;
     Entity::find().filter(Column::CompletedAt.is_null()).count(db).await
 }
+
+/// Deletes dispatch records completed before `cutoff`, at most `batch` per statement,
+/// oldest first; returns how many went.
+///
+/// Only completed records go: an outstanding one is work still owed. A job still queued
+/// for a deleted record is harmless: its run finds every delivery settled and its
+/// completion updates nothing. The deliveries stay: they are what keeps a message from
+/// reaching a device twice.
+pub async fn delete_completed_before<C: ConnectionTrait>(
+    db: &C,
+    cutoff: DateTime<Utc>,
+    batch: u64,
+) -> Result<u64, DbErr> {
+    use sea_orm::sea_query::Query;
+    let mut deleted = 0;
+    loop {
+        let oldest = Query::select()
+            .column(Column::Id)
+            .from(Entity)
+            .and_where(Expr::col(Column::CompletedAt).lt(cutoff))
+            .order_by(Column::Id, sea_orm::Order::Asc)
+            .limit(batch)
+            .to_owned();
+        let gone = Entity::delete_many().filter(Column::Id.in_subquery(oldest)).exec(db).await?.rows_affected;
+        deleted += gone;
+        if gone < batch {
+            return Ok(deleted);
+        }
+    }
+}

@@ -1,16 +1,20 @@
 //! The prune task: deletes push subscriptions that have failed for
 //! `PRUNE_FAILING_SUBSCRIPTIONS_DAYS` days (no successful push since, at least one
-//! failure). Gone subscriptions (404/410) are deleted at once by the sender; this catches
-//! the ones a push service keeps refusing in other ways. Runs once per tick across all
-//! workers.
+//! failure), and dispatch records completed `PRUNE_DISPATCHES_DAYS` days ago. Gone
+//! subscriptions (404/410) are deleted at once by the sender; this catches the ones a
+//! push service keeps refusing in other ways. Runs once per tick across all workers.
 
-use shared::queries::subscription;
+use shared::queries::{dispatch, subscription};
 
 use super::JobError;
 use crate::context::WorkerContext;
 
+/// Dispatch records deleted per statement.
+const DISPATCH_BATCH: u64 = 1000;
+
 /// Runs one prune pass; returns how many subscriptions were deleted.
 pub async fn run(ctx: &WorkerContext) -> Result<u64, JobError> {
+    prune_dispatches(ctx).await?;
     let Some(days) = ctx.settings.worker.prune_failing_after_days else { return Ok(0) };
     let cutoff = shared::queries::now() - chrono::Duration::days(i64::from(days));
     let pruned = subscription::delete_failing_since(&ctx.db, cutoff).await?;
@@ -18,6 +22,21 @@ pub async fn run(ctx: &WorkerContext) -> Result<u64, JobError> {
         tracing::info!(pruned, days, "prune.subscriptions_deleted");
         ctx.metrics
             .counter("tidings_subscriptions_pruned_total", "Subscriptions deleted after failing for days.", &[])
+            .add(pruned);
+    }
+    Ok(pruned)
+}
+
+/// Deletes the dispatch records completed `PRUNE_DISPATCHES_DAYS` days ago; returns how
+/// many went.
+async fn prune_dispatches(ctx: &WorkerContext) -> Result<u64, JobError> {
+    let Some(days) = ctx.settings.worker.prune_dispatches_after_days else { return Ok(0) };
+    let cutoff = shared::queries::now() - chrono::Duration::days(i64::from(days));
+    let pruned = dispatch::delete_completed_before(&ctx.db, cutoff, DISPATCH_BATCH).await?;
+    if pruned > 0 {
+        tracing::info!(pruned, days, "prune.dispatches_deleted");
+        ctx.metrics
+            .counter("tidings_dispatches_pruned_total", "Completed dispatch records deleted after days.", &[])
             .add(pruned);
     }
     Ok(pruned)
