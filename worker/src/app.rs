@@ -232,6 +232,15 @@ impl Application {
         // while before dying starts again from the shortest wait.
         let mut restarts: u32 = 0;
         let mut in_a_row: u32 = 0;
+        // Everything that stops on the signal shares one bound, counted from the signal.
+        let stop_seen = Arc::new(std::sync::OnceLock::new());
+        tokio::spawn({
+            let (stop, stop_seen) = (stopped(), Arc::clone(&stop_seen));
+            async move {
+                stop.await;
+                let _ = stop_seen.set(tokio::time::Instant::now());
+            }
+        });
         let mut name = name;
         let result = loop {
             let built = std::time::Instant::now();
@@ -283,20 +292,29 @@ impl Application {
                 Ok::<(), std::io::Error>(())
             })));
             let drain_limit = settings.worker.shutdown_timeout;
-            let result = tokio::select! {
-                joined = &mut running => joined.unwrap_or_else(|e| {
+            let (result, timed_out) = tokio::select! {
+                joined = &mut running => (joined.unwrap_or_else(|e| {
                     let what = if e.is_panic() { "a job panicked" } else { "the worker's task was cancelled" };
                     Err(apalis_core::error::WorkerError::PanicError(what.into()))
-                }),
+                }), false),
                 () = async { stopped().await; tokio::time::sleep(drain_limit).await } => {
                     tracing::warn!(
                         worker = %name,
                         timeout_secs = drain_limit.as_secs(),
                         "worker.drain_timed_out; the jobs still running stop here and another worker takes them back"
                     );
-                    Ok(())
+                    ctx.metrics
+                        .counter("tidings_worker_drain_timeouts_total", "Drains cut short by SHUTDOWN_TIMEOUT_SECS.", &[])
+                        .inc();
+                    (Ok(()), true)
                 }
             };
+            if timed_out {
+                // Aborted and waited for, so its jobs are dropped (their tasks aborted) before
+                // the process goes on to exit; a lock not released in time lapses by itself.
+                running.0.abort();
+                let _ = (&mut running.0).await;
+            }
             drop(running);
             drain_beat.abort();
             match result {
@@ -321,13 +339,14 @@ impl Application {
                 }
             }
         };
-        // The periodic tasks stop on the same signal (they ran beside the drain): wait for
-        // them together, no longer than the drain's own bound.
-        let periodic = async {
-            let _ = tokio::join!(relay, trim, prune);
+        // The periodic tasks and the health reporter stop on the same signal (they ran
+        // beside the drain): wait for them within the bound counted from the signal.
+        let signalled = stop_seen.get().copied().unwrap_or_else(tokio::time::Instant::now);
+        let deadline = signalled + settings.worker.shutdown_timeout;
+        let rest = async {
+            let _ = tokio::join!(relay, trim, prune, reporter);
         };
-        let _ = tokio::time::timeout(settings.worker.shutdown_timeout, periodic).await;
-        let _ = reporter.await;
+        let _ = tokio::time::timeout_at(deadline, rest).await;
         if result.is_ok() {
             tracing::info!(worker = %name, "worker.stopped");
         }
