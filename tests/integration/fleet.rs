@@ -169,6 +169,30 @@ async fn fifty_thousand_jobs_at_once_are_all_done_by_worker_processes_within_the
     }
 }
 
+/// An app without a worker and one subscribed browser (its endpoint) whose pushes take
+/// `delay`, with the environment of worker processes: a 4 s recovery bound, the push
+/// timeout (ms) and the drain time (s) given, no metrics listener, quiet logs.
+async fn one_slow_push(
+    delay: Duration,
+    push_timeout_ms: &str,
+    drain_secs: &str,
+) -> (tidings_tests::harness::TestApp, String, std::collections::HashMap<String, String>) {
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let browser = app.subscribe_browser().await;
+    app.push.set_delay(delay);
+    let mut env = app.env.clone();
+    for (name, value) in [
+        ("WORKER_RECOVERY_SECS", "4"),
+        ("PUSH_TIMEOUT_MS", push_timeout_ms),
+        ("SHUTDOWN_TIMEOUT_SECS", drain_secs),
+        ("WORKER_METRICS_BIND", "off"),
+        ("RUST_LOG", "warn"),
+    ] {
+        env.insert(name.into(), value.into());
+    }
+    (app, browser.endpoint, env)
+}
+
 /// Whether a delivery is claimed and its push on the wire.
 async fn push_in_flight(app: &tidings_tests::harness::TestApp) -> bool {
     use sea_orm::EntityTrait;
@@ -182,15 +206,7 @@ async fn sigterm_during_a_long_job_lets_it_finish_and_no_other_worker_runs_it_ag
     // (recovery bound 4 s), so the draining worker would look dead to the other one if it
     // stopped heartbeating while it finishes the job.
     let binary = worker_binary();
-    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    let browser = app.subscribe_browser().await;
-    app.push.set_delay(Duration::from_secs(6));
-    let mut env = app.env.clone();
-    env.insert("WORKER_RECOVERY_SECS".into(), "4".into());
-    env.insert("PUSH_TIMEOUT_MS".into(), "10000".into());
-    env.insert("SHUTDOWN_TIMEOUT_SECS".into(), "20".into());
-    env.insert("WORKER_METRICS_BIND".into(), "off".into());
-    env.insert("RUST_LOG".into(), "warn".into());
+    let (app, endpoint, env) = one_slow_push(Duration::from_secs(6), "10000", "20").await;
     let mut first = start_worker(&binary, &env);
     app.submit_valid_feedback("Ann", "long job").await;
     assert!(crate::pipeline::wait_until(|| async { push_in_flight(&app).await }).await, "the push is on the wire");
@@ -205,7 +221,7 @@ async fn sigterm_during_a_long_job_lets_it_finish_and_no_other_worker_runs_it_ag
     assert!(status.success(), "the draining worker exits 0: {status}");
     let received = app.push.wait_for_received(1, Duration::from_secs(10)).await;
     assert_eq!(received.len(), 1);
-    assert_eq!(received[0].endpoint, browser.endpoint);
+    assert_eq!(received[0].endpoint, endpoint);
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(app.push.attempts().len(), 1, "no second run anywhere: the other worker never sent it again");
     assert!(second.try_wait().expect("status").is_none(), "the other worker is still up");
@@ -216,15 +232,7 @@ async fn sigterm_during_a_long_job_lets_it_finish_and_no_other_worker_runs_it_ag
 async fn sigterm_during_a_job_longer_than_the_shutdown_timeout_stops_within_it_and_another_worker_finishes_the_job() {
     // Arrange: the push takes 5 s, the drain gets 1 s.
     let binary = worker_binary();
-    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    let browser = app.subscribe_browser().await;
-    app.push.set_delay(Duration::from_secs(5));
-    let mut env = app.env.clone();
-    env.insert("WORKER_RECOVERY_SECS".into(), "4".into());
-    env.insert("PUSH_TIMEOUT_MS".into(), "8000".into());
-    env.insert("SHUTDOWN_TIMEOUT_SECS".into(), "1".into());
-    env.insert("WORKER_METRICS_BIND".into(), "off".into());
-    env.insert("RUST_LOG".into(), "warn".into());
+    let (app, endpoint, env) = one_slow_push(Duration::from_secs(5), "8000", "1").await;
     let mut first = start_worker(&binary, &env);
     app.submit_valid_feedback("Ann", "longer than the drain").await;
     let on_the_wire =
@@ -256,7 +264,7 @@ async fn sigterm_during_a_job_longer_than_the_shutdown_timeout_stops_within_it_a
     assert!(sent, "the other worker sent the push once the first one's claim lapsed");
     let received = app.push.received();
     assert!(!received.is_empty() && received.len() <= 2, "{} pushes arrived", received.len());
-    assert!(received.iter().all(|p| p.endpoint == browser.endpoint));
+    assert!(received.iter().all(|p| p.endpoint == endpoint));
     assert!(second.try_wait().expect("status").is_none(), "the other worker is still up");
     let _ = second.start_kill();
 }
