@@ -805,16 +805,26 @@ mod tests {
 
     #[tokio::test]
     async fn a_job_task_ends_with_the_handler_that_waits_for_it() {
-        let finished = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&finished);
+        /// Raises its flag when the job's future is dropped (the job ended, or was aborted).
+        struct Ended(Arc<AtomicBool>);
+        impl Drop for Ended {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let ended = Arc::new(AtomicBool::new(false));
+        let guard = Ended(Arc::clone(&ended));
         let job = AbortOnDrop(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            flag.store(true, Ordering::SeqCst);
+            let _guard = guard;
+            tokio::time::sleep(Duration::from_secs(3600)).await;
         }));
-        // The handler gives up on the job (its worker died) before the job finishes.
+        // The handler gives up on the job (its worker died) long before the job would end.
         assert!(tokio::time::timeout(Duration::from_millis(5), job).await.is_err());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        assert!(!finished.load(Ordering::SeqCst), "the job went on after its handler was dropped");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        while !ended.load(Ordering::SeqCst) && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert!(ended.load(Ordering::SeqCst), "the job went on after its handler was dropped");
 
         // Awaited to the end, the job's own answer comes back.
         assert_eq!(AbortOnDrop(tokio::spawn(async { 7 })).await.expect("the job ran"), 7);
