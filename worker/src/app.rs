@@ -28,6 +28,7 @@ use shared::queue::{DeadLetter, JobQueue, RawCodec, RawJob, meta as queue_meta};
 use shared::settings::Settings;
 use shared::worker_health::{self, WorkerReport};
 use tokio::sync::watch;
+use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use crate::context::WorkerContext;
@@ -286,7 +287,7 @@ impl Application {
             // says that it happened.
             // The drain gets `SHUTDOWN_TIMEOUT_SECS`: past it the worker is stopped with the
             // jobs still running (their claims lapse and another worker takes them back).
-            let mut running = AbortOnDrop(tokio::spawn(worker.run_until(async move {
+            let mut running = AbortOnDropHandle::new(tokio::spawn(worker.run_until(async move {
                 stop.await;
                 tracing::info!("worker.draining");
                 Ok::<(), std::io::Error>(())
@@ -312,8 +313,8 @@ impl Application {
             if timed_out {
                 // Aborted and waited for, so its jobs are dropped (their tasks aborted) before
                 // the process goes on to exit; a lock not released in time lapses by itself.
-                running.0.abort();
-                let _ = (&mut running.0).await;
+                running.abort();
+                let _ = (&mut running).await;
             }
             drop(running);
             drain_beat.abort();
@@ -496,8 +497,8 @@ async fn handle_fan_out(
     task_id: TaskId,
     meta: MetadataStore,
 ) -> Result<(), JobError> {
-    let task = task_id.to_string();
-    match AbortOnDrop(tokio::spawn(run_job(job, ctx, attempt.current(), task_id, meta))).await {
+    let task = task_id.clone();
+    match AbortOnDropHandle::new(tokio::spawn(run_job(job, ctx, attempt.current(), task_id, meta))).await {
         Ok(result) => result,
         Err(e) if e.is_panic() => {
             tracing::error!(task = %task, "job.panicked");
@@ -505,24 +506,6 @@ async fn handle_fan_out(
         }
         // Only when the runtime shuts down: the job did not finish, and apalis runs it again.
         Err(e) => Err(JobError::retryable(anyhow::anyhow!("the job's task was cancelled: {e}"))),
-    }
-}
-
-/// A spawned task that is aborted when its handle is dropped, so it never outlives the
-/// future waiting for it.
-struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
-
-impl<T> std::future::Future for AbortOnDrop<T> {
-    type Output = Result<T, tokio::task::JoinError>;
-
-    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0).poll(cx)
-    }
-}
-
-impl<T> Drop for AbortOnDrop<T> {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 
@@ -788,7 +771,9 @@ mod tests {
     use std::sync::atomic::{AtomicBool, Ordering};
     use std::time::Duration;
 
-    use super::{AbortOnDrop, deaths_in_a_row, restart_delay};
+    use tokio_util::task::AbortOnDropHandle;
+
+    use super::{deaths_in_a_row, restart_delay};
 
     #[test]
     fn the_restart_backoff_starts_again_after_a_worker_ran_for_a_while() {
@@ -814,7 +799,7 @@ mod tests {
         }
         let ended = Arc::new(AtomicBool::new(false));
         let guard = Ended(Arc::clone(&ended));
-        let job = AbortOnDrop(tokio::spawn(async move {
+        let job = AbortOnDropHandle::new(tokio::spawn(async move {
             let _guard = guard;
             tokio::time::sleep(Duration::from_secs(3600)).await;
         }));
@@ -827,6 +812,6 @@ mod tests {
         assert!(ended.load(Ordering::SeqCst), "the job went on after its handler was dropped");
 
         // Awaited to the end, the job's own answer comes back.
-        assert_eq!(AbortOnDrop(tokio::spawn(async { 7 })).await.expect("the job ran"), 7);
+        assert_eq!(AbortOnDropHandle::new(tokio::spawn(async { 7 })).await.expect("the job ran"), 7);
     }
 }

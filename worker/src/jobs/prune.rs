@@ -12,32 +12,41 @@ use crate::context::WorkerContext;
 /// Dispatch records deleted per statement.
 const DISPATCH_BATCH: u64 = 1000;
 
-/// Runs one prune pass; returns how many subscriptions were deleted.
-pub async fn run(ctx: &WorkerContext) -> Result<u64, JobError> {
-    prune_dispatches(ctx).await?;
-    let Some(days) = ctx.settings.worker.prune_failing_after_days else { return Ok(0) };
-    let cutoff = shared::queries::now() - chrono::Duration::days(i64::from(days));
-    let pruned = subscription::delete_failing_since(&ctx.db, cutoff).await?;
+/// Runs one prune pass: failing subscriptions and old dispatch records, each pass run
+/// even when the other failed; returns the first failure.
+pub async fn run(ctx: &WorkerContext) -> Result<(), JobError> {
+    let dispatches = prune_dispatches(ctx).await;
+    let subscriptions = prune_subscriptions(ctx).await;
+    dispatches.and(subscriptions)
+}
+
+/// When a record `days` days old was made.
+fn days_ago(days: u32) -> chrono::DateTime<chrono::Utc> {
+    shared::queries::now() - chrono::Duration::days(i64::from(days))
+}
+
+/// Deletes the subscriptions failing for `PRUNE_FAILING_SUBSCRIPTIONS_DAYS` days.
+async fn prune_subscriptions(ctx: &WorkerContext) -> Result<(), JobError> {
+    let Some(days) = ctx.settings.worker.prune_failing_after_days else { return Ok(()) };
+    let pruned = subscription::delete_failing_since(&ctx.db, days_ago(days)).await?;
     if pruned > 0 {
         tracing::info!(pruned, days, "prune.subscriptions_deleted");
         ctx.metrics
             .counter("tidings_subscriptions_pruned_total", "Subscriptions deleted after failing for days.", &[])
             .add(pruned);
     }
-    Ok(pruned)
+    Ok(())
 }
 
-/// Deletes the dispatch records completed `PRUNE_DISPATCHES_DAYS` days ago; returns how
-/// many went.
-async fn prune_dispatches(ctx: &WorkerContext) -> Result<u64, JobError> {
-    let Some(days) = ctx.settings.worker.prune_dispatches_after_days else { return Ok(0) };
-    let cutoff = shared::queries::now() - chrono::Duration::days(i64::from(days));
-    let pruned = dispatch::delete_completed_before(&ctx.db, cutoff, DISPATCH_BATCH).await?;
+/// Deletes the dispatch records completed `PRUNE_DISPATCHES_DAYS` days ago.
+async fn prune_dispatches(ctx: &WorkerContext) -> Result<(), JobError> {
+    let Some(days) = ctx.settings.worker.prune_dispatches_after_days else { return Ok(()) };
+    let pruned = dispatch::delete_completed_before(&ctx.db, days_ago(days), DISPATCH_BATCH).await?;
     if pruned > 0 {
         tracing::info!(pruned, days, "prune.dispatches_deleted");
         ctx.metrics
             .counter("tidings_dispatches_pruned_total", "Completed dispatch records deleted after days.", &[])
             .add(pruned);
     }
-    Ok(pruned)
+    Ok(())
 }
