@@ -173,18 +173,22 @@ async fn many_runs_open_at_once_each_with_its_own_claims_on_sqlite() {
     many_runs_open_at_once_each_with_its_own_claims(Backend::Sqlite).await;
 }
 
-/// The pool a worker writes groups of runs on; on PostgreSQL it plans every statement
-/// for its values, so no plan cached while a table was small is reused once it grew.
+/// The pool a worker writes groups of runs on: on PostgreSQL it plans each statement
+/// once, and their statements read every table through an index condition whatever the
+/// plan (see the plan tests below).
 async fn group_pool(app: &TestApp) -> sea_orm::DatabaseConnection {
     use sea_orm::ConnectionTrait;
     let pool = shared::db::connect_for_groups(&app.db, &app.settings.database_url).await.expect("connected");
     if app.db.get_database_backend() == sea_orm::DbBackend::Postgres {
-        let row = pool
-            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, "SHOW plan_cache_mode"))
-            .await
-            .expect("query")
-            .expect("a row");
-        assert_eq!(row.try_get::<String>("", "plan_cache_mode").expect("text"), "force_custom_plan");
+        for (setting, value) in shared::db::PLANNED_ONCE {
+            let sql = format!("SHOW {setting}");
+            let row = pool
+                .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, sql))
+                .await
+                .expect("query")
+                .expect("a row");
+            assert_eq!(row.try_get::<String>("", setting).expect("text"), value);
+        }
     }
     pool
 }
@@ -202,4 +206,480 @@ async fn a_run_opens_folds_and_closes_the_same_way_on_postgres() {
 #[tokio::test]
 async fn a_run_opens_folds_and_closes_the_same_way_on_sqlite() {
     a_run_opens_folds_and_closes_the_same_way(Backend::Sqlite).await;
+}
+
+async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message(backend: Backend) {
+    use sea_orm::ActiveValue::Set;
+    // Arrange: two subscriptions; a message with one delivery waiting for a retry that is
+    // due and one claimed by a run whose lease lapsed; a second message nothing went out for.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    app.subscribe_browser().await;
+    let mut subscriptions: Vec<i64> =
+        push_subscription::Entity::find().all(&app.db).await.expect("query").iter().map(|s| s.id).collect();
+    subscriptions.sort_unstable();
+    let (retried, fresh) = (submit(&app, 0).await.feedback_id, submit(&app, 1).await.feedback_id);
+    let past = shared::queries::now() - chrono::Duration::seconds(5);
+    for (subscription_id, status, token) in
+        [(subscriptions[0], shared::entities::delivery::RETRY, None), (subscriptions[1], "sending", Some("lapsed"))]
+    {
+        let row = shared::entities::delivery::ActiveModel {
+            feedback_id: Set(retried),
+            subscription_id: Set(subscription_id),
+            status: Set(status.into()),
+            attempts: Set(1),
+            claim_token: Set(token.map(str::to_owned)),
+            lease_until: Set(token.map(|_| past)),
+            next_attempt_at: Set(token.is_none().then_some(past)),
+            last_error: Set(None),
+            sent_at: Set(None),
+            updated_at: Set(past),
+        };
+        shared::entities::delivery::Entity::insert(row).exec(&app.db).await.expect("stored");
+    }
+    let runs = [
+        RunToOpen { feedback_id: fresh, token: "f" },
+        RunToOpen { feedback_id: retried, token: "r" },
+        // A copy of the job in the same group: the claims due again go to the first run.
+        RunToOpen { feedback_id: retried, token: "r2" },
+    ];
+
+    // Act
+    let opened =
+        delivery::open_runs(&group_pool(&app).await, &runs, 64, lease(), Coalescing::OFF).await.expect("opened");
+
+    // Assert: both due deliveries are claimed again by the first run of their message,
+    // each a second attempt; the other message claims its first page.
+    assert_eq!(claimed(&opened[0]), Ok(subscriptions.clone()));
+    let mut again = claimed(&opened[1]).expect("claimed");
+    again.sort_unstable();
+    assert_eq!(again, subscriptions);
+    assert_eq!(claimed(&opened[2]), Ok(vec![]));
+    for row in delivery::of_feedback(&app.db, retried).await.expect("query") {
+        assert_eq!((row.status.as_str(), row.claim_token.as_deref(), row.attempts), ("sending", Some("r"), 2));
+        assert!(row.lease_until.is_some_and(|until| until > shared::queries::now()), "{row:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message_on_postgres() {
+    a_group_claims_again_what_is_due_for_its_first_run_of_a_message(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message_on_sqlite() {
+    a_group_claims_again_what_is_due_for_its_first_run_of_a_message(Backend::Sqlite).await;
+}
+
+async fn a_group_closes_each_run_with_its_own_successes(backend: Backend) {
+    // Arrange: three subscriptions; four messages, each run alone claiming all three.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    for _ in 0..3 {
+        app.subscribe_browser().await;
+    }
+    let mut subs: Vec<i64> =
+        push_subscription::Entity::find().all(&app.db).await.expect("query").iter().map(|s| s.id).collect();
+    subs.sort_unstable();
+    let mut messages = Vec::new();
+    for n in 0..4 {
+        let submitted = submit(&app, n).await;
+        let token = format!("t{n}");
+        let opened = delivery::open_run(&app.db, submitted.feedback_id, 64, &token, lease(), Coalescing::OFF).await;
+        assert_eq!(
+            claimed(&opened.expect("opened")).map(|mut c| {
+                c.sort_unstable();
+                c
+            }),
+            Ok(subs.clone())
+        );
+        messages.push(submitted);
+    }
+    let run = |n: usize, sent: &'static [usize], token: &'static str| (n, sent, token);
+    let plan = [
+        // Every push went out.
+        run(0, &[0, 1, 2], "t0"),
+        // One went out; two are still claimed by the run.
+        run(1, &[0], "t1"),
+        // A token that is not the run's records nothing.
+        run(2, &[0, 1, 2], "wrong"),
+        // Nothing to record.
+        run(3, &[], "t3"),
+    ];
+    let sent: Vec<Vec<i64>> = plan.iter().map(|(_, sent, _)| sent.iter().map(|&i| subs[i]).collect()).collect();
+    let runs: Vec<RunToClose<'_>> = plan
+        .iter()
+        .zip(&sent)
+        .map(|(&(n, _, token), sent)| RunToClose {
+            feedback_id: messages[n].feedback_id,
+            dispatch_id: messages[n].dispatch_id,
+            sent,
+            token,
+        })
+        .collect();
+
+    // Act
+    let due = delivery::close_runs(&group_pool(&app).await, &runs).await.expect("closed");
+
+    // Assert: each run recorded only its own successes, and the runs owed more have a
+    // dispatch for when their claims lapse.
+    let owed: Vec<bool> = due.iter().map(Option::is_some).collect();
+    assert_eq!(owed, [false, true, true, true], "{due:?}");
+    let statuses = |n: usize| {
+        let db = app.db.clone();
+        let feedback_id = messages[n].feedback_id;
+        async move {
+            let mut rows = delivery::of_feedback(&db, feedback_id).await.expect("query");
+            rows.sort_by_key(|d| d.subscription_id);
+            rows.into_iter().map(|d| d.status).collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(statuses(0).await, ["sent", "sent", "sent"]);
+    assert_eq!(statuses(1).await, ["sent", "sending", "sending"]);
+    assert_eq!(statuses(2).await, ["sending", "sending", "sending"]);
+    assert_eq!(statuses(3).await, ["sending", "sending", "sending"]);
+    for (n, owed) in owed.iter().enumerate() {
+        let dispatches = dispatches_of(&app, messages[n].feedback_id).await;
+        let outstanding = dispatches.iter().filter(|d| d.completed_at.is_none()).count();
+        assert_eq!((dispatches.len(), outstanding), if *owed { (2, 1) } else { (1, 0) }, "message {n}");
+    }
+    for subscription in push_subscription::Entity::find().all(&app.db).await.expect("query") {
+        assert!(subscription.last_success_at.is_some(), "{subscription:?}");
+    }
+
+    // Two runs of one message closed in one group (a job, and a copy that took over one
+    // of its claims once it lapsed) each record their own successes: the copy's after
+    // the job's, which still sees the copy's claim as owed.
+    let (feedback_id, dispatch_id) = (messages[1].feedback_id, messages[1].dispatch_id);
+    let takeover = format!(
+        "UPDATE deliveries SET claim_token = 'copy' WHERE feedback_id = {feedback_id} AND subscription_id = {}",
+        subs[2]
+    );
+    sql(&app.db, &takeover).await;
+    let (first, second) = ([subs[1]], [subs[2]]);
+    let copies = [
+        RunToClose {
+            feedback_id: messages[0].feedback_id,
+            dispatch_id: messages[0].dispatch_id,
+            sent: &[],
+            token: "t0",
+        },
+        RunToClose { feedback_id, dispatch_id, sent: &first, token: "t1" },
+        RunToClose { feedback_id, dispatch_id, sent: &second, token: "copy" },
+    ];
+    let due = delivery::close_runs(&group_pool(&app).await, &copies).await.expect("closed");
+    assert!(due[0].is_none() && due[1].is_some() && due[2].is_none(), "{due:?}");
+    assert_eq!(statuses(1).await, ["sent", "sent", "sent"]);
+}
+
+#[tokio::test]
+async fn a_group_closes_each_run_with_its_own_successes_on_postgres() {
+    a_group_closes_each_run_with_its_own_successes(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_group_closes_each_run_with_its_own_successes_on_sqlite() {
+    a_group_closes_each_run_with_its_own_successes(Backend::Sqlite).await;
+}
+
+/// The tables as they are when a group statement's one plan is made.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum PlannedOn {
+    /// As migrated, never analysed.
+    Empty,
+    /// Empty and analysed: the server knows they hold nothing.
+    EmptyAnalysed,
+    /// A few rows each, analysed (a young database after any `ANALYZE`).
+    SmallAnalysed,
+    /// Thousands of rows each, analysed.
+    LargeAnalysed,
+}
+
+#[tokio::test]
+async fn the_grouped_opens_plan_made_on_empty_tables_reads_only_its_groups_rows_once_they_grew() {
+    grouped_open_plan_reads_only_its_groups_rows(PlannedOn::Empty).await;
+}
+
+#[tokio::test]
+async fn the_grouped_opens_plan_made_on_empty_analysed_tables_reads_only_its_groups_rows_once_they_grew() {
+    grouped_open_plan_reads_only_its_groups_rows(PlannedOn::EmptyAnalysed).await;
+}
+
+#[tokio::test]
+async fn the_grouped_opens_plan_made_on_small_analysed_tables_reads_only_its_groups_rows_once_they_grew() {
+    grouped_open_plan_reads_only_its_groups_rows(PlannedOn::SmallAnalysed).await;
+}
+
+#[tokio::test]
+async fn the_grouped_opens_plan_made_on_large_tables_reads_only_its_groups_rows() {
+    grouped_open_plan_reads_only_its_groups_rows(PlannedOn::LargeAnalysed).await;
+}
+
+#[tokio::test]
+async fn the_grouped_closes_plan_made_on_empty_tables_reads_only_its_groups_rows_once_they_grew() {
+    grouped_close_plan_reads_only_its_groups_rows(PlannedOn::Empty).await;
+}
+
+#[tokio::test]
+async fn the_grouped_closes_plan_made_on_empty_analysed_tables_reads_only_its_groups_rows_once_they_grew() {
+    grouped_close_plan_reads_only_its_groups_rows(PlannedOn::EmptyAnalysed).await;
+}
+
+#[tokio::test]
+async fn the_grouped_closes_plan_made_on_small_analysed_tables_reads_only_its_groups_rows_once_they_grew() {
+    grouped_close_plan_reads_only_its_groups_rows(PlannedOn::SmallAnalysed).await;
+}
+
+#[tokio::test]
+async fn the_grouped_closes_plan_made_on_large_tables_reads_only_its_groups_rows() {
+    grouped_close_plan_reads_only_its_groups_rows(PlannedOn::LargeAnalysed).await;
+}
+
+/// A database whose tables are as a plan test wants them, and one connection set up as
+/// the worker's pool for groups, on which a group statement is prepared.
+struct PlanFixture {
+    app: TestApp,
+    conn: sea_orm::DatabaseConnection,
+}
+
+impl PlanFixture {
+    /// Tables as `planned_on` says (autovacuum off, so no `ANALYZE` behind the test's back
+    /// replaces the plan made below); `sql` prepared as `name` with `types`, and run once
+    /// with `args` (rolled back), which makes its one plan on the tables as they are.
+    async fn new(planned_on: PlannedOn, name: &str, types: &str, sql_text: &str, args: &str) -> Self {
+        let app = spawn_app_with(Options { backend: Backend::Postgres, worker: false, ..Options::default() }).await;
+        let tables = ["deliveries", "push_subscriptions", "feedback_messages", "dispatches"];
+        for table in tables {
+            sql(&app.db, &format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).await;
+        }
+        let admin = app.create_admin().await;
+        match planned_on {
+            PlannedOn::Empty => {}
+            PlannedOn::EmptyAnalysed => {}
+            PlannedOn::SmallAnalysed => grow(&app.db, admin, 3, 3, 1).await,
+            PlannedOn::LargeAnalysed => grow(&app.db, admin, 5_000, 5_000, 10).await,
+        }
+        if planned_on != PlannedOn::Empty {
+            for table in tables {
+                sql(&app.db, &format!("VACUUM ANALYZE {table}")).await;
+            }
+        }
+        let mut options = sea_orm::ConnectOptions::new(app.settings.database_url.clone());
+        options
+            .max_connections(1)
+            .min_connections(1)
+            .sqlx_logging(false)
+            .map_sqlx_postgres_opts(|pg| pg.options(shared::db::PLANNED_ONCE));
+        let conn = sea_orm::Database::connect(options).await.expect("connected");
+        sql(&conn, &format!("PREPARE {name} ({types}) AS {sql_text}")).await;
+        let fixture = Self { app, conn };
+        fixture.explain(name, args).await;
+        if planned_on != PlannedOn::LargeAnalysed {
+            grow(&fixture.app.db, admin, 5_000, 5_000, 10).await;
+        }
+        fixture
+    }
+
+    /// `EXECUTE name(args)` under `EXPLAIN ANALYZE`, rolled back.
+    async fn explain(&self, name: &str, args: &str) -> serde_json::Value {
+        use sea_orm::ConnectionTrait;
+        let statement = format!("EXPLAIN (ANALYZE, BUFFERS, FORMAT JSON) EXECUTE {name}({args})");
+        sql(&self.conn, "BEGIN").await;
+        let row = self
+            .conn
+            .query_one_raw(sea_orm::Statement::from_string(sea_orm::DbBackend::Postgres, statement))
+            .await
+            .expect("explained")
+            .expect("a row");
+        sql(&self.conn, "ROLLBACK").await;
+        row.try_get::<serde_json::Value>("", "QUERY PLAN").expect("json")
+    }
+
+    /// Asserts that `name` was never planned for its values (its second run used a
+    /// generic plan; with autovacuum off nothing made the server remake it), and that in
+    /// `plan` every table was read through an index, no further than `rows` rows.
+    async fn assert_narrow(&self, name: &str, plan: &serde_json::Value, rows: f64) {
+        use sea_orm::ConnectionTrait;
+        let row = self
+            .conn
+            .query_one_raw(sea_orm::Statement::from_string(
+                sea_orm::DbBackend::Postgres,
+                format!("SELECT generic_plans, custom_plans FROM pg_prepared_statements WHERE name = '{name}'"),
+            ))
+            .await
+            .expect("query")
+            .expect("a row");
+        assert_eq!(row.try_get::<i64>("", "custom_plans").expect("count"), 0);
+        assert_eq!(row.try_get::<i64>("", "generic_plans").expect("count"), 2);
+        let mut scans = Vec::new();
+        table_scans(&plan[0]["Plan"], &mut scans);
+        assert!(scans.iter().any(|(table, ..)| table == "deliveries"), "{scans:?}");
+        for (table, node, read) in &scans {
+            assert_ne!(node, "Seq Scan", "{table} read whole: {plan}");
+            assert!(*read <= rows, "{read} rows of {table} read by a {node}: {plan}");
+        }
+    }
+}
+
+/// Makes the grouped open's plan with the tables as `planned_on` says, grows them to
+/// thousands of rows, then runs that same plan for a group (two new messages and one
+/// with deliveries due again): every table is read through an index condition, no
+/// further than the group's own rows.
+async fn grouped_open_plan_reads_only_its_groups_rows(planned_on: PlannedOn) {
+    let types = "text, text, text, timestamptz, timestamptz, text, bigint, bigint, bigint";
+    // Coalescing as shipped, a first page of 64.
+    let args = |ids: &str, tokens: &str| {
+        format!("'{{{ids}}}', '{{{tokens}}}', 'sending', now() + interval '30 seconds', now(), 'retry', 6, 60, 64")
+    };
+    let fixture = PlanFixture::new(planned_on, "open_runs", types, delivery::OPEN_RUNS_SQL, &args("1,2", "a,b")).await;
+    let app = &fixture.app;
+    let (first, second) = (submit(app, 0).await.feedback_id, submit(app, 1).await.feedback_id);
+    let retried = submit(app, 2).await.feedback_id;
+    sql(
+        &app.db,
+        &format!(
+            "INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, next_attempt_at, updated_at) \
+             SELECT {retried}, id, 'retry', 1, now() - interval '1 second', now() \
+             FROM push_subscriptions ORDER BY id LIMIT 2"
+        ),
+    )
+    .await;
+
+    // Act
+    let plan = fixture.explain("open_runs", &args(&format!("{first},{second},{retried}"), "a,b,c")).await;
+
+    // Assert: the group's rows are a first page of 64 subscriptions for each of three
+    // runs, the claims' subscriptions one by one, two deliveries due again, three messages.
+    fixture.assert_narrow("open_runs", &plan, 400.0).await;
+    let claimed = plan[0]["Plan"]["Actual Rows"].as_u64().expect("rows");
+    assert_eq!(claimed, 3 * 64, "every run claimed its first page: {plan}");
+}
+
+/// Makes the grouped close's plan with the tables as `planned_on` says, grows them to
+/// thousands of rows, then runs that same plan for a group of three runs: every table is
+/// read through an index condition, no further than the group's own rows.
+async fn grouped_close_plan_reads_only_its_groups_rows(planned_on: PlannedOn) {
+    let types = "text, text, timestamptz, text, text, text, timestamptz, text, text";
+    let args = |ids: &str, dispatches: &str, tokens: &str, sent: &str| {
+        format!(
+            "'{{{ids}}}', '{{{dispatches}}}', now(), 'retry', 'sent', 'sending', now() - interval '1 minute', \
+             '{{{tokens}}}', '{sent}'"
+        )
+    };
+    let fixture =
+        PlanFixture::new(planned_on, "close_runs", types, delivery::CLOSE_RUNS_SQL, &args("1,2", "1,2", "a,b", "{}"))
+            .await;
+    let app = &fixture.app;
+    // Three runs, each holding claims on the same three subscriptions; the third also
+    // owes a retry to a fourth.
+    let subscriptions: Vec<i64> = {
+        use sea_orm::{QueryOrder, QuerySelect};
+        let first = push_subscription::Entity::find().order_by_asc(push_subscription::Column::Id).limit(4);
+        first.all(&app.db).await.expect("query").iter().map(|s| s.id).collect()
+    };
+    let mut runs = Vec::new();
+    for (n, token) in ["a", "b", "c"].into_iter().enumerate() {
+        let submitted = submit(app, n).await;
+        sql(
+            &app.db,
+            &format!(
+                "INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, claim_token, lease_until, updated_at) \
+                 SELECT {}, id, 'sending', 1, '{token}', now() + interval '30 seconds', now() \
+                 FROM push_subscriptions WHERE id IN ({}, {}, {})",
+                submitted.feedback_id, subscriptions[0], subscriptions[1], subscriptions[2]
+            ),
+        )
+        .await;
+        runs.push(submitted);
+    }
+    sql(
+        &app.db,
+        &format!(
+            "INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, next_attempt_at, updated_at) \
+             VALUES ({}, {}, 'retry', 1, now() + interval '1 minute', now())",
+            runs[2].feedback_id, subscriptions[3]
+        ),
+    )
+    .await;
+    let ids = runs.iter().map(|r| r.feedback_id.to_string()).collect::<Vec<_>>().join(",");
+    let dispatches = runs.iter().map(|r| r.dispatch_id.to_string()).collect::<Vec<_>>().join(",");
+    let [s0, s1, s2] = [subscriptions[0], subscriptions[1], subscriptions[2]];
+    // The first run sent all three, the second two (one still claimed), the third all three.
+    let sent = format!("{{{{{s0},{s1},{s2}}},{{{s0},{s1},NULL}},{{{s0},{s1},{s2}}}}}");
+
+    // Act
+    let plan = fixture.explain("close_runs", &args(&ids, &dispatches, "a,b,c", &sent)).await;
+
+    // Assert: the group's rows are nine claims, a retry, three subscriptions and three
+    // dispatches; the second run (a claim left) and the third (a retry) are owed more.
+    fixture.assert_narrow("close_runs", &plan, 100.0).await;
+    let owed = plan[0]["Plan"]["Actual Rows"].as_u64().expect("rows");
+    assert_eq!(owed, 2, "two runs are owed more: {plan}");
+}
+
+/// Runs `statement` on `db`.
+async fn sql(db: &sea_orm::DatabaseConnection, statement: &str) {
+    use sea_orm::ConnectionTrait;
+    db.execute_unprepared(statement).await.unwrap_or_else(|e| panic!("{statement}: {e}"));
+}
+
+/// Adds `subscriptions` subscriptions of `admin` and `messages` messages of a day ago,
+/// with a sent delivery of every one of them to each of the first four subscriptions (a
+/// long history behind the subscriptions the tests send to) and of the last `delivered`
+/// to every other subscription.
+async fn grow(db: &sea_orm::DatabaseConnection, admin: i64, subscriptions: u32, messages: u32, delivered: u32) {
+    sql(
+        db,
+        &format!(
+            "INSERT INTO push_subscriptions (endpoint, p256dh, auth, admin_user_id, created_at, failure_count) \
+             SELECT 'https://push.invalid/' || md5(random()::text), 'key', 'auth', {admin}, now(), 0 \
+             FROM generate_series(1, {subscriptions})"
+        ),
+    )
+    .await;
+    sql(
+        db,
+        &format!(
+            "INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
+             SELECT 'Old', 'old@example.com', 'old message ' || n, now() - interval '1 day' \
+             FROM generate_series(1, {messages}) AS n"
+        ),
+    )
+    .await;
+    let added =
+        format!("SELECT id FROM feedback_messages WHERE submitter_name = 'Old' ORDER BY id DESC LIMIT {messages}");
+    sql(
+        db,
+        &format!(
+            "INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, sent_at, updated_at) \
+             SELECT f.id, s.id, 'sent', 1, now(), now() \
+             FROM ({added}) f CROSS JOIN (SELECT id FROM push_subscriptions ORDER BY id LIMIT 4) s"
+        ),
+    )
+    .await;
+    sql(
+        db,
+        &format!(
+            "INSERT INTO deliveries (feedback_id, subscription_id, status, attempts, sent_at, updated_at) \
+             SELECT f.id, s.id, 'sent', 1, now(), now() \
+             FROM (SELECT id FROM ({added}) a ORDER BY id DESC LIMIT {delivered}) f CROSS JOIN (SELECT id FROM push_subscriptions ORDER BY id OFFSET 4) s"
+        ),
+    )
+    .await;
+}
+
+/// Every node of `node`'s tree that reads a table: the table, the node's kind and the
+/// rows it went through over all its loops (returned, and removed by its filters).
+fn table_scans(node: &serde_json::Value, scans: &mut Vec<(String, String, f64)>) {
+    let kind = node["Node Type"].as_str().unwrap_or_default();
+    if let Some(table) = node["Relation Name"].as_str()
+        && kind != "ModifyTable"
+    {
+        let number = |key: &str| node[key].as_f64().unwrap_or(0.0);
+        let read = (number("Actual Rows") + number("Rows Removed by Filter") + number("Rows Removed by Index Recheck"))
+            * number("Actual Loops").max(1.0);
+        scans.push((table.to_owned(), kind.to_owned(), read));
+    }
+    for child in node["Plans"].as_array().into_iter().flatten() {
+        table_scans(child, scans);
+    }
 }

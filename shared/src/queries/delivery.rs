@@ -367,7 +367,7 @@ pub async fn record_sent<C: ConnectionTrait + sea_orm::TransactionTrait>(
          WHERE feedback_id = $1 AND claim_token = $2 AND status = $6 AND subscription_id = ANY($3::text::bigint[]) \
          RETURNING subscription_id) \
          UPDATE push_subscriptions SET last_success_at = $5, failure_count = 0, last_failure_reason = NULL \
-         WHERE id IN (SELECT subscription_id FROM sent) \
+         WHERE id = ANY(ARRAY(SELECT subscription_id FROM sent)) \
          AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $7)";
     let now = super::now();
     let values: [sea_orm::Value; 7] = [
@@ -419,7 +419,7 @@ pub async fn close_run<C: ConnectionTrait + sea_orm::TransactionTrait>(
          RETURNING subscription_id), \
          success AS (\
          UPDATE push_subscriptions SET last_success_at = $5, failure_count = 0, last_failure_reason = NULL \
-         WHERE id IN (SELECT subscription_id FROM sent) \
+         WHERE id = ANY(ARRAY(SELECT subscription_id FROM sent)) \
          AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $9)), \
          due AS (\
          SELECT min(CASE WHEN status = $3 THEN next_attempt_at ELSE lease_until END) AS at \
@@ -458,74 +458,95 @@ pub struct RunToClose<'a> {
     pub token: &'a str,
 }
 
-/// The statement of [`close_runs`] for a group on PostgreSQL.
+/// The statement of [`close_runs`] for a group on PostgreSQL, each run of its own
+/// message: as [`close_run`]'s statement, for every run (`o`, its place). `$9` holds each
+/// run's successes as a row of a two-dimensional array (padded with NULL), so a delivery
+/// finds its run's token and successes by its message's place in the group.
 ///
-/// As [`close_run`]'s statement, for every run: `sent_in` lists each run's successes. The
-/// ids travel as arrays, so the planner looks them up by index (a set-returning
-/// function's row count is a guess, which made it scan whole tables). `done` keeps a
-/// first completion time with COALESCE rather than a `completed_at IS NULL` filter:
-/// with the filter, the planner may pick the partial index of outstanding dispatches
-/// and, under a backlog of thousands, read all of them for each close (20 ms a call
-/// in a `submit` run, against 0.1 ms by primary key).
-const CLOSE_RUNS_SQL: &str = "WITH sent_in AS (\
-     SELECT * FROM unnest($8::text::bigint[], $9::text::text[], $10::text::bigint[]) AS i(f, t, s)), \
+/// It is planned once per connection and that plan is kept whatever the tables become
+/// ([`crate::db::PLANNED_ONCE`]), so no table is ever joined, and each is read through an
+/// index condition on the group's ids or row by row from a run's row. The successes are
+/// found among the deliveries of the group's messages, by message only: with their
+/// subscriptions as an index condition too, a plan may look them up by subscription,
+/// through every delivery ever made to it. What each run still owes is a scalar subquery
+/// per run over its message's deliveries (materialised, so it runs once), the request id
+/// of its dispatch is read by key. As joins, a plan made for small analysed tables hashed
+/// whole indexes of `deliveries` and `push_subscriptions`, and one made for empty tables
+/// checked each run's successes against every other's. `done` keeps a first completion
+/// time with COALESCE rather than a `completed_at IS NULL` filter: with the filter, a
+/// plan may pick the partial index of outstanding dispatches and, under a backlog of
+/// thousands, read all of them for each close.
+pub const CLOSE_RUNS_SQL: &str = "WITH runs AS (\
+     SELECT * FROM unnest($1::text::bigint[], $2::text::bigint[], $8::text::text[]) WITH ORDINALITY AS r(f, d, t, o)), \
      sent AS (\
      UPDATE deliveries d SET status = $5, sent_at = $3, lease_until = NULL, last_error = NULL, updated_at = $3 \
-     FROM sent_in i \
-     WHERE d.feedback_id = i.f AND d.subscription_id = i.s AND d.claim_token = i.t AND d.status = $6 \
+     WHERE d.feedback_id = ANY($1::text::bigint[]) AND d.status = $6 \
+     AND d.claim_token = ($8::text::text[])[array_position($1::text::bigint[], d.feedback_id)] \
+     AND d.subscription_id = ANY(($9::text::bigint[])\
+     [array_position($1::text::bigint[], d.feedback_id):array_position($1::text::bigint[], d.feedback_id)]) \
      RETURNING d.subscription_id), \
      success AS (\
      UPDATE push_subscriptions SET last_success_at = $3, failure_count = 0, last_failure_reason = NULL \
-     WHERE id IN (SELECT subscription_id FROM sent) \
+     WHERE id = ANY(ARRAY(SELECT subscription_id FROM sent)) \
      AND (failure_count > 0 OR last_success_at IS NULL OR last_success_at < $7)), \
-     due AS (\
-     SELECT d.feedback_id, min(CASE WHEN d.status = $4 THEN d.next_attempt_at ELSE d.lease_until END) AS at \
-     FROM deliveries d WHERE d.feedback_id = ANY($1::text::bigint[]) AND d.status IN ($4, $6) \
-     AND NOT EXISTS (SELECT 1 FROM sent_in i \
-     WHERE i.f = d.feedback_id AND i.s = d.subscription_id AND i.t = d.claim_token AND d.status = $6) \
-     GROUP BY d.feedback_id), \
+     due AS MATERIALIZED (\
+     SELECT r.f, r.d, (SELECT min(CASE WHEN x.status = $4 THEN x.next_attempt_at ELSE x.lease_until END) \
+     FROM deliveries x WHERE x.feedback_id = r.f AND x.status IN ($4, $6) \
+     AND (x.status = $6 AND x.claim_token = r.t AND x.subscription_id = ANY(($9::text::bigint[])[r.o::int:r.o::int])) IS NOT TRUE) \
+     AS at FROM runs r), \
      done AS (UPDATE dispatches SET completed_at = COALESCE(completed_at, $3) WHERE id = ANY($2::text::bigint[])) \
      INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count, request_id) \
-     SELECT due.feedback_id, $3, due.at, 0, (SELECT x.request_id FROM dispatches x \
-     JOIN unnest($1::text::bigint[], $2::text::bigint[]) AS r(f, d) ON x.id = r.d \
-     WHERE r.f = due.feedback_id LIMIT 1) \
+     SELECT due.f, $3, due.at, 0, (SELECT x.request_id FROM dispatches x WHERE x.id = due.d) \
      FROM due WHERE due.at IS NOT NULL RETURNING feedback_id, due_at";
 
 /// Closes many runs at once, each as [`close_run`] does; returns, in their order, when
 /// each one's message is next due (the dispatch written for it), if at all.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
+/// pool that plans it once ([`crate::db::connect_for_groups`]). Should one message have
+/// two runs in the group (a job and a copy whose lock lapsed), the second goes out in a
+/// statement after the first's, one per repeat, each committing on its own. Elsewhere
 /// [`close_run`] for each, each committing on its own.
 pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     runs: &[RunToClose<'_>],
 ) -> Result<Vec<Option<DateTime<Utc>>>, DbErr> {
-    use sea_orm::{DbBackend, Statement};
-    if db.get_database_backend() != DbBackend::Postgres {
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres || runs.len() == 1 {
+        // Alone: close_run's statement, whose plan the server keeps.
         let mut due = Vec::with_capacity(runs.len());
         for run in runs {
             due.push(close_run(db, run.feedback_id, run.dispatch_id, run.sent, run.token).await?);
         }
         return Ok(due);
     }
-    if let [run] = runs {
-        // Alone: close_run's statement, whose plan the server keeps.
-        return Ok(vec![close_run(db, run.feedback_id, run.dispatch_id, run.sent, run.token).await?]);
-    }
-    if runs.is_empty() {
-        return Ok(Vec::new());
-    }
-    let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
-    let dispatch_ids: Vec<i64> = runs.iter().map(|r| r.dispatch_id).collect();
-    let (mut sent_feedback, mut sent_tokens, mut sent_subscriptions) = (Vec::new(), Vec::new(), Vec::new());
-    for run in runs {
-        for &subscription_id in run.sent {
-            sent_feedback.push(run.feedback_id);
-            sent_tokens.push(run.token);
-            sent_subscriptions.push(subscription_id);
+    // Each run's layer: how many runs of its message come before it.
+    let mut seen = std::collections::HashMap::with_capacity(runs.len());
+    let layers: Vec<usize> = runs
+        .iter()
+        .map(|run| {
+            let before = seen.entry(run.feedback_id).or_insert(0);
+            *before += 1;
+            *before - 1
+        })
+        .collect();
+    let mut due = vec![None; runs.len()];
+    for layer in 0..layers.iter().copied().max().map_or(0, |top| top + 1) {
+        let places: Vec<usize> = (0..runs.len()).filter(|&i| layers[i] == layer).collect();
+        let group: Vec<RunToClose<'_>> = places.iter().map(|&i| runs[i]).collect();
+        for (place, at) in places.into_iter().zip(close_group(db, &group).await?) {
+            due[place] = at;
         }
     }
+    Ok(due)
+}
+
+/// [`CLOSE_RUNS_SQL`] for `runs`, each of its own message.
+async fn close_group<C: ConnectionTrait>(db: &C, runs: &[RunToClose<'_>]) -> Result<Vec<Option<DateTime<Utc>>>, DbErr> {
+    use sea_orm::{DbBackend, Statement};
+    let feedback_ids: Vec<i64> = runs.iter().map(|r| r.feedback_id).collect();
+    let dispatch_ids: Vec<i64> = runs.iter().map(|r| r.dispatch_id).collect();
+    let tokens: Vec<&str> = runs.iter().map(|r| r.token).collect();
+    let sent: Vec<&[i64]> = runs.iter().map(|r| r.sent).collect();
     let now = super::now();
     let values = vec![
         id_array(&feedback_ids).into(),
@@ -535,9 +556,8 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
         SENT.into(),
         SENDING.into(),
         success_stale_before(now).into(),
-        id_array(&sent_feedback).into(),
-        token_array(&sent_tokens)?.into(),
-        id_array(&sent_subscriptions).into(),
+        token_array(&tokens)?.into(),
+        id_rows(&sent).into(),
     ];
     let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, CLOSE_RUNS_SQL, values)).await?;
     let mut due = std::collections::HashMap::with_capacity(rows.len());
@@ -565,6 +585,21 @@ fn token_array(tokens: &[&str]) -> Result<String, DbErr> {
 /// `ids` as a PostgreSQL array literal (bound as text: the driver has no array type here).
 fn id_array(ids: &[i64]) -> String {
     format!("{{{}}}", ids.iter().map(i64::to_string).collect::<Vec<_>>().join(","))
+}
+
+/// `rows` as a two-dimensional PostgreSQL array literal, one row each, padded with NULL
+/// to the longest (bound as text); `{}` when every row is empty.
+fn id_rows(rows: &[&[i64]]) -> String {
+    let width = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+    if width == 0 {
+        return "{}".into();
+    }
+    let row = |ids: &[i64]| {
+        let mut cells: Vec<String> = ids.iter().map(i64::to_string).collect();
+        cells.resize(width, "NULL".into());
+        format!("{{{}}}", cells.join(","))
+    };
+    format!("{{{}}}", rows.iter().map(|r| row(r)).collect::<Vec<_>>().join(","))
 }
 
 /// A subscription's last success older than this is written again (see
@@ -661,11 +696,18 @@ pub struct RunToOpen<'a> {
 /// already; a run claims only if its message exists and is not folded (`go`). Claims
 /// carry their run's token, so two runs of one message never share one. Every row
 /// carries its run's message and the page's size (one row of NULL targets for a run
-/// that claimed nothing). The burst check's "anything sent yet" is a scalar subquery
-/// with `LIMIT 1` and each claim's subscription a `LATERAL` subquery kept apart by
-/// `OFFSET 0`: as an `EXISTS` and a join, a plan made for small tables hashed the whole
-/// of `deliveries` and `push_subscriptions` for them.
-const OPEN_RUNS_SQL: &str = "WITH runs AS (\
+/// that claimed nothing).
+///
+/// It is planned once per connection and that plan is kept whatever the tables become
+/// ([`crate::db::PLANNED_ONCE`]), so no table is ever joined: each is read through an
+/// index condition on the group's ids (`msg`, the claims due again: their run's token
+/// is looked up in the arrays, not joined), row by row from a group's row (the burst
+/// check's "anything sent yet", a scalar subquery with `LIMIT 1`; the window's count;
+/// each claim's subscription, a `LATERAL` subquery kept apart by `OFFSET 0`), or in
+/// index order up to the page's size. As an `EXISTS` and joins, a plan made for small
+/// tables hashed the whole of `deliveries` and `push_subscriptions`. The joins left are
+/// between the group's own rows.
+pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
      SELECT * FROM unnest($1::text::bigint[], $2::text::text[]) WITH ORDINALITY AS r(f, t, o)), \
      msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
      burst AS (SELECT m.id AS f, \
@@ -675,8 +717,10 @@ const OPEN_RUNS_SQL: &str = "WITH runs AS (\
      AND x.created_at <= m.created_at) END AS n FROM msg m), \
      go AS (SELECT r.f, r.t FROM runs r JOIN burst b ON b.f = r.f WHERE b.n <= $7::bigint), \
      due AS (\
-     UPDATE deliveries d SET status = $3, claim_token = go.t, lease_until = $4, attempts = d.attempts + 1, \
-     updated_at = $5 FROM go WHERE d.feedback_id = go.f \
+     UPDATE deliveries d SET status = $3, \
+     claim_token = ($2::text::text[])[array_position($1::text::bigint[], d.feedback_id)], \
+     lease_until = $4, attempts = d.attempts + 1, updated_at = $5 \
+     WHERE d.feedback_id = ANY(ARRAY(SELECT f FROM go)) \
      AND ((d.status = $6 AND d.next_attempt_at <= $5) OR (d.status = $3 AND d.lease_until < $5)) \
      RETURNING d.feedback_id, d.subscription_id, d.attempts, d.claim_token), \
      page AS (SELECT id FROM push_subscriptions WHERE EXISTS (SELECT 1 FROM go) ORDER BY id LIMIT $9), \
@@ -700,8 +744,9 @@ const OPEN_RUNS_SQL: &str = "WITH runs AS (\
 /// order. Every run claims on the same first page of subscriptions.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans each call for its values ([`crate::db::connect_for_groups`]). Elsewhere
-/// [`open_run`]'s steps for each, each run committing on its own.
+/// pool that plans it once ([`crate::db::connect_for_groups`]). Elsewhere [`open_run`]'s
+/// steps for each, each run committing on its own. Two runs of one message in a group
+/// share its verdict; the claims due again go to the first of them.
 pub async fn open_runs<C: ConnectionTrait>(
     db: &C,
     runs: &[RunToOpen<'_>],
