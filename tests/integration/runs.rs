@@ -64,6 +64,11 @@ async fn a_run_opens_folds_and_closes_the_same_way(backend: Backend) {
         "nothing claimed"
     );
 
+    // The count stops one past the threshold: the fourth message of the window counts 2
+    // for a threshold of 1.
+    let capped = open(messages[3].feedback_id, "t3x", Coalescing { threshold: 1, ..ONE_WINDOW }).await;
+    assert!(matches!(capped, Opening::Folded { in_window: 2, .. }), "{capped:?}");
+
     // Coalescing off: the same message is claimed.
     let again = open(messages[2].feedback_id, "t2b", Coalescing::OFF).await;
     assert_eq!(claimed(&again), Ok(vec![subscription_id]));
@@ -152,7 +157,8 @@ async fn many_runs_open_at_once_each_with_its_own_claims(backend: Backend) {
 
     // Assert: in their order, each as it would open alone.
     assert_eq!(opened.len(), 4);
-    assert!(matches!(opened[0], Opening::Folded { in_window: 3, .. }), "{:?}", opened[0]);
+    // Counted up to one past the threshold.
+    assert!(matches!(opened[0], Opening::Folded { in_window: 2, .. }), "{:?}", opened[0]);
     assert_eq!(opened[1], Opening::Missing);
     let (c, d) = (claimed(&opened[2]).expect("claimed"), claimed(&opened[3]).expect("claimed"));
     assert_eq!([c.clone(), d.clone()].concat(), vec![subscription_id], "one claim between the two: {c:?} {d:?}");
@@ -623,9 +629,9 @@ async fn sql(db: &sea_orm::DatabaseConnection, statement: &str) {
 }
 
 /// Adds `subscriptions` subscriptions of `admin` and `messages` messages of a day ago,
-/// with a sent delivery of every one of them to each of the first four subscriptions (a
-/// long history behind the subscriptions the tests send to) and of the last `delivered`
-/// to every other subscription.
+/// each with a dispatch record (a third of them outstanding) and a sent delivery to each
+/// of the first four subscriptions (a long history behind the subscriptions the close
+/// test sends to), the last `delivered` also to every other subscription.
 async fn grow(db: &sea_orm::DatabaseConnection, admin: i64, subscriptions: u32, messages: u32, delivered: u32) {
     sql(
         db,
@@ -647,6 +653,15 @@ async fn grow(db: &sea_orm::DatabaseConnection, admin: i64, subscriptions: u32, 
     .await;
     let added =
         format!("SELECT id FROM feedback_messages WHERE submitter_name = 'Old' ORDER BY id DESC LIMIT {messages}");
+    sql(
+        db,
+        &format!(
+            "INSERT INTO dispatches (feedback_id, created_at, due_at, enqueued_at, enqueue_count, completed_at) \
+             SELECT id, now(), now() + interval '1 hour', now(), 1, CASE WHEN id % 3 = 0 THEN NULL ELSE now() END \
+             FROM ({added}) f"
+        ),
+    )
+    .await;
     sql(
         db,
         &format!(

@@ -505,13 +505,14 @@ pub const CLOSE_RUNS_SQL: &str = "WITH runs AS (\
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
 /// pool that plans it once ([`crate::db::connect_for_groups`]). Should one message have
 /// two runs in the group (a job and a copy whose lock lapsed), the second goes out in a
-/// statement after the first's, one per repeat, each committing on its own. Elsewhere
-/// [`close_run`] for each, each committing on its own.
+/// statement after the first's, in the same transaction. Elsewhere [`close_run`] for
+/// each, each committing on its own.
 pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     runs: &[RunToClose<'_>],
 ) -> Result<Vec<Option<DateTime<Utc>>>, DbErr> {
-    if db.get_database_backend() != sea_orm::DbBackend::Postgres || runs.len() == 1 {
+    use sea_orm::TransactionSession;
+    if db.get_database_backend() != sea_orm::DbBackend::Postgres || runs.len() <= 1 {
         // Alone: close_run's statement, whose plan the server keeps.
         let mut due = Vec::with_capacity(runs.len());
         for run in runs {
@@ -529,14 +530,21 @@ pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
             *before - 1
         })
         .collect();
+    let count = layers.iter().copied().max().map_or(0, |top| top + 1);
+    if count == 1 {
+        return close_group(db, runs).await;
+    }
+    // Each layer sees the one before; all commit together, as one group would.
+    let txn = db.begin().await?;
     let mut due = vec![None; runs.len()];
-    for layer in 0..layers.iter().copied().max().map_or(0, |top| top + 1) {
+    for layer in 0..count {
         let places: Vec<usize> = (0..runs.len()).filter(|&i| layers[i] == layer).collect();
         let group: Vec<RunToClose<'_>> = places.iter().map(|&i| runs[i]).collect();
-        for (place, at) in places.into_iter().zip(close_group(db, &group).await?) {
+        for (place, at) in places.into_iter().zip(close_group(&txn, &group).await?) {
             due[place] = at;
         }
     }
+    txn.commit().await?;
     Ok(due)
 }
 
@@ -624,6 +632,12 @@ impl Coalescing {
     /// Every message announced on its own.
     pub const OFF: Coalescing = Coalescing { threshold: 0, window_secs: 60 };
 
+    /// The threshold as a statement's parameter: counting stops one past it, so it stays
+    /// below the largest `bigint`.
+    fn threshold_param(&self) -> i64 {
+        Ord::min(i64::try_from(self.threshold).unwrap_or(i64::MAX), i64::MAX - 1)
+    }
+
     /// The start (seconds since the epoch) of the window `created_at` falls in.
     pub fn window_start(&self, created_at: DateTime<Utc>) -> i64 {
         let window = Ord::max(self.window_secs, 1);
@@ -636,7 +650,8 @@ impl Coalescing {
 pub enum Opening {
     /// The message no longer exists (deleted since it was submitted).
     Missing,
-    /// The message is part of a burst: `in_window` messages arrived in its window so far.
+    /// The message is part of a burst: `in_window` messages arrived in its window so far,
+    /// counted up to one past the threshold (a flood's messages do not each count it all).
     Folded {
         /// The message.
         message: crate::entities::feedback_message::Model,
@@ -712,9 +727,9 @@ pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
      msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
      burst AS (SELECT m.id AS f, \
      CASE WHEN $7::bigint = 0 OR (SELECT 1 FROM deliveries WHERE feedback_id = m.id LIMIT 1) IS NOT NULL THEN 0 \
-     ELSE (SELECT count(*) FROM feedback_messages x \
+     ELSE (SELECT count(*) FROM (SELECT 1 FROM feedback_messages x \
      WHERE x.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $8::bigint) * $8::bigint)::float8) \
-     AND x.created_at <= m.created_at) END AS n FROM msg m), \
+     AND x.created_at <= m.created_at LIMIT $7::bigint + 1) w) END AS n FROM msg m), \
      go AS (SELECT r.f, r.t FROM runs r JOIN burst b ON b.f = r.f WHERE b.n <= $7::bigint), \
      due AS (\
      UPDATE deliveries d SET status = $3, \
@@ -775,7 +790,7 @@ pub async fn open_runs<C: ConnectionTrait>(
         lease_until.into(),
         super::now().into(),
         RETRY.into(),
-        i64::try_from(coalescing.threshold).unwrap_or(i64::MAX).into(),
+        coalescing.threshold_param().into(),
         Ord::max(coalescing.window_secs, 1).into(),
         i64::try_from(size).unwrap_or(i64::MAX).into(),
     ];
@@ -830,9 +845,9 @@ async fn open_alone<C: ConnectionTrait>(
     // message and the page's size (one row of NULL targets when nothing was claimed).
     const SQL: &str = "WITH msg AS (SELECT * FROM feedback_messages WHERE id = $3), \
          burst AS (SELECT CASE WHEN $10::bigint = 0 OR EXISTS (SELECT 1 FROM deliveries WHERE feedback_id = $3) THEN 0 \
-         ELSE (SELECT count(*) FROM feedback_messages f, msg m \
+         ELSE (SELECT count(*) FROM (SELECT 1 FROM feedback_messages f, msg m \
          WHERE f.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $11::bigint) * $11::bigint)::float8) \
-         AND f.created_at <= m.created_at) END AS n), \
+         AND f.created_at <= m.created_at LIMIT $10::bigint + 1) w) END AS n), \
          go AS (SELECT 1 FROM msg, burst WHERE burst.n <= $10::bigint), \
          due AS (\
          UPDATE deliveries SET status = $4, claim_token = $5, lease_until = $6, attempts = attempts + 1, updated_at = $7 \
@@ -865,7 +880,7 @@ async fn open_alone<C: ConnectionTrait>(
         super::now().into(),
         true.into(),
         RETRY.into(),
-        i64::try_from(coalescing.threshold).unwrap_or(i64::MAX).into(),
+        coalescing.threshold_param().into(),
         Ord::max(coalescing.window_secs, 1).into(),
     ];
     let rows = db.query_all_raw(Statement::from_sql_and_values(DbBackend::Postgres, SQL, values)).await?;
@@ -890,7 +905,12 @@ async fn open_one_by_one<C: ConnectionTrait>(
         // Both questions at once: has anything gone out for it, and how busy is its window.
         let (started, in_window) = tokio::join!(
             any_of_feedback(db, feedback_id),
-            crate::queries::feedback::count_created_between(db, from, message.created_at)
+            crate::queries::feedback::count_created_between(
+                db,
+                from,
+                message.created_at,
+                coalescing.threshold.saturating_add(1)
+            )
         );
         let (started, in_window) = (started?, in_window?);
         if !started && in_window > coalescing.threshold {

@@ -315,18 +315,24 @@ pub async fn delete<C: ConnectionTrait>(db: &C, id: i64) -> Result<bool, DbErr> 
     Ok(result.rows_affected > 0)
 }
 
-/// Counts messages created in `[from, to]`.
+/// Counts messages created in `[from, to]`, up to `at_most` (it reads no further).
 pub async fn count_created_between<C: ConnectionTrait>(
     db: &C,
     from: chrono::DateTime<chrono::Utc>,
     to: chrono::DateTime<chrono::Utc>,
+    at_most: u64,
 ) -> Result<u64, DbErr> {
-    use sea_orm::{ColumnTrait, PaginatorTrait, QueryFilter};
-    feedback_message::Entity::find()
+    use sea_orm::{ColumnTrait, QueryFilter, QuerySelect};
+    let ids: Vec<i64> = feedback_message::Entity::find()
+        .select_only()
+        .column(feedback_message::Column::Id)
         .filter(feedback_message::Column::CreatedAt.gte(from))
         .filter(feedback_message::Column::CreatedAt.lte(to))
-        .count(db)
-        .await
+        .limit(at_most)
+        .into_tuple()
+        .all(db)
+        .await?;
+    Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
 }
 
 /// Messages created in `[from, to)` that no delivery was recorded for (folded into a
