@@ -68,6 +68,11 @@ struct Cli {
     /// queue — what the web takes while the workers run elsewhere).
     #[arg(long, default_value_t = 1)]
     workers: usize,
+    /// Coalescing threshold of the stack (`NOTIFY_BURST_THRESHOLD`): 0, the default here,
+    /// pushes every message on its own; as shipped (6), a flood is folded into one digest
+    /// per window and each message's run counts its window first.
+    #[arg(long, default_value_t = 0)]
+    burst_threshold: u64,
     /// What to measure: Tidings, or the reference stack (`submit`, `e2e`, `fanout`).
     #[arg(long, value_enum, default_value_t = Target::Tidings)]
     target: Target,
@@ -227,7 +232,7 @@ async fn run(
         ("VAPID_SUBJECT", "mailto:bench@tidings.test".into()),
         ("PUSH_ALLOWED_HOSTS", push.origin()),
         ("SUBMIT_RATE_LIMIT", "0".into()),
-        ("NOTIFY_BURST_THRESHOLD", "0".into()),
+        ("NOTIFY_BURST_THRESHOLD", cli.burst_threshold.to_string()),
         ("WORKER_METRICS_BIND", "off".into()),
         ("RUST_LOG", cli.log.clone()),
     ]

@@ -32,7 +32,7 @@ impl Report {
     /// A report for `scenario`; the settings that shape the run are recorded.
     pub fn new(scenario: &'static str, env: &HashMap<String, String>) -> Self {
         let mut params = BTreeMap::new();
-        for key in ["SUBMIT_RATE_LIMIT", "PUSH_CONCURRENCY", "QUEUE_MAX_BACKLOG"] {
+        for key in ["SUBMIT_RATE_LIMIT", "PUSH_CONCURRENCY", "QUEUE_MAX_BACKLOG", "NOTIFY_BURST_THRESHOLD"] {
             if let Some(value) = env.get(key) {
                 params.insert(key.to_lowercase(), json!(value));
             }
