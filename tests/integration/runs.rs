@@ -300,24 +300,24 @@ async fn a_group_closes_each_run_with_its_own_successes(backend: Backend) {
         );
         messages.push(submitted);
     }
-    let run = |n: usize, sent: &'static [usize], token: &'static str| (n, sent, token);
-    let plan = [
+    // Each message's run: the subscriptions it sent to, and its token.
+    let plan: [(&[usize], &str); 4] = [
         // Every push went out.
-        run(0, &[0, 1, 2], "t0"),
+        (&[0, 1, 2], "t0"),
         // One went out; two are still claimed by the run.
-        run(1, &[0], "t1"),
+        (&[0], "t1"),
         // A token that is not the run's records nothing.
-        run(2, &[0, 1, 2], "wrong"),
+        (&[0, 1, 2], "wrong"),
         // Nothing to record.
-        run(3, &[], "t3"),
+        (&[], "t3"),
     ];
-    let sent: Vec<Vec<i64>> = plan.iter().map(|(_, sent, _)| sent.iter().map(|&i| subs[i]).collect()).collect();
-    let runs: Vec<RunToClose<'_>> = plan
+    let sent: Vec<Vec<i64>> = plan.iter().map(|(sent, _)| sent.iter().map(|&i| subs[i]).collect()).collect();
+    let runs: Vec<RunToClose<'_>> = messages
         .iter()
-        .zip(&sent)
-        .map(|(&(n, _, token), sent)| RunToClose {
-            feedback_id: messages[n].feedback_id,
-            dispatch_id: messages[n].dispatch_id,
+        .zip(plan.iter().zip(&sent))
+        .map(|(message, (&(_, token), sent))| RunToClose {
+            feedback_id: message.feedback_id,
+            dispatch_id: message.dispatch_id,
             sent,
             token,
         })
@@ -459,8 +459,7 @@ impl PlanFixture {
         }
         let admin = app.create_admin().await;
         match planned_on {
-            PlannedOn::Empty => {}
-            PlannedOn::EmptyAnalysed => {}
+            PlannedOn::Empty | PlannedOn::EmptyAnalysed => {}
             PlannedOn::SmallAnalysed => grow(&app.db, admin, 3, 3, 1).await,
             PlannedOn::LargeAnalysed => grow(&app.db, admin, 5_000, 5_000, 10).await,
         }

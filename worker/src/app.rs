@@ -239,7 +239,7 @@ impl Application {
             let (stop, stop_seen) = (stopped(), Arc::clone(&stop_seen));
             async move {
                 stop.await;
-                let _ = stop_seen.set(tokio::time::Instant::now());
+                stop_seen.get_or_init(tokio::time::Instant::now);
             }
         });
         let mut name = name;
@@ -298,7 +298,10 @@ impl Application {
                     let what = if e.is_panic() { "a job panicked" } else { "the worker's task was cancelled" };
                     Err(apalis_core::error::WorkerError::PanicError(what.into()))
                 }), false),
-                () = async { stopped().await; tokio::time::sleep(drain_limit).await } => {
+                () = async {
+                    stopped().await;
+                    tokio::time::sleep_until(*stop_seen.get_or_init(tokio::time::Instant::now) + drain_limit).await;
+                } => {
                     tracing::warn!(
                         worker = %name,
                         timeout_secs = drain_limit.as_secs(),
@@ -342,8 +345,7 @@ impl Application {
         };
         // The periodic tasks and the health reporter stop on the same signal (they ran
         // beside the drain): wait for them within the bound counted from the signal.
-        let signalled = stop_seen.get().copied().unwrap_or_else(tokio::time::Instant::now);
-        let deadline = signalled + settings.worker.shutdown_timeout;
+        let deadline = *stop_seen.get_or_init(tokio::time::Instant::now) + settings.worker.shutdown_timeout;
         let rest = async {
             let _ = tokio::join!(relay, trim, prune, reporter);
         };
