@@ -250,16 +250,16 @@ async fn run(
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_idle_rss_mib", procs::rss_kib(stack.worker_pid()) as f64 / 1024.0);
     let redis_before = procs::redis_used_memory_mib(&cli.redis).await;
-    let before = stack.cpu();
-    let servers_before = (procs::cpu_by_name(&["postgres"]), procs::cpu_by_name(&["redis-server"]));
-    let (bench_before, machine_before) = (procs::cpu_seconds(std::process::id()), procs::machine_busy_seconds());
-    let started = Instant::now();
+    report.figure("redis_used_mib_before", redis_before);
+    let mut window = Window::over(&stack);
     match cli.scenario {
         Scenario::Submit { connections, seconds } => {
             report.param("connections", connections);
             report.param("seconds", seconds);
             report.param("workers", cli.workers);
+            window.open();
             submit(&address, connections, Duration::from_secs(seconds), &mut report).await?;
+            window.close(&mut report);
             worker_progress(&db, &mut report).await?;
         }
         Scenario::E2e { rate, seconds, gap_secs } => {
@@ -269,7 +269,8 @@ async fn run(
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
             push.set_deferred(true);
-            e2e(&address, push, interval, total, &mut report).await?;
+            window.open();
+            e2e(&address, push, interval, total, &mut window, &mut report).await?;
         }
         Scenario::Fanout { subscriptions, delay_ms } => {
             report.param("subscriptions", subscriptions);
@@ -277,12 +278,14 @@ async fn run(
             let admin = bench_admin(&db).await?;
             subscribe_many(&db, push, admin, subscriptions).await?;
             push.set_delay(Duration::from_millis(delay_ms));
-            fanout(&address, push, subscriptions, &mut report).await?;
+            window.open();
+            fanout(&address, push, subscriptions, &mut window, &mut report).await?;
         }
         Scenario::Admin { rows, subscriptions, requests } => {
             report.param("rows", rows);
             report.param("subscriptions", subscriptions);
             report.param("requests", requests);
+            window.open();
             let admin = bench_admin(&db).await?;
             subscribe_many(&db, push, admin, subscriptions).await?;
             admin::run(&db, &address, &cli.redis, namespace, rows, requests, &mut report).await?;
@@ -291,6 +294,7 @@ async fn run(
             report.param("jobs", jobs);
             report.param("workers", cli.workers);
             report.param("worker_concurrency", cli.worker_concurrency);
+            window.open();
             queue::run(&cli.redis, namespace, jobs, &mut report).await?;
         }
         Scenario::Soak { submissions, rate } => {
@@ -299,32 +303,89 @@ async fn run(
             for (key, value) in soak::ENV {
                 report.param(&key.to_lowercase(), value);
             }
+            window.open();
             soak::run(&db, &address, push, &cli.redis, namespace, submissions, rate, &mut report).await?;
         }
     }
-    let wall = started.elapsed();
-    let after = stack.cpu();
-    report.figure("wall_seconds", wall.as_secs_f64());
-    report.figure("web_cpu_seconds", after.0 - before.0);
-    report.figure("worker_cpu_seconds", after.1 - before.1);
-    report.figure("postgres_cpu_seconds", procs::cpu_between(&servers_before.0, &procs::cpu_by_name(&["postgres"])));
-    report.figure("redis_cpu_seconds", procs::cpu_between(&servers_before.1, &procs::cpu_by_name(&["redis-server"])));
-    // The load generator and the push-service stand-in run in this process.
-    report.figure("bench_cpu_seconds", procs::cpu_seconds(std::process::id()) - bench_before);
-    let machine_busy = procs::machine_busy_seconds() - machine_before;
-    report.figure("machine_busy_cpu_seconds", machine_busy);
+    window.close(&mut report);
     report.figure("web_peak_rss_mib", peak_rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
-    report.figure("redis_used_mib_before", redis_before);
     report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
     // The first worker's fetches over the whole run (start and drain included).
     if let Some((to_redis, held_back)) = stack.worker_fetches().await {
         report.figure("worker_fetches_to_redis", to_redis);
         report.figure("worker_fetches_held_back", held_back);
     }
+    drop(window);
     stack.stop().await;
     targets::check(&mut report, cli.scenario, cli.workers);
     Ok(report)
+}
+
+/// The timed part of a run, once its scenario is set up: the CPU seconds of each process
+/// and of the whole machine from [`Window::open`] to [`Window::close`], so neither the
+/// setup (subscriptions, the durable-commit probe) nor the stand-in's checks of deferred
+/// pushes after the load count as the load's.
+struct Window<'a> {
+    /// CPU seconds so far of the stack's own processes, each under its figure's name.
+    processes: Box<dyn Fn() -> Vec<(&'static str, f64)> + 'a>,
+    opened: Option<WindowStart>,
+    closed: bool,
+}
+
+struct WindowStart {
+    at: Instant,
+    processes: Vec<(&'static str, f64)>,
+    postgres: HashMap<u32, f64>,
+    redis: HashMap<u32, f64>,
+    bench: f64,
+    machine: f64,
+}
+
+impl<'a> Window<'a> {
+    fn new(processes: impl Fn() -> Vec<(&'static str, f64)> + 'a) -> Self {
+        Self { processes: Box::new(processes), opened: None, closed: false }
+    }
+
+    /// A window over Tidings' web and worker processes.
+    fn over(stack: &'a Stack) -> Self {
+        Self::new(move || {
+            let (web, worker) = stack.cpu();
+            vec![("web_cpu_seconds", web), ("worker_cpu_seconds", worker)]
+        })
+    }
+
+    fn open(&mut self) {
+        self.opened = Some(WindowStart {
+            at: Instant::now(),
+            processes: (self.processes)(),
+            postgres: procs::cpu_by_name(&["postgres"]),
+            redis: procs::cpu_by_name(&["redis-server"]),
+            bench: procs::cpu_seconds(std::process::id()),
+            machine: procs::machine_busy_seconds(),
+        });
+    }
+
+    /// Records the window's figures; only the first call counts.
+    fn close(&mut self, report: &mut Report) {
+        let Some(start) = self.opened.as_ref().filter(|_| !self.closed) else { return };
+        self.closed = true;
+        report.figure("wall_seconds", start.at.elapsed().as_secs_f64());
+        let mut stack = 0.0;
+        for ((name, after), (_, before)) in (self.processes)().into_iter().zip(&start.processes) {
+            report.figure(name, after - before);
+            stack += after - before;
+        }
+        let postgres = procs::cpu_between(&start.postgres, &procs::cpu_by_name(&["postgres"]));
+        let redis = procs::cpu_between(&start.redis, &procs::cpu_by_name(&["redis-server"]));
+        report.figure("postgres_cpu_seconds", postgres);
+        report.figure("redis_cpu_seconds", redis);
+        // The stack under test: its own processes, PostgreSQL and Redis.
+        report.figure("stack_cpu_seconds", stack + postgres + redis);
+        // The load generator and the push-service stand-in run in this process.
+        report.figure("bench_cpu_seconds", procs::cpu_seconds(std::process::id()) - start.bench);
+        report.figure("machine_busy_cpu_seconds", procs::machine_busy_seconds() - start.machine);
+    }
 }
 
 /// What the machine's cores allow at the CPU one submission cost in the timed window,
@@ -389,32 +450,33 @@ async fn run_django(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
     let result = async {
         push.expect_vapid_public_key(&peer.vapid_public_key()?);
         let address = django::ADDRESS;
-        let before = peer.cpu_seconds();
-        let started = Instant::now();
+        let mut window = Window::new(|| vec![("reference_cpu_seconds", peer.cpu_seconds())]);
         match cli.scenario {
             Scenario::Submit { connections, seconds } => {
                 report.param("connections", connections);
                 report.param("seconds", seconds);
                 peer.subscribe(&[]).await?;
+                window.open();
                 submit(address, connections, Duration::from_secs(seconds), &mut report).await?;
             }
             Scenario::E2e { rate, seconds, gap_secs } => {
                 let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
                 django::subscribe_many(&peer, push, 1).await?;
                 push.set_deferred(true);
-                e2e(address, push, interval, total, &mut report).await?;
+                window.open();
+                e2e(address, push, interval, total, &mut window, &mut report).await?;
             }
             Scenario::Fanout { subscriptions, delay_ms } => {
                 report.param("subscriptions", subscriptions);
                 report.param("delay_ms", delay_ms);
                 django::subscribe_many(&peer, push, subscriptions).await?;
                 push.set_delay(Duration::from_millis(delay_ms));
-                fanout(address, push, subscriptions, &mut report).await?;
+                window.open();
+                fanout(address, push, subscriptions, &mut window, &mut report).await?;
             }
             _ => anyhow::bail!("--target django runs submit, e2e and fanout"),
         }
-        report.figure("wall_seconds", started.elapsed().as_secs_f64());
-        report.figure("reference_cpu_seconds", peer.cpu_seconds() - before);
+        window.close(&mut report);
         Ok(())
     }
     .await;
@@ -554,6 +616,7 @@ async fn e2e(
     push: &PushService,
     interval: Duration,
     total: u64,
+    window: &mut Window<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let duration = interval.mul_f64(total as f64);
@@ -600,6 +663,7 @@ async fn e2e(
     }
     let expected = usize::try_from(total.saturating_sub(rejected)).unwrap_or(0);
     push.wait_for_deferred(expected, Duration::from_secs(60)).await;
+    window.close(report);
     eprintln!();
     let refused = push.verify_deferred();
     report.figure("refused_by_push_service", refused.len() as f64);
@@ -649,6 +713,15 @@ async fn e2e(
     report.figure("delivered", seen.len() as f64);
     report.figure("lost", expected.saturating_sub(seen.len()) as f64);
     report.figure("duplicated", duplicated as f64);
+    // CPU per message delivered, in the window: the stack under test (its processes,
+    // PostgreSQL, Redis), and the load generator with the stand-in.
+    if !seen.is_empty() {
+        let per_message = |figure: &str| report.get(figure).map(|s| s * 1000.0 / seen.len() as f64);
+        if let (Some(tidings), Some(bench)) = (per_message("stack_cpu_seconds"), per_message("bench_cpu_seconds")) {
+            report.figure("stack_cpu_ms_per_message", tidings);
+            report.figure("bench_cpu_ms_per_message", bench);
+        }
+    }
     report.latencies("submit_to_push", &latencies);
     Ok(())
 }
@@ -720,7 +793,13 @@ async fn subscribe_many(
 
 /// One submission, then every push: how long until the first, half, 99% and all of them
 /// arrived (from the submission), at what rate, over how many connections.
-async fn fanout(address: &str, push: &PushService, subscriptions: usize, report: &mut Report) -> anyhow::Result<()> {
+async fn fanout(
+    address: &str,
+    push: &PushService,
+    subscriptions: usize,
+    window: &mut Window<'_>,
+    report: &mut Report,
+) -> anyhow::Result<()> {
     let client = client()?;
     let token = form_token(&client, address).await?;
     // The stand-in checks and decrypts every push after the timed window, so it does not
@@ -729,6 +808,7 @@ async fn fanout(address: &str, push: &PushService, subscriptions: usize, report:
     let started = Instant::now();
     anyhow::ensure!(post_form(&client, address, &token, "fan-out").await?, "the submission was refused");
     push.wait_for_deferred(subscriptions, Duration::from_secs(300)).await;
+    window.close(report);
     let refused = push.verify_deferred();
     report.figure("refused_by_push_service", refused.len() as f64);
     let received = push.received();

@@ -22,6 +22,14 @@ const MAX_BATCH: usize = 256;
 /// down) new ones are left to the relay instead of piling up in memory.
 const MAX_WAITING: usize = 10_000;
 
+/// How long the marker gathers records enqueued before it marks them, in one statement.
+/// Well under the relay's grace (`RELAY_GRACE_MS`): a record the relay finds unmarked
+/// in between is enqueued again under the same idempotency key, which Redis drops.
+const MARK_EVERY: Duration = Duration::from_millis(50);
+
+/// Records marked in one statement, at most.
+const MAX_MARKS: usize = 1024;
+
 /// A backlog figure older than this is read again before it decides anything.
 const BACKLOG_FRESH_FOR: Duration = Duration::from_millis(500);
 
@@ -33,9 +41,10 @@ type Announcement = (Submitted, Option<String>);
 ///
 /// Committed submissions are announced by one task per process, in batches: whatever
 /// committed while the previous batch was on its way goes out together — one script call
-/// pushes the jobs, one round trip wakes the workers and reads the backlog, one
-/// statement marks the records — so under load the cost per submission falls, and alone
-/// a submission is announced at once (the way a database groups commits).
+/// pushes the jobs, one round trip wakes the workers and reads the backlog — so under
+/// load the cost per submission falls, and alone a submission is announced at once (the
+/// way a database groups commits). A second task marks the enqueued records, one
+/// statement for whatever was enqueued within [`MARK_EVERY`].
 pub struct Dispatcher {
     /// Database pool, to mark records enqueued.
     db: DatabaseConnection,
@@ -57,6 +66,8 @@ pub struct Dispatcher {
     cache: Option<shared::cache::CacheSettings>,
     /// The announcer's inbox, once it runs.
     announcer: OnceLock<mpsc::Sender<Announcement>>,
+    /// The marker's inbox (dispatch record ids enqueued), once it runs.
+    marker: OnceLock<mpsc::Sender<i64>>,
 }
 
 /// The backlog as last seen, and when.
@@ -80,6 +91,7 @@ impl Dispatcher {
             immediate: None,
             cache: None,
             announcer: OnceLock::new(),
+            marker: OnceLock::new(),
         }
     }
 
@@ -187,17 +199,26 @@ impl Dispatcher {
             self.metrics
                 .counter("tidings_jobs_enqueued_total", "Jobs put on the Redis queue, by kind.", &[("kind", "fan_out")])
                 .add(taken as u64);
-            let records: Vec<i64> = batch[..taken].iter().map(|(s, _)| s.dispatch_id).collect();
-            let db = self.db.clone();
-            // Off the announcer's path: the jobs are queued; at worst the relay enqueues
-            // one once more (jobs are idempotent).
-            tokio::spawn(async move {
-                if let Err(e) = shared::queries::dispatch::mark_enqueued_many(&db, &records).await {
-                    tracing::warn!(records = records.len(), error = %e, "dispatch.mark_enqueued failed");
-                }
-            });
+            self.mark_enqueued(batch[..taken].iter().map(|(s, _)| s.dispatch_id));
         }
         seen
+    }
+
+    /// Hands enqueued records to the marker, off the announcer's path. A mark that
+    /// cannot be made (the marker has this many waiting, or a statement fails) costs at
+    /// most one more enqueue by the relay, under the same idempotency key: the record's
+    /// enqueue count is still the one the web enqueued with.
+    fn mark_enqueued(&self, records: impl Iterator<Item = i64>) {
+        let marker = self.marker.get_or_init(|| {
+            let (tx, rx) = mpsc::channel(MAX_WAITING);
+            tokio::spawn(mark_all(self.db.clone(), rx));
+            tx
+        });
+        for record in records {
+            if marker.try_send(record).is_err() {
+                tracing::debug!(record, "dispatch.mark_skipped; the relay may enqueue it once more");
+            }
+        }
     }
 
     /// Pushes as many of `batch` as the backlog bound leaves room for (in order); returns
@@ -268,5 +289,26 @@ impl Dispatcher {
             // The announcer is gone (the runtime is shutting down): the relay will do it.
             Err(mpsc::error::TrySendError::Closed(_)) => self.count_dispatch("deferred_announcer_gone", 1),
         }
+    }
+}
+
+/// The marker: gathers the records enqueued within [`MARK_EVERY`] of the first one
+/// waiting (at most [`MAX_MARKS`]), marks them in one statement, and starts over.
+async fn mark_all(db: DatabaseConnection, mut inbox: mpsc::Receiver<i64>) {
+    let mut records = Vec::with_capacity(MAX_MARKS);
+    while inbox.recv_many(&mut records, MAX_MARKS).await > 0 {
+        let until = tokio::time::Instant::now() + MARK_EVERY;
+        while records.len() < MAX_MARKS {
+            let room = MAX_MARKS - records.len();
+            match tokio::time::timeout_at(until, inbox.recv_many(&mut records, room)).await {
+                Ok(n) if n > 0 => {}
+                // The time is up, or the process is shutting down: mark what is here.
+                _ => break,
+            }
+        }
+        if let Err(e) = shared::queries::dispatch::mark_enqueued_many(&db, &records).await {
+            tracing::warn!(records = records.len(), error = %e, "dispatch.mark_enqueued failed");
+        }
+        records.clear();
     }
 }
