@@ -15,8 +15,10 @@ use shared::domain::NewFeedback;
 use shared::metrics::Registry;
 use shared::queries::feedback::{self, Submitted};
 
-/// Writer tasks: statements in flight at once.
-const WRITERS: usize = 4;
+/// Writer tasks: statements in flight at once. Two: one commits while the next group
+/// gathers. Four split the groups under load, for more statements and commits on the
+/// same cores.
+const WRITERS: usize = 2;
 
 /// Submissions in one statement, at most.
 const MAX_BATCH: usize = 64;
