@@ -80,13 +80,25 @@ enum DeadCommand {
 
 /// Parses the arguments, runs the command, and returns the process's exit code.
 pub fn main() -> ExitCode {
-    // WORKER_THREADS=1 runs every job on one thread (no hand-offs between threads);
-    // otherwise one thread per core, or as many as it says.
-    let threads = std::env::var("WORKER_THREADS").ok().and_then(|v| v.trim().parse::<usize>().ok());
+    // One thread by default: a fan-out mostly waits on the database, Redis and the push
+    // services, and on one thread a reply reaches its job without a hand-off between
+    // threads. Measured on 2 cores it took 11–22% less CPU than one thread per core at
+    // every rate, with fan-outs as fast or faster; a bigger machine runs more processes.
+    // WORKER_THREADS=N runs N threads, and 0 one per core.
+    let threads = match std::env::var("WORKER_THREADS") {
+        Err(_) => 1,
+        Ok(value) => match value.trim().parse::<usize>() {
+            Ok(n) => n,
+            Err(_) => {
+                eprintln!("worker: WORKER_THREADS must be a whole number (0 for one thread per core), not {value:?}");
+                return ExitCode::FAILURE;
+            }
+        },
+    };
     let built = match threads {
-        Some(1) => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        Some(n) if n > 1 => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-        _ => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
     };
     let runtime = match built {
         Ok(runtime) => runtime,
