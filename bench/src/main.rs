@@ -245,6 +245,9 @@ async fn run(
     let address = format!("http://127.0.0.1:{port}");
 
     let mut report = Report::new(scenario_name(cli.scenario), &env);
+    // Inherited by the worker from this process's environment.
+    report.param("worker_threads", std::env::var("WORKER_THREADS").unwrap_or_else(|_| "default".into()));
+    report.param("worker_concurrency", cli.worker_concurrency);
     // Memory before any load: both processes idle after start, and Redis.
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
@@ -322,10 +325,11 @@ async fn run(
     Ok(report)
 }
 
-/// The timed part of a run, once its scenario is set up: the CPU seconds of each process
-/// and of the whole machine from [`Window::open`] to [`Window::close`], so neither the
-/// setup (subscriptions, the durable-commit probe) nor the stand-in's checks of deferred
-/// pushes after the load count as the load's.
+/// The timed part of a run: the CPU seconds of each process and of the whole machine
+/// from [`Window::open`] to [`Window::close`]. In `submit`, `e2e` and `fanout` it opens
+/// once the scenario is set up (subscriptions, the durable-commit probe) and closes when
+/// the load ends, before the stand-in checks its deferred pushes; in `admin`, `queue` and
+/// `soak` it spans the whole scenario, its own set-up included.
 struct Window<'a> {
     /// CPU seconds so far of the stack's own processes, each under its figure's name.
     processes: Box<dyn Fn() -> Vec<(&'static str, f64)> + 'a>,

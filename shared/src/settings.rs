@@ -199,11 +199,16 @@ fn parse_retry_policies(env: &Env<'_>) -> Result<Vec<(&'static str, RetryPolicy)
         .collect()
 }
 
+/// Loads `.env` (if present) into the process environment, under what is already set.
+/// A missing `.env` is normal; a malformed one is reported by the values it breaks.
+pub fn load_dotenv() {
+    let _ = dotenvy::dotenv();
+}
+
 impl Settings {
     /// Reads `.env` (if present) and then the process environment.
     pub fn from_env() -> Result<Self, SettingsError> {
-        // A missing .env is normal; a malformed one is reported by the values it breaks.
-        let _ = dotenvy::dotenv();
+        load_dotenv();
         Self::from_map(&std::env::vars().collect())
     }
 

@@ -15,9 +15,9 @@ use shared::domain::NewFeedback;
 use shared::metrics::Registry;
 use shared::queries::feedback::{self, Submitted};
 
-/// Writer tasks: statements in flight at once. Two: one commits while the next group
-/// gathers. Four split the groups under load, for more statements and commits on the
-/// same cores.
+/// Writer tasks: two, so one commits while the next group gathers (and a submission
+/// that finds nothing waiting goes out at once from its own request). Four split the
+/// groups under load, for more statements and commits on the same cores.
 const WRITERS: usize = 2;
 
 /// Submissions in one statement, at most.

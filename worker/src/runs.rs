@@ -13,11 +13,8 @@ use shared::batch::{Batcher, after_failure};
 use shared::metrics::Registry;
 use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
 
-/// Statements of each kind in flight at once: one, so the runs that start while an open
-/// is on its way (or finish while a close is) all wait for the next statement. At
-/// 2,000 messages a second a second writer of each kind only split the groups: the
-/// database spent more on twice the statements than the runs gained by not waiting.
-const WRITERS: usize = 1;
+/// Statements of each kind in flight at once.
+const WRITERS: usize = 2;
 
 /// Runs in one statement, at most.
 const MAX_BATCH: usize = 64;
