@@ -252,8 +252,7 @@ async fn run(
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_idle_rss_mib", procs::rss_kib(stack.worker_pid()) as f64 / 1024.0);
-    let redis_before = procs::redis_used_memory_mib(&cli.redis).await;
-    report.figure("redis_used_mib_before", redis_before);
+    report.figure("redis_used_mib_before", procs::redis_used_memory_mib(&cli.redis).await);
     let mut window = Window::over(&stack);
     match cli.scenario {
         Scenario::Submit { connections, seconds } => {
@@ -333,8 +332,8 @@ async fn run(
 struct Window<'a> {
     /// CPU seconds so far of the stack's own processes, each under its figure's name.
     processes: Box<dyn Fn() -> Vec<(&'static str, f64)> + 'a>,
+    /// Set by [`Window::open`], taken by [`Window::close`].
     opened: Option<WindowStart>,
-    closed: bool,
 }
 
 struct WindowStart {
@@ -348,7 +347,7 @@ struct WindowStart {
 
 impl<'a> Window<'a> {
     fn new(processes: impl Fn() -> Vec<(&'static str, f64)> + 'a) -> Self {
-        Self { processes: Box::new(processes), opened: None, closed: false }
+        Self { processes: Box::new(processes), opened: None }
     }
 
     /// A window over Tidings' web and worker processes.
@@ -370,10 +369,9 @@ impl<'a> Window<'a> {
         });
     }
 
-    /// Records the window's figures; only the first call counts.
+    /// Records the window's figures; only the first call after [`Window::open`] counts.
     fn close(&mut self, report: &mut Report) {
-        let Some(start) = self.opened.as_ref().filter(|_| !self.closed) else { return };
-        self.closed = true;
+        let Some(start) = self.opened.take() else { return };
         report.figure("wall_seconds", start.at.elapsed().as_secs_f64());
         let mut stack = 0.0;
         for ((name, after), (_, before)) in (self.processes)().into_iter().zip(&start.processes) {
