@@ -273,7 +273,7 @@ impl Settings {
             },
             worker: WorkerSettings {
                 relay_interval: Duration::from_millis(env.parse("RELAY_INTERVAL_MS", "1000")?),
-                relay_grace: Duration::from_millis(env.parse("RELAY_GRACE_MS", "5000")?),
+                relay_grace: parse_relay_grace(env.parse("RELAY_GRACE_MS", "5000")?)?,
                 poll_interval: Duration::from_millis(env.parse("QUEUE_POLL_MS", "1000")?),
                 shutdown_timeout: Duration::from_secs(env.parse("SHUTDOWN_TIMEOUT_SECS", "30")?),
                 max_backlog: parse_backlog(env.parse("QUEUE_MAX_BACKLOG", "5000")?)?,
@@ -312,6 +312,25 @@ fn parse_backlog(value: u64) -> Result<u64, SettingsError> {
         return Err(SettingsError { name: "QUEUE_MAX_BACKLOG", problem: "must be between 1 and 7000".into() });
     }
     Ok(value)
+}
+
+/// The shortest relay grace: five times the 50 ms in which the web marks the records
+/// it enqueued. A shorter grace would have the relay enqueue again, under the same
+/// idempotency key, records the web had just enqueued: dropped by Redis, but wasted work.
+pub const MIN_RELAY_GRACE_MS: u64 = 250;
+
+/// The relay's grace, in milliseconds: at least [`MIN_RELAY_GRACE_MS`].
+fn parse_relay_grace(ms: u64) -> Result<Duration, SettingsError> {
+    if ms < MIN_RELAY_GRACE_MS {
+        return Err(SettingsError {
+            name: "RELAY_GRACE_MS",
+            problem: format!(
+                "must be at least {MIN_RELAY_GRACE_MS} (the web marks what it enqueued within 50 ms; a shorter grace \
+                 has the relay enqueue it again)"
+            ),
+        });
+    }
+    Ok(Duration::from_millis(ms))
 }
 
 /// The recovery bound: at least 4 s, because apalis-redis compares heartbeats in whole
@@ -423,6 +442,17 @@ mod tests {
         assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "JOB_RETRY_FAN_OUT");
         let vars = HashMap::from([("WORKER_RECOVERY_SECS".to_owned(), "2".to_owned())]);
         assert_eq!(Settings::from_map(&vars).expect_err("must fail").name, "WORKER_RECOVERY_SECS");
+    }
+
+    #[test]
+    fn the_relay_grace_leaves_the_web_time_to_mark_what_it_enqueued() {
+        let with = |ms: &str| Settings::from_map(&HashMap::from([("RELAY_GRACE_MS".to_owned(), ms.to_owned())]));
+        let err = with("0").expect_err("must fail");
+        assert_eq!(err.name, "RELAY_GRACE_MS");
+        assert!(err.problem.contains("at least 250"), "{}", err.problem);
+        assert_eq!(with("249").expect_err("must fail").name, "RELAY_GRACE_MS");
+        assert_eq!(with("250").expect("valid").worker.relay_grace, Duration::from_millis(250));
+        assert_eq!(with("5000").expect("valid").worker.relay_grace, Duration::from_secs(5));
     }
 
     #[test]

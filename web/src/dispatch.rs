@@ -23,9 +23,11 @@ const MAX_BATCH: usize = 256;
 const MAX_WAITING: usize = 10_000;
 
 /// How long the marker gathers records enqueued before it marks them, in one statement.
-/// Well under the relay's grace (`RELAY_GRACE_MS`): a record the relay finds unmarked
-/// in between is enqueued again under the same idempotency key, which Redis drops.
+/// Well under the relay's grace (`RELAY_GRACE_MS`, at least five of these): a record
+/// the relay finds unmarked in between is enqueued again under the same idempotency key,
+/// which Redis drops.
 const MARK_EVERY: Duration = Duration::from_millis(50);
+const _: () = assert!(5 * MARK_EVERY.as_millis() <= shared::settings::MIN_RELAY_GRACE_MS as u128);
 
 /// Records marked in one statement, at most.
 const MAX_MARKS: usize = 1024;
