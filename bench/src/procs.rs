@@ -233,5 +233,26 @@ pub fn cpu_by_name(names: &[&str]) -> HashMap<u32, f64> {
 /// CPU seconds `names` used between two [`cpu_by_name`] snapshots (processes started in
 /// between count whole; those that ended are missed).
 pub fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64 {
-    after.iter().map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0)).filter(|d| *d > 0.0).sum()
+    // A fold from +0.0: an empty `sum` of floats is -0.0, which a report would print as such.
+    after
+        .iter()
+        .map(|(pid, cpu)| cpu - before.get(pid).copied().unwrap_or(0.0))
+        .filter(|d| *d > 0.0)
+        .fold(0.0, |a, d| a + d)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::cpu_between;
+
+    #[test]
+    fn cpu_between_counts_what_grew_and_is_never_negative_zero() {
+        let nothing = cpu_between(&HashMap::new(), &HashMap::new());
+        assert!(nothing == 0.0 && nothing.is_sign_positive(), "{nothing:?}");
+        let before = HashMap::from([(1, 2.0), (2, 5.0)]);
+        let after = HashMap::from([(1, 2.5), (2, 5.0), (3, 1.0)]);
+        assert!((cpu_between(&before, &after) - 1.5).abs() < 1e-9);
+    }
 }
