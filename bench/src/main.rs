@@ -318,6 +318,16 @@ async fn run(
         report.figure("worker_fetches_to_redis", to_redis);
         report.figure("worker_fetches_held_back", held_back);
     }
+    // How soon the first worker started each fan-out once it was due (the web queued it):
+    // the pick-up, part of the e2e latency.
+    if matches!(cli.scenario, Scenario::E2e { .. })
+        && let Some(pickups) = stack.worker_pickups().await
+    {
+        report.figure("pickup_within_5ms_percent", pickups.within_5ms_percent);
+        if pickups.p99_ms.is_finite() {
+            report.figure("pickup_p99_ms", pickups.p99_ms);
+        }
+    }
     drop(window);
     stack.stop().await;
     targets::check(&mut report, cli.scenario, cli.workers);

@@ -110,6 +110,14 @@ impl Stack {
         Some((count("jobs") + count("empty"), count("skipped")))
     }
 
+    /// The first worker's fan-out jobs by how long each waited from being due (queued by
+    /// the web, or due again) to starting: its `tidings_job_queue_wait_seconds` histogram
+    /// over its whole life. None without a worker or before its first fan-out.
+    pub async fn worker_pickups(&self) -> Option<Pickups> {
+        let text = reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()?;
+        Pickups::from_exposition(&text)
+    }
+
     /// SIGTERM every process and wait for them.
     pub async fn stop(mut self) {
         let more: Vec<u32> = self.more_workers.iter().map(|w| w.id().unwrap_or(0)).collect();
@@ -124,6 +132,48 @@ impl Stack {
         for worker in &mut self.more_workers {
             let _ = tokio::time::timeout(Duration::from_secs(40), worker.wait()).await;
         }
+    }
+}
+
+/// How soon a worker picked its fan-out jobs up, from the buckets of its histogram
+/// (bounds in [`shared::metrics::BUCKETS`], each counting the jobs that waited at most
+/// that long; the worker measures in whole milliseconds of the system clock).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Pickups {
+    /// Fan-out jobs started.
+    pub jobs: f64,
+    /// The percentage of them started within 5 ms of being due: 99 or more is a p99 of
+    /// at most 5 ms.
+    pub within_5ms_percent: f64,
+    /// The 99th percentile in milliseconds, interpolated within its bucket as
+    /// Prometheus's `histogram_quantile` does: an estimate.
+    pub p99_ms: f64,
+}
+
+impl Pickups {
+    const SERIES: &str = "tidings_job_queue_wait_seconds";
+
+    fn from_exposition(text: &str) -> Option<Self> {
+        let value = |le: &str| {
+            let series = format!("{}_bucket{{kind=\"fan_out\",le=\"{le}\"}}", Self::SERIES);
+            tidings_tests::harness::metric_value(text, &series)
+        };
+        let jobs = value("+Inf").filter(|n| *n > 0.0)?;
+        let buckets: Vec<(f64, f64)> =
+            shared::metrics::BUCKETS.iter().map(|bound| (*bound, value(&bound.to_string()).unwrap_or(0.0))).collect();
+        let within_5ms = buckets.iter().find(|(bound, _)| (*bound - 0.005).abs() < 1e-12).map_or(0.0, |(_, n)| *n);
+        let rank = 0.99 * jobs;
+        let (mut lower, mut below) = (0.0, 0.0);
+        let mut p99 = f64::INFINITY;
+        for (bound, count) in buckets {
+            if count >= rank {
+                let share = if count > below { (rank - below) / (count - below) } else { 1.0 };
+                p99 = lower + (bound - lower) * share;
+                break;
+            }
+            (lower, below) = (bound, count);
+        }
+        Some(Self { jobs, within_5ms_percent: 100.0 * within_5ms / jobs, p99_ms: p99 * 1000.0 })
     }
 }
 
@@ -245,7 +295,7 @@ pub fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64
 mod tests {
     use std::collections::HashMap;
 
-    use super::cpu_between;
+    use super::{Pickups, cpu_between};
 
     #[test]
     fn cpu_between_counts_what_grew_and_is_never_negative_zero() {
@@ -254,5 +304,35 @@ mod tests {
         let before = HashMap::from([(1, 2.0), (2, 5.0)]);
         let after = HashMap::from([(1, 2.5), (2, 5.0), (3, 1.0)]);
         assert!((cpu_between(&before, &after) - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn pickups_are_read_from_the_workers_histogram() {
+        let exposition = |counts: [u64; 12], total: u64| {
+            let mut text = String::new();
+            for (bound, count) in shared::metrics::BUCKETS.iter().zip(counts) {
+                text += &format!("tidings_job_queue_wait_seconds_bucket{{kind=\"fan_out\",le=\"{bound}\"}} {count}\n");
+            }
+            text += &format!("tidings_job_queue_wait_seconds_bucket{{kind=\"fan_out\",le=\"+Inf\"}} {total}\n");
+            text
+        };
+        // 100 jobs: 60 within 1 ms, 99 within 2.5 ms, all within 5 ms.
+        let quick =
+            Pickups::from_exposition(&exposition([60, 99, 100, 100, 100, 100, 100, 100, 100, 100, 100, 100], 100))
+                .expect("jobs");
+        assert_eq!(quick.jobs, 100.0);
+        assert_eq!(quick.within_5ms_percent, 100.0);
+        assert!((quick.p99_ms - 2.5).abs() < 1e-9, "{quick:?}");
+        // 200 jobs, 10 of them slower than 5 ms: 95%, and the p99 in the 10–25 ms bucket.
+        let slow =
+            Pickups::from_exposition(&exposition([100, 150, 190, 197, 200, 200, 200, 200, 200, 200, 200, 200], 200))
+                .expect("jobs");
+        assert_eq!(slow.within_5ms_percent, 95.0);
+        assert!(slow.p99_ms > 10.0 && slow.p99_ms < 25.0, "{slow:?}");
+        // Past the last bound, the p99 is unbounded; no fan-out at all is no figure.
+        let lost = Pickups::from_exposition(&exposition([0; 12], 10)).expect("jobs");
+        assert!(lost.p99_ms.is_infinite());
+        assert_eq!(Pickups::from_exposition(&exposition([0; 12], 0)), None);
+        assert_eq!(Pickups::from_exposition("tidings_queue_fetches_total{result=\"jobs\"} 3\n"), None);
     }
 }
