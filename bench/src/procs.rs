@@ -142,11 +142,11 @@ impl Stack {
 pub struct Pickups {
     /// Fan-out jobs started.
     pub jobs: f64,
-    /// The percentage of them started within 5 ms of being due: 99 or more is a p99 of
-    /// at most 5 ms.
+    /// The percentage of them started within 5 ms of being due, as the worker counts
+    /// (whole milliseconds): 99 or more is a p99 of at most 5 counted, under 6 real.
     pub within_5ms_percent: f64,
-    /// The 99th percentile in milliseconds, interpolated within its bucket as
-    /// Prometheus's `histogram_quantile` does: an estimate.
+    /// The 99th percentile in milliseconds, interpolated linearly within its bucket: an
+    /// estimate, infinite when it lies past the last bound.
     pub p99_ms: f64,
 }
 
