@@ -101,3 +101,48 @@ async fn concurrent_submissions_each_get_their_own_message_on_postgres() {
 async fn concurrent_submissions_each_get_their_own_message_on_sqlite() {
     concurrent_submissions_each_get_their_own_message(Backend::Sqlite).await;
 }
+
+#[tokio::test]
+async fn a_stopping_web_enqueues_and_marks_what_it_committed_before_it_exits() {
+    // Arrange: a web of its own on the app's database and Redis, and no worker, so every
+    // job it enqueues stays waiting.
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let mut settings = app.settings.clone();
+    settings.web.bind = "127.0.0.1:0".parse().expect("address");
+    let web = web::app::Application::build(settings).await.expect("the web builds");
+    let address = format!("http://127.0.0.1:{}", web.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(web.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let submissions = (0..20).map(|i| {
+        let (client, address) = (client.clone(), address.clone());
+        async move {
+            let body = serde_json::json!({
+                "submitter_name": format!("Visitor {i}"),
+                "submitter_email": "v@example.com",
+                "content": format!("sent as the web stops {i}"),
+            });
+            client.post(format!("{address}/api/feedback")).json(&body).send().await.expect("POST").status()
+        }
+    });
+    for status in futures::future::join_all(submissions).await {
+        assert_eq!(status, StatusCode::CREATED);
+    }
+
+    // Act: stop it right after the last answer.
+    stop.send(()).expect("the web is running");
+    running.await.expect("the web's task").expect("the web stops cleanly");
+
+    // Assert, at once: every record is marked enqueued (the marker gathers for 50 ms:
+    // without the drain its last records would still be waiting), and every job waits
+    // in Redis.
+    let records = dispatch::Entity::find().all(&app.db).await.expect("records");
+    assert_eq!(records.len(), 20);
+    let unmarked: Vec<i64> = records.iter().filter(|r| r.enqueued_at.is_none()).map(|r| r.id).collect();
+    assert!(unmarked.is_empty(), "records left unmarked by the stopping web: {unmarked:?}");
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    assert_eq!(queue.backlog().await.expect("backlog"), 20, "every committed submission's job is queued");
+}

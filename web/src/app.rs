@@ -92,14 +92,25 @@ impl Application {
         &self.state
     }
 
-    /// Serves until SIGINT or SIGTERM, then finishes in-flight requests.
+    /// Serves until SIGINT or SIGTERM, then finishes in-flight requests and announces
+    /// what they committed.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
+        self.run_until(shutdown_signal()).await
+    }
+
+    /// Serves until `stop` resolves; then finishes in-flight requests (up to 10 s) and
+    /// drains the dispatcher (up to 5 s): every submission committed is in Redis and its
+    /// record marked, or left to the relay.
+    pub async fn run_until(self, stop: impl std::future::Future<Output = ()> + Send) -> anyhow::Result<()> {
         let endpoint = endpoint(&self.state);
         tracing::info!(port = self.port, "web.listening");
-        Server::new_with_acceptor(self.acceptor)
-            .run_with_graceful_shutdown(endpoint, shutdown_signal(), Some(std::time::Duration::from_secs(10)))
+        let served = Server::new_with_acceptor(self.acceptor)
+            .run_with_graceful_shutdown(endpoint, stop, Some(std::time::Duration::from_secs(10)))
             .await
-            .context("serving")
+            .context("serving");
+        self.state.dispatcher.drain(std::time::Duration::from_secs(5)).await;
+        tracing::info!("web.stopped");
+        served
     }
 }
 

@@ -3,9 +3,10 @@
 //! It runs after the transaction committed, in the background, so the visitor's answer
 //! never waits for Redis. If Redis is down the record stays un-enqueued and the worker's
 //! relay enqueues it later: nothing is lost, and nothing is ever enqueued for a
-//! transaction that rolled back (this code only sees committed ids).
+//! transaction that rolled back (this code only sees committed ids). When the web stops,
+//! [`Dispatcher::drain`] announces and marks what it has taken before the process exits.
 
-use std::sync::{Arc, OnceLock, RwLock};
+use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use sea_orm::DatabaseConnection;
@@ -13,7 +14,8 @@ use shared::jobs::FanOut;
 use shared::metrics::Registry;
 use shared::queries::feedback::Submitted;
 use shared::queue::{JobQueue, JobRunner};
-use tokio::sync::{Mutex, mpsc};
+use tokio::sync::{Mutex, mpsc, watch};
+use tokio::task::JoinHandle;
 
 /// Submissions announced in one round of the announcer, at most.
 const MAX_BATCH: usize = 256;
@@ -70,6 +72,13 @@ pub struct Dispatcher {
     announcer: OnceLock<mpsc::Sender<Announcement>>,
     /// The marker's inbox (dispatch record ids enqueued), once it runs.
     marker: OnceLock<mpsc::Sender<i64>>,
+    /// The announcer's and the marker's tasks, for [`Dispatcher::drain`] to wait for.
+    announcer_task: StdMutex<Option<JoinHandle<()>>>,
+    marker_task: StdMutex<Option<JoinHandle<()>>>,
+    /// Set by [`Dispatcher::drain`]: the announcer takes nothing more, finishes what it has.
+    announcer_stop: watch::Sender<bool>,
+    /// Set once the announcer has finished: the marker marks what it has, and ends.
+    marker_stop: watch::Sender<bool>,
 }
 
 /// The backlog as last seen, and when.
@@ -94,6 +103,35 @@ impl Dispatcher {
             cache: None,
             announcer: OnceLock::new(),
             marker: OnceLock::new(),
+            announcer_task: StdMutex::new(None),
+            marker_task: StdMutex::new(None),
+            announcer_stop: watch::channel(false).0,
+            marker_stop: watch::channel(false).0,
+        }
+    }
+
+    /// Stops taking announcements and finishes, within `within`, what was taken: every
+    /// committed submission handed to the announcer is pushed to Redis, and every record
+    /// enqueued is marked (otherwise the marker's last 50 ms would be left unmarked, and
+    /// what the announcer still held would wait for the relay's grace). Called once the
+    /// server has answered its last request; a submission announced after it is left to
+    /// the relay.
+    pub async fn drain(&self, within: Duration) {
+        let finish = async {
+            self.announcer_stop.send_replace(true);
+            let announcer = self.announcer_task.lock().ok().and_then(|mut task| task.take());
+            if let Some(task) = announcer {
+                let _ = task.await;
+            }
+            // The announcer has handed the marker its last records.
+            self.marker_stop.send_replace(true);
+            let marker = self.marker_task.lock().ok().and_then(|mut task| task.take());
+            if let Some(task) = marker {
+                let _ = task.await;
+            }
+        };
+        if tokio::time::timeout(within, finish).await.is_err() {
+            tracing::warn!(?within, "dispatch.drain_timed_out; the relay will enqueue what is left");
         }
     }
 
@@ -165,9 +203,10 @@ impl Dispatcher {
     /// The announcer: takes whatever committed submissions are waiting, announces them
     /// together, and starts over.
     async fn announce_all(self: Arc<Self>, mut inbox: mpsc::Receiver<Announcement>) {
+        let mut stop = self.announcer_stop.subscribe();
         let mut backlog: Option<Backlog> = None;
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while inbox.recv_many(&mut batch, MAX_BATCH).await > 0 {
+        while receive(&mut inbox, &mut batch, MAX_BATCH, &mut stop).await > 0 {
             backlog = self.announce_batch(&batch, backlog).await;
             batch.clear();
         }
@@ -213,7 +252,10 @@ impl Dispatcher {
     fn mark_enqueued(&self, records: impl Iterator<Item = i64>) {
         let marker = self.marker.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_WAITING);
-            tokio::spawn(mark_all(self.db.clone(), rx));
+            let task = tokio::spawn(mark_all(self.db.clone(), rx, self.marker_stop.subscribe()));
+            if let Ok(mut slot) = self.marker_task.lock() {
+                *slot = Some(task);
+            }
             tx
         });
         for record in records {
@@ -279,7 +321,10 @@ impl Dispatcher {
         }
         let inbox = self.announcer.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_WAITING);
-            tokio::spawn(Arc::clone(self).announce_all(rx));
+            let task = tokio::spawn(Arc::clone(self).announce_all(rx));
+            if let Ok(mut slot) = self.announcer_task.lock() {
+                *slot = Some(task);
+            }
             tx
         });
         let request_id = crate::middleware::request_id::current();
@@ -288,23 +333,42 @@ impl Dispatcher {
             // Redis is slow or down and the announcer has this much to do: the record
             // waits in the database for the relay.
             Err(mpsc::error::TrySendError::Full(_)) => self.count_dispatch("deferred_announcer_full", 1),
-            // The announcer is gone (the runtime is shutting down): the relay will do it.
+            // The announcer is gone (the web is stopping): the relay will do it.
             Err(mpsc::error::TrySendError::Closed(_)) => self.count_dispatch("deferred_announcer_gone", 1),
         }
     }
 }
 
+/// Up to `limit` messages of `inbox` into `into`, waiting for the first; 0 once the
+/// inbox is closed and empty. Once `stop` is set the inbox takes nothing more (senders
+/// find it closed) and what it holds is still received.
+async fn receive<T>(
+    inbox: &mut mpsc::Receiver<T>,
+    into: &mut Vec<T>,
+    limit: usize,
+    stop: &mut watch::Receiver<bool>,
+) -> usize {
+    if !inbox.is_closed() {
+        tokio::select! {
+            n = inbox.recv_many(into, limit) => return n,
+            _ = stop.wait_for(|stopping| *stopping) => inbox.close(),
+        }
+    }
+    inbox.recv_many(into, limit).await
+}
+
 /// The marker: gathers the records enqueued within [`MARK_EVERY`] of the first one
-/// waiting (at most [`MAX_MARKS`]), marks them in one statement, and starts over.
-async fn mark_all(db: DatabaseConnection, mut inbox: mpsc::Receiver<i64>) {
+/// waiting (at most [`MAX_MARKS`]), marks them in one statement, and starts over. Once
+/// `stop` is set it marks what it holds at once, and ends when nothing is left.
+async fn mark_all(db: DatabaseConnection, mut inbox: mpsc::Receiver<i64>, mut stop: watch::Receiver<bool>) {
     let mut records = Vec::with_capacity(MAX_MARKS);
-    while inbox.recv_many(&mut records, MAX_MARKS).await > 0 {
+    while receive(&mut inbox, &mut records, MAX_MARKS, &mut stop).await > 0 {
         let until = tokio::time::Instant::now() + MARK_EVERY;
-        while records.len() < MAX_MARKS {
+        while records.len() < MAX_MARKS && !inbox.is_closed() {
             let room = MAX_MARKS - records.len();
-            match tokio::time::timeout_at(until, inbox.recv_many(&mut records, room)).await {
+            match tokio::time::timeout_at(until, receive(&mut inbox, &mut records, room, &mut stop)).await {
                 Ok(n) if n > 0 => {}
-                // The time is up, or the process is shutting down: mark what is here.
+                // The time is up, or the web is stopping: mark what is here.
                 _ => break,
             }
         }
