@@ -110,6 +110,8 @@ async fn a_stopping_web_enqueues_and_marks_what_it_committed_before_it_exits() {
     let mut settings = app.settings.clone();
     settings.web.bind = "127.0.0.1:0".parse().expect("address");
     let web = web::app::Application::build(settings).await.expect("the web builds");
+    // The marker gathers for 10 s instead of 50 ms: only the drain marks in time.
+    web.state().dispatcher.set_mark_every(std::time::Duration::from_secs(10));
     let address = format!("http://127.0.0.1:{}", web.port());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
     let running = tokio::spawn(web.run_until(async {
@@ -135,9 +137,8 @@ async fn a_stopping_web_enqueues_and_marks_what_it_committed_before_it_exits() {
     stop.send(()).expect("the web is running");
     running.await.expect("the web's task").expect("the web stops cleanly");
 
-    // Assert, at once: every record is marked enqueued (the marker gathers for 50 ms:
-    // without the drain its last records would still be waiting), and every job waits
-    // in Redis.
+    // Assert, at once: every record is marked enqueued (without the drain they would all
+    // still be waiting in the marker), and every job waits in Redis.
     let records = dispatch::Entity::find().all(&app.db).await.expect("records");
     assert_eq!(records.len(), 20);
     let unmarked: Vec<i64> = records.iter().filter(|r| r.enqueued_at.is_none()).map(|r| r.id).collect();

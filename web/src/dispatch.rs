@@ -6,6 +6,7 @@
 //! transaction that rolled back (this code only sees committed ids). When the web stops,
 //! [`Dispatcher::drain`] announces and marks what it has taken before the process exits.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -79,6 +80,8 @@ pub struct Dispatcher {
     announcer_stop: watch::Sender<bool>,
     /// Set once the announcer has finished: the marker marks what it has, and ends.
     marker_stop: watch::Sender<bool>,
+    /// How long the marker gathers records, in milliseconds ([`MARK_EVERY`] unless set).
+    mark_every_ms: AtomicU64,
 }
 
 /// The backlog as last seen, and when.
@@ -107,6 +110,7 @@ impl Dispatcher {
             marker_task: StdMutex::new(None),
             announcer_stop: watch::channel(false).0,
             marker_stop: watch::channel(false).0,
+            mark_every_ms: AtomicU64::new(MARK_EVERY.as_millis() as u64),
         }
     }
 
@@ -116,23 +120,33 @@ impl Dispatcher {
     /// what the announcer still held would wait for the relay's grace). Called once the
     /// server has answered its last request; a submission announced after it is left to
     /// the relay.
+    ///
+    /// The marker keeps a fifth of `within` (at most a second) for itself: however long
+    /// the announcer takes, what it did push is marked.
     pub async fn drain(&self, within: Duration) {
-        let finish = async {
-            self.announcer_stop.send_replace(true);
-            let announcer = self.announcer_task.lock().ok().and_then(|mut task| task.take());
-            if let Some(task) = announcer {
-                let _ = task.await;
-            }
-            // The announcer has handed the marker its last records.
-            self.marker_stop.send_replace(true);
-            let marker = self.marker_task.lock().ok().and_then(|mut task| task.take());
-            if let Some(task) = marker {
-                let _ = task.await;
-            }
-        };
-        if tokio::time::timeout(within, finish).await.is_err() {
-            tracing::warn!(?within, "dispatch.drain_timed_out; the relay will enqueue what is left");
+        let for_marks = (within / 5).min(Duration::from_secs(1));
+        self.announcer_stop.send_replace(true);
+        let announcer = self.announcer_task.lock().ok().and_then(|mut task| task.take());
+        if let Some(task) = announcer
+            && tokio::time::timeout(within.saturating_sub(for_marks), task).await.is_err()
+        {
+            tracing::warn!(?within, "dispatch.drain_timed_out; the relay will enqueue what the announcer held");
         }
+        // The announcer has handed the marker its last records (or ran out of time).
+        self.marker_stop.send_replace(true);
+        let marker = self.marker_task.lock().ok().and_then(|mut task| task.take());
+        if let Some(task) = marker
+            && tokio::time::timeout(for_marks, task).await.is_err()
+        {
+            tracing::warn!("dispatch.mark_drain_timed_out; the relay may enqueue those records once more");
+        }
+    }
+
+    /// Sets how long the marker gathers records before it marks them ([`MARK_EVERY`]
+    /// unless set): call before the first submission. Tests make it long, to see what a
+    /// drain marks.
+    pub fn set_mark_every(&self, every: Duration) {
+        self.mark_every_ms.store(u64::try_from(every.as_millis()).unwrap_or(u64::MAX), Ordering::Relaxed);
     }
 
     /// With the read cache on, a committed message also drops the cached first page and
@@ -209,6 +223,17 @@ impl Dispatcher {
         while receive(&mut inbox, &mut batch, MAX_BATCH, &mut stop).await > 0 {
             backlog = self.announce_batch(&batch, backlog).await;
             batch.clear();
+            if backlog.is_none() && *stop.borrow() {
+                // Stopping, and Redis failed that batch: the rest waits for the relay too,
+                // rather than each batch trying Redis again until the drain's time is up.
+                inbox.close();
+                let mut left = 0;
+                while inbox.try_recv().is_ok() {
+                    left += 1;
+                }
+                self.count_dispatch("deferred_redis_down", left);
+                break;
+            }
         }
     }
 
@@ -252,7 +277,8 @@ impl Dispatcher {
     fn mark_enqueued(&self, records: impl Iterator<Item = i64>) {
         let marker = self.marker.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_WAITING);
-            let task = tokio::spawn(mark_all(self.db.clone(), rx, self.marker_stop.subscribe()));
+            let every = Duration::from_millis(self.mark_every_ms.load(Ordering::Relaxed));
+            let task = tokio::spawn(mark_all(self.db.clone(), rx, every, self.marker_stop.subscribe()));
             if let Ok(mut slot) = self.marker_task.lock() {
                 *slot = Some(task);
             }
@@ -357,13 +383,18 @@ async fn receive<T>(
     inbox.recv_many(into, limit).await
 }
 
-/// The marker: gathers the records enqueued within [`MARK_EVERY`] of the first one
-/// waiting (at most [`MAX_MARKS`]), marks them in one statement, and starts over. Once
-/// `stop` is set it marks what it holds at once, and ends when nothing is left.
-async fn mark_all(db: DatabaseConnection, mut inbox: mpsc::Receiver<i64>, mut stop: watch::Receiver<bool>) {
+/// The marker: gathers the records enqueued within `every` ([`MARK_EVERY`]) of the first
+/// one waiting (at most [`MAX_MARKS`]), marks them in one statement, and starts over.
+/// Once `stop` is set it marks what it holds at once, and ends when nothing is left.
+async fn mark_all(
+    db: DatabaseConnection,
+    mut inbox: mpsc::Receiver<i64>,
+    every: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut records = Vec::with_capacity(MAX_MARKS);
     while receive(&mut inbox, &mut records, MAX_MARKS, &mut stop).await > 0 {
-        let until = tokio::time::Instant::now() + MARK_EVERY;
+        let until = tokio::time::Instant::now() + every;
         while records.len() < MAX_MARKS && !inbox.is_closed() {
             let room = MAX_MARKS - records.len();
             match tokio::time::timeout_at(until, receive(&mut inbox, &mut records, room, &mut stop)).await {
