@@ -314,14 +314,15 @@ async fn run(
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
     report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
     // The first worker's fetches over the whole run (start and drain included).
-    if let Some((to_redis, held_back)) = stack.worker_fetches().await {
+    let metrics = stack.worker_metrics().await.unwrap_or_default();
+    if let Some((to_redis, held_back)) = procs::worker_fetches(&metrics) {
         report.figure("worker_fetches_to_redis", to_redis);
         report.figure("worker_fetches_held_back", held_back);
     }
     // How soon the first worker started each fan-out once it was due (the web queued it):
     // the pick-up, part of the e2e latency.
     if matches!(cli.scenario, Scenario::E2e { .. })
-        && let Some(pickups) = stack.worker_pickups().await
+        && let Some(pickups) = procs::Pickups::from_exposition(&metrics)
     {
         report.figure("pickup_within_5ms_percent", pickups.within_5ms_percent);
         if pickups.p99_ms.is_finite() {

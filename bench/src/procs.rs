@@ -96,26 +96,9 @@ impl Stack {
         (cpu_seconds(self.web_pid()), cpu_seconds(self.worker_pid()) + more)
     }
 
-    /// The first worker's fetches of jobs: (those that reached Redis, those its gate
-    /// answered itself), from its `tidings_queue_fetches_total`.
-    pub async fn worker_fetches(&self) -> Option<(f64, f64)> {
-        let text = reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()?;
-        if !text.contains("tidings_queue_fetches_total") {
-            return None;
-        }
-        let count = |result: &str| {
-            let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}}");
-            tidings_tests::harness::metric_value(&text, &series).unwrap_or(0.0)
-        };
-        Some((count("jobs") + count("empty"), count("skipped")))
-    }
-
-    /// The first worker's fan-out jobs by how long each waited from being due (queued by
-    /// the web, or due again) to starting: its `tidings_job_queue_wait_seconds` histogram
-    /// over its whole life. None without a worker or before its first fan-out.
-    pub async fn worker_pickups(&self) -> Option<Pickups> {
-        let text = reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()?;
-        Pickups::from_exposition(&text)
+    /// The first worker's `/metrics`, scraped once; None without a worker.
+    pub async fn worker_metrics(&self) -> Option<String> {
+        reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()
     }
 
     /// SIGTERM every process and wait for them.
@@ -135,7 +118,21 @@ impl Stack {
     }
 }
 
-/// How soon a worker picked its fan-out jobs up, from the buckets of its histogram
+/// A worker's fetches of jobs from its `/metrics` `text`: (those that reached Redis,
+/// those its gate answered itself), from its `tidings_queue_fetches_total`.
+pub fn worker_fetches(text: &str) -> Option<(f64, f64)> {
+    if !text.contains("tidings_queue_fetches_total") {
+        return None;
+    }
+    let count = |result: &str| {
+        let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}}");
+        tidings_tests::harness::metric_value(text, &series).unwrap_or(0.0)
+    };
+    Some((count("jobs") + count("empty"), count("skipped")))
+}
+
+/// How soon a worker picked its fan-out jobs up (queued by the web, or due again), over
+/// its whole life, from the buckets of its histogram
 /// (bounds in [`shared::metrics::BUCKETS`], each counting the jobs that waited at most
 /// that long; the worker measures in whole milliseconds of the system clock).
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -153,7 +150,8 @@ pub struct Pickups {
 impl Pickups {
     const SERIES: &str = "tidings_job_queue_wait_seconds";
 
-    fn from_exposition(text: &str) -> Option<Self> {
+    /// From a worker's `/metrics` `text`; None before its first fan-out.
+    pub fn from_exposition(text: &str) -> Option<Self> {
         let value = |le: &str| {
             let series = format!("{}_bucket{{kind=\"fan_out\",le=\"{le}\"}}", Self::SERIES);
             tidings_tests::harness::metric_value(text, &series)

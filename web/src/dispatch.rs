@@ -126,18 +126,12 @@ impl Dispatcher {
     pub async fn drain(&self, within: Duration) {
         let for_marks = (within / 5).min(Duration::from_secs(1));
         self.announcer_stop.send_replace(true);
-        let announcer = self.announcer_task.lock().ok().and_then(|mut task| task.take());
-        if let Some(task) = announcer
-            && tokio::time::timeout(within.saturating_sub(for_marks), task).await.is_err()
-        {
+        if !finished(&self.announcer_task, within.saturating_sub(for_marks)).await {
             tracing::warn!(?within, "dispatch.drain_timed_out; the relay will enqueue what the announcer held");
         }
         // The announcer has handed the marker its last records (or ran out of time).
         self.marker_stop.send_replace(true);
-        let marker = self.marker_task.lock().ok().and_then(|mut task| task.take());
-        if let Some(task) = marker
-            && tokio::time::timeout(for_marks, task).await.is_err()
-        {
+        if !finished(&self.marker_task, for_marks).await {
             tracing::warn!("dispatch.mark_drain_timed_out; the relay may enqueue those records once more");
         }
     }
@@ -278,10 +272,7 @@ impl Dispatcher {
         let marker = self.marker.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_WAITING);
             let every = Duration::from_millis(self.mark_every_ms.load(Ordering::Relaxed));
-            let task = tokio::spawn(mark_all(self.db.clone(), rx, every, self.marker_stop.subscribe()));
-            if let Ok(mut slot) = self.marker_task.lock() {
-                *slot = Some(task);
-            }
+            keep(&self.marker_task, tokio::spawn(mark_all(self.db.clone(), rx, every, self.marker_stop.subscribe())));
             tx
         });
         for record in records {
@@ -347,10 +338,7 @@ impl Dispatcher {
         }
         let inbox = self.announcer.get_or_init(|| {
             let (tx, rx) = mpsc::channel(MAX_WAITING);
-            let task = tokio::spawn(Arc::clone(self).announce_all(rx));
-            if let Ok(mut slot) = self.announcer_task.lock() {
-                *slot = Some(task);
-            }
+            keep(&self.announcer_task, tokio::spawn(Arc::clone(self).announce_all(rx)));
             tx
         });
         let request_id = crate::middleware::request_id::current();
@@ -362,6 +350,23 @@ impl Dispatcher {
             // The announcer is gone (the web is stopping): the relay will do it.
             Err(mpsc::error::TrySendError::Closed(_)) => self.count_dispatch("deferred_announcer_gone", 1),
         }
+    }
+}
+
+/// Keeps `task` in `slot`, for [`Dispatcher::drain`] to wait for.
+fn keep(slot: &StdMutex<Option<JoinHandle<()>>>, task: JoinHandle<()>) {
+    if let Ok(mut slot) = slot.lock() {
+        *slot = Some(task);
+    }
+}
+
+/// Waits up to `within` for the task kept in `slot` (taking it); false if it is still
+/// running then. A slot never filled is finished.
+async fn finished(slot: &StdMutex<Option<JoinHandle<()>>>, within: Duration) -> bool {
+    let task = slot.lock().ok().and_then(|mut task| task.take());
+    match task {
+        Some(task) => tokio::time::timeout(within, task).await.is_ok(),
+        None => true,
     }
 }
 
