@@ -102,7 +102,8 @@ pub struct Digest {
     pub version: u16,
     /// Start of the window (Unix seconds, inclusive).
     pub window_start: i64,
-    /// End of the window (Unix seconds, exclusive); the job runs then.
+    /// End of the window (Unix seconds, exclusive); the job runs shortly after
+    /// (`queue::DIGEST_DELAY_SECS`).
     pub window_end: i64,
     /// Only these subscriptions (a retry of the pushes that may still pass); all of
     /// them when absent.

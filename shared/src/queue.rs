@@ -93,6 +93,11 @@ pub enum QueueError {
 /// How long a queued trim request blocks the next one if its job never starts.
 pub const TRIM_REQUEST_TTL: Duration = Duration::from_secs(60);
 
+/// How long after its window ends a digest runs: the messages created just before the
+/// end have committed by then (a message's creation time is taken as its statement is
+/// sent), so the digest counts every message of its window.
+pub const DIGEST_DELAY_SECS: i64 = 2;
+
 /// The key that marks a [`crate::jobs::TrimCaches`] job as queued.
 pub fn trim_request_key(namespace: &str) -> String {
     format!("{namespace}:trim-caches:queued")
@@ -309,12 +314,14 @@ impl JobQueue {
         Ok(counts.iter().sum())
     }
 
-    /// Schedules the digest of `job`'s window to run when the window ends, once however
-    /// many messages of the burst ask for it (the idempotency key is the window).
+    /// Schedules the digest of `job`'s window to run [`DIGEST_DELAY_SECS`] after the window
+    /// ends, once however many messages of the burst ask for it (the idempotency key is
+    /// the window).
     pub async fn schedule_digest(&self, job: &Digest, request_id: Option<&str>) -> Result<(), QueueError> {
         let payload = serde_json::to_vec(job)?;
-        let run_at = u64::try_from(job.window_end).unwrap_or(0);
-        let task = task_due_at(payload, request_id, job.window_end.saturating_mul(1000))
+        let due = job.window_end.saturating_add(DIGEST_DELAY_SECS);
+        let run_at = u64::try_from(due).unwrap_or(0);
+        let task = task_due_at(payload, request_id, due.saturating_mul(1000))
             .idempotency_key(format!("digest-{}-{}", job.window_start, job.window_end))
             .run_at_timestamp(run_at)
             .build();

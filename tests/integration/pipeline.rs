@@ -129,9 +129,7 @@ async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out
     })
     .await;
     app.subscribe_browser().await;
-    // Start the burst just after a window opens, so it does not straddle two windows (a
-    // message decided "single" as its window closes can also be counted in that window's
-    // digest: see the note on digests in docs/ARCHITECTURE.md).
+    // Start the burst just after a window opens, so it does not straddle two windows.
     let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_millis() as u64;
     tokio::time::sleep(Duration::from_millis(3000 - now_ms % 3000 + 100)).await;
 
@@ -189,21 +187,24 @@ async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out
 async fn a_scheduled_job_survives_a_worker_restart() {
     use sea_orm::{ActiveModelTrait, Set};
 
-    // Arrange: a message, and the digest of its window scheduled to run 3 s from now.
+    // Arrange: one message more than a window announces one by one, and the digest of
+    // their window scheduled to run 3 s from now.
     let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     app.subscribe_browser().await;
     let now = shared::queries::now();
-    let window_end = now.timestamp() + 3;
-    shared::entities::feedback_message::ActiveModel {
-        submitter_name: Set("Ann".into()),
-        submitter_email: Set("a@example.com".into()),
-        content: Set("folded".into()),
-        created_at: Set(now),
-        ..Default::default()
+    let window_end = now.timestamp() + 3 - shared::queue::DIGEST_DELAY_SECS;
+    for _ in 0..=app.settings.worker.burst_threshold {
+        shared::entities::feedback_message::ActiveModel {
+            submitter_name: Set("Ann".into()),
+            submitter_email: Set("a@example.com".into()),
+            content: Set("folded".into()),
+            created_at: Set(now),
+            ..Default::default()
+        }
+        .insert(&app.db)
+        .await
+        .expect("stored");
     }
-    .insert(&app.db)
-    .await
-    .expect("stored");
     let queue =
         shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     let job = shared::jobs::Digest::new(window_end - 60, window_end);

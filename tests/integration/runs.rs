@@ -214,6 +214,84 @@ async fn a_run_opens_folds_and_closes_the_same_way_on_sqlite() {
     a_run_opens_folds_and_closes_the_same_way(Backend::Sqlite).await;
 }
 
+async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Backend) {
+    use sea_orm::ActiveModelTrait;
+    use sea_orm::ActiveValue::Set;
+    use shared::entities::feedback_message;
+    use shared::queries::feedback::folded_between;
+    // Arrange: one subscription; five messages in one window of a minute, the third and
+    // fourth created at the same instant, and one in the next window. No run has opened.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let coalescing = Coalescing { threshold: 2, window_secs: 60 };
+    let start =
+        chrono::DateTime::from_timestamp(coalescing.window_start(shared::queries::now()) - 600, 0).expect("a time");
+    let end = start + chrono::Duration::seconds(60);
+    let mut ids = Vec::new();
+    for (n, second) in [1, 2, 3, 3, 4, 61].into_iter().enumerate() {
+        let message = feedback_message::ActiveModel {
+            submitter_name: Set(format!("Visitor {n}")),
+            submitter_email: Set("v@example.com".into()),
+            content: Set(format!("message {n}")),
+            created_at: Set(start + chrono::Duration::seconds(second)),
+            ..Default::default()
+        }
+        .insert(&app.db)
+        .await
+        .expect("stored");
+        ids.push(message.id);
+    }
+    let digest = || async {
+        let folded = folded_between(&app.db, start, end, coalescing.threshold).await.expect("query");
+        folded.into_iter().map(|m| m.id).collect::<Vec<_>>()
+    };
+
+    // Act + assert: before any run opens, the digest counts the messages past the first
+    // two, ties included, newest first: not the first two, though nothing went out for
+    // them yet (their runs, late behind a backlog, will send them on their own).
+    let past_the_threshold = vec![ids[4], ids[3], ids[2]];
+    assert_eq!(digest().await, past_the_threshold);
+
+    // Each first run decides the same way: the first two are claimed, the rest fold.
+    let open = |feedback_id: i64| {
+        let db = app.db.clone();
+        async move { delivery::open_run(&db, feedback_id, 64, "t", lease(), coalescing).await.expect("opened") }
+    };
+    for (n, id) in ids[..5].iter().enumerate() {
+        let opening = open(*id).await;
+        if n < 2 {
+            assert!(claimed(&opening).is_ok_and(|c| c.len() == 1), "message {n}: {opening:?}");
+        } else {
+            assert!(matches!(opening, Opening::Folded { .. }), "message {n}: {opening:?}");
+        }
+    }
+    assert_eq!(digest().await, past_the_threshold, "the same messages once every run opened");
+
+    // A message past the threshold that something went out for (its first run opened with
+    // coalescing off) is not counted again; nor is a message deleted since.
+    assert_eq!(
+        claimed(&delivery::open_run(&app.db, ids[3], 64, "t3", lease(), Coalescing::OFF).await.expect("opened"))
+            .map(|c| c.len()),
+        Ok(1)
+    );
+    assert!(shared::queries::feedback::delete(&app.db, ids[2]).await.expect("deleted"));
+    assert_eq!(digest().await, vec![ids[4]]);
+
+    // A window with no more messages than the threshold has nothing to fold.
+    let next = folded_between(&app.db, end, end + chrono::Duration::seconds(60), coalescing.threshold).await;
+    assert!(next.expect("query").is_empty());
+}
+
+#[tokio::test]
+async fn a_digest_counts_exactly_the_messages_whose_first_run_folds_on_postgres() {
+    a_digest_counts_exactly_the_messages_whose_first_run_folds(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_digest_counts_exactly_the_messages_whose_first_run_folds_on_sqlite() {
+    a_digest_counts_exactly_the_messages_whose_first_run_folds(Backend::Sqlite).await;
+}
+
 async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message(backend: Backend) {
     use sea_orm::ActiveValue::Set;
     // Arrange: two subscriptions; a message with one delivery waiting for a retry that is

@@ -335,9 +335,41 @@ pub async fn count_created_between<C: ConnectionTrait>(
     Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
 }
 
-/// Messages created in `[from, to)` that no delivery was recorded for (folded into a
-/// digest), newest first.
-pub async fn undelivered_between<C: ConnectionTrait>(
+/// The messages of the coalescing window `[from, to)` that its digest announces, newest
+/// first: those a first run folds or will fold, and no delivery was recorded for.
+///
+/// A message's first run folds it when more than `threshold` messages of its window were
+/// created at or before it (`delivery::open_run`). That holds exactly for the messages
+/// created at or after the window's `threshold + 1`-th creation time, so the digest finds
+/// them whether or not their runs have opened yet; the first `threshold` of the window
+/// go out on their own whenever their runs open, before the digest or after it, and are
+/// never counted here.
+pub async fn folded_between<C: ConnectionTrait>(
+    db: &C,
+    from: chrono::DateTime<chrono::Utc>,
+    to: chrono::DateTime<chrono::Utc>,
+    threshold: u64,
+) -> Result<Vec<feedback_message::Model>, DbErr> {
+    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder, QuerySelect};
+    let first_folded: Option<chrono::DateTime<chrono::Utc>> = feedback_message::Entity::find()
+        .select_only()
+        .column(feedback_message::Column::CreatedAt)
+        .filter(feedback_message::Column::CreatedAt.gte(from))
+        .filter(feedback_message::Column::CreatedAt.lt(to))
+        .order_by_asc(feedback_message::Column::CreatedAt)
+        .offset(threshold)
+        .limit(1)
+        .into_tuple()
+        .one(db)
+        .await?;
+    match first_folded {
+        Some(cutoff) => undelivered_between(db, cutoff, to).await,
+        None => Ok(Vec::new()),
+    }
+}
+
+/// Messages created in `[from, to)` that no delivery was recorded for, newest first.
+async fn undelivered_between<C: ConnectionTrait>(
     db: &C,
     from: chrono::DateTime<chrono::Utc>,
     to: chrono::DateTime<chrono::Utc>,

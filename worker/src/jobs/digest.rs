@@ -1,8 +1,10 @@
 //! The digest job: one notification for the messages of a burst ("5 new feedback
 //! messages"), sent to every subscription when the burst's window ends.
 //!
-//! It counts the window's messages no delivery was recorded for (those folded by the
-//! fan-out). Like the test push, it records no per-subscription deliveries: pushes that
+//! It counts the window's messages that fold: past its first `NOTIFY_BURST_THRESHOLD`
+//! by creation time, as each message's first run decides, with no delivery recorded
+//! (`shared::queries::feedback::folded_between`). So a message the window announces one
+//! by one is never counted, even when its run opens after the digest. Like the test push, it records no per-subscription deliveries: pushes that
 //! may pass later (429, 5xx, timeouts) are retried as a digest limited to those
 //! subscriptions, and its `Topic` names the window, so a re-run replaces a copy the push
 //! service still holds.
@@ -22,7 +24,7 @@ const PAGE: u64 = 500;
 pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
     let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
-    let folded = feedback::undelivered_between(&ctx.db, from, to).await?;
+    let folded = feedback::folded_between(&ctx.db, from, to, ctx.settings.worker.burst_threshold).await?;
     let Some(latest) = folded.first() else { return Ok(0) };
     let notification =
         Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);
