@@ -147,3 +147,78 @@ async fn a_stopping_web_enqueues_and_marks_what_it_committed_before_it_exits() {
         shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     assert_eq!(queue.backlog().await.expect("backlog"), 20, "every committed submission's job is queued");
 }
+
+#[tokio::test]
+async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_and_nothing_is_lost() {
+    use tidings_tests::harness::metric_value;
+    use tidings_tests::redis_server::RedisServer;
+    // Arrange: a Redis of the test's own; a web of its own on it, already connected (one
+    // submission went through); a subscribed browser and no worker yet.
+    let redis = RedisServer::start().await.expect("redis-server starts");
+    let mut app =
+        spawn_app_with(Options { worker: false, env: vec![("REDIS_URL".into(), redis.url())], ..Options::default() })
+            .await;
+    app.subscribe_browser().await;
+    let mut settings = app.settings.clone();
+    settings.web.bind = "127.0.0.1:0".parse().expect("address");
+    let web = web::app::Application::build(settings).await.expect("the web builds");
+    let metrics = web.state().metrics.clone();
+    let address = format!("http://127.0.0.1:{}", web.port());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let running = tokio::spawn(web.run_until(async {
+        let _ = stopped.await;
+    }));
+    let client = reqwest::Client::new();
+    let submit = |i: usize| {
+        let (client, address) = (client.clone(), address.clone());
+        async move {
+            let body = serde_json::json!({
+                "submitter_name": format!("Visitor {i}"),
+                "submitter_email": "v@example.com",
+                "content": format!("message {i}"),
+            });
+            client.post(format!("{address}/api/feedback")).json(&body).send().await.expect("POST").status()
+        }
+    };
+    assert_eq!(submit(0).await, StatusCode::CREATED);
+    let enqueued = r#"tidings_dispatch_total{outcome="enqueued"}"#;
+    assert!(
+        crate::pipeline::wait_until(|| async { metric_value(&metrics.render(&[]), enqueued) == Some(1.0) }).await,
+        "the first submission's job went to Redis"
+    );
+
+    // Act: Redis hangs; twenty submissions come in; the web stops while its announcer
+    // still waits for Redis.
+    redis.pause();
+    let statuses = futures::future::join_all((1..=20).map(submit)).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::CREATED), "every visitor is answered: {statuses:?}");
+    stop.send(()).expect("the web is running");
+    running.await.expect("the web's task").expect("the web stops cleanly");
+
+    // Assert: the web stopped without pushing anything more (each of the twenty counted
+    // as left to the relay) and left their records unmarked for the relay.
+    let exposition = metrics.render(&[]);
+    let deferred: f64 = ["deferred_redis_down", "deferred_redis_error"]
+        .iter()
+        .filter_map(|outcome| metric_value(&exposition, &format!(r#"tidings_dispatch_total{{outcome="{outcome}"}}"#)))
+        .sum();
+    assert_eq!(deferred, 20.0, "{exposition}");
+    assert_eq!(metric_value(&exposition, enqueued), Some(1.0));
+    let records = dispatch::Entity::find().all(&app.db).await.expect("records");
+    assert_eq!(records.len(), 21);
+    assert_eq!(records.iter().filter(|r| r.enqueued_at.is_none()).count(), 20);
+
+    // Redis comes back and answers what it was sent while it hung; a worker starts. Every
+    // message is pushed exactly once: the relay's enqueue and any the web's timed-out
+    // request made after all are the same job.
+    redis.resume();
+    app.start_worker().await;
+    let received = app.push.wait_for_received(21, std::time::Duration::from_secs(30)).await;
+    let mut bodies: Vec<String> =
+        received.iter().map(|p| p.json()["body"].as_str().unwrap_or_default().to_owned()).collect();
+    bodies.sort();
+    bodies.dedup();
+    assert_eq!(bodies.len(), 21, "every message once");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(app.push.received().len(), 21, "and no message twice");
+}
