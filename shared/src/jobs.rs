@@ -93,7 +93,7 @@ impl TestPush {
 /// The `kind` of a [`Digest`] payload.
 pub const DIGEST_KIND: &str = "digest";
 
-/// One notification for the messages of a burst, sent when its window ends.
+/// One notification for the messages of a burst, sent shortly after its window ends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Digest {
     /// Always [`DIGEST_KIND`].
@@ -109,15 +109,27 @@ pub struct Digest {
     /// them when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only: Option<Vec<i64>>,
+    /// The coalescing threshold the message that asked for the digest folded by, so the
+    /// digest counts by the same rule whatever the settings of the worker that runs it;
+    /// absent in payloads of older builds (the running worker's setting then).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<u64>,
 }
 
 impl Digest {
     /// The payload version this build writes and understands.
     pub const VERSION: u16 = 1;
 
-    /// The digest of the window `[start, end)`.
-    pub fn new(window_start: i64, window_end: i64) -> Self {
-        Self { kind: DIGEST_KIND.to_owned(), version: Self::VERSION, window_start, window_end, only: None }
+    /// The digest of the window `[start, end)`, whose messages fold past `threshold`.
+    pub fn new(window_start: i64, window_end: i64, threshold: u64) -> Self {
+        Self {
+            kind: DIGEST_KIND.to_owned(),
+            version: Self::VERSION,
+            window_start,
+            window_end,
+            only: None,
+            threshold: Some(threshold),
+        }
     }
 }
 

@@ -93,10 +93,11 @@ pub enum QueueError {
 /// How long a queued trim request blocks the next one if its job never starts.
 pub const TRIM_REQUEST_TTL: Duration = Duration::from_secs(60);
 
-/// How long after its window ends a digest runs: the messages created just before the
-/// end have committed by then (a message's creation time is taken as its statement is
-/// sent), so the digest counts every message of its window.
-pub const DIGEST_DELAY_SECS: i64 = 2;
+/// How long after its window ends a digest runs, so that it counts every message of its
+/// window: a message's creation time is taken before its statement waits for a database
+/// connection (at most 3 s) and, on SQLite, for the write lock (at most 5 s), so one
+/// created just before the end may commit that much later.
+pub const DIGEST_DELAY_SECS: i64 = 10;
 
 /// The key that marks a [`crate::jobs::TrimCaches`] job as queued.
 pub fn trim_request_key(namespace: &str) -> String {

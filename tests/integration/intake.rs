@@ -189,11 +189,12 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
 
     // Act: Redis hangs; twenty submissions come in; the web stops while its announcer
     // still waits for Redis.
-    redis.pause();
+    let paused = redis.pause();
     let statuses = futures::future::join_all((1..=20).map(submit)).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::CREATED), "every visitor is answered: {statuses:?}");
     stop.send(()).expect("the web is running");
-    running.await.expect("the web's task").expect("the web stops cleanly");
+    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), running).await;
+    stopped.expect("the web stops").expect("the web's task").expect("the web stops cleanly");
 
     // Assert: the web stopped without pushing anything more (each of the twenty counted
     // as left to the relay) and left their records unmarked for the relay.
@@ -211,7 +212,7 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
     // Redis comes back and answers what it was sent while it hung; a worker starts. Every
     // message is pushed exactly once: the relay's enqueue and any the web's timed-out
     // request made after all are the same job.
-    redis.resume();
+    paused.resume();
     app.start_worker().await;
     let received = app.push.wait_for_received(21, std::time::Duration::from_secs(30)).await;
     let mut bodies: Vec<String> =

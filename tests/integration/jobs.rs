@@ -313,7 +313,7 @@ async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
         i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs())
             .expect("fits")
             + 3600;
-    queue.schedule_digest(&shared::jobs::Digest::new(later - 60, later), None).await.expect("scheduled");
+    queue.schedule_digest(&shared::jobs::Digest::new(later - 60, later, 6), None).await.expect("scheduled");
 
     // Act: three jobs run and finish.
     for i in 0..3 {

@@ -30,7 +30,7 @@ async fn the_queues_page_shows_the_job_system_and_settles_dead_letters() {
         i64::try_from(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("clock").as_secs())
             .expect("fits")
             + 3600;
-    let digest = shared::jobs::Digest::new(later - 60, later);
+    let digest = shared::jobs::Digest::new(later - 60, later, 6);
     queue.schedule_digest(&digest, Some("req-queues-page")).await.expect("scheduled");
     app.create_admin_with_email("ops@tidings.test").await;
     let client = new_client();

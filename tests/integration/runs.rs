@@ -219,8 +219,10 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
     use sea_orm::ActiveValue::Set;
     use shared::entities::feedback_message;
     use shared::queries::feedback::folded_between;
-    // Arrange: one subscription; five messages in one window of a minute, the third and
-    // fourth created at the same instant, and one in the next window. No run has opened.
+    // Arrange: one subscription; five messages, each with its dispatch record, in one
+    // window of a minute, the second and third created at the same instant (and the
+    // threshold of 2 falling between them), and one in the next window. No run has
+    // opened yet.
     let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
     app.subscribe_browser().await;
     let coalescing = Coalescing { threshold: 2, window_secs: 60 };
@@ -228,54 +230,71 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
         chrono::DateTime::from_timestamp(coalescing.window_start(shared::queries::now()) - 600, 0).expect("a time");
     let end = start + chrono::Duration::seconds(60);
     let mut ids = Vec::new();
-    for (n, second) in [1, 2, 3, 3, 4, 61].into_iter().enumerate() {
+    let mut records = Vec::new();
+    for (n, ms) in [1_000, 2_250, 2_250, 3_500, 4_000, 61_000].into_iter().enumerate() {
+        let created_at = start + chrono::Duration::milliseconds(ms);
         let message = feedback_message::ActiveModel {
             submitter_name: Set(format!("Visitor {n}")),
             submitter_email: Set("v@example.com".into()),
             content: Set(format!("message {n}")),
-            created_at: Set(start + chrono::Duration::seconds(second)),
+            created_at: Set(created_at),
+            ..Default::default()
+        }
+        .insert(&app.db)
+        .await
+        .expect("stored");
+        let record = dispatch::ActiveModel {
+            feedback_id: Set(message.id),
+            created_at: Set(created_at),
+            due_at: Set(created_at),
+            enqueue_count: Set(0),
             ..Default::default()
         }
         .insert(&app.db)
         .await
         .expect("stored");
         ids.push(message.id);
+        records.push(record.id);
     }
     let digest = || async {
         let folded = folded_between(&app.db, start, end, coalescing.threshold).await.expect("query");
         folded.into_iter().map(|m| m.id).collect::<Vec<_>>()
     };
 
-    // Act + assert: before any run opens, the digest counts the messages past the first
-    // two, ties included, newest first: not the first two, though nothing went out for
-    // them yet (their runs, late behind a backlog, will send them on their own).
-    let past_the_threshold = vec![ids[4], ids[3], ids[2]];
-    assert_eq!(digest().await, past_the_threshold);
+    // Act + assert: before any run opens, the digest counts the messages past the
+    // window's first two by creation time, both of the tie included, newest first; not
+    // the first, though nothing went out for it yet (its run, late behind a backlog,
+    // will send it on its own).
+    let folding = vec![ids[4], ids[3], ids[2], ids[1]];
+    assert_eq!(digest().await, folding);
 
-    // Each first run decides the same way: the first two are claimed, the rest fold.
-    let open = |feedback_id: i64| {
-        let db = app.db.clone();
-        async move { delivery::open_run(&db, feedback_id, 64, "t", lease(), coalescing).await.expect("opened") }
-    };
+    // Each first run decides the same way: the first is claimed, the rest fold, and
+    // each run finishes as the fan-out job does (the claimed one records its push).
     for (n, id) in ids[..5].iter().enumerate() {
-        let opening = open(*id).await;
-        if n < 2 {
-            assert!(claimed(&opening).is_ok_and(|c| c.len() == 1), "message {n}: {opening:?}");
+        let token = format!("t{n}");
+        let opening = delivery::open_run(&app.db, *id, 64, &token, lease(), coalescing).await.expect("opened");
+        if n == 0 {
+            let sent = claimed(&opening).expect("claimed");
+            assert_eq!(sent.len(), 1, "{opening:?}");
+            delivery::close_run(&app.db, *id, records[n], &sent, &token).await.expect("closed");
         } else {
             assert!(matches!(opening, Opening::Folded { .. }), "message {n}: {opening:?}");
+            shared::queries::dispatch::mark_completed(&app.db, records[n]).await.expect("completed");
         }
     }
-    assert_eq!(digest().await, past_the_threshold, "the same messages once every run opened");
+    assert_eq!(digest().await, folding, "the same messages once every run finished");
 
-    // A message past the threshold that something went out for (its first run opened with
-    // coalescing off) is not counted again; nor is a message deleted since.
-    assert_eq!(
-        claimed(&delivery::open_run(&app.db, ids[3], 64, "t3", lease(), Coalescing::OFF).await.expect("opened"))
-            .map(|c| c.len()),
-        Ok(1)
-    );
+    // The first message is deleted: the second and third, now the window's first two,
+    // are still counted, for they folded.
+    assert!(shared::queries::feedback::delete(&app.db, ids[0]).await.expect("deleted"));
+    assert_eq!(digest().await, folding);
+
+    // A message something went out for (a run with coalescing off) is not counted again;
+    // nor is a message deleted since.
+    let reopened = delivery::open_run(&app.db, ids[3], 64, "t3b", lease(), Coalescing::OFF).await.expect("opened");
+    assert_eq!(claimed(&reopened).map(|c| c.len()), Ok(1));
     assert!(shared::queries::feedback::delete(&app.db, ids[2]).await.expect("deleted"));
-    assert_eq!(digest().await, vec![ids[4]]);
+    assert_eq!(digest().await, vec![ids[4], ids[1]]);
 
     // A window with no more messages than the threshold has nothing to fold.
     let next = folded_between(&app.db, end, end + chrono::Duration::seconds(60), coalescing.threshold).await;

@@ -34,20 +34,17 @@ impl RedisServer {
     }
 
     /// Freezes the server (`SIGSTOP`): connections stay open and commands are taken in
-    /// but not answered, as when Redis hangs.
-    pub fn pause(&self) {
-        self.signal("-STOP");
+    /// but not answered, as when Redis hangs. It runs again (`SIGCONT`) when the guard is
+    /// resumed or dropped, so a test that fails meanwhile does not leave it frozen.
+    pub fn pause(&self) -> Paused<'_> {
+        assert!(self.signal("-STOP"), "kill -STOP failed");
+        Paused { server: self }
     }
 
-    /// Lets a paused server run again (`SIGCONT`): it answers what it was sent meanwhile.
-    pub fn resume(&self) {
-        self.signal("-CONT");
-    }
-
-    fn signal(&self, signal: &str) {
-        let child = self.child.as_ref().expect("the server is running");
-        let status = Command::new("kill").args([signal, &child.id().to_string()]).status().expect("kill runs");
-        assert!(status.success(), "kill {signal} failed");
+    fn signal(&self, signal: &str) -> bool {
+        let Some(child) = self.child.as_ref() else { return false };
+        let status = Command::new("kill").args([signal, &child.id().to_string()]).status();
+        status.is_ok_and(|s| s.success())
     }
 
     /// Starts the server again on the same port.
@@ -70,6 +67,22 @@ impl RedisServer {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         anyhow::bail!("redis-server on port {} did not answer", self.port)
+    }
+}
+
+/// A paused [`RedisServer`]; it runs again when this is resumed or dropped.
+pub struct Paused<'a> {
+    server: &'a RedisServer,
+}
+
+impl Paused<'_> {
+    /// Lets the server run again: it answers what it was sent meanwhile.
+    pub fn resume(self) {}
+}
+
+impl Drop for Paused<'_> {
+    fn drop(&mut self) {
+        self.server.signal("-CONT");
     }
 }
 

@@ -336,21 +336,27 @@ pub async fn count_created_between<C: ConnectionTrait>(
 }
 
 /// The messages of the coalescing window `[from, to)` that its digest announces, newest
-/// first: those a first run folds or will fold, and no delivery was recorded for.
+/// first: those a first run folded or will fold, with no delivery recorded.
 ///
 /// A message's first run folds it when more than `threshold` messages of its window were
 /// created at or before it (`delivery::open_run`). That holds exactly for the messages
 /// created at or after the window's `threshold + 1`-th creation time, so the digest finds
 /// them whether or not their runs have opened yet; the first `threshold` of the window
-/// go out on their own whenever their runs open, before the digest or after it, and are
-/// never counted here.
+/// go out on their own whenever their runs open, before the digest or after it. A
+/// deleted message moves that time later, so a message that folded before an earlier one
+/// was deleted is found by what its run left instead: a completed dispatch record and
+/// no delivery. (A message that went out alone to no subscription at all leaves the same;
+/// counting it sends nothing twice.)
 pub async fn folded_between<C: ConnectionTrait>(
     db: &C,
     from: chrono::DateTime<chrono::Utc>,
     to: chrono::DateTime<chrono::Utc>,
     threshold: u64,
 ) -> Result<Vec<feedback_message::Model>, DbErr> {
-    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder, QuerySelect};
+    use sea_orm::sea_query::{Expr, ExprTrait, Query};
+    use sea_orm::{ColumnTrait, Condition, QueryFilter, QueryOrder, QuerySelect};
+
+    use crate::entities::delivery;
     let first_folded: Option<chrono::DateTime<chrono::Utc>> = feedback_message::Entity::find()
         .select_only()
         .column(feedback_message::Column::CreatedAt)
@@ -362,28 +368,29 @@ pub async fn folded_between<C: ConnectionTrait>(
         .into_tuple()
         .one(db)
         .await?;
-    match first_folded {
-        Some(cutoff) => undelivered_between(db, cutoff, to).await,
-        None => Ok(Vec::new()),
-    }
-}
-
-/// Messages created in `[from, to)` that no delivery was recorded for, newest first.
-async fn undelivered_between<C: ConnectionTrait>(
-    db: &C,
-    from: chrono::DateTime<chrono::Utc>,
-    to: chrono::DateTime<chrono::Utc>,
-) -> Result<Vec<feedback_message::Model>, DbErr> {
-    use sea_orm::sea_query::Query;
-    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder};
+    // Both looked up by the message, row by row: the window holds few messages, the
+    // tables many rows.
+    let this_message = (feedback_message::Entity, feedback_message::Column::Id);
     let delivered = Query::select()
-        .column(crate::entities::delivery::Column::FeedbackId)
-        .from(crate::entities::delivery::Entity)
+        .expr(Expr::val(1))
+        .from(delivery::Entity)
+        .and_where(Expr::col((delivery::Entity, delivery::Column::FeedbackId)).equals(this_message))
         .to_owned();
+    let run_finished = Query::select()
+        .expr(Expr::val(1))
+        .from(dispatch::Entity)
+        .and_where(Expr::col((dispatch::Entity, dispatch::Column::FeedbackId)).equals(this_message))
+        .and_where(Expr::col((dispatch::Entity, dispatch::Column::CompletedAt)).is_not_null())
+        .to_owned();
+    let mut folds = Condition::any().add(Expr::exists(run_finished));
+    if let Some(cutoff) = first_folded {
+        folds = folds.add(feedback_message::Column::CreatedAt.gte(cutoff));
+    }
     feedback_message::Entity::find()
         .filter(feedback_message::Column::CreatedAt.gte(from))
         .filter(feedback_message::Column::CreatedAt.lt(to))
-        .filter(feedback_message::Column::Id.not_in_subquery(delivered))
+        .filter(Expr::exists(delivered).not())
+        .filter(folds)
         .order_by_desc(feedback_message::Column::Id)
         .all(db)
         .await

@@ -1,13 +1,18 @@
 //! The digest job: one notification for the messages of a burst ("5 new feedback
-//! messages"), sent to every subscription when the burst's window ends.
+//! messages"), sent to every subscription shortly after the burst's window ends
+//! (`shared::queue::DIGEST_DELAY_SECS`).
 //!
-//! It counts the window's messages that fold: past its first `NOTIFY_BURST_THRESHOLD`
-//! by creation time, as each message's first run decides, with no delivery recorded
-//! (`shared::queries::feedback::folded_between`). So a message the window announces one
-//! by one is never counted, even when its run opens after the digest. Like the test push, it records no per-subscription deliveries: pushes that
-//! may pass later (429, 5xx, timeouts) are retried as a digest limited to those
-//! subscriptions, and its `Topic` names the window, so a re-run replaces a copy the push
-//! service still holds.
+//! It counts the window's messages that fold, by the rule each message's first run
+//! applies (past the window's first `NOTIFY_BURST_THRESHOLD` by creation time, the
+//! threshold carried by the job) and with no delivery recorded, or that folded before an
+//! earlier message was deleted (`shared::queries::feedback::folded_between`). So a
+//! message the window announces one by one is never counted, even when its run opens
+//! after the digest, and a folded one is counted even before its run opens.
+//!
+//! Like the test push, it records no per-subscription deliveries: pushes that may pass
+//! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions, and
+//! its `Topic` names the window, so a re-run replaces a copy the push service still
+//! holds.
 
 use shared::domain::Notification;
 use shared::jobs::Digest;
@@ -24,7 +29,8 @@ const PAGE: u64 = 500;
 pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
     let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
-    let folded = feedback::folded_between(&ctx.db, from, to, ctx.settings.worker.burst_threshold).await?;
+    let threshold = job.threshold.unwrap_or(ctx.settings.worker.burst_threshold);
+    let folded = feedback::folded_between(&ctx.db, from, to, threshold).await?;
     let Some(latest) = folded.first() else { return Ok(0) };
     let notification =
         Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);

@@ -109,8 +109,8 @@ fn coalescing(ctx: &WorkerContext) -> Coalescing {
     coalescing_of(&ctx.settings, ctx.queue.is_some())
 }
 
-/// Schedules the digest of the window `message` falls in, for the window's end (once per
-/// window however many messages ask).
+/// Schedules the digest of the window `message` falls in, for shortly after the window's
+/// end (once per window however many messages ask), with the threshold it folded by.
 async fn fold_into_digest(
     message: &shared::entities::feedback_message::Model,
     in_window: u64,
@@ -120,7 +120,8 @@ async fn fold_into_digest(
     let coalescing = coalescing(ctx);
     let start = coalescing.window_start(message.created_at);
     let end = start + coalescing.window_secs;
-    queue.schedule_digest(&shared::jobs::Digest::new(start, end), None).await.map_err(JobError::retryable)?;
+    let digest = shared::jobs::Digest::new(start, end, coalescing.threshold);
+    queue.schedule_digest(&digest, None).await.map_err(JobError::retryable)?;
     tracing::info!(feedback_id = message.id, in_window, window_end = end, "fan_out.folded_into_digest");
     Ok(())
 }
