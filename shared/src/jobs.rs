@@ -388,6 +388,17 @@ mod tests {
     }
 
     #[test]
+    fn a_digest_carries_its_threshold_and_reads_a_payload_without_one() {
+        let digest = Digest::new(60, 120, 6);
+        let json = serde_json::to_vec(&digest).expect("json");
+        assert_eq!(QueuedJob::parse(&json), Ok(QueuedJob::Digest(digest)));
+        // As an older build wrote it: the worker's own setting applies.
+        let older = br#"{"kind":"digest","version":1,"window_start":60,"window_end":120}"#;
+        let Ok(QueuedJob::Digest(parsed)) = QueuedJob::parse(older) else { panic!("a digest") };
+        assert_eq!((parsed.window_end, parsed.threshold, parsed.only), (120, None, None));
+    }
+
+    #[test]
     fn payloads_are_told_apart_by_kind() {
         let fan_out = serde_json::to_vec(&FanOut::new(1, 2)).expect("json");
         assert_eq!(QueuedJob::parse(&fan_out), Ok(QueuedJob::FanOut(FanOut::new(1, 2))));

@@ -94,9 +94,9 @@ pub enum QueueError {
 pub const TRIM_REQUEST_TTL: Duration = Duration::from_secs(60);
 
 /// How long after its window ends a digest runs, so that it counts every message of its
-/// window: a message's creation time is taken before its statement waits for a database
-/// connection (at most 3 s) and, on SQLite, for the write lock (at most 5 s), so one
-/// created just before the end may commit that much later.
+/// window: on PostgreSQL a message's creation time is taken before its statement waits
+/// for a database connection (at most 3 s), on SQLite before it waits for the write lock
+/// (at most 5 s), so one created just before the end may commit that much later.
 pub const DIGEST_DELAY_SECS: i64 = 10;
 
 /// The key that marks a [`crate::jobs::TrimCaches`] job as queued.

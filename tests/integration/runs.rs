@@ -296,7 +296,8 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
     assert!(shared::queries::feedback::delete(&app.db, ids[2]).await.expect("deleted"));
     assert_eq!(digest().await, vec![ids[4], ids[1]]);
 
-    // A window with no more messages than the threshold has nothing to fold.
+    // A window with no more messages than the threshold, none of whose runs folded, has
+    // nothing to fold.
     let next = folded_between(&app.db, end, end + chrono::Duration::seconds(60), coalescing.threshold).await;
     assert!(next.expect("query").is_empty());
 }

@@ -345,8 +345,10 @@ pub async fn count_created_between<C: ConnectionTrait>(
 /// go out on their own whenever their runs open, before the digest or after it. A
 /// deleted message moves that time later, so a message that folded before an earlier one
 /// was deleted is found by what its run left instead: a completed dispatch record and
-/// no delivery. (A message that went out alone to no subscription at all leaves the same;
-/// counting it sends nothing twice.)
+/// no delivery. A message whose run finished without a delivery left to show for it
+/// leaves the same — no subscription then, only subscriptions deleted since (gone, or
+/// removed), or its job cancelled — and is counted too: no subscription that exists
+/// was sent it.
 pub async fn folded_between<C: ConnectionTrait>(
     db: &C,
     from: chrono::DateTime<chrono::Utc>,
