@@ -53,7 +53,7 @@ impl Keep {
 }
 
 /// Walks namespace `ns` and brings sessions, login-failure counters and idempotency
-/// keys within `budgets`.
+/// keys within `budgets` (digests' idempotency keys apart: they stay until they expire).
 pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudgets) -> redis::RedisResult<Swept> {
     let mut swept = Swept::default();
     let mut keep = [
@@ -68,6 +68,9 @@ pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudget
             .into_iter()
             .filter_map(|key| {
                 let kind = crate::redis_usage::kind_of(ns, &key)?;
+                if kind == "idempotency_keys" && is_digest_key(&key) {
+                    return None;
+                }
                 keep.iter().any(|(k, _)| *k == kind).then_some((key, kind))
             })
             .collect();
@@ -112,6 +115,13 @@ pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudget
         }
     }
     Ok(swept)
+}
+
+/// True for a digest's idempotency key, which stays until it expires
+/// ([`crate::queue::DIGEST_KEY_PREFIX`]): removed early, a window still folding
+/// messages would schedule its digest again.
+fn is_digest_key(key: &str) -> bool {
+    key.rsplit_once(":idempotency:").is_some_and(|(_, name)| name.starts_with(crate::queue::DIGEST_KEY_PREFIX))
 }
 
 /// True for a session whose login was longer ago than [`SESSION_ABSOLUTE_TIMEOUT`].

@@ -99,6 +99,11 @@ pub const TRIM_REQUEST_TTL: Duration = Duration::from_secs(60);
 /// (at most 5 s), so one created just before the end may commit that much later.
 pub const DIGEST_DELAY_SECS: i64 = 10;
 
+/// How a digest's idempotency key starts (`digest-{start}-{end}`). It is what makes a
+/// window's digest run once however many of its messages fold, so it is kept until it
+/// expires: no budget removes it early (one a window, a day's windows at most).
+pub const DIGEST_KEY_PREFIX: &str = "digest-";
+
 /// The key that marks a [`crate::jobs::TrimCaches`] job as queued.
 pub fn trim_request_key(namespace: &str) -> String {
     format!("{namespace}:trim-caches:queued")
@@ -323,7 +328,7 @@ impl JobQueue {
         let due = job.window_end.saturating_add(DIGEST_DELAY_SECS);
         let run_at = u64::try_from(due).unwrap_or(0);
         let task = task_due_at(payload, request_id, due.saturating_mul(1000))
-            .idempotency_key(format!("digest-{}-{}", job.window_start, job.window_end))
+            .idempotency_key(format!("{DIGEST_KEY_PREFIX}{}-{}", job.window_start, job.window_end))
             .run_at_timestamp(run_at)
             .build();
         self.push_and_wake(task).await
