@@ -297,6 +297,59 @@ async fn the_worker_asks_redis_for_jobs_only_when_woken() {
 }
 
 #[tokio::test]
+async fn one_tick_trims_every_finished_record_however_many_finished_since_the_last() {
+    // Arrange: 120,000 finished records, more than a fixed number of batches a tick would
+    // remove (the queue at 2,000 jobs/s finishes that many in a minute), all past their
+    // retention; a worker whose trim ticks every 20 s.
+    let mut app = spawn_app_with(Options {
+        worker: false,
+        env: vec![
+            ("JOB_RETENTION_SECS".into(), "0".into()),
+            ("JOB_RETENTION_COUNT".into(), "0".into()),
+            ("TRIM_INTERVAL_MS".into(), "20000".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let config = queue.fan_out_config().clone();
+    let mut conn = queue.connection();
+    const FINISHED: usize = 120_000;
+    for chunk in (0..FINISHED).collect::<Vec<_>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let id = format!("finished-{i}");
+            pipe.sadd(config.done_jobs_set(), &id).ignore();
+            pipe.hset(config.job_data_hash(), &id, "{}").ignore();
+            pipe.hset(format!("{}:{id}", config.job_meta_hash()), "done_at", 1).ignore();
+        }
+        let _: () = pipe.query_async(&mut conn).await.expect("seeded");
+    }
+
+    // Act: the worker starts; its first trim runs.
+    app.start_worker().await;
+    let report_key = worker::jobs::trim::report_key(&app.settings.redis_namespace);
+    let reported = crate::pipeline::wait_until_for(Duration::from_secs(60), || {
+        let mut conn = conn.clone();
+        let key = report_key.clone();
+        async move { redis::AsyncCommands::exists::<_, bool>(&mut conn, key).await.expect("exists") }
+    })
+    .await;
+    assert!(reported, "a trim ran");
+
+    // Assert: that one trim removed them all, with their payloads and metadata.
+    let report: String = redis::AsyncCommands::get(&mut conn, &report_key).await.expect("report");
+    let report: worker::jobs::trim::TrimReport = serde_json::from_str(&report).expect("json");
+    assert!(report.removed.contains(&("done_jobs".to_owned(), FINISHED as u64)), "{report:?}");
+    let done: u64 = redis::AsyncCommands::scard(&mut conn, config.done_jobs_set()).await.expect("scard");
+    let data: u64 = redis::AsyncCommands::hlen(&mut conn, config.job_data_hash()).await.expect("hlen");
+    let meta: bool = redis::AsyncCommands::exists(&mut conn, format!("{}:finished-7", config.job_meta_hash()))
+        .await
+        .expect("exists");
+    assert_eq!((done, data, meta), (0, 0, false));
+}
+
+#[tokio::test]
 async fn finished_job_records_are_trimmed_and_waiting_jobs_are_left_alone() {
     // Arrange: keep finished records for 0 s, trim often.
     let app = spawn_app_with(Options {

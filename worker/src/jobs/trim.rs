@@ -15,7 +15,8 @@
 //! hash, its payload in the `data` hash, its id in the `done` set), and its `vacuum()`
 //! deletes everything in one blocking script, including jobs waiting to retry. This task
 //! removes finished records older than `JOB_RETENTION_SECS`, and the oldest beyond
-//! `JOB_RETENTION_COUNT`, a small batch per round trip so Redis never blocks for long.
+//! `JOB_RETENTION_COUNT`, a small batch per round trip so Redis never blocks for long,
+//! for as long as records are due (up to half the interval, at most 30 s).
 //! Jobs that are pending, scheduled or in flight are never touched: only ids in the
 //! `done` and `dead` sets are considered.
 
@@ -28,8 +29,11 @@ use crate::context::WorkerContext;
 /// Records examined per round trip.
 const BATCH: usize = 500;
 
-/// Most batches per run; the rest waits for the next tick.
-const MAX_BATCHES: usize = 200;
+/// The longest one run spends on job records: half the trim's interval, at most this.
+/// Within it a run goes on while records are due, so a tick removes what finished since
+/// the last one however busy the queue was (not a fixed number of batches); what is left
+/// past it waits for the next tick.
+const MAX_RECORDS_TIME: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// What one run removed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -129,8 +133,11 @@ async fn trim_job_records(ctx: &WorkerContext, queue: &JobQueue) -> Result<Trimm
     let mut conn = queue.connection();
     let redis_error = |e: redis::RedisError| JobError::retryable(e);
     let mut trimmed = Trimmed::default();
+    // Each set gets half the time: finished records cannot crowd out the dead ones.
+    let per_set = (ctx.settings.worker.trim_interval / 2).min(MAX_RECORDS_TIME) / 2;
     for (set, counter) in [(config.done_jobs_set(), &mut trimmed.done), (config.dead_jobs_set(), &mut trimmed.dead)] {
-        for _ in 0..MAX_BATCHES {
+        let deadline = std::time::Instant::now() + per_set;
+        while std::time::Instant::now() < deadline {
             let total: u64 = conn.scard(&set).await.map_err(redis_error)?;
             if total == 0 {
                 break;
