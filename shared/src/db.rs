@@ -8,7 +8,9 @@ use sea_orm::{ConnectOptions, Database, DatabaseConnection};
 /// Connects to `url`, creating the SQLite file (and its folder) if needed.
 ///
 /// SQLite runs in WAL mode with a busy timeout, so the web and worker processes can
-/// write to one file at once; pools are bounded and fail fast when the database is down.
+/// write to one file at once, and with `synchronous=FULL`, so a commit is on disk before
+/// a visitor is told it was stored (in WAL mode `NORMAL` can lose the last commits to a
+/// power cut); pools are bounded and fail fast when the database is down.
 pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
     if let Some(path) = sqlite_path(url)
         && let Some(dir) = std::path::Path::new(path).parent()
@@ -25,7 +27,7 @@ pub async fn connect(url: &str) -> anyhow::Result<DatabaseConnection> {
                 .journal_mode(SqliteJournalMode::Wal)
                 .busy_timeout(Duration::from_secs(5))
                 .foreign_keys(true)
-                .synchronous(SqliteSynchronous::Normal)
+                .synchronous(SqliteSynchronous::Full)
         });
     Database::connect(options).await.context("connecting to the database (DATABASE_URL)")
 }

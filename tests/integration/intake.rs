@@ -223,3 +223,17 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(app.push.received().len(), 21, "and no message twice");
 }
+
+#[tokio::test]
+async fn on_sqlite_every_connection_commits_to_disk_before_answering() {
+    use sea_orm::ConnectionTrait;
+    // A commit that only reached the WAL file's page cache (`synchronous=NORMAL`) can be
+    // lost to a power cut after the visitor was told it was stored.
+    let app = spawn_app_with(Options { backend: Backend::Sqlite, worker: false, ..Options::default() }).await;
+    let statement = sea_orm::Statement::from_string(sea_orm::DbBackend::Sqlite, "PRAGMA synchronous");
+    let checks = (0..4).map(|_| app.db.query_one_raw(statement.clone()));
+    for row in futures::future::join_all(checks).await {
+        let row = row.expect("pragma").expect("a row");
+        assert_eq!(row.try_get::<i32>("", "synchronous").expect("a number"), 2, "FULL");
+    }
+}
