@@ -8,6 +8,7 @@
 //! same message twice. Deliveries that may succeed later are retried on their own: the
 //! job records when each is due and leaves a dispatch record for that time.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -164,6 +165,36 @@ fn tally(results: Vec<Result<Delivered, JobError>>) -> (Stats, Vec<i64>, Option<
     (stats, sent, error)
 }
 
+/// Runs `deliver` over `targets`, at most `concurrency` at once, in groups of the results
+/// that completed together. Once one fails (`failed` is set), no further target starts,
+/// but those in flight run to their end and are yielded: a push that went out and was
+/// dropped unrecorded would be sent again by the job's retry.
+fn until_failed<'a, T, R, Fut>(
+    targets: Vec<T>,
+    concurrency: usize,
+    failed: &'a AtomicBool,
+    deliver: impl Fn(T) -> Fut + 'a,
+) -> impl futures::Stream<Item = Vec<Result<R, JobError>>> + 'a
+where
+    T: 'a,
+    Fut: std::future::Future<Output = Result<R, JobError>> + 'a,
+{
+    futures::stream::iter(targets)
+        .take_while(move |_| std::future::ready(!failed.load(Ordering::Relaxed)))
+        .map(move |target| {
+            let delivered = deliver(target);
+            async move {
+                let result = delivered.await;
+                if result.is_err() {
+                    failed.store(true, Ordering::Relaxed);
+                }
+                result
+            }
+        })
+        .buffer_unordered(concurrency)
+        .ready_chunks(concurrency)
+}
+
 /// What one push came to: a success for the batch, or the counts of an outcome already
 /// recorded.
 enum Delivered {
@@ -241,11 +272,10 @@ impl Run<'_> {
         // Room for one chunk waiting: the sender waits when the recorder falls behind.
         let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
         let sender = async move {
-            let mut results = futures::stream::iter(targets)
-                .map(|target| self.deliver(target))
-                .buffer_unordered(concurrency)
-                .ready_chunks(concurrency);
+            let failed = AtomicBool::new(false);
+            let mut results = until_failed(targets, concurrency, &failed, |target| self.deliver(target));
             let mut stats = Stats::default();
+            let mut first_error = None;
             while let Some(chunk) = results.next().await {
                 let (chunk_stats, sent, error) = tally(chunk);
                 stats.add(chunk_stats);
@@ -254,10 +284,10 @@ impl Run<'_> {
                     break;
                 }
                 if let Some(error) = error {
-                    return Err(error);
+                    first_error.get_or_insert(error);
                 }
             }
-            Ok::<_, JobError>(stats)
+            first_error.map_or(Ok(stats), Err)
         };
         let recorder = async move {
             while let Some(batch) = to_record.recv().await {
@@ -346,5 +376,45 @@ impl Run<'_> {
             }
         }
         Ok(Delivered::Other(stats))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::time::Duration;
+
+    use futures::StreamExt;
+
+    use super::{JobError, until_failed};
+
+    #[tokio::test]
+    async fn after_a_failure_no_push_starts_and_those_in_flight_finish() {
+        // Twenty targets, four at a time; the third fails at once, the others take 20 ms.
+        let started = AtomicUsize::new(0);
+        let failed = AtomicBool::new(false);
+        let deliver = |i: usize| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if i == 2 {
+                    return Err(JobError::retryable(anyhow::anyhow!("the database went away")));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Ok(i)
+            }
+        };
+        let chunks: Vec<Vec<Result<usize, JobError>>> =
+            until_failed((0..20).collect(), 4, &failed, deliver).collect().await;
+        let results: Vec<_> = chunks.into_iter().flatten().collect();
+
+        // Every push that started came to its end and is reported, the failure among
+        // them; none started after it but the one taking its place as it failed.
+        let started = started.load(Ordering::SeqCst);
+        assert!(started < 20, "pushes stopped starting ({started} started)");
+        assert_eq!(results.len(), started, "every push in flight finished");
+        assert_eq!(results.iter().filter(|r| r.is_err()).count(), 1);
+        let mut sent: Vec<usize> = results.into_iter().filter_map(Result::ok).collect();
+        sent.sort_unstable();
+        assert_eq!(sent, (0..started).filter(|i| *i != 2).collect::<Vec<_>>());
     }
 }
