@@ -140,35 +140,38 @@ impl Retries {
 
 /// Sends `message` to `sub` without a delivery record (test pushes, digests): counts and
 /// times it, deletes a gone subscription, records success or failure on it.
+///
+/// The push's outcome stands even when that bookkeeping fails (it is logged): failing
+/// the job there would retry it, and send the push again to every subscription it
+/// already reached.
 pub(crate) async fn send_untracked(
     ctx: &crate::context::WorkerContext,
     sub: &shared::entities::push_subscription::Model,
     message: &crate::push::PushMessage<'_>,
-) -> Result<Untracked, JobError> {
+) -> Untracked {
     use crate::push::{PushOutcome, PushTarget};
     use shared::queries::subscription;
     let target = PushTarget { endpoint: &sub.endpoint, p256dh: &sub.p256dh, auth: &sub.auth };
     let started = std::time::Instant::now();
     let outcome = ctx.sender.send(&target, message).await;
     crate::push::record(&ctx.metrics, &outcome, started.elapsed());
-    match outcome {
-        PushOutcome::Delivered => {
-            subscription::record_success(&ctx.db, sub.id).await?;
-            Ok(Untracked::Delivered)
-        }
+    let (untracked, recorded) = match outcome {
+        PushOutcome::Delivered => (Untracked::Delivered, subscription::record_success(&ctx.db, sub.id).await),
         PushOutcome::Gone { status } => {
             tracing::info!(subscription_id = sub.id, status, "push.subscription_gone");
-            subscription::delete(&ctx.db, sub.id).await?;
-            Ok(Untracked::NotDelivered)
+            (Untracked::NotDelivered, subscription::delete(&ctx.db, sub.id).await.map(|_| ()))
         }
         PushOutcome::Retry { reason, retry_after } => {
             tracing::warn!(subscription_id = sub.id, %reason, "push.untracked_retry");
-            Ok(Untracked::Retry { reason, retry_after })
+            (Untracked::Retry { reason, retry_after }, Ok(()))
         }
         PushOutcome::Rejected { reason, .. } => {
             tracing::warn!(subscription_id = sub.id, %reason, "push.untracked_failed");
-            subscription::record_failure(&ctx.db, sub.id, &reason).await?;
-            Ok(Untracked::NotDelivered)
+            (Untracked::NotDelivered, subscription::record_failure(&ctx.db, sub.id, &reason).await)
         }
+    };
+    if let Err(e) = recorded {
+        tracing::warn!(subscription_id = sub.id, error = %e, "push.untracked_record_failed");
     }
+    untracked
 }
