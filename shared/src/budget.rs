@@ -1,5 +1,6 @@
 //! Budgets of the short-lived kinds of data kept in Redis: admin sessions, login-failure
-//! counters and the queue's idempotency keys.
+//! counters and the queue's idempotency keys; and the metadata the queue keeps of worker
+//! processes that are gone.
 //!
 //! Each of them expires on its own; a budget bounds a flood of them (many logins, a
 //! password-guessing run from many addresses, a burst of jobs). [`sweep`] walks the
@@ -30,6 +31,9 @@ pub struct Swept {
     pub rate_limits: u64,
     /// Idempotency keys removed to get within the budget.
     pub idempotency_keys: u64,
+    /// Metadata of worker processes no longer registered (apalis-redis writes one hash
+    /// per worker and never removes it; each process start is a new worker).
+    pub worker_metadata: u64,
 }
 
 /// The keys of one kind kept so far: the budget's worth with the longest time to live.
@@ -64,6 +68,7 @@ pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudget
     let now = chrono::Utc::now().timestamp();
     let mut scan = crate::redis_usage::KeyScan::new(ns);
     while let Some(keys) = scan.next(conn).await? {
+        swept.worker_metadata += drop_unregistered_workers_metadata(conn, &keys).await?;
         let ours: Vec<(String, &'static str)> = keys
             .into_iter()
             .filter_map(|key| {
@@ -115,6 +120,32 @@ pub async fn sweep(conn: &mut ConnectionManager, ns: &str, budgets: &RedisBudget
         }
     }
     Ok(swept)
+}
+
+/// The part of a worker's metadata key between its queue and its name.
+const WORKER_METADATA: &str = ":workers:metadata:";
+
+/// Removes, among `keys`, the metadata of workers no longer in their queue's workers set
+/// (a worker past its heartbeat is taken out of it, and its jobs taken back, by the
+/// orphan sweep; a registration writes both at once). Returns how many it removed.
+async fn drop_unregistered_workers_metadata(conn: &mut ConnectionManager, keys: &[String]) -> redis::RedisResult<u64> {
+    let workers: Vec<(&String, &str, &str)> =
+        keys.iter().filter_map(|key| key.split_once(WORKER_METADATA).map(|(queue, name)| (key, queue, name))).collect();
+    if workers.is_empty() {
+        return Ok(0);
+    }
+    let mut pipe = redis::pipe();
+    for (_, queue, name) in &workers {
+        pipe.zscore(format!("{queue}:workers"), *name);
+    }
+    let seen: Vec<Option<f64>> = pipe.query_async(conn).await?;
+    let gone: Vec<&String> =
+        workers.iter().zip(seen).filter(|(_, s)| s.is_none()).map(|((key, _, _), _)| *key).collect();
+    if gone.is_empty() {
+        return Ok(0);
+    }
+    let _: () = redis::cmd("UNLINK").arg(&gone).query_async(conn).await?;
+    Ok(gone.len() as u64)
 }
 
 /// True for a digest's idempotency key, which stays until it expires

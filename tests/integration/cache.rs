@@ -336,6 +336,10 @@ async fn the_trim_bounds_sessions_login_counters_and_idempotency_keys() {
     // A digest's key, the closest of all to expiring: it stays, so its window's digest
     // runs once.
     pipe.pset_ex(format!("{ns}:fanout:idempotency:digest-60-120"), "task", 30_000).ignore();
+    // The queue's metadata of a worker still registered, and of one that is gone.
+    pipe.zadd(format!("{ns}:fanout:workers"), "alive", now).ignore();
+    pipe.hset(format!("{ns}:fanout:workers:metadata:alive"), "service", "fan_out").ignore();
+    pipe.hset(format!("{ns}:fanout:workers:metadata:gone"), "service", "fan_out").ignore();
     // Active, but logged in more than a day ago: past its absolute lifetime.
     let stale = serde_json::json!({"admin_id": 1, "logged_in_at": now - 25 * 3600}).to_string();
     pipe.pset_ex(format!("{ns}:session:old"), stale, 3_600_000).ignore();
@@ -345,6 +349,7 @@ async fn the_trim_bounds_sessions_login_counters_and_idempotency_keys() {
     let swept = shared::budget::sweep(&mut conn, &ns, &budgets).await.expect("sweep");
 
     assert_eq!(swept.expired_sessions, 1);
+    assert_eq!(swept.worker_metadata, 1);
     assert_eq!((swept.sessions, swept.rate_limits, swept.idempotency_keys), (20, 25, 10));
     let left = |pattern: &str| {
         let (mut conn, pattern) = (conn.clone(), format!("{ns}:{pattern}"));
@@ -358,6 +363,7 @@ async fn the_trim_bounds_sessions_login_counters_and_idempotency_keys() {
     assert_eq!(sessions.len(), 10);
     assert!(sessions.iter().all(|k| k[k.rfind(":s").expect("id") + 2..].parse::<u32>().expect("n") >= 20));
     assert_eq!(left("login-failures:*").await.len(), 5);
+    assert_eq!(left("fanout:workers:metadata:*").await, [format!("{ns}:fanout:workers:metadata:alive")]);
     let idempotency = left("fanout:idempotency:*").await;
     assert_eq!(idempotency.len(), 21);
     assert!(idempotency.contains(&format!("{ns}:fanout:idempotency:digest-60-120")), "{idempotency:?}");

@@ -5,7 +5,8 @@
 //! - Job records: see below.
 //! - The read cache: entries of other versions, then least recently used first
 //!   ([`shared::cache::Cache::trim`]).
-//! - Sessions, login-failure counters, idempotency keys ([`shared::budget::sweep`]).
+//! - Sessions, login-failure counters, idempotency keys, the metadata of workers that are
+//!   gone ([`shared::budget::sweep`]).
 //!
 //! What it removed is counted in `tidings_trimmed_total{kind}` and kept as the last
 //! report in Redis, which `worker status` shows.
@@ -94,6 +95,7 @@ pub async fn run(ctx: &WorkerContext, trigger: &str) -> Result<TrimReport, JobEr
         removed.push(("sessions".into(), swept.sessions));
         removed.push(("rate_limits".into(), swept.rate_limits));
         removed.push(("idempotency_keys".into(), swept.idempotency_keys));
+        removed.push(("worker_metadata".into(), swept.worker_metadata));
     }
     removed.retain(|(_, n)| *n > 0);
     for (kind, n) in &removed {
