@@ -46,6 +46,24 @@ async fn three_worker_processes_run_each_periodic_tick_exactly_once() {
     assert_once_per_tick(&trims, 10, "the trim: about 20 ticks in 4 s at 200 ms");
 }
 
+#[tokio::test]
+async fn a_worker_host_whose_clock_is_behind_does_not_run_a_tick_again() {
+    // Arrange: a tick of a task that runs every 100 ms, claimed by one host.
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let periodic = worker::queue::Periodic::new(queue.connection(), &app.settings.redis_namespace);
+    let every = Duration::from_millis(100);
+    assert!(periodic.claim("relay", 7, every).await.expect("redis"), "the first host runs it");
+
+    // Act: a host whose clock is two seconds behind (twenty ticks) reaches the same tick.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let again = periodic.claim("relay", 7, every).await.expect("redis");
+
+    // Assert: the claim still stands.
+    assert!(!again, "a tick ran twice");
+}
+
 /// Every tick in `runs` ran once, and at least `least` ticks ran.
 fn assert_once_per_tick(runs: &[(u64, u32)], least: usize, what: &str) {
     let mut ticks: Vec<u64> = runs.iter().map(|(tick, _)| *tick).collect();

@@ -286,9 +286,13 @@ impl Periodic {
     }
 
     /// Claims tick `tick` of task `name`; true for exactly one caller per tick.
+    ///
+    /// Ticks are numbered by each host's clock, so a claim is kept for four ticks and at
+    /// least [`TICK_CLAIM_MIN_TTL`]: a host whose clock is behind by less than that
+    /// reaches the tick while its claim still stands, and does not run it again.
     pub async fn claim(&self, name: &str, tick: u64, every: Duration) -> redis::RedisResult<bool> {
         let key = format!("{}:tick:{name}:{tick}", self.namespace);
-        let ttl = u64::try_from((every * 4).as_millis()).unwrap_or(u64::MAX).max(1000);
+        let ttl = u64::try_from((every * 4).max(TICK_CLAIM_MIN_TTL).as_millis()).unwrap_or(u64::MAX);
         let mut conn = self.conn.clone();
         let set: Option<String> = redis::cmd("SET")
             .arg(&key)
@@ -381,6 +385,10 @@ impl Periodic {
         Ok(keys.len())
     }
 }
+
+/// The shortest a tick's claim is kept: the most two worker hosts' clocks may differ
+/// without a tick running twice.
+pub const TICK_CLAIM_MIN_TTL: Duration = Duration::from_secs(120);
 
 /// How long a periodic task's lock outlives a process that died holding it.
 pub const PERIODIC_LOCK_TTL: Duration = Duration::from_secs(30);
