@@ -230,7 +230,7 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
         chrono::DateTime::from_timestamp(coalescing.window_start(shared::queries::now()) - 600, 0).expect("a time");
     let end = start + chrono::Duration::seconds(60);
     let mut ids = Vec::new();
-    let mut records = Vec::new();
+    let mut records: Vec<i64> = Vec::new();
     for (n, ms) in [1_000, 2_250, 2_250, 3_500, 4_000, 61_000].into_iter().enumerate() {
         let created_at = start + chrono::Duration::milliseconds(ms);
         let message = feedback_message::ActiveModel {
@@ -268,26 +268,33 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
     let folding = vec![ids[4], ids[3], ids[2], ids[1]];
     assert_eq!(digest().await, folding);
 
-    // Each first run decides the same way: the first is claimed, the rest fold, and
-    // each run finishes as the fan-out job does (the claimed one records its push).
-    for (n, id) in ids[..5].iter().enumerate() {
-        let token = format!("t{n}");
-        let opening = delivery::open_run(&app.db, *id, 64, &token, lease(), coalescing).await.expect("opened");
-        if n == 0 {
-            let sent = claimed(&opening).expect("claimed");
-            assert_eq!(sent.len(), 1, "{opening:?}");
-            delivery::close_run(&app.db, *id, records[n], &sent, &token).await.expect("closed");
-        } else {
-            assert!(matches!(opening, Opening::Folded { .. }), "message {n}: {opening:?}");
-            shared::queries::dispatch::mark_completed(&app.db, records[n]).await.expect("completed");
-        }
+    // The digest completes their dispatch records before it sends. The first message's
+    // run opens (claimed: it goes out alone) and finishes; then that message is deleted,
+    // so the second and third are now the window's first two.
+    shared::queries::dispatch::complete_for_messages(&app.db, &folding).await.expect("completed");
+    let opening = delivery::open_run(&app.db, ids[0], 64, "t0", lease(), coalescing).await.expect("opened");
+    let sent = claimed(&opening).expect("claimed");
+    assert_eq!(sent.len(), 1, "{opening:?}");
+    delivery::close_run(&app.db, ids[0], records[0], &sent, "t0").await.expect("closed");
+    assert!(shared::queries::feedback::delete(&app.db, ids[0]).await.expect("deleted"));
+
+    // Act: the other runs open late, behind a backlog: the second alone, the rest in one
+    // group (one statement on PostgreSQL).
+    let second = delivery::open_run(&app.db, ids[1], 64, "t1", lease(), coalescing).await.expect("opened");
+    let tokens = ["t2", "t3", "t4"];
+    let group: Vec<RunToOpen<'_>> =
+        ids[2..5].iter().zip(tokens).map(|(id, token)| RunToOpen { feedback_id: *id, token }).collect();
+    let groups = group_pool(&app).await;
+    let rest = delivery::open_runs(&groups, &group, 64, lease(), coalescing).await.expect("opened");
+
+    // Assert: each folds, the second and third too, though their window's count no
+    // longer puts them past the threshold: the digest announced them, and they are not
+    // sent again on their own.
+    for (n, opening) in std::iter::once(second).chain(rest).enumerate() {
+        assert!(matches!(opening, Opening::Folded { .. }), "message {}: {opening:?}", n + 1);
+        shared::queries::dispatch::mark_completed(&app.db, records[n + 1]).await.expect("completed");
     }
     assert_eq!(digest().await, folding, "the same messages once every run finished");
-
-    // The first message is deleted: the second and third, now the window's first two,
-    // are still counted, for they folded.
-    assert!(shared::queries::feedback::delete(&app.db, ids[0]).await.expect("deleted"));
-    assert_eq!(digest().await, folding);
 
     // A message something went out for (a run with coalescing off) is not counted again;
     // nor is a message deleted since.

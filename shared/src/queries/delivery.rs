@@ -668,9 +668,10 @@ pub enum Opening {
 }
 
 /// Opens a fan-out run of `feedback_id`: loads the message, decides whether it folds
-/// into a digest ([`Coalescing`]: only a message nothing was sent for yet folds) and, if
-/// not, claims its first page of `size` subscriptions with the deliveries due again (as
-/// [`claim_page`] with `with_due`).
+/// into a digest ([`Coalescing`]: only a message nothing was sent for yet folds; one
+/// whose dispatch record is completed already folds whatever its window's count, for a
+/// digest announced it) and, if not, claims its first page of `size` subscriptions with
+/// the deliveries due again (as [`claim_page`] with `with_due`).
 ///
 /// On PostgreSQL this is one statement; elsewhere the same steps one after another.
 ///
@@ -708,7 +709,9 @@ pub struct RunToOpen<'a> {
 /// The statement of [`open_runs`] for a group on PostgreSQL.
 ///
 /// Per run (`o`, its place): `burst` is 0 when coalescing is off or something went out
-/// already; a run claims only if its message exists and is not folded (`go`). Claims
+/// already, one past the threshold when a digest announced the message (a completed
+/// dispatch record and nothing sent), else the window's count; a run claims only if its
+/// message exists and is not folded (`go`). Claims
 /// carry their run's token, so two runs of one message never share one. Every row
 /// carries its run's message and the page's size (one row of NULL targets for a run
 /// that claimed nothing).
@@ -727,6 +730,8 @@ pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
      msg AS (SELECT * FROM feedback_messages WHERE id = ANY($1::text::bigint[])), \
      burst AS (SELECT m.id AS f, \
      CASE WHEN $7::bigint = 0 OR (SELECT 1 FROM deliveries WHERE feedback_id = m.id LIMIT 1) IS NOT NULL THEN 0 \
+     WHEN (SELECT 1 FROM dispatches WHERE feedback_id = m.id AND completed_at IS NOT NULL LIMIT 1) IS NOT NULL \
+     THEN $7::bigint + 1 \
      ELSE (SELECT count(*) FROM (SELECT 1 FROM feedback_messages x \
      WHERE x.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $8::bigint) * $8::bigint)::float8) \
      AND x.created_at <= m.created_at LIMIT $7::bigint + 1) w) END AS n FROM msg m), \
@@ -840,11 +845,14 @@ async fn open_alone<C: ConnectionTrait>(
     coalescing: Coalescing,
 ) -> Result<Opening, DbErr> {
     use sea_orm::{DbBackend, Statement};
-    // `burst` is 0 when coalescing is off or something went out already; nothing is
-    // claimed unless the message exists and is not folded (`go`). Every row carries the
+    // `burst` is 0 when coalescing is off or something went out already, one past the
+    // threshold when a digest announced the message (a completed dispatch record and
+    // nothing sent), else the window's count; nothing is claimed unless the message
+    // exists and is not folded (`go`). Every row carries the
     // message and the page's size (one row of NULL targets when nothing was claimed).
     const SQL: &str = "WITH msg AS (SELECT * FROM feedback_messages WHERE id = $3), \
          burst AS (SELECT CASE WHEN $10::bigint = 0 OR EXISTS (SELECT 1 FROM deliveries WHERE feedback_id = $3) THEN 0 \
+         WHEN EXISTS (SELECT 1 FROM dispatches WHERE feedback_id = $3 AND completed_at IS NOT NULL) THEN $10::bigint + 1 \
          ELSE (SELECT count(*) FROM (SELECT 1 FROM feedback_messages f, msg m \
          WHERE f.created_at >= to_timestamp((floor(extract(epoch FROM m.created_at) / $11::bigint) * $11::bigint)::float8) \
          AND f.created_at <= m.created_at LIMIT $10::bigint + 1) w) END AS n), \
@@ -902,9 +910,11 @@ async fn open_one_by_one<C: ConnectionTrait>(
     if coalescing.threshold > 0 {
         let from =
             DateTime::from_timestamp(coalescing.window_start(message.created_at), 0).unwrap_or(message.created_at);
-        // Both questions at once: has anything gone out for it, and how busy is its window.
-        let (started, in_window) = tokio::join!(
+        // The questions at once: has anything gone out for it, did a digest announce it
+        // already, and how busy is its window.
+        let (started, announced, in_window) = tokio::join!(
             any_of_feedback(db, feedback_id),
+            crate::queries::dispatch::any_completed_of_feedback(db, feedback_id),
             crate::queries::feedback::count_created_between(
                 db,
                 from,
@@ -912,7 +922,10 @@ async fn open_one_by_one<C: ConnectionTrait>(
                 coalescing.threshold.saturating_add(1)
             )
         );
-        let (started, in_window) = (started?, in_window?);
+        let (started, announced, in_window) = (started?, announced?, in_window?);
+        if !started && announced {
+            return Ok(Opening::Folded { message, in_window: coalescing.threshold.saturating_add(1) });
+        }
         if !started && in_window > coalescing.threshold {
             return Ok(Opening::Folded { message, in_window });
         }

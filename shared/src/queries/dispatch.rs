@@ -79,6 +79,37 @@ pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), D
     Ok(())
 }
 
+/// Completes the dispatch records of messages `feedback_ids`, which a digest is about to
+/// announce: a run of one of them that opens later finds its record completed and no
+/// delivery, and folds (`delivery::open_run`), so the message is not also sent on its
+/// own, whatever happened to its window since. The relay leaves completed records alone.
+pub async fn complete_for_messages<C: ConnectionTrait>(db: &C, feedback_ids: &[i64]) -> Result<(), DbErr> {
+    use sea_orm::sea_query::Func;
+    if feedback_ids.is_empty() {
+        return Ok(());
+    }
+    Entity::update_many()
+        .col_expr(
+            Column::CompletedAt,
+            Func::coalesce([Expr::col(Column::CompletedAt), Expr::value(super::now())]).into(),
+        )
+        .filter(Column::FeedbackId.is_in(feedback_ids.iter().copied()))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
+/// Whether a dispatch record of message `feedback_id` is completed.
+pub async fn any_completed_of_feedback<C: ConnectionTrait>(db: &C, feedback_id: i64) -> Result<bool, DbErr> {
+    use sea_orm::PaginatorTrait;
+    let completed = Entity::find()
+        .filter(Column::FeedbackId.eq(feedback_id))
+        .filter(Column::CompletedAt.is_not_null())
+        .count(db)
+        .await?;
+    Ok(completed > 0)
+}
+
 /// Dispatches the relay should enqueue now, oldest first, at most `limit`:
 /// due and never enqueued (and older than `grace`, leaving the web time to enqueue it
 /// itself), or enqueued before `stuck_before` and still not completed (the job was lost).

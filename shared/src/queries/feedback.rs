@@ -345,10 +345,12 @@ pub async fn count_created_between<C: ConnectionTrait>(
 /// go out on their own whenever their runs open, before the digest or after it. A
 /// deleted message moves that time later, so a message that folded before an earlier one
 /// was deleted is found by what its run left instead: a completed dispatch record and
-/// no delivery. A message whose run finished without a delivery left to show for it
-/// leaves the same — no subscription then, only subscriptions deleted since (gone, or
-/// removed), or its job cancelled — and is counted too: no subscription that exists
-/// was sent it.
+/// no delivery. The digest completes the records of what it announces
+/// (`dispatch::complete_for_messages`), so a run that opens after it folds too, however
+/// the window changed. A message whose run finished without a delivery left to show for
+/// it leaves the same — no subscription then, only subscriptions deleted since (gone, or
+/// removed), or its job cancelled — and is counted too: no subscription that exists was
+/// sent it.
 pub async fn folded_between<C: ConnectionTrait>(
     db: &C,
     from: chrono::DateTime<chrono::Utc>,

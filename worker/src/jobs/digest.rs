@@ -7,7 +7,10 @@
 //! threshold carried by the job) and with no delivery recorded, or that folded before an
 //! earlier message was deleted (`shared::queries::feedback::folded_between`). So a
 //! message the window announces one by one is never counted, even when its run opens
-//! after the digest, and a folded one is counted even before its run opens.
+//! after the digest, and a folded one is counted even before its run opens. Before it
+//! sends, the digest completes the dispatch records of what it counted, so a run of one
+//! of them that opens later folds whatever became of its window
+//! (`shared::queries::delivery::open_run`).
 //!
 //! Like the test push, it records no per-subscription deliveries: pushes that may pass
 //! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions, and
@@ -32,6 +35,10 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let threshold = job.threshold.unwrap_or(ctx.settings.worker.burst_threshold);
     let folded = feedback::folded_between(&ctx.db, from, to, threshold).await?;
     let Some(latest) = folded.first() else { return Ok(0) };
+    // Before anything is sent: a run of one of them still waiting behind a backlog folds
+    // when it opens, however its window changed meanwhile (a message deleted).
+    let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
+    shared::queries::dispatch::complete_for_messages(&ctx.db, &ids).await?;
     let notification =
         Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);
     let payload = notification.to_payload();
