@@ -315,19 +315,80 @@ async fn one_tick_trims_every_finished_record_however_many_finished_since_the_la
     let config = queue.fan_out_config().clone();
     let mut conn = queue.connection();
     const FINISHED: usize = 120_000;
-    for chunk in (0..FINISHED).collect::<Vec<_>>().chunks(10_000) {
-        let mut pipe = redis::pipe();
-        for i in chunk {
-            let id = format!("finished-{i}");
-            pipe.sadd(config.done_jobs_set(), &id).ignore();
-            pipe.hset(config.job_data_hash(), &id, "{}").ignore();
-            pipe.hset(format!("{}:{id}", config.job_meta_hash()), "done_at", 1).ignore();
-        }
-        let _: () = pipe.query_async(&mut conn).await.expect("seeded");
-    }
+    seed_finished(&mut conn, &config, "finished", FINISHED, 1).await;
 
     // Act: the worker starts; its first trim runs.
     app.start_worker().await;
+    let report = first_trim(&app, &conn).await;
+
+    // Assert: that one trim removed them all, with their payloads and metadata.
+    assert!(report.removed.contains(&("done_jobs".to_owned(), FINISHED as u64)), "{report:?}");
+    let done: u64 = redis::AsyncCommands::scard(&mut conn, config.done_jobs_set()).await.expect("scard");
+    let data: u64 = redis::AsyncCommands::hlen(&mut conn, config.job_data_hash()).await.expect("hlen");
+    let meta: bool = redis::AsyncCommands::exists(&mut conn, format!("{}:finished-7", config.job_meta_hash()))
+        .await
+        .expect("exists");
+    assert_eq!((done, data, meta), (0, 0, false));
+}
+
+#[tokio::test]
+async fn one_tick_trims_the_records_past_their_age_among_younger_ones() {
+    // Arrange: 20,000 finished records past their hour and 20,000 finished now, a count
+    // budget that does not bind, and a worker whose trim ticks every 20 s.
+    let mut app = spawn_app_with(Options {
+        worker: false,
+        env: vec![
+            ("JOB_RETENTION_SECS".into(), "3600".into()),
+            ("JOB_RETENTION_COUNT".into(), "1000000".into()),
+            ("TRIM_INTERVAL_MS".into(), "20000".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let config = queue.fan_out_config().clone();
+    let mut conn = queue.connection();
+    let now = chrono::Utc::now().timestamp();
+    seed_finished(&mut conn, &config, "old", 20_000, 1).await;
+    seed_finished(&mut conn, &config, "new", 20_000, now).await;
+
+    // Act
+    app.start_worker().await;
+    let report = first_trim(&app, &conn).await;
+
+    // Assert: one tick removed nearly all the old ones (the records are sampled at
+    // random, so the walk stops at a sample with none due: a few may wait for the next
+    // tick), and none of the new.
+    let removed = report.removed.iter().find(|(kind, _)| kind == "done_jobs").map_or(0, |(_, n)| *n);
+    assert!(removed >= 19_000, "{report:?}");
+    let new_left: u64 =
+        redis::AsyncCommands::exists(&mut conn, format!("{}:new-7", config.job_meta_hash())).await.expect("exists");
+    let done: u64 = redis::AsyncCommands::scard(&mut conn, config.done_jobs_set()).await.expect("scard");
+    assert_eq!((new_left, done), (1, 40_000 - removed));
+}
+
+/// Seeds `n` finished records `{prefix}-{i}` that finished at `done_at` (Unix seconds).
+async fn seed_finished(
+    conn: &mut redis::aio::ConnectionManager,
+    config: &apalis_redis::Config,
+    prefix: &str,
+    n: usize,
+    done_at: i64,
+) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(10_000) {
+        let mut pipe = redis::pipe();
+        for i in chunk {
+            let id = format!("{prefix}-{i}");
+            pipe.sadd(config.done_jobs_set(), &id).ignore();
+            pipe.hset(config.job_data_hash(), &id, "{}").ignore();
+            pipe.hset(format!("{}:{id}", config.job_meta_hash()), "done_at", done_at).ignore();
+        }
+        let _: () = pipe.query_async(conn).await.expect("seeded");
+    }
+}
+
+/// The report of the first trim the app's worker runs.
+async fn first_trim(app: &TestApp, conn: &redis::aio::ConnectionManager) -> worker::jobs::trim::TrimReport {
     let report_key = worker::jobs::trim::report_key(&app.settings.redis_namespace);
     let reported = crate::pipeline::wait_until_for(Duration::from_secs(60), || {
         let mut conn = conn.clone();
@@ -336,17 +397,9 @@ async fn one_tick_trims_every_finished_record_however_many_finished_since_the_la
     })
     .await;
     assert!(reported, "a trim ran");
-
-    // Assert: that one trim removed them all, with their payloads and metadata.
+    let mut conn = conn.clone();
     let report: String = redis::AsyncCommands::get(&mut conn, &report_key).await.expect("report");
-    let report: worker::jobs::trim::TrimReport = serde_json::from_str(&report).expect("json");
-    assert!(report.removed.contains(&("done_jobs".to_owned(), FINISHED as u64)), "{report:?}");
-    let done: u64 = redis::AsyncCommands::scard(&mut conn, config.done_jobs_set()).await.expect("scard");
-    let data: u64 = redis::AsyncCommands::hlen(&mut conn, config.job_data_hash()).await.expect("hlen");
-    let meta: bool = redis::AsyncCommands::exists(&mut conn, format!("{}:finished-7", config.job_meta_hash()))
-        .await
-        .expect("exists");
-    assert_eq!((done, data, meta), (0, 0, false));
+    serde_json::from_str(&report).expect("json")
 }
 
 #[tokio::test]

@@ -150,7 +150,9 @@ pub async fn outstanding<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
 ///
 /// Only completed records go: an outstanding one is work still owed. A job still queued
 /// for a deleted record is harmless: its run finds every delivery settled and its
-/// completion updates nothing. The deliveries stay: they are what keeps a message from
+/// completion updates nothing. (One exception, after an outage longer than the
+/// records are kept: a message a digest announced, whose own run is still queued, loses
+/// the completed record that makes that run fold, and may go out alone as well.) The deliveries stay: they are what keeps a message from
 /// reaching a device twice.
 pub async fn delete_completed_before<C: ConnectionTrait>(
     db: &C,

@@ -271,17 +271,19 @@ impl Run<'_> {
         }
         // Room for one chunk waiting: the sender waits when the recorder falls behind.
         let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
+        // Set by a failed push or a failed record: no further push starts, and those in
+        // flight finish and are recorded.
+        let failed = &AtomicBool::new(false);
         let sender = async move {
-            let failed = AtomicBool::new(false);
-            let mut results = until_failed(targets, concurrency, &failed, |target| self.deliver(target));
+            let mut results = until_failed(targets, concurrency, failed, |target| self.deliver(target));
             let mut stats = Stats::default();
             let mut first_error = None;
             while let Some(chunk) = results.next().await {
                 let (chunk_stats, sent, error) = tally(chunk);
                 stats.add(chunk_stats);
-                if !sent.is_empty() && done.send(sent).await.is_err() {
-                    // The recorder failed; its error is the one returned.
-                    break;
+                if !sent.is_empty() {
+                    // The recorder takes every batch until this sender is done.
+                    let _ = done.send(sent).await;
                 }
                 if let Some(error) = error {
                     first_error.get_or_insert(error);
@@ -290,10 +292,25 @@ impl Run<'_> {
             first_error.map_or(Ok(stats), Err)
         };
         let recorder = async move {
+            let mut first_error = None;
+            let mut unrecorded = Vec::new();
             while let Some(batch) = to_record.recv().await {
-                delivery::record_sent(&self.ctx.db, self.feedback_id, &batch, &self.token).await?;
+                if first_error.is_some() {
+                    unrecorded.extend(batch);
+                } else if let Err(e) = delivery::record_sent(&self.ctx.db, self.feedback_id, &batch, &self.token).await
+                {
+                    failed.store(true, Ordering::Relaxed);
+                    unrecorded.extend(batch);
+                    first_error = Some(e);
+                }
             }
-            Ok::<_, JobError>(())
+            let Some(error) = first_error else { return Ok(()) };
+            // Once more, all together, before the job is retried: what is recorded now
+            // is not sent again.
+            if let Err(again) = delivery::record_sent(&self.ctx.db, self.feedback_id, &unrecorded, &self.token).await {
+                tracing::warn!(feedback_id = self.feedback_id, error = %again, "fan_out.record_after_failed_batch_failed");
+            }
+            Err::<(), JobError>(error.into())
         };
         let (stats, recorded) = tokio::join!(sender, recorder);
         recorded?;

@@ -70,11 +70,8 @@ pub fn report_key(namespace: &str) -> String {
 pub async fn run(ctx: &WorkerContext, trigger: &str) -> Result<TrimReport, JobError> {
     let started = std::time::Instant::now();
     let mut removed: Vec<(String, u64)> = Vec::new();
-    if let Some(queue) = &ctx.queue {
-        let jobs = trim_job_records(ctx, queue).await?;
-        removed.push(("done_jobs".into(), jobs.done));
-        removed.push(("dead_jobs".into(), jobs.dead));
-    }
+    // The cache first: it is what an on-demand trim was asked for, and the job records
+    // can take longer.
     let mut cache_after = None;
     if let Some(cache) = &ctx.cache {
         let cache_trimmed = cache.trim().await.map_err(JobError::retryable)?;
@@ -83,6 +80,11 @@ pub async fn run(ctx: &WorkerContext, trigger: &str) -> Result<TrimReport, JobEr
         removed.push(("cache_evicted".into(), cache_trimmed.evicted));
         let usage = cache.usage().await.map_err(JobError::retryable)?;
         cache_after = Some((usage.entries, usage.bytes));
+    }
+    if let Some(queue) = &ctx.queue {
+        let jobs = trim_job_records(ctx, queue).await?;
+        removed.push(("done_jobs".into(), jobs.done));
+        removed.push(("dead_jobs".into(), jobs.dead));
     }
     // The on-demand trim is about the cache; the walk of the whole namespace waits for the
     // tick.
@@ -176,10 +178,8 @@ async fn trim_job_records(ctx: &WorkerContext, queue: &JobQueue) -> Result<Trimm
             }
             let _: () = pipe.query_async(&mut conn).await.map_err(redis_error)?;
             *counter += victims.len() as u64;
-            if remove < ids.len() && over_count <= remove {
-                // The sample had records to keep: the rest are younger, stop here.
-                break;
-            }
+            // The sample is random: one with records to keep says nothing of the rest.
+            // The walk stops at a sample with nothing due, or at the deadline.
         }
     }
     Ok(trimmed)
