@@ -109,6 +109,10 @@ pub struct Digest {
     /// them when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub only: Option<Vec<i64>>,
+    /// And every subscription after this id (a retry of a digest whose reading of the
+    /// subscriptions failed part-way): with `only`, those listed first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub after: Option<i64>,
     /// The coalescing threshold the message that asked for the digest folded by, so the
     /// digest counts by the same rule whatever the settings of the worker that runs it;
     /// absent in payloads of older builds (the running worker's setting then).
@@ -128,6 +132,7 @@ impl Digest {
             window_start,
             window_end,
             only: None,
+            after: None,
             threshold: Some(threshold),
         }
     }
@@ -395,7 +400,7 @@ mod tests {
         // As an older build wrote it: the worker's own setting applies.
         let older = br#"{"kind":"digest","version":1,"window_start":60,"window_end":120}"#;
         let Ok(QueuedJob::Digest(parsed)) = QueuedJob::parse(older) else { panic!("a digest") };
-        assert_eq!((parsed.window_end, parsed.threshold, parsed.only), (120, None, None));
+        assert_eq!((parsed.window_end, parsed.threshold, parsed.only, parsed.after), (120, None, None, None));
     }
 
     #[test]

@@ -13,9 +13,10 @@
 //! (`shared::queries::delivery::open_run`).
 //!
 //! Like the test push, it records no per-subscription deliveries: pushes that may pass
-//! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions, and
-//! its `Topic` names the window, so a re-run replaces a copy the push service still
-//! holds.
+//! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions,
+//! a reading of the subscriptions that fails part-way as one limited to those not reached
+//! yet, and its `Topic` names the window, so a re-run replaces a copy the push service
+//! still holds.
 
 use shared::domain::Notification;
 use shared::jobs::Digest;
@@ -46,17 +47,36 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let message = PushMessage { payload: &payload, topic: &topic, urgency: Urgency::High };
     let mut delivered = 0;
     let mut retries = Retries::default();
-    let mut after = 0;
-    loop {
-        let ids = match &job.only {
-            Some(only) => only.iter().copied().filter(|id| *id > after).take(PAGE as usize).collect(),
-            None => subscription::ids_after(&ctx.db, after, PAGE).await?,
+    // The listed subscriptions first (a retry), then every one after `job.after` (all
+    // of them when nothing is listed). A read that fails part-way is retried as what is
+    // still owed, so no subscription reached gets the digest twice.
+    let mut listed = job.only.clone().unwrap_or_default();
+    listed.sort_unstable();
+    for page in listed.chunks(PAGE as usize) {
+        let Ok(subs) = subscription::by_ids(&ctx.db, page).await else {
+            return Err(retry_rest(job, &retries, Owed::Listed(page[0])));
         };
-        let Some(&last) = ids.last() else { break };
-        after = last;
-        for sub in subscription::by_ids(&ctx.db, &ids).await? {
+        for sub in subs {
             let outcome = super::send_untracked(ctx, &sub, &message).await;
             delivered += usize::from(retries.note(sub.id, outcome));
+        }
+    }
+    if job.only.is_none() || job.after.is_some() {
+        let mut after = job.after.unwrap_or(0);
+        loop {
+            let page = match subscription::ids_after(&ctx.db, after, PAGE).await {
+                Ok(page) => page,
+                Err(_) => return Err(retry_rest(job, &retries, Owed::After(after))),
+            };
+            let Some(&last) = page.last() else { break };
+            let Ok(subs) = subscription::by_ids(&ctx.db, &page).await else {
+                return Err(retry_rest(job, &retries, Owed::After(after)));
+            };
+            after = last;
+            for sub in subs {
+                let outcome = super::send_untracked(ctx, &sub, &message).await;
+                delivered += usize::from(retries.note(sub.id, outcome));
+            }
         }
     }
     tracing::info!(
@@ -67,8 +87,71 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
         "digest.sent"
     );
     retries.into_result(|ids| {
-        let rest = Digest { only: Some(ids), ..job.clone() };
+        let rest = Digest { only: Some(ids), after: None, ..job.clone() };
         serde_json::to_vec(&rest).unwrap_or_default()
     })?;
     Ok(delivered)
+}
+
+/// What a digest still owes when reading its subscriptions failed.
+#[derive(Debug, Clone, Copy)]
+enum Owed {
+    /// The listed subscriptions from this one on (and, as before, those after
+    /// `job.after`).
+    Listed(i64),
+    /// Every subscription after this id.
+    After(i64),
+}
+
+/// The digest that retries what `job` still owes when a read failed at `owed`: the
+/// pushes that may pass later, and the subscriptions not reached yet.
+fn rest_of(job: &Digest, may_pass: &[i64], owed: Owed) -> Digest {
+    let mut only = may_pass.to_vec();
+    let after = match owed {
+        Owed::Listed(from) => {
+            only.extend(job.only.iter().flatten().copied().filter(|id| *id >= from));
+            job.after
+        }
+        Owed::After(after) => Some(after),
+    };
+    only.sort_unstable();
+    only.dedup();
+    Digest { only: Some(only), after, ..job.clone() }
+}
+
+/// The job's error after a failed read: retried as [`rest_of`] it.
+fn retry_rest(job: &Digest, retries: &Retries, owed: Owed) -> JobError {
+    let rest = rest_of(job, &retries.ids, owed);
+    tracing::warn!(window_end = job.window_end, ?owed, "digest.read_failed; the rest is retried");
+    JobError::Retryable {
+        error: anyhow::anyhow!("reading the subscriptions failed part-way"),
+        retry_after: retries.retry_after,
+        rest: Some(serde_json::to_vec(&rest).unwrap_or_default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use shared::jobs::Digest;
+
+    use super::{Owed, rest_of};
+
+    #[test]
+    fn a_failed_read_is_retried_as_what_is_still_owed() {
+        let all = Digest::new(60, 120, 6);
+        // Every subscription: up to 40 reached (7 may pass later), the rest after 40.
+        let rest = rest_of(&all, &[7], Owed::After(40));
+        assert_eq!((rest.only, rest.after), (Some(vec![7]), Some(40)));
+
+        // A retry of listed ones: failed at the page from 30 on.
+        let listed = Digest { only: Some(vec![3, 30, 31, 50]), ..all.clone() };
+        let rest = rest_of(&listed, &[3], Owed::Listed(30));
+        assert_eq!((rest.only, rest.after), (Some(vec![3, 30, 31, 50]), None));
+
+        // Listed ones and every one after 100, failed past 100: the listed are done.
+        let both = Digest { only: Some(vec![5, 9]), after: Some(100), ..all };
+        let rest = rest_of(&both, &[9], Owed::After(250));
+        assert_eq!((rest.only, rest.after), (Some(vec![9]), Some(250)));
+        assert_eq!(rest.threshold, Some(6), "the rule stays the same");
+    }
 }
