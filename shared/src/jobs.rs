@@ -121,8 +121,14 @@ pub struct Digest {
 }
 
 impl Digest {
-    /// The payload version this build writes and understands.
+    /// The payload version this build writes for a digest without a cursor (`after`),
+    /// which every build reads.
     pub const VERSION: u16 = 1;
+
+    /// The version of a payload with a cursor, the highest this build understands: a
+    /// build before it would ignore the cursor and skip the subscriptions after it, so
+    /// it dead-letters such a payload instead.
+    pub const VERSION_WITH_CURSOR: u16 = 2;
 
     /// The digest of the window `[start, end)`, whose messages fold past `threshold`.
     pub fn new(window_start: i64, window_end: i64, threshold: u64) -> Self {
@@ -344,7 +350,7 @@ impl QueuedJob {
             }
             Some(DIGEST_KIND) => {
                 let job: Digest = serde_json::from_value(value).map_err(|e| format!("malformed payload: {e}"))?;
-                check_version(job.version, Digest::VERSION)?;
+                check_version(job.version, Digest::VERSION_WITH_CURSOR)?;
                 Self::Digest(job)
             }
             Some(INVALIDATE_CACHE_KIND) => {
@@ -401,6 +407,11 @@ mod tests {
         let older = br#"{"kind":"digest","version":1,"window_start":60,"window_end":120}"#;
         let Ok(QueuedJob::Digest(parsed)) = QueuedJob::parse(older) else { panic!("a digest") };
         assert_eq!((parsed.window_end, parsed.threshold, parsed.only, parsed.after), (120, None, None, None));
+        // With a cursor: version 2, which this build reads and a build before it refuses.
+        let cursor = br#"{"kind":"digest","version":2,"window_start":60,"window_end":120,"after":40}"#;
+        let Ok(QueuedJob::Digest(parsed)) = QueuedJob::parse(cursor) else { panic!("a digest") };
+        assert_eq!(parsed.after, Some(40));
+        assert!(QueuedJob::parse(br#"{"kind":"digest","version":3,"window_start":60,"window_end":120}"#).is_err());
     }
 
     #[test]

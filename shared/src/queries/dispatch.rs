@@ -152,8 +152,8 @@ pub async fn outstanding<C: ConnectionTrait>(db: &C) -> Result<u64, DbErr> {
 /// for a deleted record is harmless: its run finds every delivery settled and its
 /// completion updates nothing. (One exception, after an outage longer than the
 /// records are kept: a message a digest announced, whose own run is still queued, loses
-/// the completed record that makes that run fold, and may go out alone as well.) The deliveries stay: they are what keeps a message from
-/// reaching a device twice.
+/// the completed record that makes that run fold, and may go out alone as well.) The
+/// deliveries stay: they are what keeps a message from reaching a device twice.
 pub async fn delete_completed_before<C: ConnectionTrait>(
     db: &C,
     cutoff: DateTime<Utc>,

@@ -87,7 +87,7 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
         "digest.sent"
     );
     retries.into_result(|ids| {
-        let rest = Digest { only: Some(ids), after: None, ..job.clone() };
+        let rest = Digest { version: Digest::VERSION, only: Some(ids), after: None, ..job.clone() };
         serde_json::to_vec(&rest).unwrap_or_default()
     })?;
     Ok(delivered)
@@ -116,7 +116,8 @@ fn rest_of(job: &Digest, may_pass: &[i64], owed: Owed) -> Digest {
     };
     only.sort_unstable();
     only.dedup();
-    Digest { only: Some(only), after, ..job.clone() }
+    let version = if after.is_some() { Digest::VERSION_WITH_CURSOR } else { Digest::VERSION };
+    Digest { version, only: Some(only), after, ..job.clone() }
 }
 
 /// The job's error after a failed read: retried as [`rest_of`] it.
@@ -141,12 +142,12 @@ mod tests {
         let all = Digest::new(60, 120, 6);
         // Every subscription: up to 40 reached (7 may pass later), the rest after 40.
         let rest = rest_of(&all, &[7], Owed::After(40));
-        assert_eq!((rest.only, rest.after), (Some(vec![7]), Some(40)));
+        assert_eq!((rest.only, rest.after, rest.version), (Some(vec![7]), Some(40), Digest::VERSION_WITH_CURSOR));
 
         // A retry of listed ones: failed at the page from 30 on.
         let listed = Digest { only: Some(vec![3, 30, 31, 50]), ..all.clone() };
         let rest = rest_of(&listed, &[3], Owed::Listed(30));
-        assert_eq!((rest.only, rest.after), (Some(vec![3, 30, 31, 50]), None));
+        assert_eq!((rest.only, rest.after, rest.version), (Some(vec![3, 30, 31, 50]), None, Digest::VERSION));
 
         // Listed ones and every one after 100, failed past 100: the listed are done.
         let both = Digest { only: Some(vec![5, 9]), after: Some(100), ..all };
