@@ -6,7 +6,7 @@ use sea_orm::EntityTrait;
 use shared::domain::NewFeedback;
 use shared::entities::{dispatch, feedback_message};
 use shared::queries::feedback::insert_many_for_requests;
-use tidings_tests::harness::{Backend, Options, spawn_app_with};
+use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
 
 /// Content that a hand-built literal would get wrong.
 fn tricky(i: usize) -> String {
@@ -102,40 +102,65 @@ async fn concurrent_submissions_each_get_their_own_message_on_sqlite() {
     concurrent_submissions_each_get_their_own_message(Backend::Sqlite).await;
 }
 
+/// A web of the test's own on `app`'s database and Redis, on a port of its own.
+async fn own_web(app: &TestApp) -> web::app::Application {
+    let mut settings = app.settings.clone();
+    settings.web.bind = "127.0.0.1:0".parse().expect("address");
+    web::app::Application::build(settings).await.expect("the web builds")
+}
+
+/// A web running until [`RunningWeb::stop`].
+struct RunningWeb {
+    address: String,
+    client: reqwest::Client,
+    stop: tokio::sync::oneshot::Sender<()>,
+    running: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RunningWeb {
+    fn start(web: web::app::Application) -> Self {
+        let address = format!("http://127.0.0.1:{}", web.port());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let running = tokio::spawn(web.run_until(async {
+            let _ = stopped.await;
+        }));
+        Self { address, client: reqwest::Client::new(), stop, running }
+    }
+
+    /// Posts feedback `i` through the JSON API, its content `{content} {i}`.
+    async fn submit(&self, i: usize, content: &str) -> StatusCode {
+        let body = serde_json::json!({
+            "submitter_name": format!("Visitor {i}"),
+            "submitter_email": "v@example.com",
+            "content": format!("{content} {i}"),
+        });
+        self.client.post(format!("{}/api/feedback", self.address)).json(&body).send().await.expect("POST").status()
+    }
+
+    /// Stops it and waits, at most 30 s, until it has stopped cleanly.
+    async fn stop(self) {
+        self.stop.send(()).expect("the web is running");
+        let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), self.running).await;
+        stopped.expect("the web stops").expect("the web's task").expect("the web stops cleanly");
+    }
+}
+
 #[tokio::test]
 async fn a_stopping_web_enqueues_and_marks_what_it_committed_before_it_exits() {
     // Arrange: a web of its own on the app's database and Redis, and no worker, so every
     // job it enqueues stays waiting.
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    let mut settings = app.settings.clone();
-    settings.web.bind = "127.0.0.1:0".parse().expect("address");
-    let web = web::app::Application::build(settings).await.expect("the web builds");
+    let web = own_web(&app).await;
     // The marker gathers for 10 s instead of 50 ms: only the drain marks in time.
     web.state().dispatcher.set_mark_every(std::time::Duration::from_secs(10));
-    let address = format!("http://127.0.0.1:{}", web.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(web.run_until(async {
-        let _ = stopped.await;
-    }));
-    let client = reqwest::Client::new();
-    let submissions = (0..20).map(|i| {
-        let (client, address) = (client.clone(), address.clone());
-        async move {
-            let body = serde_json::json!({
-                "submitter_name": format!("Visitor {i}"),
-                "submitter_email": "v@example.com",
-                "content": format!("sent as the web stops {i}"),
-            });
-            client.post(format!("{address}/api/feedback")).json(&body).send().await.expect("POST").status()
-        }
-    });
+    let web = RunningWeb::start(web);
+    let submissions = (0..20).map(|i| web.submit(i, "sent as the web stops"));
     for status in futures::future::join_all(submissions).await {
         assert_eq!(status, StatusCode::CREATED);
     }
 
     // Act: stop it right after the last answer.
-    stop.send(()).expect("the web is running");
-    running.await.expect("the web's task").expect("the web stops cleanly");
+    web.stop().await;
 
     // Assert, at once: every record is marked enqueued (without the drain they would all
     // still be waiting in the marker), and every job waits in Redis.
@@ -159,27 +184,10 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
         spawn_app_with(Options { worker: false, env: vec![("REDIS_URL".into(), redis.url())], ..Options::default() })
             .await;
     app.subscribe_browser().await;
-    let mut settings = app.settings.clone();
-    settings.web.bind = "127.0.0.1:0".parse().expect("address");
-    let web = web::app::Application::build(settings).await.expect("the web builds");
+    let web = own_web(&app).await;
     let metrics = web.state().metrics.clone();
-    let address = format!("http://127.0.0.1:{}", web.port());
-    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    let running = tokio::spawn(web.run_until(async {
-        let _ = stopped.await;
-    }));
-    let client = reqwest::Client::new();
-    let submit = |i: usize| {
-        let (client, address) = (client.clone(), address.clone());
-        async move {
-            let body = serde_json::json!({
-                "submitter_name": format!("Visitor {i}"),
-                "submitter_email": "v@example.com",
-                "content": format!("message {i}"),
-            });
-            client.post(format!("{address}/api/feedback")).json(&body).send().await.expect("POST").status()
-        }
-    };
+    let web = RunningWeb::start(web);
+    let submit = |i: usize| web.submit(i, "message");
     assert_eq!(submit(0).await, StatusCode::CREATED);
     let enqueued = r#"tidings_dispatch_total{outcome="enqueued"}"#;
     assert!(
@@ -192,9 +200,7 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
     let paused = redis.pause();
     let statuses = futures::future::join_all((1..=20).map(submit)).await;
     assert!(statuses.iter().all(|s| *s == StatusCode::CREATED), "every visitor is answered: {statuses:?}");
-    stop.send(()).expect("the web is running");
-    let stopped = tokio::time::timeout(std::time::Duration::from_secs(30), running).await;
-    stopped.expect("the web stops").expect("the web's task").expect("the web stops cleanly");
+    web.stop().await;
 
     // Assert: the web stopped without pushing anything more (each of the twenty counted
     // as left to the relay) and left their records unmarked for the relay.

@@ -301,19 +301,7 @@ async fn one_tick_trims_every_finished_record_however_many_finished_since_the_la
     // Arrange: 120,000 finished records, more than a fixed number of batches a tick would
     // remove (the queue at 2,000 jobs/s finishes that many in a minute), all past their
     // retention; a worker whose trim ticks every 20 s.
-    let mut app = spawn_app_with(Options {
-        worker: false,
-        env: vec![
-            ("JOB_RETENTION_SECS".into(), "0".into()),
-            ("JOB_RETENTION_COUNT".into(), "0".into()),
-            ("TRIM_INTERVAL_MS".into(), "20000".into()),
-        ],
-        ..Options::default()
-    })
-    .await;
-    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
-    let config = queue.fan_out_config().clone();
-    let mut conn = queue.connection();
+    let (mut app, config, mut conn) = app_trimming_every_20s("0", "0").await;
     const FINISHED: usize = 120_000;
     seed_finished(&mut conn, &config, "finished", FINISHED, 1).await;
 
@@ -335,19 +323,7 @@ async fn one_tick_trims_every_finished_record_however_many_finished_since_the_la
 async fn one_tick_trims_the_records_past_their_age_among_younger_ones() {
     // Arrange: 20,000 finished records past their hour and 20,000 finished now, a count
     // budget that does not bind, and a worker whose trim ticks every 20 s.
-    let mut app = spawn_app_with(Options {
-        worker: false,
-        env: vec![
-            ("JOB_RETENTION_SECS".into(), "3600".into()),
-            ("JOB_RETENTION_COUNT".into(), "1000000".into()),
-            ("TRIM_INTERVAL_MS".into(), "20000".into()),
-        ],
-        ..Options::default()
-    })
-    .await;
-    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
-    let config = queue.fan_out_config().clone();
-    let mut conn = queue.connection();
+    let (mut app, config, mut conn) = app_trimming_every_20s("3600", "1000000").await;
     let now = chrono::Utc::now().timestamp();
     seed_finished(&mut conn, &config, "old", 20_000, 1).await;
     seed_finished(&mut conn, &config, "new", 20_000, now).await;
@@ -365,6 +341,28 @@ async fn one_tick_trims_the_records_past_their_age_among_younger_ones() {
         redis::AsyncCommands::exists(&mut conn, format!("{}:new-7", config.job_meta_hash())).await.expect("exists");
     let done: u64 = redis::AsyncCommands::scard(&mut conn, config.done_jobs_set()).await.expect("scard");
     assert_eq!((new_left, done), (1, 40_000 - removed));
+}
+
+/// An app with no worker yet, keeping finished job records `retention_secs` and at most
+/// `retention_count`, its trim ticking every 20 s; its queue's layout and a connection.
+async fn app_trimming_every_20s(
+    retention_secs: &str,
+    retention_count: &str,
+) -> (TestApp, apalis_redis::Config, redis::aio::ConnectionManager) {
+    let app = spawn_app_with(Options {
+        worker: false,
+        env: vec![
+            ("JOB_RETENTION_SECS".into(), retention_secs.into()),
+            ("JOB_RETENTION_COUNT".into(), retention_count.into()),
+            ("TRIM_INTERVAL_MS".into(), "20000".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let config = queue.fan_out_config().clone();
+    let conn = queue.connection();
+    (app, config, conn)
 }
 
 /// Seeds `n` finished records `{prefix}-{i}` that finished at `done_at` (Unix seconds).

@@ -67,16 +67,14 @@ pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Resu
 /// filter, which could lead a cached plan to the partial index of outstanding
 /// dispatches (all of them, under a backlog) instead of the primary key.
 pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
-    use sea_orm::sea_query::Func;
-    Entity::update_many()
-        .col_expr(
-            Column::CompletedAt,
-            Func::coalesce([Expr::col(Column::CompletedAt), Expr::value(super::now())]).into(),
-        )
-        .filter(Column::Id.eq(id))
-        .exec(db)
-        .await?;
+    Entity::update_many().col_expr(Column::CompletedAt, completed_now()).filter(Column::Id.eq(id)).exec(db).await?;
     Ok(())
+}
+
+/// `completed_at` as a completion sets it: its first time kept, now otherwise.
+fn completed_now() -> sea_orm::sea_query::SimpleExpr {
+    use sea_orm::sea_query::Func;
+    Func::coalesce([Expr::col(Column::CompletedAt), Expr::value(super::now())]).into()
 }
 
 /// Completes the dispatch records of messages `feedback_ids`, which a digest is about to
@@ -84,15 +82,11 @@ pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), D
 /// delivery, and folds (`delivery::open_run`), so the message is not also sent on its
 /// own, whatever happened to its window since. The relay leaves completed records alone.
 pub async fn complete_for_messages<C: ConnectionTrait>(db: &C, feedback_ids: &[i64]) -> Result<(), DbErr> {
-    use sea_orm::sea_query::Func;
     if feedback_ids.is_empty() {
         return Ok(());
     }
     Entity::update_many()
-        .col_expr(
-            Column::CompletedAt,
-            Func::coalesce([Expr::col(Column::CompletedAt), Expr::value(super::now())]).into(),
-        )
+        .col_expr(Column::CompletedAt, completed_now())
         .filter(Column::FeedbackId.is_in(feedback_ids.iter().copied()))
         .exec(db)
         .await?;
