@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use sea_orm::{EntityTrait, PaginatorTrait};
+use sea_orm::{ConnectionTrait, EntityTrait, PaginatorTrait, TransactionTrait};
 use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
 use tidings_tests::push_service::Scripted;
 
@@ -269,4 +269,50 @@ async fn a_retry_past_the_first_page_is_sent_once_on_sqlite() {
     }
     let late_attempts = app.push.attempts().iter().filter(|a| a.endpoint == late.endpoint).count();
     assert_eq!(late_attempts, 2, "the failed push was tried once more, not twice");
+}
+
+#[tokio::test]
+async fn a_slow_write_of_successes_makes_no_push_in_flight_time_out_or_go_twice() {
+    // Four pushes at a time, each timing out after half a second and answered after
+    // 20 ms, a real push service's round trip. Forty subscriptions: one page, sent in
+    // many small batches.
+    let app = spawn_app_with(Options {
+        env: vec![("PUSH_TIMEOUT_MS".into(), "500".into()), ("PUSH_CONCURRENCY".into(), "4".into())],
+        ..Options::default()
+    })
+    .await;
+    let mut endpoints = Vec::new();
+    for _ in 0..40 {
+        endpoints.push(app.subscribe_browser().await.endpoint);
+    }
+    app.push.set_delay(Duration::from_millis(20));
+
+    // Every success is recorded on its subscription's row too: hold those rows for two
+    // seconds, four times the push timeout, so the first batch's write waits that long.
+    let holder = app.db.begin().await.expect("begin");
+    holder.execute_unprepared("SELECT id FROM push_subscriptions FOR NO KEY UPDATE").await.expect("lock");
+    app.submit_valid_feedback("Ann", "hello").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    holder.commit().await.expect("commit");
+
+    let received = app.push.wait_for_received(40, Duration::from_secs(20)).await;
+    assert_eq!(received.len(), 40);
+    assert!(
+        wait_until(|| async {
+            use sea_orm::{ColumnTrait, QueryFilter};
+            use shared::entities::delivery::{Column, Entity, SENT};
+            Entity::find().filter(Column::Status.eq(SENT)).count(&app.db).await.expect("count") == 40
+        })
+        .await,
+        "every delivery is recorded as sent"
+    );
+    // Past the first retry's time: a push reported as timed out would have gone again.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+    let retried: Vec<i64> = rows.iter().filter(|row| row.attempts > 1).map(|row| row.subscription_id).collect();
+    assert!(retried.is_empty(), "no push was retried, but these were: {retried:?}");
+    let attempts = app.push.attempts();
+    for endpoint in &endpoints {
+        assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");
+    }
 }

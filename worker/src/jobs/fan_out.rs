@@ -8,7 +8,6 @@
 //! same message twice. Deliveries that may succeed later are retried on their own: the
 //! job records when each is due and leaves a dispatch record for that time.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use chrono::Utc;
@@ -165,14 +164,53 @@ fn tally(results: Vec<Result<Delivered, JobError>>) -> (Stats, Vec<i64>, Option<
     (stats, sent, error)
 }
 
-/// Runs `deliver` over `targets`, at most `concurrency` at once, in groups of the results
-/// that completed together. Once one fails (`failed` is set), no further target starts,
-/// but those in flight run to their end and are yielded: a push that went out and was
-/// dropped unrecorded would be sent again by the job's retry.
+/// Bounds one sending: a push takes a permit when it starts and gives it back once its
+/// outcome is recorded, so no more than the permits are ever sent and not yet recorded.
+/// A failure closes it: no further push starts.
+struct Gate {
+    unrecorded: tokio::sync::Semaphore,
+}
+
+impl Gate {
+    fn new(permits: usize) -> Self {
+        Self { unrecorded: tokio::sync::Semaphore::new(permits) }
+    }
+
+    /// Waits for a permit; false once the gate is closed.
+    async fn enter(&self) -> bool {
+        match self.unrecorded.acquire().await {
+            Ok(permit) => {
+                permit.forget();
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Gives back the permits of `recorded` pushes.
+    fn release(&self, recorded: usize) {
+        if recorded > 0 {
+            self.unrecorded.add_permits(recorded);
+        }
+    }
+
+    /// No further push starts.
+    fn close(&self) {
+        self.unrecorded.close();
+    }
+}
+
+/// Runs `deliver` over `targets`, at most `concurrency` at once and each once `gate`
+/// lets it in, in groups of the results that completed together. While the gate has no
+/// permit, the pushes in flight are still driven to their end, so a slow write of their
+/// successes never makes a delivered push look timed out. Once one fails (the gate
+/// closes), no further target starts, but those in flight run to their end and are
+/// yielded: a push that went out and was dropped unrecorded would be sent again by the
+/// job's retry.
 fn until_failed<'a, T, R, Fut>(
     targets: Vec<T>,
     concurrency: usize,
-    failed: &'a AtomicBool,
+    gate: &'a Gate,
     deliver: impl Fn(T) -> Fut + 'a,
 ) -> impl futures::Stream<Item = Vec<Result<R, JobError>>> + 'a
 where
@@ -180,13 +218,15 @@ where
     Fut: std::future::Future<Output = Result<R, JobError>> + 'a,
 {
     futures::stream::iter(targets)
-        .take_while(move |_| std::future::ready(!failed.load(Ordering::Relaxed)))
+        .then(move |target| async move { gate.enter().await.then_some(target) })
+        .take_while(|target| std::future::ready(target.is_some()))
+        .filter_map(std::future::ready)
         .map(move |target| {
             let delivered = deliver(target);
             async move {
                 let result = delivered.await;
                 if result.is_err() {
-                    failed.store(true, Ordering::Relaxed);
+                    gate.close();
                 }
                 result
             }
@@ -243,12 +283,13 @@ impl Run<'_> {
 
     /// Sends the claimed deliveries `targets`, with bounded concurrency.
     ///
-    /// Successes are recorded in batches (the pushes that completed together, at most
-    /// `PUSH_CONCURRENCY`, go in one statement) while the sending goes on, so a fan-out
-    /// costs a few commits, not two per subscription, and waits for one only when two
-    /// batches are ready during one write. If the worker dies, the pushes not yet
-    /// recorded (in flight, in a batch waiting or being written, or in the batch the
-    /// sender holds: at most four times `PUSH_CONCURRENCY`) are the only ones sent again.
+    /// Successes are recorded in batches (the pushes that completed together go in one
+    /// statement, with any that completed during the write before it) while the sending
+    /// goes on, so a fan-out costs a few commits, not two per subscription. No push
+    /// starts while three times `PUSH_CONCURRENCY` are sent and not yet recorded; those
+    /// in flight are still driven to their end meanwhile, so a slow write never makes a
+    /// delivered push time out. If the worker dies, those unrecorded pushes are the only
+    /// ones sent again.
     ///
     /// With `defer`, successes of targets sent all at once (no more than
     /// `PUSH_CONCURRENCY`) are returned unrecorded when every push came to an outcome: the
@@ -269,21 +310,23 @@ impl Run<'_> {
             delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
             return error.map_or(Ok((stats, Vec::new())), Err);
         }
-        // Room for one chunk waiting: the sender waits when the recorder falls behind.
-        let (done, mut to_record) = tokio::sync::mpsc::channel::<Vec<i64>>(1);
-        // Set by a failed push or a failed record: no further push starts, and those in
-        // flight finish and are recorded.
-        let failed = &AtomicBool::new(false);
+        // In flight, and two batches' worth waiting for or in a write: past that no push
+        // starts until the recorder catches up, while those in flight are still driven.
+        let gate = &Gate::new(3 * concurrency);
+        let (done, mut to_record) = tokio::sync::mpsc::unbounded_channel::<Vec<i64>>();
         let sender = async move {
-            let mut results = until_failed(targets, concurrency, failed, |target| self.deliver(target));
+            let mut results = std::pin::pin!(until_failed(targets, concurrency, gate, |target| self.deliver(target)));
             let mut stats = Stats::default();
             let mut first_error = None;
             while let Some(chunk) = results.next().await {
+                let finished = chunk.len();
                 let (chunk_stats, sent, error) = tally(chunk);
                 stats.add(chunk_stats);
+                // The other outcomes are recorded already (or failed, and the gate is shut).
+                gate.release(finished - sent.len());
                 if !sent.is_empty() {
                     // The recorder takes every batch until this sender is done.
-                    let _ = done.send(sent).await;
+                    let _ = done.send(sent);
                 }
                 if let Some(error) = error {
                     first_error.get_or_insert(error);
@@ -294,14 +337,20 @@ impl Run<'_> {
         let recorder = async move {
             let mut first_error = None;
             let mut unrecorded = Vec::new();
-            while let Some(batch) = to_record.recv().await {
+            while let Some(mut batch) = to_record.recv().await {
+                // The batches that came in during the last write go in one statement.
+                while let Ok(more) = to_record.try_recv() {
+                    batch.extend(more);
+                }
                 if first_error.is_some() {
                     unrecorded.extend(batch);
                 } else if let Err(e) = delivery::record_sent(&self.ctx.db, self.feedback_id, &batch, &self.token).await
                 {
-                    failed.store(true, Ordering::Relaxed);
+                    gate.close();
                     unrecorded.extend(batch);
                     first_error = Some(e);
+                } else {
+                    gate.release(batch.len());
                 }
             }
             let Some(error) = first_error else { return Ok(()) };
@@ -398,18 +447,18 @@ impl Run<'_> {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use std::time::Duration;
 
     use futures::StreamExt;
 
-    use super::{JobError, until_failed};
+    use super::{Gate, JobError, until_failed};
 
     #[tokio::test]
     async fn after_a_failure_no_push_starts_and_those_in_flight_finish() {
         // Twenty targets, four at a time; the third fails at once, the others take 20 ms.
         let started = AtomicUsize::new(0);
-        let failed = AtomicBool::new(false);
+        let gate = Gate::new(100);
         let deliver = |i: usize| {
             started.fetch_add(1, Ordering::SeqCst);
             async move {
@@ -421,7 +470,7 @@ mod tests {
             }
         };
         let chunks: Vec<Vec<Result<usize, JobError>>> =
-            until_failed((0..20).collect(), 4, &failed, deliver).collect().await;
+            until_failed((0..20).collect(), 4, &gate, deliver).collect().await;
         let results: Vec<_> = chunks.into_iter().flatten().collect();
 
         // Every push that started came to its end and is reported, the failure among
@@ -433,5 +482,42 @@ mod tests {
         let mut sent: Vec<usize> = results.into_iter().filter_map(Result::ok).collect();
         sent.sort_unstable();
         assert_eq!(sent, (0..started).filter(|i| *i != 2).collect::<Vec<_>>());
+    }
+
+    #[tokio::test]
+    async fn while_no_permit_is_free_no_push_starts_and_those_in_flight_still_finish() {
+        // Six permits, four at a time, twenty targets; nothing is recorded for a while.
+        let started = AtomicUsize::new(0);
+        let finished = AtomicUsize::new(0);
+        let gate = Gate::new(6);
+        let deliver = |i: usize| {
+            started.fetch_add(1, Ordering::SeqCst);
+            let finished = &finished;
+            async move {
+                tokio::time::sleep(Duration::from_millis(10 * (i as u64 % 3 + 1))).await;
+                finished.fetch_add(1, Ordering::SeqCst);
+                Ok::<_, JobError>(i)
+            }
+        };
+        let mut results = std::pin::pin!(until_failed((0..20).collect(), 4, &gate, deliver));
+        let mut yielded = 0;
+        // The consumer keeps polling, as the sender does, but gives no permit back: the
+        // six started pushes all finish and are yielded, and no seventh starts.
+        while yielded < 6 {
+            let chunk = tokio::time::timeout(Duration::from_secs(5), results.next()).await.expect("a chunk");
+            yielded += chunk.expect("not the end").len();
+        }
+        assert!(tokio::time::timeout(Duration::from_millis(200), results.next()).await.is_err(), "nothing more");
+        assert_eq!(started.load(Ordering::SeqCst), 6);
+        assert_eq!(finished.load(Ordering::SeqCst), 6);
+
+        // Once the recorder gives the permits back, the rest go out.
+        gate.release(6);
+        while let Some(chunk) = tokio::time::timeout(Duration::from_secs(5), results.next()).await.expect("a chunk") {
+            yielded += chunk.len();
+            gate.release(chunk.len());
+        }
+        assert_eq!(yielded, 20);
+        assert_eq!(started.load(Ordering::SeqCst), 20);
     }
 }
