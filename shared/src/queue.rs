@@ -104,6 +104,15 @@ pub const DIGEST_DELAY_SECS: i64 = 10;
 /// expires: no budget removes it early (one a window, a day's windows at most).
 pub const DIGEST_KEY_PREFIX: &str = "digest-";
 
+/// How long the mark of a window's digest having read its messages is kept
+/// ([`JobQueue::mark_digest_read`]): as long as the digest's idempotency key, so a window
+/// stays folded into its one digest exactly as long as it has one.
+pub const DIGEST_READ_TTL: Duration = Duration::from_secs(24 * 3600);
+
+fn digest_read_key(namespace: &str, job: &Digest) -> String {
+    format!("{namespace}:digest-read:{}-{}", job.window_start, job.window_end)
+}
+
 /// The key that marks a [`crate::jobs::TrimCaches`] job as queued.
 pub fn trim_request_key(namespace: &str) -> String {
     format!("{namespace}:trim-caches:queued")
@@ -332,6 +341,24 @@ impl JobQueue {
             .run_at_timestamp(run_at)
             .build();
         self.push_and_wake(task).await
+    }
+
+    /// Marks `job`'s window as read by its digest: the digest has counted the window's
+    /// messages and completed their dispatch records. A message of the window that folds
+    /// after this (its statement committed late) was not counted, and goes out alone
+    /// ([`Self::digest_has_read`]). One key a window, expiring with the window's
+    /// idempotency key.
+    pub async fn mark_digest_read(&self, job: &Digest) -> Result<(), QueueError> {
+        let mut conn = self.conn.clone();
+        let ttl = DIGEST_READ_TTL.as_secs();
+        let _: () = conn.set_ex(digest_read_key(&self.namespace, job), 1, ttl).await?;
+        Ok(())
+    }
+
+    /// Whether the digest of `job`'s window has read its messages.
+    pub async fn digest_has_read(&self, job: &Digest) -> Result<bool, QueueError> {
+        let mut conn = self.conn.clone();
+        Ok(conn.exists(digest_read_key(&self.namespace, job)).await?)
     }
 
     /// Puts a test-notification job on the queue and wakes a worker.

@@ -17,7 +17,7 @@ pub struct KindUsage {
 /// Kinds told apart by what follows the namespace: (pattern, kind, anywhere in the key
 /// rather than at its start). The first match wins; the queue's own structures
 /// (payloads, pending, scheduled, done and dead sets) are what is left.
-const KINDS: [(&str, &str, bool); 13] = [
+const KINDS: [(&str, &str, bool); 14] = [
     ("cache:", "cache", false),
     ("trim-caches:", "coordination", false),
     (":meta:", "job_records", true),
@@ -31,6 +31,7 @@ const KINDS: [(&str, &str, bool); 13] = [
     ("tick:", "coordination", false),
     ("periodic:", "coordination", false),
     ("job-starts:", "coordination", false),
+    ("digest-read:", "coordination", false),
 ];
 
 /// The kind of key `key` (inside namespace `ns`), or `None` for a key not ours.
@@ -119,6 +120,7 @@ mod tests {
         assert_eq!(kind_of("t", "t:stats:jobs:1700000000"), Some("job_stats"));
         assert_eq!(kind_of("t", "t:dead-letters:by-time"), Some("dead_letters"));
         assert_eq!(kind_of("t", "t:lock:job:fan_out:1"), Some("coordination"));
+        assert_eq!(kind_of("t", "t:digest-read:60-120"), Some("coordination"));
         assert_eq!(kind_of("t", "t:fanout:data"), Some("queue"));
         assert_eq!(kind_of("t", "other:fanout:data"), None);
         assert_eq!(kind_of("t", "tx:fanout:data"), None);

@@ -148,7 +148,9 @@ async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out
         let digests: Vec<u64> = received
             .iter()
             .filter_map(|p| {
-                p.json()["title"].as_str().and_then(|t| t.strip_suffix(" new feedback messages")?.parse().ok())
+                p.json()["title"]
+                    .as_str()
+                    .and_then(|t| t.trim_end_matches('s').strip_suffix(" new feedback message")?.parse().ok())
             })
             .collect();
         (single, digests)
@@ -170,7 +172,7 @@ async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out
         .push
         .received()
         .into_iter()
-        .find(|p| p.json()["title"].as_str().is_some_and(|t| t.ends_with("messages")))
+        .find(|p| p.json()["title"].as_str().is_some_and(|t| t.contains(" new feedback message")))
         .expect("a digest");
     assert_eq!(digest.json()["url"], format!("{}/admin/", app.address));
     assert!(digest.json()["body"].as_str().is_some_and(|b| b.starts_with("Latest from Visitor")));
@@ -223,4 +225,75 @@ async fn a_scheduled_job_survives_a_worker_restart() {
 
     // Assert: the new worker runs the scheduled job.
     assert!(wait_until(|| async { digest(&app) }).await, "the scheduled digest ran after the restart");
+}
+
+/// Stores a message created at `created_at` with its dispatch record, never enqueued, as
+/// a submission leaves them while Redis is down: the relay enqueues it.
+async fn store_unannounced(app: &TestApp, created_at: chrono::DateTime<chrono::Utc>, name: &str) {
+    use sea_orm::ActiveModelTrait;
+    use sea_orm::ActiveValue::Set;
+    let message = shared::entities::feedback_message::ActiveModel {
+        submitter_name: Set(name.into()),
+        submitter_email: Set("v@example.com".into()),
+        content: Set(format!("from {name}")),
+        created_at: Set(created_at),
+        ..Default::default()
+    }
+    .insert(&app.db)
+    .await
+    .expect("stored");
+    shared::entities::dispatch::ActiveModel {
+        feedback_id: Set(message.id),
+        created_at: Set(created_at),
+        due_at: Set(created_at),
+        enqueue_count: Set(0),
+        ..Default::default()
+    }
+    .insert(&app.db)
+    .await
+    .expect("stored");
+}
+
+#[tokio::test]
+async fn a_message_that_commits_after_its_windows_digest_read_the_window_goes_out_alone_on_postgres() {
+    a_message_that_commits_after_its_windows_digest_read_the_window_goes_out_alone(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_message_that_commits_after_its_windows_digest_read_the_window_goes_out_alone_on_sqlite() {
+    a_message_that_commits_after_its_windows_digest_read_the_window_goes_out_alone(Backend::Sqlite).await;
+}
+
+async fn a_message_that_commits_after_its_windows_digest_read_the_window_goes_out_alone(backend: Backend) {
+    // Windows of a minute; the first two messages of a window go out alone.
+    let app = spawn_app_with(Options {
+        backend,
+        env: vec![("NOTIFY_BURST_THRESHOLD".into(), "2".into()), ("NOTIFY_BURST_WINDOW_SECS".into(), "60".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    let titles =
+        || app.push.received().iter().map(|p| p.json()["title"].as_str().unwrap_or("").to_owned()).collect::<Vec<_>>();
+
+    // Four messages of a window that ended over a minute ago, so its digest is due as soon
+    // as one of them folds: two go out alone, two are counted in the digest.
+    let start = (shared::queries::now().timestamp() / 60 - 2) * 60;
+    let at = |secs: i64| chrono::DateTime::from_timestamp(start + secs, 0).expect("a time");
+    for n in 0..4 {
+        store_unannounced(&app, at(n + 1), &format!("Visitor {n}")).await;
+    }
+    assert_eq!(app.push.wait_for_received(3, Duration::from_secs(20)).await.len(), 3);
+    let mut announced = titles();
+    announced.sort();
+    assert_eq!(announced, ["2 new feedback messages", "Visitor 0:", "Visitor 1:"]);
+
+    // A fifth message of that window commits only now (its statement was held up): the
+    // digest read the window before it existed, so it goes out alone, once.
+    store_unannounced(&app, at(30), "Visitor 4").await;
+    let received = app.push.wait_for_received(4, Duration::from_secs(15)).await;
+    assert_eq!(received.len(), 4, "the late message was announced: {:?}", titles());
+    assert_eq!(titles().last().map(String::as_str), Some("Visitor 4:"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(app.push.received().len(), 4, "and nothing else: {:?}", titles());
 }

@@ -38,7 +38,7 @@ impl Notification {
         let single = Self::for_feedback(0, latest_name, latest_content, public_url);
         let url = public_url.join("admin/").map(String::from).unwrap_or_else(|_| "/admin/".into());
         Self {
-            title: format!("{count} new feedback messages"),
+            title: if count == 1 { "1 new feedback message".into() } else { format!("{count} new feedback messages") },
             body: format!("Latest from {} {}", single.title, single.body),
             url,
             tag: "feedback-digest".into(),
@@ -86,6 +86,15 @@ mod tests {
         assert_eq!(n.body, format!("{}…", "é".repeat(120)));
         let exact = "x".repeat(120);
         assert_eq!(Notification::for_feedback(1, "A", &exact, &base()).body, exact);
+    }
+
+    #[test]
+    fn a_digest_counts_its_messages_in_words() {
+        let one = Notification::digest(1, "Ann", "Hi", &base());
+        assert_eq!(one.title, "1 new feedback message");
+        assert_eq!(one.body, "Latest from Ann: Hi");
+        assert_eq!(one.url, "https://tidings.example/admin/");
+        assert_eq!(Notification::digest(5, "Ann", "Hi", &base()).title, "5 new feedback messages");
     }
 
     #[test]

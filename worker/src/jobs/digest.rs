@@ -10,7 +10,10 @@
 //! after the digest, and a folded one is counted even before its run opens. Before it
 //! sends, the digest completes the dispatch records of what it counted, so a run of one
 //! of them that opens later folds whatever became of its window
-//! (`shared::queries::delivery::open_run`).
+//! (`shared::queries::delivery::open_run`), and then marks its window read
+//! (`shared::queue::JobQueue::mark_digest_read`): a message that folds after that without
+//! a completed record was not counted (its statement committed late) and goes out alone
+//! (`super::fan_out`).
 //!
 //! Like the test push, it records no per-subscription deliveries: pushes that may pass
 //! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions,
@@ -35,11 +38,16 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
     let threshold = job.threshold.unwrap_or(ctx.settings.worker.burst_threshold);
     let folded = feedback::folded_between(&ctx.db, from, to, threshold).await?;
-    let Some(latest) = folded.first() else { return Ok(0) };
     // Before anything is sent: a run of one of them still waiting behind a backlog folds
     // when it opens, however its window changed meanwhile (a message deleted).
     let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
     shared::queries::dispatch::complete_for_messages(&ctx.db, &ids).await?;
+    // Then the window is marked read: a message of it that folds from now on, with its
+    // record not completed, committed after this reading and goes out alone.
+    if let Some(queue) = &ctx.queue {
+        queue.mark_digest_read(job).await.map_err(JobError::retryable)?;
+    }
+    let Some(latest) = folded.first() else { return Ok(0) };
     let notification =
         Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);
     let payload = notification.to_payload();

@@ -39,7 +39,16 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
     if let Err(e) = invalidated {
         tracing::warn!(feedback_id = job.feedback_id, error = %e, "cache.invalidate_failed");
     }
-    let (message, page) = match opened? {
+    let mut opened = opened?;
+    if let Opening::Folded { message, .. } = &opened
+        && uncounted_by_a_digest_that_read(message, ctx).await?
+    {
+        // Committed after its window's digest read the window: nothing else announces
+        // it, so it goes out alone.
+        tracing::info!(feedback_id = message.id, "fan_out.after_digest_alone");
+        opened = delivery::open_run(&ctx.db, message.id, FIRST_PAGE, &token, lease(ctx), Coalescing::OFF).await?;
+    }
+    let (message, page) = match opened {
         Opening::Claimed { message, page } => (message, page),
         // Deleted since it was submitted: there is nothing left to announce.
         Opening::Missing => {
@@ -117,13 +126,32 @@ async fn fold_into_digest(
     ctx: &WorkerContext,
 ) -> Result<(), JobError> {
     let Some(queue) = &ctx.queue else { return Ok(()) };
+    let digest = window_of(message, ctx);
+    queue.schedule_digest(&digest, None).await.map_err(JobError::retryable)?;
+    tracing::info!(feedback_id = message.id, in_window, window_end = digest.window_end, "fan_out.folded_into_digest");
+    Ok(())
+}
+
+/// Whether `message`, which folds, was left out by its window's digest: the digest has
+/// read the window (and completed the records of what it counted) and the message's
+/// dispatch record is not completed. The digest marks the window read only after it
+/// completed those records, so a run that sees the mark sees them too.
+async fn uncounted_by_a_digest_that_read(
+    message: &shared::entities::feedback_message::Model,
+    ctx: &WorkerContext,
+) -> Result<bool, JobError> {
+    let Some(queue) = &ctx.queue else { return Ok(false) };
+    if !queue.digest_has_read(&window_of(message, ctx)).await.map_err(JobError::retryable)? {
+        return Ok(false);
+    }
+    Ok(!dispatch::any_completed_of_feedback(&ctx.db, message.id).await?)
+}
+
+/// The digest of the window `message` falls in, by the threshold it folds by.
+fn window_of(message: &shared::entities::feedback_message::Model, ctx: &WorkerContext) -> shared::jobs::Digest {
     let coalescing = coalescing(ctx);
     let start = coalescing.window_start(message.created_at);
-    let end = start + coalescing.window_secs;
-    let digest = shared::jobs::Digest::new(start, end, coalescing.threshold);
-    queue.schedule_digest(&digest, None).await.map_err(JobError::retryable)?;
-    tracing::info!(feedback_id = message.id, in_window, window_end = end, "fan_out.folded_into_digest");
-    Ok(())
+    shared::jobs::Digest::new(start, start + coalescing.window_secs, coalescing.threshold)
 }
 
 /// Counts of outcomes in one run.
