@@ -105,8 +105,10 @@ pub const DIGEST_DELAY_SECS: i64 = 10;
 pub const DIGEST_KEY_PREFIX: &str = "digest-";
 
 /// How long the mark of a window's digest having read its messages is kept
-/// ([`JobQueue::mark_digest_read`]): as long as the digest's idempotency key, so a window
-/// stays folded into its one digest exactly as long as it has one.
+/// ([`JobQueue::mark_digest_read`]) from when it is set: as long as a digest's
+/// idempotency key lives, so it outlasts the window's key (set when the first message
+/// folded, before the digest ran). Past both, a late message of the window would schedule
+/// a new digest.
 pub const DIGEST_READ_TTL: Duration = Duration::from_secs(24 * 3600);
 
 fn digest_read_key(namespace: &str, job: &Digest) -> String {
@@ -346,8 +348,8 @@ impl JobQueue {
     /// Marks `job`'s window as read by its digest: the digest has counted the window's
     /// messages and completed their dispatch records. A message of the window that folds
     /// after this (its statement committed late) was not counted, and goes out alone
-    /// ([`Self::digest_has_read`]). One key a window, expiring with the window's
-    /// idempotency key.
+    /// ([`Self::digest_has_read`]). One key a window with a digest, expiring after
+    /// [`DIGEST_READ_TTL`].
     pub async fn mark_digest_read(&self, job: &Digest) -> Result<(), QueueError> {
         let mut conn = self.conn.clone();
         let ttl = DIGEST_READ_TTL.as_secs();

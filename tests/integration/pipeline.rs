@@ -3,7 +3,8 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
+use sea_orm::TransactionTrait;
+use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with, store_unannounced};
 
 const WAIT: Duration = Duration::from_secs(15);
 
@@ -187,25 +188,16 @@ async fn a_burst_becomes_one_digest_notification_while_a_single_message_goes_out
 
 #[tokio::test]
 async fn a_scheduled_job_survives_a_worker_restart() {
-    use sea_orm::{ActiveModelTrait, Set};
-
-    // Arrange: one message more than a window announces one by one, and the digest of
-    // their window scheduled to run 3 s from now.
+    // Arrange: one message more than a window announces one by one, whose runs have all
+    // folded (their dispatch records completed), and the digest of their window scheduled
+    // to run 3 s from now.
     let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     app.subscribe_browser().await;
     let window_end = shared::queries::now().timestamp() + 3 - shared::queue::DIGEST_DELAY_SECS;
     let created_at = chrono::DateTime::from_timestamp(window_end - 1, 0).expect("a time");
     for _ in 0..=app.settings.worker.burst_threshold {
-        shared::entities::feedback_message::ActiveModel {
-            submitter_name: Set("Ann".into()),
-            submitter_email: Set("a@example.com".into()),
-            content: Set("folded".into()),
-            created_at: Set(created_at),
-            ..Default::default()
-        }
-        .insert(&app.db)
-        .await
-        .expect("stored");
+        let (_, record) = store_unannounced(&app.db, created_at, "Ann").await;
+        shared::queries::dispatch::mark_completed(&app.db, record).await.expect("completed");
     }
     let queue =
         shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
@@ -225,33 +217,6 @@ async fn a_scheduled_job_survives_a_worker_restart() {
 
     // Assert: the new worker runs the scheduled job.
     assert!(wait_until(|| async { digest(&app) }).await, "the scheduled digest ran after the restart");
-}
-
-/// Stores a message created at `created_at` with its dispatch record, never enqueued, as
-/// a submission leaves them while Redis is down: the relay enqueues it.
-async fn store_unannounced(app: &TestApp, created_at: chrono::DateTime<chrono::Utc>, name: &str) {
-    use sea_orm::ActiveModelTrait;
-    use sea_orm::ActiveValue::Set;
-    let message = shared::entities::feedback_message::ActiveModel {
-        submitter_name: Set(name.into()),
-        submitter_email: Set("v@example.com".into()),
-        content: Set(format!("from {name}")),
-        created_at: Set(created_at),
-        ..Default::default()
-    }
-    .insert(&app.db)
-    .await
-    .expect("stored");
-    shared::entities::dispatch::ActiveModel {
-        feedback_id: Set(message.id),
-        created_at: Set(created_at),
-        due_at: Set(created_at),
-        enqueue_count: Set(0),
-        ..Default::default()
-    }
-    .insert(&app.db)
-    .await
-    .expect("stored");
 }
 
 #[tokio::test]
@@ -280,9 +245,12 @@ async fn a_message_that_commits_after_its_windows_digest_read_the_window_goes_ou
     // as one of them folds: two go out alone, two are counted in the digest.
     let start = (shared::queries::now().timestamp() / 60 - 2) * 60;
     let at = |secs: i64| chrono::DateTime::from_timestamp(start + secs, 0).expect("a time");
+    // In one transaction, so the relay enqueues all four at once.
+    let burst = app.db.begin().await.expect("begin");
     for n in 0..4 {
-        store_unannounced(&app, at(n + 1), &format!("Visitor {n}")).await;
+        store_unannounced(&burst, at(n + 1), &format!("Visitor {n}")).await;
     }
+    burst.commit().await.expect("commit");
     assert_eq!(app.push.wait_for_received(3, Duration::from_secs(20)).await.len(), 3);
     let mut announced = titles();
     announced.sort();
@@ -290,7 +258,7 @@ async fn a_message_that_commits_after_its_windows_digest_read_the_window_goes_ou
 
     // A fifth message of that window commits only now (its statement was held up): the
     // digest read the window before it existed, so it goes out alone, once.
-    store_unannounced(&app, at(30), "Visitor 4").await;
+    store_unannounced(&app.db, at(30), "Visitor 4").await;
     let received = app.push.wait_for_received(4, Duration::from_secs(15)).await;
     assert_eq!(received.len(), 4, "the late message was announced: {:?}", titles());
     assert_eq!(titles().last().map(String::as_str), Some("Visitor 4:"));

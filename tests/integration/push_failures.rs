@@ -273,11 +273,11 @@ async fn a_retry_past_the_first_page_is_sent_once_on_sqlite() {
 
 #[tokio::test]
 async fn a_slow_write_of_successes_makes_no_push_in_flight_time_out_or_go_twice() {
-    // Four pushes at a time, each timing out after half a second and answered after
-    // 20 ms, a real push service's round trip. Forty subscriptions: one page, sent in
-    // many small batches.
+    // Four pushes at a time, each timing out after a second and a half and answered
+    // after 20 ms, a real push service's round trip. Forty subscriptions: one page, sent
+    // in many small batches.
     let app = spawn_app_with(Options {
-        env: vec![("PUSH_TIMEOUT_MS".into(), "500".into()), ("PUSH_CONCURRENCY".into(), "4".into())],
+        env: vec![("PUSH_TIMEOUT_MS".into(), "1500".into()), ("PUSH_CONCURRENCY".into(), "4".into())],
         ..Options::default()
     })
     .await;
@@ -287,12 +287,13 @@ async fn a_slow_write_of_successes_makes_no_push_in_flight_time_out_or_go_twice(
     }
     app.push.set_delay(Duration::from_millis(20));
 
-    // Every success is recorded on its subscription's row too: hold those rows for two
-    // seconds, four times the push timeout, so the first batch's write waits that long.
+    // Every success is recorded on its subscription's row too: hold those rows for five
+    // seconds, over three times the push timeout, so the first batch's write waits that
+    // long.
     let holder = app.db.begin().await.expect("begin");
     holder.execute_unprepared("SELECT id FROM push_subscriptions FOR NO KEY UPDATE").await.expect("lock");
     app.submit_valid_feedback("Ann", "hello").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
     holder.commit().await.expect("commit");
 
     let received = app.push.wait_for_received(40, Duration::from_secs(20)).await;

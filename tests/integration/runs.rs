@@ -7,7 +7,7 @@ use shared::domain::NewFeedback;
 use shared::entities::{dispatch, push_subscription};
 use shared::queries::delivery::{self, Coalescing, Opening, RunToClose, RunToOpen};
 use shared::queries::feedback::{Submitted, insert_for_request, insert_with_dispatch};
-use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with};
+use tidings_tests::harness::{Backend, Options, TestApp, spawn_app_with, store_unannounced};
 
 /// A window long enough that every message of the test falls in the same one.
 const ONE_WINDOW: Coalescing = Coalescing { threshold: 2, window_secs: 1_000_000_000 };
@@ -215,9 +215,6 @@ async fn a_run_opens_folds_and_closes_the_same_way_on_sqlite() {
 }
 
 async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Backend) {
-    use sea_orm::ActiveModelTrait;
-    use sea_orm::ActiveValue::Set;
-    use shared::entities::feedback_message;
     use shared::queries::feedback::folded_between;
     // Arrange: one subscription; five messages, each with its dispatch record, in one
     // window of a minute, the second and third created at the same instant (and the
@@ -233,28 +230,9 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
     let mut records: Vec<i64> = Vec::new();
     for (n, ms) in [1_000, 2_250, 2_250, 3_500, 4_000, 61_000].into_iter().enumerate() {
         let created_at = start + chrono::Duration::milliseconds(ms);
-        let message = feedback_message::ActiveModel {
-            submitter_name: Set(format!("Visitor {n}")),
-            submitter_email: Set("v@example.com".into()),
-            content: Set(format!("message {n}")),
-            created_at: Set(created_at),
-            ..Default::default()
-        }
-        .insert(&app.db)
-        .await
-        .expect("stored");
-        let record = dispatch::ActiveModel {
-            feedback_id: Set(message.id),
-            created_at: Set(created_at),
-            due_at: Set(created_at),
-            enqueue_count: Set(0),
-            ..Default::default()
-        }
-        .insert(&app.db)
-        .await
-        .expect("stored");
-        ids.push(message.id);
-        records.push(record.id);
+        let (message, record) = store_unannounced(&app.db, created_at, &format!("Visitor {n}")).await;
+        ids.push(message);
+        records.push(record);
     }
     let digest = || async {
         let folded = folded_between(&app.db, start, end, coalescing.threshold).await.expect("query");
@@ -317,6 +295,65 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds_on_postgres(
 #[tokio::test]
 async fn a_digest_counts_exactly_the_messages_whose_first_run_folds_on_sqlite() {
     a_digest_counts_exactly_the_messages_whose_first_run_folds(Backend::Sqlite).await;
+}
+
+async fn a_digest_announces_what_it_read_and_a_retry_of_it_the_same(backend: Backend) {
+    use worker::jobs::digest::announced;
+    // Arrange: four messages in a window that ended ten minutes ago, each with its
+    // dispatch record and no run yet; two past the threshold of 2.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    let queue =
+        shared::queue::JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let start = (shared::queries::now().timestamp() / 60 - 10) * 60;
+    let at = |secs: i64| chrono::DateTime::from_timestamp(start + secs, 0).expect("a time");
+    let mut ids = Vec::new();
+    for n in 0..4 {
+        ids.push(store_unannounced(&app.db, at(n + 1), &format!("Visitor {n}")).await.0);
+    }
+    let job = shared::jobs::Digest::new(start, start + 60, 2);
+    let completed = |ids: Vec<i64>| {
+        let db = app.db.clone();
+        async move {
+            let mut done: Vec<i64> =
+                shared::queries::dispatch::completed_among(&db, &ids).await.expect("query").into_iter().collect();
+            done.sort_unstable();
+            done
+        }
+    };
+
+    // Act: the first attempt.
+    let first = announced(&app.db, Some(&queue), &job, 2).await.expect("read");
+
+    // Assert: it announces the two that fold, newest first, having completed their
+    // records and then marked the window read.
+    assert_eq!(first.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[3], ids[2]]);
+    assert_eq!(completed(ids.clone()).await, [ids[2], ids[3]]);
+    assert!(queue.digest_has_read(&job).await.expect("redis"));
+
+    // Act: a message of the window commits only now, and the digest is retried for one
+    // subscription a push could not reach.
+    let late = store_unannounced(&app.db, at(30), "Visitor 4").await.0;
+    let retry = shared::jobs::Digest { only: Some(vec![1]), ..job.clone() };
+    let again = announced(&app.db, Some(&queue), &retry, 2).await.expect("read");
+
+    // Assert: the retry announces the same two and leaves the late message's record
+    // alone: its run, seeing the mark, sends it to every subscription on its own.
+    assert_eq!(again.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[3], ids[2]]);
+    assert!(completed(vec![late]).await.is_empty(), "the retry completed nothing");
+    let opening = delivery::open_run(&app.db, late, 64, "t", lease(), Coalescing { threshold: 2, window_secs: 60 })
+        .await
+        .expect("opened");
+    assert!(matches!(opening, Opening::Folded { .. }), "its window is past the threshold: {opening:?}");
+}
+
+#[tokio::test]
+async fn a_digest_announces_what_it_read_and_a_retry_of_it_the_same_on_postgres() {
+    a_digest_announces_what_it_read_and_a_retry_of_it_the_same(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_digest_announces_what_it_read_and_a_retry_of_it_the_same_on_sqlite() {
+    a_digest_announces_what_it_read_and_a_retry_of_it_the_same(Backend::Sqlite).await;
 }
 
 async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message(backend: Backend) {

@@ -311,6 +311,40 @@ impl TestApp {
 }
 
 /// An HTTP client with its own cookie store that does not follow redirects.
+/// Stores a message from `name` created at `created_at` with its dispatch record, never
+/// enqueued, as a submission leaves them while Redis is down (the relay enqueues it);
+/// returns the message's id and the record's.
+pub async fn store_unannounced<C: ConnectionTrait>(
+    db: &C,
+    created_at: chrono::DateTime<chrono::Utc>,
+    name: &str,
+) -> (i64, i64) {
+    use sea_orm::ActiveModelTrait;
+    use sea_orm::ActiveValue::Set;
+    let message = shared::entities::feedback_message::ActiveModel {
+        submitter_name: Set(name.into()),
+        submitter_email: Set("v@example.com".into()),
+        content: Set(format!("from {name}")),
+        created_at: Set(created_at),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("stored");
+    let record = shared::entities::dispatch::ActiveModel {
+        feedback_id: Set(message.id),
+        created_at: Set(created_at),
+        due_at: Set(created_at),
+        enqueue_count: Set(0),
+        ..Default::default()
+    }
+    .insert(db)
+    .await
+    .expect("stored");
+    (message.id, record.id)
+}
+
+/// An HTTP client with a cookie store that does not follow redirects.
 pub fn new_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

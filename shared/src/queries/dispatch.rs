@@ -82,15 +82,39 @@ fn completed_now() -> sea_orm::sea_query::SimpleExpr {
 /// delivery, and folds (`delivery::open_run`), so the message is not also sent on its
 /// own, whatever happened to its window since. The relay leaves completed records alone.
 pub async fn complete_for_messages<C: ConnectionTrait>(db: &C, feedback_ids: &[i64]) -> Result<(), DbErr> {
-    if feedback_ids.is_empty() {
-        return Ok(());
+    for ids in feedback_ids.chunks(IDS_PER_STATEMENT) {
+        Entity::update_many()
+            .col_expr(Column::CompletedAt, completed_now())
+            .filter(Column::FeedbackId.is_in(ids.iter().copied()))
+            .exec(db)
+            .await?;
     }
-    Entity::update_many()
-        .col_expr(Column::CompletedAt, completed_now())
-        .filter(Column::FeedbackId.is_in(feedback_ids.iter().copied()))
-        .exec(db)
-        .await?;
     Ok(())
+}
+
+/// Ids in one statement's `IN` list: a flood's window holds more messages than a
+/// statement takes parameters (SQLite 32,766, PostgreSQL 65,535).
+const IDS_PER_STATEMENT: usize = 1000;
+
+/// Those of messages `feedback_ids` with a completed dispatch record.
+pub async fn completed_among<C: ConnectionTrait>(
+    db: &C,
+    feedback_ids: &[i64],
+) -> Result<std::collections::HashSet<i64>, DbErr> {
+    use sea_orm::QuerySelect;
+    let mut completed = std::collections::HashSet::new();
+    for ids in feedback_ids.chunks(IDS_PER_STATEMENT) {
+        let found: Vec<i64> = Entity::find()
+            .select_only()
+            .column(Column::FeedbackId)
+            .filter(Column::FeedbackId.is_in(ids.iter().copied()))
+            .filter(Column::CompletedAt.is_not_null())
+            .into_tuple()
+            .all(db)
+            .await?;
+        completed.extend(found);
+    }
+    Ok(completed)
 }
 
 /// Whether a dispatch record of message `feedback_id` is completed.

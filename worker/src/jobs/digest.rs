@@ -13,7 +13,10 @@
 //! (`shared::queries::delivery::open_run`), and then marks its window read
 //! (`shared::queue::JobQueue::mark_digest_read`): a message that folds after that without
 //! a completed record was not counted (its statement committed late) and goes out alone
-//! (`super::fan_out`).
+//! (`super::fan_out`). It then reads the window again and announces what folds with a
+//! completed record: what it completed, and what committed late but folded before the
+//! mark (its run completed its record). A retry announces the same, and completes
+//! nothing.
 //!
 //! Like the test push, it records no per-subscription deliveries: pushes that may pass
 //! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions,
@@ -21,9 +24,12 @@
 //! yet, and its `Topic` names the window, so a re-run replaces a copy the push service
 //! still holds.
 
+use sea_orm::DatabaseConnection;
 use shared::domain::Notification;
+use shared::entities::feedback_message;
 use shared::jobs::Digest;
-use shared::queries::{feedback, subscription};
+use shared::queries::{dispatch, feedback, subscription};
+use shared::queue::JobQueue;
 
 use super::{JobError, Retries};
 use crate::context::WorkerContext;
@@ -34,19 +40,8 @@ const PAGE: u64 = 500;
 
 /// Sends the digest of `job`'s window; returns how many subscriptions took it.
 pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
-    let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
-    let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
     let threshold = job.threshold.unwrap_or(ctx.settings.worker.burst_threshold);
-    let folded = feedback::folded_between(&ctx.db, from, to, threshold).await?;
-    // Before anything is sent: a run of one of them still waiting behind a backlog folds
-    // when it opens, however its window changed meanwhile (a message deleted).
-    let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
-    shared::queries::dispatch::complete_for_messages(&ctx.db, &ids).await?;
-    // Then the window is marked read: a message of it that folds from now on, with its
-    // record not completed, committed after this reading and goes out alone.
-    if let Some(queue) = &ctx.queue {
-        queue.mark_digest_read(job).await.map_err(JobError::retryable)?;
-    }
+    let folded = announced(&ctx.db, ctx.queue.as_ref(), job, threshold).await?;
     let Some(latest) = folded.first() else { return Ok(0) };
     let notification =
         Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);
@@ -99,6 +94,39 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
         serde_json::to_vec(&rest).unwrap_or_default()
     })?;
     Ok(delivered)
+}
+
+/// What the digest of `job` announces, newest first: its window's messages that fold by
+/// `threshold` with their dispatch records completed.
+///
+/// On the first attempt it first reads the window and completes the records of what
+/// folds (before anything is sent: a run of one of them still waiting behind a backlog
+/// folds when it opens, however its window changed meanwhile, a message deleted), then
+/// marks the window read: a message of it that folds from then on with its record not
+/// completed committed after that reading and goes out alone. The second reading adds
+/// what committed late but folded before the mark (its run completed its own record). A
+/// retry completes nothing and announces the same, not a message that committed since:
+/// that one goes out alone to everyone, where the retry would tell a few subscriptions.
+pub async fn announced(
+    db: &DatabaseConnection,
+    queue: Option<&JobQueue>,
+    job: &Digest,
+    threshold: u64,
+) -> Result<Vec<feedback_message::Model>, JobError> {
+    let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
+    let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
+    if job.only.is_none() && job.after.is_none() {
+        let folded = feedback::folded_between(db, from, to, threshold).await?;
+        let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
+        dispatch::complete_for_messages(db, &ids).await?;
+        if let Some(queue) = queue {
+            queue.mark_digest_read(job).await.map_err(JobError::retryable)?;
+        }
+    }
+    let folded = feedback::folded_between(db, from, to, threshold).await?;
+    let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
+    let completed = dispatch::completed_among(db, &ids).await?;
+    Ok(folded.into_iter().filter(|m| completed.contains(&m.id)).collect())
 }
 
 /// What a digest still owes when reading its subscriptions failed.
