@@ -234,10 +234,7 @@ async fn a_digest_counts_exactly_the_messages_whose_first_run_folds(backend: Bac
         ids.push(message);
         records.push(record);
     }
-    let digest = || async {
-        let folded = folded_between(&app.db, start, end, coalescing.threshold).await.expect("query");
-        folded.into_iter().map(|m| m.id).collect::<Vec<_>>()
-    };
+    let digest = || async { folded_between(&app.db, start, end, coalescing.threshold).await.expect("query") };
 
     // Act + assert: before any run opens, the digest counts the messages past the
     // window's first two by creation time, both of the tie included, newest first; not
@@ -326,7 +323,7 @@ async fn a_digest_announces_what_it_read_and_a_retry_of_it_the_same(backend: Bac
 
     // Assert: it announces the two that fold, newest first, having completed their
     // records and then marked the window read.
-    assert_eq!(first.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[3], ids[2]]);
+    assert_eq!(first, [ids[3], ids[2]]);
     assert_eq!(completed(ids.clone()).await, [ids[2], ids[3]]);
     assert!(queue.digest_has_read(&job).await.expect("redis"));
 
@@ -338,12 +335,21 @@ async fn a_digest_announces_what_it_read_and_a_retry_of_it_the_same(backend: Bac
 
     // Assert: the retry announces the same two and leaves the late message's record
     // alone: its run, seeing the mark, sends it to every subscription on its own.
-    assert_eq!(again.iter().map(|m| m.id).collect::<Vec<_>>(), [ids[3], ids[2]]);
+    assert_eq!(again, [ids[3], ids[2]]);
     assert!(completed(vec![late]).await.is_empty(), "the retry completed nothing");
     let opening = delivery::open_run(&app.db, late, 64, "t", lease(), Coalescing { threshold: 2, window_secs: 60 })
         .await
         .expect("opened");
     assert!(matches!(opening, Opening::Folded { .. }), "its window is past the threshold: {opening:?}");
+
+    // The digest names the newest message it announces that still exists.
+    let newest = |ids: Vec<i64>| {
+        let db = app.db.clone();
+        async move { shared::queries::feedback::newest_of(&db, &ids).await.expect("query").map(|m| m.id) }
+    };
+    assert_eq!(newest(again.clone()).await, Some(ids[3]));
+    assert!(shared::queries::feedback::delete(&app.db, ids[3]).await.expect("deleted"));
+    assert_eq!(newest(again).await, Some(ids[2]));
 }
 
 #[tokio::test]

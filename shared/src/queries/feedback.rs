@@ -335,8 +335,9 @@ pub async fn count_created_between<C: ConnectionTrait>(
     Ok(u64::try_from(ids.len()).unwrap_or(u64::MAX))
 }
 
-/// The messages of the coalescing window `[from, to)` that its digest announces, newest
-/// first: those a first run folded or will fold, with no delivery recorded.
+/// The ids of the messages of the coalescing window `[from, to)` that its digest
+/// announces, newest first: those a first run folded or will fold, with no delivery
+/// recorded (ids only: a flood's window holds many).
 ///
 /// A message's first run folds it when more than `threshold` messages of its window were
 /// created at or before it (`delivery::open_run`). That holds exactly for the messages
@@ -356,7 +357,7 @@ pub async fn folded_between<C: ConnectionTrait>(
     from: chrono::DateTime<chrono::Utc>,
     to: chrono::DateTime<chrono::Utc>,
     threshold: u64,
-) -> Result<Vec<feedback_message::Model>, DbErr> {
+) -> Result<Vec<i64>, DbErr> {
     use sea_orm::sea_query::{Expr, ExprTrait, Query};
     use sea_orm::{ColumnTrait, Condition, QueryFilter, QueryOrder, QuerySelect};
 
@@ -391,13 +392,34 @@ pub async fn folded_between<C: ConnectionTrait>(
         folds = folds.add(feedback_message::Column::CreatedAt.gte(cutoff));
     }
     feedback_message::Entity::find()
+        .select_only()
+        .column(feedback_message::Column::Id)
         .filter(feedback_message::Column::CreatedAt.gte(from))
         .filter(feedback_message::Column::CreatedAt.lt(to))
         .filter(Expr::exists(delivered).not())
         .filter(folds)
         .order_by_desc(feedback_message::Column::Id)
+        .into_tuple()
         .all(db)
         .await
+}
+
+/// The newest of messages `ids` (given newest first) that still exists: a digest names
+/// it.
+pub async fn newest_of<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Result<Option<feedback_message::Model>, DbErr> {
+    use sea_orm::{ColumnTrait, QueryFilter, QueryOrder};
+    // A few candidates in one statement: one deleted since the reading leaves the next.
+    for some in ids.chunks(100) {
+        let newest = feedback_message::Entity::find()
+            .filter(feedback_message::Column::Id.is_in(some.iter().copied()))
+            .order_by_desc(feedback_message::Column::Id)
+            .one(db)
+            .await?;
+        if newest.is_some() {
+            return Ok(newest);
+        }
+    }
+    Ok(None)
 }
 
 /// Counts feedback messages (used by tests and status pages).

@@ -26,7 +26,6 @@
 
 use sea_orm::DatabaseConnection;
 use shared::domain::Notification;
-use shared::entities::feedback_message;
 use shared::jobs::Digest;
 use shared::queries::{dispatch, feedback, subscription};
 use shared::queue::JobQueue;
@@ -42,7 +41,7 @@ const PAGE: u64 = 500;
 pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     let threshold = job.threshold.unwrap_or(ctx.settings.worker.burst_threshold);
     let folded = announced(&ctx.db, ctx.queue.as_ref(), job, threshold).await?;
-    let Some(latest) = folded.first() else { return Ok(0) };
+    let Some(latest) = feedback::newest_of(&ctx.db, &folded).await? else { return Ok(0) };
     let notification =
         Notification::digest(folded.len(), &latest.submitter_name, &latest.content, &ctx.settings.web.public_url);
     let payload = notification.to_payload();
@@ -96,8 +95,8 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
     Ok(delivered)
 }
 
-/// What the digest of `job` announces, newest first: its window's messages that fold by
-/// `threshold` with their dispatch records completed.
+/// What the digest of `job` announces, newest first: the ids of its window's messages
+/// that fold by `threshold` with their dispatch records completed.
 ///
 /// On the first attempt it first reads the window and completes the records of what
 /// folds (before anything is sent: a run of one of them still waiting behind a backlog
@@ -112,21 +111,20 @@ pub async fn announced(
     queue: Option<&JobQueue>,
     job: &Digest,
     threshold: u64,
-) -> Result<Vec<feedback_message::Model>, JobError> {
+) -> Result<Vec<i64>, JobError> {
     let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
     let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
     if job.only.is_none() && job.after.is_none() {
         let folded = feedback::folded_between(db, from, to, threshold).await?;
-        let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
-        dispatch::complete_for_messages(db, &ids).await?;
+        dispatch::complete_for_messages(db, &folded).await?;
         if let Some(queue) = queue {
             queue.mark_digest_read(job).await.map_err(JobError::retryable)?;
         }
     }
-    let folded = feedback::folded_between(db, from, to, threshold).await?;
-    let ids: Vec<i64> = folded.iter().map(|m| m.id).collect();
-    let completed = dispatch::completed_among(db, &ids).await?;
-    Ok(folded.into_iter().filter(|m| completed.contains(&m.id)).collect())
+    let mut folded = feedback::folded_between(db, from, to, threshold).await?;
+    let completed = dispatch::completed_among(db, &folded).await?;
+    folded.retain(|id| completed.contains(id));
+    Ok(folded)
 }
 
 /// What a digest still owes when reading its subscriptions failed.
