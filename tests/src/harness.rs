@@ -310,7 +310,6 @@ impl TestApp {
     }
 }
 
-/// An HTTP client with its own cookie store that does not follow redirects.
 /// Stores a message from `name` created at `created_at` with its dispatch record, never
 /// enqueued, as a submission leaves them while Redis is down (the relay enqueues it);
 /// returns the message's id and the record's.
@@ -344,7 +343,7 @@ pub async fn store_unannounced<C: ConnectionTrait>(
     (message.id, record.id)
 }
 
-/// An HTTP client with a cookie store that does not follow redirects.
+/// An HTTP client with its own cookie store that does not follow redirects.
 pub fn new_client() -> reqwest::Client {
     reqwest::Client::builder()
         .redirect(reqwest::redirect::Policy::none())

@@ -96,25 +96,25 @@ pub async fn complete_for_messages<C: ConnectionTrait>(db: &C, feedback_ids: &[i
 /// statement takes parameters (SQLite 32,766, PostgreSQL 65,535).
 const IDS_PER_STATEMENT: usize = 1000;
 
-/// Those of messages `feedback_ids` with a completed dispatch record.
-pub async fn completed_among<C: ConnectionTrait>(
+/// Those of messages `feedback_ids` with a dispatch record not completed.
+pub async fn outstanding_among<C: ConnectionTrait>(
     db: &C,
     feedback_ids: &[i64],
 ) -> Result<std::collections::HashSet<i64>, DbErr> {
     use sea_orm::QuerySelect;
-    let mut completed = std::collections::HashSet::new();
+    let mut outstanding = std::collections::HashSet::new();
     for ids in feedback_ids.chunks(IDS_PER_STATEMENT) {
         let found: Vec<i64> = Entity::find()
             .select_only()
             .column(Column::FeedbackId)
             .filter(Column::FeedbackId.is_in(ids.iter().copied()))
-            .filter(Column::CompletedAt.is_not_null())
+            .filter(Column::CompletedAt.is_null())
             .into_tuple()
             .all(db)
             .await?;
-        completed.extend(found);
+        outstanding.extend(found);
     }
-    Ok(completed)
+    Ok(outstanding)
 }
 
 /// Whether a dispatch record of message `feedback_id` is completed.

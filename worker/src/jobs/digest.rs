@@ -96,16 +96,19 @@ pub async fn run(job: &Digest, ctx: &WorkerContext) -> Result<usize, JobError> {
 }
 
 /// What the digest of `job` announces, newest first: the ids of its window's messages
-/// that fold by `threshold` with their dispatch records completed.
+/// that fold by `threshold` with no dispatch record outstanding (completed, or pruned
+/// long since).
 ///
-/// On the first attempt it first reads the window and completes the records of what
-/// folds (before anything is sent: a run of one of them still waiting behind a backlog
-/// folds when it opens, however its window changed meanwhile, a message deleted), then
-/// marks the window read: a message of it that folds from then on with its record not
-/// completed committed after that reading and goes out alone. The second reading adds
-/// what committed late but folded before the mark (its run completed its own record). A
-/// retry completes nothing and announces the same, not a message that committed since:
-/// that one goes out alone to everyone, where the retry would tell a few subscriptions.
+/// Until the window is marked read, it first reads the window and completes the records
+/// of what folds (before anything is sent: a run of one of them still waiting behind a
+/// backlog folds when it opens, however its window changed meanwhile, a message
+/// deleted), then marks the window read: a message of it that folds from then on with
+/// its record outstanding committed after that reading and goes out alone. The second
+/// reading adds what committed late but folded before the mark (its run completed its
+/// own record). Once the window is marked — a retry for some subscriptions, or the whole
+/// digest again after a failure past the mark — it completes nothing: a message that
+/// committed since goes out alone to everyone, where a retry would tell a few
+/// subscriptions, and is not counted as well.
 pub async fn announced(
     db: &DatabaseConnection,
     queue: Option<&JobQueue>,
@@ -114,7 +117,12 @@ pub async fn announced(
 ) -> Result<Vec<i64>, JobError> {
     let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
     let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
-    if job.only.is_none() && job.after.is_none() {
+    let first = job.only.is_none() && job.after.is_none();
+    let marked = match queue {
+        Some(queue) if first => queue.digest_has_read(job).await.map_err(JobError::retryable)?,
+        _ => !first,
+    };
+    if !marked {
         let folded = feedback::folded_between(db, from, to, threshold).await?;
         dispatch::complete_for_messages(db, &folded).await?;
         if let Some(queue) = queue {
@@ -122,8 +130,8 @@ pub async fn announced(
         }
     }
     let mut folded = feedback::folded_between(db, from, to, threshold).await?;
-    let completed = dispatch::completed_among(db, &folded).await?;
-    folded.retain(|id| completed.contains(id));
+    let outstanding = dispatch::outstanding_among(db, &folded).await?;
+    folded.retain(|id| !outstanding.contains(id));
     Ok(folded)
 }
 
