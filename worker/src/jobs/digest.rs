@@ -13,10 +13,10 @@
 //! (`shared::queries::delivery::open_run`), and then marks its window read
 //! (`shared::queue::JobQueue::mark_digest_read`): a message that folds after that without
 //! a completed record was not counted (its statement committed late) and goes out alone
-//! (`super::fan_out`). It then reads the window again and announces what folds with a
-//! completed record: what it completed, and what committed late but folded before the
-//! mark (its run completed its record). A retry announces the same, and completes
-//! nothing.
+//! (`super::fan_out`). It then reads the window again and announces what folds with no
+//! record outstanding: what it completed, what committed late but folded before the
+//! mark (its run completed its record), and what lost its record to the prune. Once the
+//! window is marked, a retry or a re-run completes nothing (`announced`).
 //!
 //! Like the test push, it records no per-subscription deliveries: pushes that may pass
 //! later (429, 5xx, timeouts) are retried as a digest limited to those subscriptions,
