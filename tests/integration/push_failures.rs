@@ -317,3 +317,39 @@ async fn a_slow_write_of_successes_makes_no_push_in_flight_time_out_or_go_twice(
         assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");
     }
 }
+
+#[tokio::test]
+async fn a_fan_out_that_outlasts_a_claims_hold_keeps_its_claims_until_it_sends_them() {
+    use sea_orm::{ColumnTrait, QueryFilter};
+    use shared::entities::delivery::{Column, Entity, SENDING};
+    // A push timeout of a second makes a claim hold 6 s. Two pushes at a time, each
+    // answered after 900 ms: twenty subscriptions take about 9 s.
+    let app = spawn_app_with(Options {
+        env: vec![("PUSH_TIMEOUT_MS".into(), "1000".into()), ("PUSH_CONCURRENCY".into(), "2".into())],
+        ..Options::default()
+    })
+    .await;
+    let mut endpoints = Vec::new();
+    for _ in 0..20 {
+        endpoints.push(app.subscribe_browser().await.endpoint);
+    }
+    app.push.set_delay(Duration::from_millis(900));
+
+    app.submit_valid_feedback("Ann", "hello").await;
+
+    // Past one hold, with deliveries still to send: none has a claim that lapsed, which
+    // another run would take over and send as well.
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    let sending = || Entity::find().filter(Column::Status.eq(SENDING));
+    let waiting = sending().count(&app.db).await.expect("count");
+    let lapsed = sending().filter(Column::LeaseUntil.lt(shared::queries::now())).count(&app.db).await.expect("count");
+    assert!(waiting > 0, "the fan-out is still sending");
+    assert_eq!(lapsed, 0, "{lapsed} of the {waiting} claims still being sent lapsed");
+
+    // And every subscription gets its push, once.
+    assert_eq!(app.push.wait_for_received(20, Duration::from_secs(20)).await.len(), 20);
+    let attempts = app.push.attempts();
+    for endpoint in &endpoints {
+        assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");
+    }
+}

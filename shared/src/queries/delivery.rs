@@ -342,6 +342,25 @@ async fn with_subscriptions<C: ConnectionTrait>(db: &C, claimed: &[Claimed]) -> 
         .collect())
 }
 
+/// Extends to `lease_until` the claims `token` holds on deliveries of `feedback_id` still
+/// being sent, so a run that takes longer than one hold keeps what it has yet to send;
+/// returns how many.
+pub async fn renew_claims<C: ConnectionTrait>(
+    db: &C,
+    feedback_id: i64,
+    token: &str,
+    lease_until: DateTime<Utc>,
+) -> Result<u64, DbErr> {
+    let renewed = Entity::update_many()
+        .col_expr(Column::LeaseUntil, Expr::value(lease_until))
+        .filter(Column::FeedbackId.eq(feedback_id))
+        .filter(Column::ClaimToken.eq(token))
+        .filter(Column::Status.eq(SENDING))
+        .exec(db)
+        .await?;
+    Ok(renewed.rows_affected)
+}
+
 /// Records pushes of `feedback_id` to `subscription_ids` as sent (those the claim `token`
 /// still holds) and their subscriptions' success, atomically.
 ///

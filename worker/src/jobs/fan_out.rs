@@ -70,7 +70,7 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
         topic: format!("feedback{}", message.id),
         token,
     };
-    let (stats, sent) = run.deliver_all(page).await?;
+    let (stats, sent) = run.renewing_claims(run.deliver_all(page)).await?;
     if let Err(e) = ctx.runs.close(message.id, job.dispatch_id, sent.clone(), run.token.clone()).await {
         // The close records the last page's successes; it failed as a whole, so record
         // them on their own before the job is retried, or their claims would lapse and
@@ -281,6 +281,32 @@ struct Run<'a> {
 }
 
 impl Run<'_> {
+    /// Runs `work`, renewing the run's claims every third of their hold while it lasts,
+    /// so a fan-out that outlasts one hold (a slow push service, a slow write, many
+    /// pages) keeps the deliveries it has yet to send: another run takes over only the
+    /// claims of a run that died. A renewal that fails is logged, and the work goes on
+    /// without further renewals.
+    async fn renewing_claims<T>(&self, work: impl std::future::Future<Output = T>) -> T {
+        let every = claim_hold(&self.ctx.settings) / 3;
+        let renew = async {
+            loop {
+                tokio::time::sleep(every).await;
+                let renewed = delivery::renew_claims(&self.ctx.db, self.feedback_id, &self.token, lease(self.ctx));
+                if let Err(e) = renewed.await {
+                    return e;
+                }
+            }
+        };
+        tokio::pin!(work, renew);
+        tokio::select! {
+            done = &mut work => done,
+            error = &mut renew => {
+                tracing::warn!(feedback_id = self.feedback_id, error = %error, "fan_out.renew_claims_failed");
+                work.await
+            }
+        }
+    }
+
     /// Sends the run's deliveries, starting with its first `page` (claimed when the run
     /// opened, with the deliveries due again: retries whose time has come, claims
     /// abandoned by a crashed worker; small, so the first pushes leave at once). Every
