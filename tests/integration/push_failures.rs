@@ -323,17 +323,17 @@ async fn a_fan_out_that_outlasts_a_claims_hold_keeps_its_claims_until_it_sends_t
     use sea_orm::{ColumnTrait, QueryFilter};
     use shared::entities::delivery::{Column, Entity, SENDING};
     // A push timeout of a second makes a claim hold 6 s. Two pushes at a time, each
-    // answered after 900 ms: twenty subscriptions take about 9 s.
+    // answered after 500 ms: forty subscriptions take about 10 s.
     let app = spawn_app_with(Options {
         env: vec![("PUSH_TIMEOUT_MS".into(), "1000".into()), ("PUSH_CONCURRENCY".into(), "2".into())],
         ..Options::default()
     })
     .await;
     let mut endpoints = Vec::new();
-    for _ in 0..20 {
+    for _ in 0..40 {
         endpoints.push(app.subscribe_browser().await.endpoint);
     }
-    app.push.set_delay(Duration::from_millis(900));
+    app.push.set_delay(Duration::from_millis(500));
 
     app.submit_valid_feedback("Ann", "hello").await;
 
@@ -347,7 +347,7 @@ async fn a_fan_out_that_outlasts_a_claims_hold_keeps_its_claims_until_it_sends_t
     assert_eq!(lapsed, 0, "{lapsed} of the {waiting} claims still being sent lapsed");
 
     // And every subscription gets its push, once.
-    assert_eq!(app.push.wait_for_received(20, Duration::from_secs(20)).await.len(), 20);
+    assert_eq!(app.push.wait_for_received(40, Duration::from_secs(20)).await.len(), 40);
     let attempts = app.push.attempts();
     for endpoint in &endpoints {
         assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");

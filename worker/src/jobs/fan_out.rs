@@ -284,8 +284,8 @@ impl Run<'_> {
     /// Runs `work`, renewing the run's claims every third of their hold while it lasts,
     /// so a fan-out that outlasts one hold (a slow push service, a slow write, many
     /// pages) keeps the deliveries it has yet to send: another run takes over only the
-    /// claims of a run that died. A renewal that fails is logged, and the work goes on
-    /// without further renewals.
+    /// claims of a run that died. A renewal that fails is logged and tried again a third
+    /// of a hold later, before the claims lapse; `work` is driven meanwhile.
     async fn renewing_claims<T>(&self, work: impl std::future::Future<Output = T>) -> T {
         let every = claim_hold(&self.ctx.settings) / 3;
         let renew = async {
@@ -293,17 +293,14 @@ impl Run<'_> {
                 tokio::time::sleep(every).await;
                 let renewed = delivery::renew_claims(&self.ctx.db, self.feedback_id, &self.token, lease(self.ctx));
                 if let Err(e) = renewed.await {
-                    return e;
+                    tracing::warn!(feedback_id = self.feedback_id, error = %e, "fan_out.renew_claims_failed");
                 }
             }
         };
-        tokio::pin!(work, renew);
-        tokio::select! {
-            done = &mut work => done,
-            error = &mut renew => {
-                tracing::warn!(feedback_id = self.feedback_id, error = %error, "fan_out.renew_claims_failed");
-                work.await
-            }
+        match futures::future::select(std::pin::pin!(work), std::pin::pin!(renew)).await {
+            futures::future::Either::Left((done, _)) => done,
+            // The renewals never end on their own.
+            futures::future::Either::Right((_, work)) => work.await,
         }
     }
 
