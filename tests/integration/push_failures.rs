@@ -271,21 +271,45 @@ async fn a_retry_past_the_first_page_is_sent_once_on_sqlite() {
     assert_eq!(late_attempts, 2, "the failed push was tried once more, not twice");
 }
 
+/// An app whose pushes time out after `timeout_ms`, `concurrency` at a time, to
+/// `subscriptions` subscriptions the stand-in answers after `delay`; returns it and the
+/// subscriptions' endpoints.
+async fn slow_pushes(
+    timeout_ms: u64,
+    concurrency: usize,
+    subscriptions: usize,
+    delay: Duration,
+) -> (TestApp, Vec<String>) {
+    let app = spawn_app_with(Options {
+        env: vec![
+            ("PUSH_TIMEOUT_MS".into(), timeout_ms.to_string()),
+            ("PUSH_CONCURRENCY".into(), concurrency.to_string()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let mut endpoints = Vec::new();
+    for _ in 0..subscriptions {
+        endpoints.push(app.subscribe_browser().await.endpoint);
+    }
+    app.push.set_delay(delay);
+    (app, endpoints)
+}
+
+/// Each of `endpoints` was sent exactly one push.
+fn assert_one_push_each(app: &TestApp, endpoints: &[String]) {
+    let attempts = app.push.attempts();
+    for endpoint in endpoints {
+        assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");
+    }
+}
+
 #[tokio::test]
 async fn a_slow_write_of_successes_makes_no_push_in_flight_time_out_or_go_twice() {
     // Four pushes at a time, each timing out after a second and a half and answered
     // after 20 ms, a real push service's round trip. Forty subscriptions: one page, sent
     // in many small batches.
-    let app = spawn_app_with(Options {
-        env: vec![("PUSH_TIMEOUT_MS".into(), "1500".into()), ("PUSH_CONCURRENCY".into(), "4".into())],
-        ..Options::default()
-    })
-    .await;
-    let mut endpoints = Vec::new();
-    for _ in 0..40 {
-        endpoints.push(app.subscribe_browser().await.endpoint);
-    }
-    app.push.set_delay(Duration::from_millis(20));
+    let (app, endpoints) = slow_pushes(1500, 4, 40, Duration::from_millis(20)).await;
 
     // Every success is recorded on its subscription's row too: hold those rows for five
     // seconds, over three times the push timeout, so the first batch's write waits that
@@ -312,10 +336,7 @@ async fn a_slow_write_of_successes_makes_no_push_in_flight_time_out_or_go_twice(
     let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
     let retried: Vec<i64> = rows.iter().filter(|row| row.attempts > 1).map(|row| row.subscription_id).collect();
     assert!(retried.is_empty(), "no push was retried, but these were: {retried:?}");
-    let attempts = app.push.attempts();
-    for endpoint in &endpoints {
-        assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");
-    }
+    assert_one_push_each(&app, &endpoints);
 }
 
 #[tokio::test]
@@ -324,16 +345,7 @@ async fn a_fan_out_that_outlasts_a_claims_hold_keeps_its_claims_until_it_sends_t
     use shared::entities::delivery::{Column, Entity, SENDING};
     // A push timeout of a second makes a claim hold 6 s. Two pushes at a time, each
     // answered after 500 ms: forty subscriptions take about 10 s.
-    let app = spawn_app_with(Options {
-        env: vec![("PUSH_TIMEOUT_MS".into(), "1000".into()), ("PUSH_CONCURRENCY".into(), "2".into())],
-        ..Options::default()
-    })
-    .await;
-    let mut endpoints = Vec::new();
-    for _ in 0..40 {
-        endpoints.push(app.subscribe_browser().await.endpoint);
-    }
-    app.push.set_delay(Duration::from_millis(500));
+    let (app, endpoints) = slow_pushes(1000, 2, 40, Duration::from_millis(500)).await;
 
     app.submit_valid_feedback("Ann", "hello").await;
 
@@ -348,8 +360,5 @@ async fn a_fan_out_that_outlasts_a_claims_hold_keeps_its_claims_until_it_sends_t
 
     // And every subscription gets its push, once.
     assert_eq!(app.push.wait_for_received(40, Duration::from_secs(20)).await.len(), 40);
-    let attempts = app.push.attempts();
-    for endpoint in &endpoints {
-        assert_eq!(attempts.iter().filter(|a| &a.endpoint == endpoint).count(), 1, "one push to {endpoint}");
-    }
+    assert_one_push_each(&app, &endpoints);
 }

@@ -117,10 +117,11 @@ pub async fn announced(
 ) -> Result<Vec<i64>, JobError> {
     let from = chrono::DateTime::from_timestamp(job.window_start, 0).unwrap_or_default();
     let to = chrono::DateTime::from_timestamp(job.window_end, 0).unwrap_or_default();
-    let first = job.only.is_none() && job.after.is_none();
+    // A retry (`only`, `after`) comes after the first attempt marked the window.
     let marked = match queue {
-        Some(queue) if first => queue.digest_has_read(job).await.map_err(JobError::retryable)?,
-        _ => !first,
+        _ if job.only.is_some() || job.after.is_some() => true,
+        Some(queue) => queue.digest_has_read(job).await.map_err(JobError::retryable)?,
+        None => false,
     };
     if !marked {
         let folded = feedback::folded_between(db, from, to, threshold).await?;
