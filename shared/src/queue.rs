@@ -177,6 +177,11 @@ pub fn dead_letter_index(namespace: &str) -> String {
 /// Dead letters kept at most; the oldest go first (Redis memory stays bounded).
 pub const MAX_DEAD_LETTERS: u64 = 10_000;
 
+/// The sorted set, outside every namespace, where apalis-redis registers each queue it
+/// serves (one member per queue, named after its namespace). A deployment keeps one
+/// namespace, so it holds a few members; whoever removes a namespace removes its members.
+pub const APALIS_QUEUES_LIST: &str = "core:apalis:queues:list";
+
 /// A dead letter: a job the worker will not run, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {
