@@ -245,8 +245,10 @@ async fn run(
     let address = format!("http://127.0.0.1:{port}");
 
     let mut report = Report::new(scenario_name(cli.scenario), &env);
-    // Inherited by the worker from this process's environment.
-    report.param("worker_threads", std::env::var("WORKER_THREADS").unwrap_or_else(|_| "default".into()));
+    // Inherited by web and worker from this process's environment.
+    for (param, var) in [("web_threads", "WEB_THREADS"), ("worker_threads", "WORKER_THREADS")] {
+        report.param(param, std::env::var(var).unwrap_or_else(|_| "default".into()));
+    }
     report.param("worker_concurrency", cli.worker_concurrency);
     // Memory before any load: both processes idle after start, and Redis.
     tokio::time::sleep(Duration::from_secs(2)).await;

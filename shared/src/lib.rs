@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod queries;
 pub mod queue;
 pub mod redis_usage;
+pub mod runtime;
 pub mod settings;
 pub mod telemetry;
 pub mod worker_health;

@@ -47,8 +47,18 @@ enum VapidCommand {
     Generate,
 }
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
+    // One thread unless WEB_THREADS asks for more (see `shared::runtime`).
+    match shared::runtime::build("WEB_THREADS") {
+        Ok(runtime) => runtime.block_on(async_main()),
+        Err(e) => {
+            eprintln!("web: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn async_main() -> ExitCode {
     shared::telemetry::init();
     let cli = Cli::parse();
     let result = match cli.command {

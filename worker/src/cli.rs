@@ -80,38 +80,14 @@ enum DeadCommand {
 
 /// Parses the arguments, runs the command, and returns the process's exit code.
 pub fn main() -> ExitCode {
-    // One thread by default: a fan-out mostly waits on the database, Redis and the push
-    // services, and on one thread a reply reaches its job without a hand-off between
-    // threads. Measured on 2 cores it took 8–22% less worker CPU than one thread per
-    // core from 1,000 messages a second up and under `submit` (the same at 50/s), with
-    // fan-outs to 10,000 as fast or faster; a bigger machine runs more processes.
-    // WORKER_THREADS=N runs N threads, and 0 one per core (read before the runtime
-    // starts, so `.env` is loaded here first).
-    shared::settings::load_dotenv();
-    let threads = match std::env::var("WORKER_THREADS") {
-        Err(_) => 1,
-        Ok(value) if value.trim().is_empty() => 1,
-        Ok(value) => match value.trim().parse::<usize>() {
-            Ok(n) => n,
-            Err(_) => {
-                eprintln!("worker: WORKER_THREADS must be a whole number (0 for one thread per core), not {value:?}");
-                return ExitCode::FAILURE;
-            }
-        },
-    };
-    let built = match threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-    };
-    let runtime = match built {
-        Ok(runtime) => runtime,
+    // One thread unless WORKER_THREADS asks for more (see `shared::runtime`).
+    match shared::runtime::build("WORKER_THREADS") {
+        Ok(runtime) => runtime.block_on(async_main()),
         Err(e) => {
-            eprintln!("worker: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
+            eprintln!("worker: {e}");
+            ExitCode::FAILURE
         }
-    };
-    runtime.block_on(async_main())
+    }
 }
 
 async fn async_main() -> ExitCode {
