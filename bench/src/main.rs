@@ -249,6 +249,9 @@ async fn run(
     for (param, var) in [("web_threads", "WEB_THREADS"), ("worker_threads", "WORKER_THREADS")] {
         report.param(param, std::env::var(var).unwrap_or_else(|_| "default".into()));
     }
+    for (param, fingerprint) in binaries.fingerprints()? {
+        report.param(param, fingerprint);
+    }
     report.param("worker_concurrency", cli.worker_concurrency);
     // Memory before any load: both processes idle after start, and Redis.
     tokio::time::sleep(Duration::from_secs(2)).await;

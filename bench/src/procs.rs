@@ -30,6 +30,19 @@ pub async fn build_release() -> anyhow::Result<Binaries> {
     Ok(Binaries { web: release.join("web"), worker: release.join("worker"), migrations: release.join("migrations") })
 }
 
+impl Binaries {
+    /// The first 12 hex digits of the SHA-256 of web and worker, so that runs of two
+    /// builds interleaved in one series are told apart by their files.
+    pub fn fingerprints(&self) -> anyhow::Result<[(&'static str, String); 2]> {
+        let of = |path: &PathBuf| -> anyhow::Result<String> {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(std::fs::read(path)?);
+            Ok(digest.iter().take(6).map(|b| format!("{b:02x}")).collect())
+        };
+        Ok([("web_sha256", of(&self.web)?), ("worker_sha256", of(&self.worker)?)])
+    }
+}
+
 /// A free TCP port on 127.0.0.1.
 pub fn free_port() -> anyhow::Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
