@@ -21,6 +21,22 @@ pub fn build(var: &str) -> Result<tokio::runtime::Runtime, String> {
     built.map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
+/// Runs `main` to completion on the runtime `var` asks for; `program` names the process
+/// in the message when the runtime cannot be built (exit code 1).
+pub fn run<F: std::future::Future<Output = std::process::ExitCode>>(
+    program: &str,
+    var: &str,
+    main: impl FnOnce() -> F,
+) -> std::process::ExitCode {
+    match build(var) {
+        Ok(runtime) => runtime.block_on(main()),
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
 /// The thread count `value` (of variable `var`) asks for: 1 when unset or empty.
 fn threads_of(var: &str, value: Option<&str>) -> Result<usize, String> {
     match value.map(str::trim) {

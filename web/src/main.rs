@@ -49,13 +49,7 @@ enum VapidCommand {
 
 fn main() -> ExitCode {
     // One thread unless WEB_THREADS asks for more (see `shared::runtime`).
-    match shared::runtime::build("WEB_THREADS") {
-        Ok(runtime) => runtime.block_on(async_main()),
-        Err(e) => {
-            eprintln!("web: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    shared::runtime::run("web", "WEB_THREADS", async_main)
 }
 
 async fn async_main() -> ExitCode {

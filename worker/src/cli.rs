@@ -81,13 +81,7 @@ enum DeadCommand {
 /// Parses the arguments, runs the command, and returns the process's exit code.
 pub fn main() -> ExitCode {
     // One thread unless WORKER_THREADS asks for more (see `shared::runtime`).
-    match shared::runtime::build("WORKER_THREADS") {
-        Ok(runtime) => runtime.block_on(async_main()),
-        Err(e) => {
-            eprintln!("worker: {e}");
-            ExitCode::FAILURE
-        }
-    }
+    shared::runtime::run("worker", "WORKER_THREADS", async_main)
 }
 
 async fn async_main() -> ExitCode {
