@@ -10,7 +10,7 @@
 
 /// Builds the runtime that the variable `var` asks for (read before the runtime starts,
 /// so `.env` is loaded here first). The error is a sentence for standard error.
-pub fn build(var: &str) -> Result<tokio::runtime::Runtime, String> {
+fn build(var: &str) -> Result<tokio::runtime::Runtime, String> {
     crate::settings::load_dotenv();
     let threads = threads_of(var, std::env::var(var).ok().as_deref())?;
     let built = match threads {
