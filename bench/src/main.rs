@@ -82,6 +82,10 @@ struct Cli {
     /// `RUST_LOG` of the web and worker processes (their logs go to this terminal).
     #[arg(long, default_value = "warn")]
     log: String,
+    /// Threads of the load generator and the push-service stand-in (one runtime): 1
+    /// runs them on one thread, which costs the cores they share with the stack least.
+    #[arg(long, default_value_t = 1)]
+    load_threads: usize,
 }
 
 /// The system under test.
@@ -173,9 +177,16 @@ pub(crate) enum Scenario {
     },
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    let runtime = match cli.load_threads {
+        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
+    };
+    runtime.block_on(bench(cli))
+}
+
+async fn bench(cli: Cli) -> anyhow::Result<()> {
     let push = PushService::start().await?;
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
         let _ = django::SSLMODE.set(mode.to_owned());
@@ -253,6 +264,7 @@ async fn run(
         report.param(param, fingerprint);
     }
     report.param("worker_concurrency", cli.worker_concurrency);
+    report.param("load_threads", cli.load_threads);
     // Memory before any load: both processes idle after start, and Redis.
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
@@ -453,6 +465,7 @@ async fn run_django(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
     let _ = FORM.set(DJANGO_FORM);
     let mut report = Report::new(scenario_name(cli.scenario), &HashMap::new());
     report.param("target", "django");
+    report.param("load_threads", cli.load_threads);
     let peer = match django::Peer::start(&cli.peer_dir).await {
         Ok(peer) => peer,
         Err(e) => {
