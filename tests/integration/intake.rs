@@ -53,6 +53,37 @@ async fn a_batch_keeps_each_submission_apart_on_sqlite() {
     a_batch_keeps_each_submission_apart(Backend::Sqlite).await;
 }
 
+async fn marking_records_enqueued_leaves_those_their_jobs_completed_alone(backend: Backend) {
+    use shared::queries::dispatch::{mark_completed, mark_enqueued_many};
+    // Arrange: two stored submissions; the job of the first has completed its record.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    let (_, done) = tidings_tests::harness::store_unannounced(&app.db, shared::queries::now(), "Ann").await;
+    let (_, waiting) = tidings_tests::harness::store_unannounced(&app.db, shared::queries::now(), "Bob").await;
+    mark_completed(&app.db, done).await.expect("completed");
+
+    // Act: the marker marks both as enqueued, as the web does once their jobs are pushed.
+    mark_enqueued_many(&app.db, &[done, waiting]).await.expect("marked");
+
+    // Assert: only the outstanding record is marked; the completed one is left as it was.
+    let db = &app.db;
+    let record = |id| async move { dispatch::Entity::find_by_id(id).one(db).await.expect("query").expect("record") };
+    let (done, waiting) = (record(done).await, record(waiting).await);
+    assert!(done.completed_at.is_some());
+    assert_eq!((done.enqueued_at, done.enqueue_count), (None, 0), "a completed record is not written again");
+    assert!(waiting.enqueued_at.is_some());
+    assert_eq!(waiting.enqueue_count, 1);
+}
+
+#[tokio::test]
+async fn marking_records_enqueued_leaves_those_their_jobs_completed_alone_on_postgres() {
+    marking_records_enqueued_leaves_those_their_jobs_completed_alone(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn marking_records_enqueued_leaves_those_their_jobs_completed_alone_on_sqlite() {
+    marking_records_enqueued_leaves_those_their_jobs_completed_alone(Backend::Sqlite).await;
+}
+
 async fn concurrent_submissions_each_get_their_own_message(backend: Backend) {
     // Arrange: enough at once that the writers batch them.
     let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
