@@ -9,7 +9,7 @@ const USAGE: &str = "usage: migrations up | down [N] | status";
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    shared::telemetry::init();
+    let _logs = shared::telemetry::init();
     let args: Vec<String> = std::env::args().skip(1).collect();
     match run(&args).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -321,3 +321,36 @@ async fn a_worker_restarted_on_the_same_host_starts_at_once() {
     let reports = shared::worker_health::read_all(&mut conn, &app.settings.redis_namespace).await.expect("read");
     assert!(reports.iter().all(|r| r.host == "worker-host-1"));
 }
+
+#[tokio::test]
+async fn a_worker_whose_log_reader_stalls_keeps_working() {
+    // Arrange: a worker process whose standard error is a pipe nobody reads, logging a
+    // line for every job; six hundred messages, each pushed on its own, log several
+    // times what the pipe holds.
+    let binary = worker_binary();
+    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let mut env = app.env.clone();
+    env.insert("WORKER_METRICS_BIND".into(), "off".into());
+    env.insert("NOTIFY_BURST_THRESHOLD".into(), "0".into());
+    env.insert("RUST_LOG".into(), "info".into());
+    let _worker = tokio::process::Command::new(&binary)
+        .args(["run", "--concurrency", "8"])
+        .envs(&env)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("worker starts");
+
+    // Act
+    const MESSAGES: usize = 600;
+    for i in 0..MESSAGES {
+        app.submit_valid_feedback("Ann", &format!("message {i}")).await;
+    }
+
+    // Assert: every message is pushed; a worker that waited for its log reader would
+    // have stopped once the pipe filled.
+    let received = app.push.wait_for_received(MESSAGES, Duration::from_secs(60)).await;
+    assert_eq!(received.len(), MESSAGES, "the worker stalled on its logs");
+}

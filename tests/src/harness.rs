@@ -462,7 +462,9 @@ pub fn postgres_server_url() -> String {
 }
 
 fn init_test_logging() {
+    // The writer's thread lives as long as the test process.
+    static LOGS: std::sync::OnceLock<shared::telemetry::Logs> = std::sync::OnceLock::new();
     if std::env::var("TEST_LOG").is_ok() {
-        shared::telemetry::init();
+        LOGS.get_or_init(shared::telemetry::init);
     }
 }

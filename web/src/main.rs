@@ -53,7 +53,8 @@ fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    shared::telemetry::init();
+    // Held to the end, so that what was logged is written out before the process exits.
+    let _logs = shared::telemetry::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vapid { command: VapidCommand::Generate } => {

@@ -85,7 +85,8 @@ pub fn main() -> ExitCode {
 }
 
 async fn async_main() -> ExitCode {
-    shared::telemetry::init();
+    // Held to the end, so that what was logged is written out before the process exits.
+    let _logs = shared::telemetry::init();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
