@@ -82,8 +82,9 @@ struct Cli {
     /// `RUST_LOG` of the web and worker processes (their logs go to this terminal).
     #[arg(long, default_value = "warn")]
     log: String,
-    /// Threads of the load generator and the push-service stand-in (one runtime): 1
-    /// runs them on one thread, which costs the cores they share with the stack least.
+    /// Threads of the load generator and the push-service stand-in (one runtime), 0 for
+    /// one per core: 1 runs them on one thread, which costs the cores they share with
+    /// the stack least.
     #[arg(long, default_value_t = 1)]
     load_threads: usize,
 }
@@ -180,7 +181,8 @@ pub(crate) enum Scenario {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let runtime = match cli.load_threads {
-        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
     };
     runtime.block_on(bench(cli))

@@ -21,15 +21,24 @@ fn build(var: &str) -> Result<tokio::runtime::Runtime, String> {
     built.map_err(|e| format!("cannot start the async runtime: {e}"))
 }
 
-/// Runs `main` to completion on the runtime `var` asks for; `program` names the process
-/// in the message when the runtime cannot be built (exit code 1).
+/// Runs `main` to completion on the runtime `var` asks for, with logging installed
+/// ([`crate::telemetry::init`]); `program` names the process in the message when the
+/// runtime cannot be built (exit code 1).
 pub fn run<F: std::future::Future<Output = std::process::ExitCode>>(
     program: &str,
     var: &str,
     main: impl FnOnce() -> F,
 ) -> std::process::ExitCode {
     match build(var) {
-        Ok(runtime) => runtime.block_on(main()),
+        Ok(runtime) => {
+            // Logging starts after `.env` is loaded and ends after the runtime: what its
+            // tasks log while they are cancelled is written out too.
+            let logs = crate::telemetry::init();
+            let code = runtime.block_on(main());
+            drop(runtime);
+            drop(logs);
+            code
+        }
         Err(e) => {
             eprintln!("{program}: {e}");
             std::process::ExitCode::FAILURE

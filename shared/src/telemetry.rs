@@ -9,7 +9,9 @@
 //! pipe) would otherwise stop every request of the web and every job of a worker at
 //! their next log line. Up to [`BUFFERED_LINES`] lines wait for that thread; past them,
 //! new lines are dropped until the reader catches up, and how many is counted
-//! ([`dropped_lines`]).
+//! ([`dropped_lines`]; lines a closed stderr refuses are not counted). When the guard
+//! is dropped, the waiting lines are written out, for at most about a second. A panic's
+//! message still goes to stderr directly.
 
 use std::sync::OnceLock;
 
@@ -30,11 +32,7 @@ pub struct Logs(#[allow(dead_code)] Option<tracing_appender::non_blocking::Worke
 /// that holds nothing.
 pub fn init() -> Logs {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .buffered_lines_limit(BUFFERED_LINES)
-        .lossy(true)
-        .thread_name("log-writer")
-        .finish(std::io::stderr());
+    let (writer, guard) = writer(std::io::stderr(), BUFFERED_LINES);
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(writer.clone());
     let installed = if std::env::var("LOG_FORMAT").is_ok_and(|f| f == "json") {
         builder.json().try_init()
@@ -51,7 +49,66 @@ pub fn init() -> Logs {
     }
 }
 
+/// A writer to `sink` from a thread of its own, which drops lines past `limit` waiting
+/// rather than make the caller wait.
+fn writer<W: std::io::Write + Send + 'static>(
+    sink: W,
+    limit: usize,
+) -> (tracing_appender::non_blocking::NonBlocking, tracing_appender::non_blocking::WorkerGuard) {
+    tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .buffered_lines_limit(limit)
+        .lossy(true)
+        .thread_name("log-writer")
+        .finish(sink)
+}
+
 /// Lines dropped so far because the reader of stderr fell [`BUFFERED_LINES`] behind.
 pub fn dropped_lines() -> u64 {
     WRITER.get().map_or(0, |w| w.error_counter().dropped_lines() as u64)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    /// A sink whose reader has stalled: every write waits until the test lets go.
+    struct Stalled(mpsc::Receiver<()>);
+
+    impl Write for Stalled {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            let _ = self.0.recv();
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn past_the_buffer_lines_are_dropped_and_counted_instead_of_waited_for() {
+        // Arrange: a writer with room for 4 lines, whose sink never answers.
+        let (release, stalled) = mpsc::channel::<()>();
+        let (writer, guard) = super::writer(Stalled(stalled), 4);
+
+        // Act: 100 lines, logged from a thread of their own (a writer that waited would
+        // never return).
+        let (done, finished) = mpsc::channel();
+        let mut logging = writer.clone();
+        std::thread::spawn(move || {
+            for i in 0..100 {
+                // One write a line, as the subscriber makes (it formats a line first).
+                let _ = logging.write_all(format!("line {i}\n").as_bytes());
+            }
+            let _ = done.send(());
+        });
+
+        // Assert: every call returned, and what found no room was dropped and counted.
+        finished.recv_timeout(Duration::from_secs(10)).expect("logging never waits for the sink");
+        let dropped = writer.error_counter().dropped_lines();
+        assert!((90..=96).contains(&dropped), "{dropped} of 100 lines dropped with room for 4 (and one being written)");
+        drop(release);
+        drop(guard);
+    }
 }

@@ -48,13 +48,11 @@ enum VapidCommand {
 }
 
 fn main() -> ExitCode {
-    // One thread unless WEB_THREADS asks for more (see `shared::runtime`).
+    // One thread unless WEB_THREADS asks for more, logging installed (see `shared::runtime`).
     shared::runtime::run("web", "WEB_THREADS", async_main)
 }
 
 async fn async_main() -> ExitCode {
-    // Held to the end, so that what was logged is written out before the process exits.
-    let _logs = shared::telemetry::init();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Vapid { command: VapidCommand::Generate } => {

@@ -80,13 +80,11 @@ enum DeadCommand {
 
 /// Parses the arguments, runs the command, and returns the process's exit code.
 pub fn main() -> ExitCode {
-    // One thread unless WORKER_THREADS asks for more (see `shared::runtime`).
+    // One thread unless WORKER_THREADS asks for more, logging installed (see `shared::runtime`).
     shared::runtime::run("worker", "WORKER_THREADS", async_main)
 }
 
 async fn async_main() -> ExitCode {
-    // Held to the end, so that what was logged is written out before the process exits.
-    let _logs = shared::telemetry::init();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

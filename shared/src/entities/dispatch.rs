@@ -2,7 +2,7 @@
 //!
 //! A dispatch is written in the same transaction as the feedback it announces, so a
 //! committed feedback always has one. The web enqueues the job after commit and sets
-//! `enqueued_at`; the worker's relay enqueues whatever is due and was never enqueued
+//! `enqueued_at` (unless the job has completed the record by then); the worker's relay enqueues whatever is due and was never enqueued
 //! (Redis was down) or was enqueued long ago and never completed (the job was lost).
 //! Retries of individual deliveries are scheduled as new dispatches with a later `due_at`.
 
@@ -21,9 +21,10 @@ pub struct Model {
     pub created_at: DateTimeUtc,
     /// Not to be enqueued before this time (retries are scheduled this way).
     pub due_at: DateTimeUtc,
-    /// When it was last handed to Redis; `None` until then.
+    /// When it was last marked handed to Redis; `None` until then. A record its job
+    /// completed before the mark is not marked (nothing enqueues it again).
     pub enqueued_at: Option<DateTimeUtc>,
-    /// How many times it was handed to Redis.
+    /// How many times it was marked handed to Redis (part of the job's idempotency key).
     pub enqueue_count: i32,
     /// When a job for it finished; `None` while outstanding.
     pub completed_at: Option<DateTimeUtc>,
