@@ -593,6 +593,63 @@ async fn the_grouped_closes_plan_made_on_large_tables_reads_only_its_groups_rows
     grouped_close_plan_reads_only_its_groups_rows(PlannedOn::LargeAnalysed).await;
 }
 
+#[tokio::test]
+async fn marking_records_enqueued_reads_only_their_rows_under_a_backlog_the_statistics_never_saw() {
+    use sea_orm::ConnectionTrait;
+    // Arrange: 20,000 completed records and 5 outstanding, analysed; then a backlog of
+    // 5,000 outstanding that the statistics have not seen (autovacuum off).
+    let app = spawn_app_with(Options { backend: Backend::Postgres, worker: false, ..Options::default() }).await;
+    for table in ["feedback_messages", "dispatches"] {
+        sql(&app.db, &format!("ALTER TABLE {table} SET (autovacuum_enabled = false)")).await;
+    }
+    let records = |n: u32, completed: &str| {
+        format!(
+            "WITH m AS (INSERT INTO feedback_messages (submitter_name, submitter_email, content, created_at) \
+             SELECT 'Old', 'old@example.com', 'message', now() FROM generate_series(1, {n}) RETURNING id) \
+             INSERT INTO dispatches (feedback_id, created_at, due_at, enqueue_count, completed_at) \
+             SELECT id, now(), now(), 0, {completed} FROM m"
+        )
+    };
+    sql(&app.db, &records(20_000, "now()")).await;
+    sql(&app.db, &records(5, "NULL")).await;
+    for table in ["feedback_messages", "dispatches"] {
+        sql(&app.db, &format!("VACUUM ANALYZE {table}")).await;
+    }
+    sql(&app.db, &records(5_000, "NULL")).await;
+    let marked: Vec<i64> = dispatch::Entity::find()
+        .filter(dispatch::Column::CompletedAt.is_null())
+        .all(&app.db)
+        .await
+        .expect("records")
+        .iter()
+        .rev()
+        .take(50)
+        .map(|r| r.id)
+        .collect();
+
+    // Act: the marker's statement for 50 of them, under EXPLAIN ANALYZE, rolled back.
+    let statement = shared::queries::dispatch::mark_enqueued_statement(sea_orm::DbBackend::Postgres, &marked);
+    let explain = sea_orm::Statement::from_sql_and_values(
+        sea_orm::DbBackend::Postgres,
+        format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", statement.sql),
+        statement.values.map(|v| v.0).unwrap_or_default(),
+    );
+    let txn = sea_orm::TransactionTrait::begin(&app.db).await.expect("begin");
+    let row = txn.query_one_raw(explain).await.expect("explained").expect("a row");
+    txn.rollback().await.expect("rolled back");
+    let plan: serde_json::Value = row.try_get("", "QUERY PLAN").expect("json");
+
+    // Assert: the records are found by their keys, not by a walk of the backlog.
+    let mut scans = Vec::new();
+    table_scans(&plan[0]["Plan"], &mut scans);
+    assert!(!scans.is_empty(), "{plan}");
+    for (table, node, read) in &scans {
+        assert_eq!(table, "dispatches", "{plan}");
+        assert!(*read <= 50.0, "{read} rows read by a {node}: {plan}");
+    }
+    assert_eq!(plan[0]["Plan"]["Plans"][0]["Actual Rows"].as_u64(), Some(50), "every record marked: {plan}");
+}
+
 /// A database whose tables are as a plan test wants them, and one connection set up as
 /// the worker's pool for groups, on which a group statement is prepared.
 struct PlanFixture {

@@ -52,6 +52,13 @@ pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Resu
     if ids.is_empty() {
         return Ok(());
     }
+    db.execute_raw(mark_enqueued_statement(db.get_database_backend(), ids)).await?;
+    Ok(())
+}
+
+/// The statement of [`mark_enqueued_many`] for `ids` on `backend`.
+pub fn mark_enqueued_statement(backend: sea_orm::DbBackend, ids: &[i64]) -> sea_orm::Statement {
+    use sea_orm::QueryTrait;
     Entity::update_many()
         .col_expr(Column::EnqueuedAt, Expr::value(super::now()))
         .col_expr(Column::EnqueueCount, Expr::col(Column::EnqueueCount).add(1))
@@ -59,9 +66,7 @@ pub async fn mark_enqueued_many<C: ConnectionTrait>(db: &C, ids: &[i64]) -> Resu
         // Wrapped, so the planner cannot take it for the predicate of the partial index
         // of outstanding records and read all of them (a backlog) instead of the keys.
         .filter(Expr::cust("(completed_at IS NULL) IS TRUE"))
-        .exec(db)
-        .await?;
-    Ok(())
+        .build(backend)
 }
 
 /// Records that a job for dispatch `id` finished (whatever the deliveries' outcomes).
