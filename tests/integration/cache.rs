@@ -135,6 +135,45 @@ async fn a_new_message_shows_in_a_cached_inbox_once_its_fan_out_job_ran() {
     assert!(get(&client, inbox).await.contains("2 messages"));
 }
 
+/// A message only the relay announces (the web never dropped anything for it): its
+/// fan-out job drops the cached inbox before anyone is notified, also once Redis has
+/// lost the cache's scripts (a restart).
+async fn a_relayed_message_shows_in_a_cached_inbox(scripts_lost: bool) {
+    use tidings_tests::redis_server::RedisServer;
+    // Arrange: a Redis of the test's own; a cached inbox.
+    let redis = RedisServer::start().await.expect("redis-server starts");
+    let (app, client) = logged_in(Options { env: vec![("REDIS_URL".into(), redis.url())], ..Options::default() }).await;
+    insert(&app, "already there").await;
+    settle(&app).await;
+    let inbox = format!("{}/admin/", app.address);
+    assert!(get(&client, inbox.clone()).await.contains("already there"));
+    if scripts_lost {
+        // As after a restart of Redis: every script must be loaded again.
+        let mut conn =
+            redis::Client::open(redis.url()).expect("url").get_multiplexed_async_connection().await.expect("redis");
+        let _: () = redis::cmd("SCRIPT").arg("FLUSH").query_async(&mut conn).await.expect("flushed");
+    }
+
+    // Act: a message stored behind the web's back, which only the relay announces.
+    insert(&app, "relayed").await;
+
+    // Assert
+    let shown = wait_until(|| async { get(&client, inbox.clone()).await.contains("relayed") }).await;
+    assert!(shown, "the fan-out job dropped the cached first page");
+    settle(&app).await;
+    assert!(worker_metric(&app, "tidings_cache_invalidated_total ").await >= 1);
+}
+
+#[tokio::test]
+async fn a_relayed_message_shows_in_a_cached_inbox_once_its_fan_out_job_ran() {
+    a_relayed_message_shows_in_a_cached_inbox(false).await;
+}
+
+#[tokio::test]
+async fn a_relayed_message_shows_in_a_cached_inbox_even_after_redis_lost_its_scripts() {
+    a_relayed_message_shows_in_a_cached_inbox(true).await;
+}
+
 #[tokio::test]
 async fn the_worker_invalidates_what_shows_a_message_changed_behind_the_caches_back() {
     let (app, client) = logged_in(Options::default()).await;
