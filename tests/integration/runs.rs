@@ -647,7 +647,7 @@ async fn marking_records_enqueued_reads_only_their_rows_under_a_backlog_the_stat
         assert_eq!(table, "dispatches", "{plan}");
         assert!(*read <= 50.0, "{read} rows read by a {node}: {plan}");
     }
-    assert_eq!(plan[0]["Plan"]["Plans"][0]["Actual Rows"].as_u64(), Some(50), "every record marked: {plan}");
+    assert_eq!(plan[0]["Plan"]["Plans"][0]["Actual Rows"].as_f64(), Some(50.0), "every record marked: {plan}");
 }
 
 /// A database whose tables are as a plan test wants them, and one connection set up as
