@@ -180,12 +180,7 @@ pub(crate) enum Scenario {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
-    let runtime = match cli.load_threads {
-        1 => tokio::runtime::Builder::new_current_thread().enable_all().build()?,
-        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build()?,
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build()?,
-    };
-    runtime.block_on(bench(cli))
+    shared::runtime::with_threads(cli.load_threads)?.block_on(bench(cli))
 }
 
 async fn bench(cli: Cli) -> anyhow::Result<()> {

@@ -247,18 +247,7 @@ pub async fn remove_namespace(redis_url: &str, namespace: &str) {
         let _: redis::RedisResult<()> = redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
     }
     // apalis-redis also registers each queue in one set shared by every namespace.
-    let members: Vec<String> = redis::cmd("ZRANGE")
-        .arg(shared::queue::APALIS_QUEUES_LIST)
-        .arg(0)
-        .arg(-1)
-        .query_async(&mut conn)
-        .await
-        .unwrap_or_default();
-    let ours: Vec<&String> = members.iter().filter(|m| m.contains(namespace)).collect();
-    if !ours.is_empty() {
-        let _: redis::RedisResult<()> =
-            redis::cmd("ZREM").arg(shared::queue::APALIS_QUEUES_LIST).arg(ours).query_async(&mut conn).await;
-    }
+    let _: redis::RedisResult<u64> = shared::queue::forget_queues_of(namespace).query_async(&mut conn).await;
 }
 
 fn redis_client(url: &str) -> redis::RedisResult<redis::Client> {

@@ -182,6 +182,21 @@ pub const MAX_DEAD_LETTERS: u64 = 10_000;
 /// namespace, so it holds a few members; whoever removes a namespace removes its members.
 pub const APALIS_QUEUES_LIST: &str = "core:apalis:queues:list";
 
+/// The command that removes `namespace`'s queues from [`APALIS_QUEUES_LIST`] (for a
+/// namespace being removed); it answers how many it removed.
+pub fn forget_queues_of(namespace: &str) -> redis::Cmd {
+    const FORGET: &str = r"
+local n = 0
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  if string.find(m, ARGV[1], 1, true) then redis.call('ZREM', KEYS[1], m); n = n + 1 end
+end
+return n
+";
+    let mut cmd = redis::cmd("EVAL");
+    cmd.arg(FORGET).arg(1).arg(APALIS_QUEUES_LIST).arg(namespace);
+    cmd
+}
+
 /// A dead letter: a job the worker will not run, kept for an operator.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DeadLetter {

@@ -5,7 +5,7 @@
 //! reply reaches the task waiting for it without a hand-off between threads; with one
 //! thread per core, each hand-off wakes another thread. Measured on 2 cores: 8–22% less
 //! worker CPU and about a fifth less web CPU a message at 2,000 messages a second, with
-//! the same latency at 50/s (`docs/PERFORMANCE.md`). A bigger machine runs more
+//! the same latency at 50/s (`docs/PERFORMANCE-HISTORY.md`). A bigger machine runs more
 //! processes, or sets the variable: `N` threads, `0` one per core.
 
 /// Builds the runtime that the variable `var` asks for (read before the runtime starts,
@@ -13,12 +13,17 @@
 fn build(var: &str) -> Result<tokio::runtime::Runtime, String> {
     crate::settings::load_dotenv();
     let threads = threads_of(var, std::env::var(var).ok().as_deref())?;
-    let built = match threads {
+    with_threads(threads).map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+/// A runtime on `threads` threads: 1 runs everything on the calling thread, 0 one
+/// thread per core.
+pub fn with_threads(threads: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    match threads {
         1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
         0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
         n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-    };
-    built.map_err(|e| format!("cannot start the async runtime: {e}"))
+    }
 }
 
 /// Runs `main` to completion on the runtime `var` asks for, with logging installed

@@ -26,7 +26,9 @@ static WRITER: OnceLock<tracing_appender::non_blocking::NonBlocking> = OnceLock:
 /// Keeps the log writer's thread: hold it until the end of `main`, so that what was
 /// logged is written out before the process exits.
 #[must_use = "lines logged after the guard is dropped are lost"]
-pub struct Logs(#[allow(dead_code)] Option<tracing_appender::non_blocking::WorkerGuard>);
+pub struct Logs {
+    _guard: Option<tracing_appender::non_blocking::WorkerGuard>,
+}
 
 /// Installs the global subscriber; a second call (tests) is a no-op and returns a guard
 /// that holds nothing.
@@ -42,10 +44,10 @@ pub fn init() -> Logs {
     match installed {
         Ok(()) => {
             let _ = WRITER.set(writer);
-            Logs(Some(guard))
+            Logs { _guard: Some(guard) }
         }
         // Already installed: keep the first one (this writer's thread ends with `guard`).
-        Err(_) => Logs(None),
+        Err(_) => Logs { _guard: None },
     }
 }
 
@@ -60,6 +62,15 @@ fn writer<W: std::io::Write + Send + 'static>(
         .lossy(true)
         .thread_name("log-writer")
         .finish(sink)
+}
+
+/// [`dropped_lines`] as a gauge for a metrics page: name, help and value.
+pub fn dropped_lines_gauge() -> (&'static str, &'static str, f64) {
+    (
+        "tidings_log_lines_dropped",
+        "Log lines dropped because the reader of standard error fell behind.",
+        dropped_lines() as f64,
+    )
 }
 
 /// Lines dropped so far because the reader of stderr fell [`BUFFERED_LINES`] behind.

@@ -404,19 +404,7 @@ impl Drop for Cleanup {
                 let _: redis::RedisResult<()> = redis::cmd("DEL").arg(keys).query(&mut conn);
             }
             // ...and registers each queue in one set shared by every namespace.
-            let members: Vec<String> = redis::cmd("ZRANGE")
-                .arg(shared::queue::APALIS_QUEUES_LIST)
-                .arg(0)
-                .arg(-1)
-                .query::<Vec<String>>(&mut conn)
-                .unwrap_or_default()
-                .into_iter()
-                .filter(|m| m.contains(&self.namespace))
-                .collect();
-            if !members.is_empty() {
-                let _: redis::RedisResult<()> =
-                    redis::cmd("ZREM").arg(shared::queue::APALIS_QUEUES_LIST).arg(members).query(&mut conn);
-            }
+            let _: redis::RedisResult<u64> = shared::queue::forget_queues_of(&self.namespace).query(&mut conn);
         }
         if let DatabaseDropper::Postgres { server_url, name } = &self.database {
             let server_url = server_url.clone();

@@ -385,11 +385,7 @@ fn metrics_endpoint(ctx: Process) -> impl poem::Endpoint {
                 let text = ctx.metrics.render(&[
                     ("tidings_queue_backlog", "Jobs waiting in Redis (due and pending).", backlog),
                     ("tidings_dead_letters", "Jobs kept as dead letters.", dead),
-                    (
-                        "tidings_log_lines_dropped",
-                        "Log lines dropped because the reader of standard error fell behind.",
-                        shared::telemetry::dropped_lines() as f64,
-                    ),
+                    shared::telemetry::dropped_lines_gauge(),
                 ]);
                 poem::Response::builder().content_type("text/plain; version=0.0.4").body(text)
             }

@@ -53,11 +53,7 @@ async fn metrics(state: Data<&AppState>) -> Response {
     let text = state.metrics.render(&[
         ("tidings_queue_backlog", "Jobs waiting in Redis (due and pending).", backlog),
         ("tidings_worker_processes", "Worker processes reporting themselves.", workers),
-        (
-            "tidings_log_lines_dropped",
-            "Log lines dropped because the reader of standard error fell behind.",
-            shared::telemetry::dropped_lines() as f64,
-        ),
+        shared::telemetry::dropped_lines_gauge(),
     ]);
     text.with_content_type("text/plain; version=0.0.4").into_response()
 }
