@@ -698,6 +698,8 @@ async fn e2e(
     let received = push.received();
     let sent_at = sent_at.lock().map(|m| m.clone()).unwrap_or_default();
     let mut latencies = Vec::new();
+    // Each first copy's delay by the second of the load its submission was made in.
+    let mut by_second: Vec<Vec<Duration>> = Vec::new();
     // Each first copy's delay with how long its submission (`e2e {i}`) took to be
     // answered: the part of the delay spent before the commit, and the part after it.
     let mut slowest: Vec<(Duration, Duration)> = Vec::new();
@@ -710,6 +712,11 @@ async fn e2e(
         {
             let delay = push.at.saturating_duration_since(*at);
             latencies.push(delay);
+            let second = usize::try_from(at.saturating_duration_since(started).as_secs()).unwrap_or(0);
+            if by_second.len() <= second {
+                by_second.resize_with(second + 1, Vec::new);
+            }
+            by_second[second].push(delay);
             let i = body.strip_prefix("e2e ").and_then(|i| i.parse::<usize>().ok());
             if let Some(answer) = i.and_then(|i| answered.get(i)) {
                 slowest.push((delay, *answer));
@@ -729,6 +736,7 @@ async fn e2e(
     }
     latencies.sort();
     answered.sort();
+    latency_by_second(report, &mut by_second)?;
     report.latencies("answered", &answered);
     report.plot_latencies("submit_to_push", &latencies)?;
     let mut arrivals: Vec<f64> =
@@ -752,6 +760,26 @@ async fn e2e(
     }
     report.latencies("submit_to_push", &latencies);
     Ok(())
+}
+
+/// The p50 and p99 of the submit-to-push delays of each second of the load, by the
+/// second their submissions were made in, recorded and plotted: a backlog from the
+/// start, a stall midway and a steady shortfall each draw their own shape.
+fn latency_by_second(report: &mut Report, by_second: &mut [Vec<Duration>]) -> anyhow::Result<()> {
+    let mut lines = Vec::new();
+    for (name, p) in [("p50", 0.5), ("p99", 0.99)] {
+        let points = report::percentile_by_second(by_second, p);
+        report.series(&format!("submit_to_push_{name}_ms_by_second"), &points);
+        lines.push((name, points));
+    }
+    plot::Chart {
+        title: "e2e: submission to push, by the second of the submission",
+        x_label: "second of the load",
+        y_label: "milliseconds",
+        series: lines.iter().map(|(name, points)| plot::Series { name, points }).collect(),
+        limit: None,
+    }
+    .save(&report.artefact("submit_to_push-by-second.svg")?)
 }
 
 /// The latency of a durable commit on this server, from one client at a time: 400 one-row

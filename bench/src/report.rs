@@ -28,6 +28,20 @@ pub fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
+/// The `p`-th percentile (0–1), in milliseconds, of each second's values, for the
+/// seconds that have any: `(second, milliseconds)`. Sorts each second's values.
+pub fn percentile_by_second(by_second: &mut [Vec<Duration>], p: f64) -> Vec<(f64, f64)> {
+    by_second
+        .iter_mut()
+        .enumerate()
+        .filter(|(_, values)| !values.is_empty())
+        .map(|(second, values)| {
+            values.sort_unstable();
+            (second as f64, percentile(values, p).as_secs_f64() * 1000.0)
+        })
+        .collect()
+}
+
 impl Report {
     /// A report for `scenario`; the settings that shape the run are recorded.
     pub fn new(scenario: &'static str, env: &HashMap<String, String>) -> Self {
@@ -188,4 +202,19 @@ fn machine() -> Value {
         "memory_kib": memory_kib,
         "os": std::env::consts::OS,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::percentile_by_second;
+
+    #[test]
+    fn each_second_gets_its_own_percentile_and_empty_seconds_are_left_out() {
+        let ms = Duration::from_millis;
+        let mut by_second = vec![vec![ms(30), ms(10), ms(20)], Vec::new(), vec![ms(500)]];
+        assert_eq!(percentile_by_second(&mut by_second, 0.5), vec![(0.0, 20.0), (2.0, 500.0)]);
+        assert_eq!(percentile_by_second(&mut by_second, 0.99), vec![(0.0, 30.0), (2.0, 500.0)]);
+    }
 }
