@@ -29,6 +29,12 @@ impl Counter {
         self.0.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Brings the count up to `value`, for a count kept elsewhere that only grows (read
+    /// at scrape time); a lower `value` leaves it as it is.
+    pub fn raise_to(&self, value: u64) {
+        self.0.fetch_max(value, Ordering::Relaxed);
+    }
+
     /// The current count.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -181,5 +187,15 @@ mod tests {
         assert!(text.contains("t_duration_seconds_bucket{kind=\"fan_out\",le=\"0.005\"} 1"), "{text}");
         assert!(text.contains("t_duration_seconds_count{kind=\"fan_out\"} 1"), "{text}");
         assert!(text.contains("# TYPE t_backlog gauge\nt_backlog 7"), "{text}");
+    }
+
+    #[test]
+    fn a_counter_raised_to_a_count_kept_elsewhere_never_goes_down() {
+        let counter = Counter::default();
+        counter.raise_to(5);
+        counter.raise_to(3);
+        assert_eq!(counter.get(), 5);
+        counter.raise_to(8);
+        assert_eq!(counter.get(), 8);
     }
 }

@@ -64,13 +64,16 @@ fn writer<W: std::io::Write + Send + 'static>(
         .finish(sink)
 }
 
-/// [`dropped_lines`] as a gauge for a metrics page: name, help and value.
-pub fn dropped_lines_gauge() -> (&'static str, &'static str, f64) {
-    (
-        "tidings_log_lines_dropped",
-        "Log lines dropped because the reader of standard error fell behind.",
-        dropped_lines() as f64,
-    )
+/// Brings the counter `tidings_log_lines_dropped_total` of `metrics` up to
+/// [`dropped_lines`]: a metrics page calls it before it renders.
+pub fn count_dropped_lines(metrics: &crate::metrics::Registry) {
+    metrics
+        .counter(
+            "tidings_log_lines_dropped_total",
+            "Log lines dropped because the reader of standard error fell behind.",
+            &[],
+        )
+        .raise_to(dropped_lines());
 }
 
 /// Lines dropped so far because the reader of stderr fell [`BUFFERED_LINES`] behind.

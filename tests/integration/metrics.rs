@@ -30,7 +30,10 @@ async fn web_and_worker_count_submissions_jobs_and_pushes_by_outcome() {
     assert!(worker.contains("tidings_pushes_total{outcome=\"gone\"} 1"), "{worker}");
     assert!(worker.contains("# TYPE tidings_push_duration_seconds histogram"), "{worker}");
     assert!(worker.contains("tidings_queue_backlog 0"), "{worker}");
-    assert!(worker.contains("tidings_log_lines_dropped 0"), "{worker}");
+    assert!(
+        worker.contains("# TYPE tidings_log_lines_dropped_total counter\ntidings_log_lines_dropped_total 0\n"),
+        "{worker}"
+    );
     assert!(worker.contains("tidings_jobs_started_total{kind=\"fan_out\"} 1"), "{worker}");
     assert!(worker.contains("tidings_job_queue_wait_seconds_count{kind=\"fan_out\"} 1"), "{worker}");
     assert!(worker.contains("tidings_job_duration_seconds_count{kind=\"fan_out\"} 1"), "{worker}");
@@ -42,5 +45,8 @@ async fn web_and_worker_count_submissions_jobs_and_pushes_by_outcome() {
     assert!(web.contains("tidings_dispatch_total{outcome=\"enqueued\"} 1"), "{web}");
     assert!(web.contains("tidings_jobs_enqueued_total{kind=\"fan_out\"} 1"), "{web}");
     assert!(web.contains("tidings_worker_processes 1"), "{web}");
-    assert!(web.contains("tidings_log_lines_dropped 0"), "{web}");
+    assert!(
+        web.contains("# TYPE tidings_log_lines_dropped_total counter\ntidings_log_lines_dropped_total 0\n"),
+        "{web}"
+    );
 }

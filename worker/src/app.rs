@@ -382,10 +382,10 @@ fn metrics_endpoint(ctx: Process) -> impl poem::Endpoint {
             async move {
                 let backlog = ctx.queue.backlog().await.map(|b| b as f64).unwrap_or(f64::NAN);
                 let dead = ctx.queue.dead_letter_count().await.map(|d| d as f64).unwrap_or(f64::NAN);
+                shared::telemetry::count_dropped_lines(&ctx.metrics);
                 let text = ctx.metrics.render(&[
                     ("tidings_queue_backlog", "Jobs waiting in Redis (due and pending).", backlog),
                     ("tidings_dead_letters", "Jobs kept as dead letters.", dead),
-                    shared::telemetry::dropped_lines_gauge(),
                 ]);
                 poem::Response::builder().content_type("text/plain; version=0.0.4").body(text)
             }

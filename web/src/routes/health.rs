@@ -50,10 +50,10 @@ async fn metrics(state: Data<&AppState>) -> Response {
         }
         None => (f64::NAN, f64::NAN),
     };
+    shared::telemetry::count_dropped_lines(&state.metrics);
     let text = state.metrics.render(&[
         ("tidings_queue_backlog", "Jobs waiting in Redis (due and pending).", backlog),
         ("tidings_worker_processes", "Worker processes reporting themselves.", workers),
-        shared::telemetry::dropped_lines_gauge(),
     ]);
     text.with_content_type("text/plain; version=0.0.4").into_response()
 }
