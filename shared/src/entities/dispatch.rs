@@ -2,8 +2,9 @@
 //!
 //! A dispatch is written in the same transaction as the feedback it announces, so a
 //! committed feedback always has one. The web enqueues the job after commit and sets
-//! `enqueued_at` (unless the job has completed the record by then); the worker's relay enqueues whatever is due and was never enqueued
-//! (Redis was down) or was enqueued long ago and never completed (the job was lost).
+//! `enqueued_at` (unless the job has completed the record by then); the worker's relay
+//! enqueues whatever is due and was never enqueued (Redis was down) or was enqueued long
+//! ago and never completed (the job was lost).
 //! Retries of individual deliveries are scheduled as new dispatches with a later `due_at`.
 
 use sea_orm::entity::prelude::*;
