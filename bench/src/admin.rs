@@ -39,7 +39,11 @@ pub async fn logged_in_client(db: &DatabaseConnection, address: &str) -> anyhow:
     let password = shared::domain::Password::parse(PASSWORD).map_err(|e| anyhow::anyhow!("{e}"))?;
     let hash = web::auth::password::hash(password).await?;
     shared::queries::admin::upsert(db, &email, &hash).await?;
-    let client = crate::client()?;
+    let client = reqwest::Client::builder()
+        .cookie_store(true)
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(10))
+        .build()?;
     let html = client.get(format!("{address}/admin/login")).send().await?.text().await?;
     let token = tidings_tests::harness::extract_attribute(&html, "name=\"csrf_token\" value=\"")
         .context("no csrf_token on the login page")?;

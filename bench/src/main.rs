@@ -23,6 +23,7 @@
 //!   sampled every second and plotted (SVG) beside the JSON.
 
 mod admin;
+mod browser;
 mod django;
 mod plot;
 mod procs;
@@ -42,6 +43,7 @@ use clap::{Parser, Subcommand};
 use sea_orm::{ConnectionTrait, Database};
 use tidings_tests::push_service::PushService;
 
+use crate::browser::{Browser, Browsers};
 use crate::procs::{Stack, peak_rss_kib};
 use crate::report::Report;
 
@@ -262,6 +264,7 @@ async fn run(
     }
     report.param("worker_concurrency", cli.worker_concurrency);
     report.param("load_threads", cli.load_threads);
+    report.param("load_client", browser::CLIENT);
     // Memory before any load: both processes idle after start, and Redis.
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
@@ -463,6 +466,7 @@ async fn run_django(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
     let mut report = Report::new(scenario_name(cli.scenario), &HashMap::new());
     report.param("target", "django");
     report.param("load_threads", cli.load_threads);
+    report.param("load_client", browser::CLIENT);
     let peer = match django::Peer::start(&cli.peer_dir).await {
         Ok(peer) => peer,
         Err(e) => {
@@ -524,39 +528,6 @@ fn scenario_env(scenario: Scenario) -> &'static [(&'static str, &'static str)] {
     }
 }
 
-/// A client with one connection and its own cookie jar, like one browser.
-fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .cookie_store(true)
-        .redirect(reqwest::redirect::Policy::none())
-        .pool_max_idle_per_host(1)
-        .timeout(Duration::from_secs(10))
-        .build()?)
-}
-
-async fn form_token(client: &reqwest::Client, address: &str) -> anyhow::Result<String> {
-    let form = form();
-    let html = client.get(format!("{address}{}", form.path)).send().await?.text().await?;
-    tidings_tests::harness::extract_attribute(&html, &format!("name=\"{}\" value=\"", form.token_field))
-        .with_context(|| format!("no {} in the form", form.token_field))
-}
-
-/// Posts the form; true when the target accepted it.
-async fn post_form(client: &reqwest::Client, address: &str, token: &str, content: &str) -> anyhow::Result<bool> {
-    let form = form();
-    let response = client
-        .post(format!("{address}{}", form.path))
-        .form(&[
-            (form.token_field, token),
-            ("submitter_name", "Bench"),
-            ("submitter_email", "bench@example.com"),
-            ("content", content),
-        ])
-        .send()
-        .await?;
-    Ok(response.status().as_u16() == form.accepted)
-}
-
 async fn submit(address: &str, connections: usize, measured: Duration, report: &mut Report) -> anyhow::Result<()> {
     let warm_up = Duration::from_secs(2);
     let measuring = Arc::new(AtomicBool::new(false));
@@ -567,8 +538,7 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
         let (address, measuring, stop, accepted) =
             (address.to_owned(), Arc::clone(&measuring), Arc::clone(&stop), Arc::clone(&accepted));
         tasks.push(tokio::spawn(async move {
-            let client = client()?;
-            let token = form_token(&client, &address).await?;
+            let mut browser = Browser::open(&address).await?;
             let mut latencies = Vec::new();
             let mut completed_at = Vec::new();
             let mut errors = 0u64;
@@ -576,7 +546,7 @@ async fn submit(address: &str, connections: usize, measured: Duration, report: &
             while !stop.load(Ordering::Relaxed) {
                 i += 1;
                 let started = Instant::now();
-                let accepted_now = post_form(&client, &address, &token, &format!("submit {connection}-{i}")).await;
+                let accepted_now = browser.post_form(&format!("submit {connection}-{i}")).await;
                 if measuring.load(Ordering::Relaxed) {
                     match accepted_now {
                         Ok(true) => {
@@ -649,15 +619,8 @@ async fn e2e(
 ) -> anyhow::Result<()> {
     let duration = interval.mul_f64(total as f64);
     let per_second = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
-    // One client per in-flight request slot, each with its cookie and token.
-    let slots = 32usize;
-    let mut clients = Vec::new();
-    for _ in 0..slots {
-        let client = client()?;
-        let token = form_token(&client, address).await?;
-        clients.push((client, token));
-    }
-    let clients = Arc::new(clients);
+    // Browsers that keep their connection, cookie and token, 32 to start with.
+    let browsers = Arc::new(Browsers::open(address, 32).await?);
     let sent_at: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
     let started = Instant::now();
     let mut ticker = tokio::time::interval(interval);
@@ -665,15 +628,14 @@ async fn e2e(
     let mut handles = Vec::new();
     for i in 0..total {
         ticker.tick().await;
-        let (clients, sent_at, address) = (Arc::clone(&clients), Arc::clone(&sent_at), address.to_owned());
+        let (browsers, sent_at) = (Arc::clone(&browsers), Arc::clone(&sent_at));
         handles.push(tokio::spawn(async move {
-            let (client, token) = &clients[usize::try_from(i).unwrap_or(0) % clients.len()];
             let content = format!("e2e {i}");
             let at = Instant::now();
             if let Ok(mut map) = sent_at.lock() {
                 map.insert(content.clone(), at);
             }
-            let accepted = post_form(client, &address, token, &content).await.unwrap_or(false);
+            let accepted = browsers.post_form(&content).await;
             (accepted, at.elapsed())
         }));
         if i % per_second == 0 {
@@ -856,13 +818,12 @@ async fn fanout(
     window: &mut Window<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let client = client()?;
-    let token = form_token(&client, address).await?;
+    let mut browser = Browser::open(address).await?;
     // The stand-in checks and decrypts every push after the timed window, so it does not
     // compete with the sender for the CPU while it is timed.
     push.set_deferred(true);
     let started = Instant::now();
-    anyhow::ensure!(post_form(&client, address, &token, "fan-out").await?, "the submission was refused");
+    anyhow::ensure!(browser.post_form("fan-out").await?, "the submission was refused");
     push.wait_for_deferred(subscriptions, Duration::from_secs(300)).await;
     window.close(report);
     let refused = push.verify_deferred();

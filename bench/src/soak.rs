@@ -128,13 +128,7 @@ pub async fn run(
     };
 
     // Open-loop submissions at `rate`, from 32 browsers.
-    let mut clients = Vec::new();
-    for _ in 0..32 {
-        let client = crate::client()?;
-        let token = crate::form_token(&client, address).await?;
-        clients.push((client, token));
-    }
-    let clients = Arc::new(clients);
+    let browsers = Arc::new(crate::browser::Browsers::open(address, 32).await?);
     let load = Duration::from_secs_f64(submissions as f64 / rate.max(1) as f64);
     let mut ticker = tokio::time::interval(Duration::from_secs_f64(1.0 / rate.max(1) as f64));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
@@ -143,14 +137,13 @@ pub async fn run(
     for i in 0..submissions {
         ticker.tick().await;
         let permit = Arc::clone(&in_flight).acquire_owned().await?;
-        let (clients, address, ok, refused) =
-            (Arc::clone(&clients), address.to_owned(), Arc::clone(&accepted), Arc::clone(&rejected));
+        let (browsers, ok, refused) = (Arc::clone(&browsers), Arc::clone(&accepted), Arc::clone(&rejected));
         tokio::spawn(async move {
-            let (client, token) = &clients[usize::try_from(i).unwrap_or(0) % clients.len()];
-            match crate::post_form(client, &address, token, &format!("soak {i}")).await {
-                Ok(true) => ok.fetch_add(1, Ordering::Relaxed),
-                _ => refused.fetch_add(1, Ordering::Relaxed),
-            };
+            if browsers.post_form(&format!("soak {i}")).await {
+                ok.fetch_add(1, Ordering::Relaxed);
+            } else {
+                refused.fetch_add(1, Ordering::Relaxed);
+            }
             drop(permit);
         });
         if i % rate.max(1) == 0 {
