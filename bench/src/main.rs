@@ -60,6 +60,11 @@ struct Cli {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
     )]
     database: String,
+    /// Run the stack on a fresh SQLite file (the product's embedded default) instead of
+    /// PostgreSQL. The targets are set for PostgreSQL, so on SQLite only memory and
+    /// nothing lost or duplicated are checked; `admin` needs PostgreSQL.
+    #[arg(long)]
+    sqlite: bool,
     /// Redis to use (a fresh key namespace is used and removed).
     #[arg(long, env = "BENCH_REDIS_URL", default_value = "redis://127.0.0.1:6379")]
     redis: String,
@@ -196,28 +201,69 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
         println!("\nsaved {}", report.save()?.display());
         return Ok(());
     }
+    anyhow::ensure!(
+        !(cli.sqlite && matches!(cli.scenario, Scenario::Admin { .. })),
+        "`admin` seeds its rows with PostgreSQL's generate_series: run it without --sqlite"
+    );
     let binaries = procs::build_release().await?;
     let namespace = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let database_name = namespace.replace('-', "_");
-    let server = Database::connect(&cli.database).await.context("connecting to PostgreSQL")?;
-    server.execute_unprepared(&format!("CREATE DATABASE \"{database_name}\"")).await?;
-    // The same server and options (`?sslmode=…`), the run's own database.
-    let (url, options) = cli.database.split_once('?').map_or((cli.database.as_str(), None), |(u, o)| (u, Some(o)));
-    let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
-    let database_url = match options {
-        Some(options) => format!("{base}/{database_name}?{options}"),
-        None => format!("{base}/{database_name}"),
-    };
+    let database = RunDatabase::create(&cli, &namespace).await?;
 
-    let result = run(&cli, &binaries, &push, &namespace, &database_url).await;
+    let result = run(&cli, &binaries, &push, &namespace, &database.url).await;
 
     procs::remove_namespace(&cli.redis, &namespace).await;
-    let _ = server.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{database_name}\" WITH (FORCE)")).await;
+    database.drop().await;
     let report = result?;
     report.print();
     let path = report.save()?;
     println!("\nsaved {}", path.display());
     Ok(())
+}
+
+/// The run's own database: a fresh one on the PostgreSQL server, or a fresh SQLite file
+/// in a folder of its own.
+struct RunDatabase {
+    /// The stack's `DATABASE_URL`.
+    url: String,
+    kind: RunDatabaseKind,
+}
+
+enum RunDatabaseKind {
+    Postgres { server: sea_orm::DatabaseConnection, name: String },
+    Sqlite { folder: PathBuf },
+}
+
+impl RunDatabase {
+    async fn create(cli: &Cli, namespace: &str) -> anyhow::Result<Self> {
+        if cli.sqlite {
+            let folder = std::env::temp_dir().join(namespace);
+            std::fs::create_dir_all(&folder)?;
+            let url = format!("sqlite://{}?mode=rwc", folder.join("tidings.sqlite").display());
+            return Ok(Self { url, kind: RunDatabaseKind::Sqlite { folder } });
+        }
+        let name = namespace.replace('-', "_");
+        let server = Database::connect(&cli.database).await.context("connecting to PostgreSQL")?;
+        server.execute_unprepared(&format!("CREATE DATABASE \"{name}\"")).await?;
+        // The same server and options (`?sslmode=…`), the run's own database.
+        let (url, options) = cli.database.split_once('?').map_or((cli.database.as_str(), None), |(u, o)| (u, Some(o)));
+        let base = url.rsplit_once('/').map_or(url, |(b, _)| b);
+        let url = match options {
+            Some(options) => format!("{base}/{name}?{options}"),
+            None => format!("{base}/{name}"),
+        };
+        Ok(Self { url, kind: RunDatabaseKind::Postgres { server, name } })
+    }
+
+    async fn drop(self) {
+        match self.kind {
+            RunDatabaseKind::Postgres { server, name } => {
+                let _ = server.execute_unprepared(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).await;
+            }
+            RunDatabaseKind::Sqlite { folder } => {
+                let _ = std::fs::remove_dir_all(folder);
+            }
+        }
+    }
 }
 
 async fn run(
@@ -265,6 +311,7 @@ async fn run(
     report.param("worker_concurrency", cli.worker_concurrency);
     report.param("load_threads", cli.load_threads);
     report.param("load_client", browser::CLIENT);
+    report.param("database", if cli.sqlite { "sqlite" } else { "postgresql" });
     // Memory before any load: both processes idle after start, and Redis.
     tokio::time::sleep(Duration::from_secs(2)).await;
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
@@ -348,7 +395,7 @@ async fn run(
     }
     drop(window);
     stack.stop().await;
-    targets::check(&mut report, cli.scenario, cli.workers);
+    targets::check(&mut report, cli.scenario, cli.workers, !cli.sqlite);
     Ok(report)
 }
 
@@ -749,12 +796,19 @@ fn latency_by_second(report: &mut Report, by_second: &mut [Vec<Duration>]) -> an
 /// before it is answered, so this distribution's tail is a floor for `e2e`'s: where the
 /// disk's flushes stall, no durable pipeline on it answers faster.
 async fn durable_commits(db: &sea_orm::DatabaseConnection, report: &mut Report) -> anyhow::Result<()> {
-    db.execute_unprepared("CREATE TABLE bench_commit_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL)")
-        .await?;
-    let insert = sea_orm::Statement::from_string(
-        sea_orm::DbBackend::Postgres,
-        "INSERT INTO bench_commit_probe (at) VALUES (now())",
-    );
+    let backend = db.get_database_backend();
+    let (create, insert) = match backend {
+        sea_orm::DbBackend::Sqlite => (
+            "CREATE TABLE bench_commit_probe (id INTEGER PRIMARY KEY, at TEXT NOT NULL)",
+            "INSERT INTO bench_commit_probe (at) VALUES (datetime('now'))",
+        ),
+        _ => (
+            "CREATE TABLE bench_commit_probe (id bigserial PRIMARY KEY, at timestamptz NOT NULL)",
+            "INSERT INTO bench_commit_probe (at) VALUES (now())",
+        ),
+    };
+    db.execute_unprepared(create).await?;
+    let insert = sea_orm::Statement::from_string(backend, insert);
     let mut took = Vec::with_capacity(400);
     for _ in 0..400 {
         let started = Instant::now();

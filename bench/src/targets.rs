@@ -14,8 +14,10 @@ pub enum Bound {
     AtLeast(f64),
 }
 
-/// The targets that apply to a run of `scenario` with `workers` worker processes.
-pub fn applicable(scenario: Scenario, workers: usize) -> Vec<(&'static str, Bound)> {
+/// The targets that apply to a run of `scenario` with `workers` worker processes. Those
+/// of speed are set for PostgreSQL: on SQLite (`postgres` false) only memory and nothing
+/// lost or duplicated apply.
+pub fn applicable(scenario: Scenario, workers: usize, postgres: bool) -> Vec<(&'static str, Bound)> {
     use Bound::{AtLeast, AtMost};
     let mut targets = vec![("web_idle_rss_mib", AtMost(30.0)), ("web_peak_rss_mib", AtMost(100.0))];
     if workers > 0 {
@@ -52,12 +54,15 @@ pub fn applicable(scenario: Scenario, workers: usize) -> Vec<(&'static str, Boun
         Scenario::Queue { .. } if workers == 1 => targets.push(("jobs_per_second", AtLeast(10_000.0))),
         Scenario::Queue { .. } | Scenario::Admin { .. } | Scenario::Soak { .. } => {}
     }
+    if !postgres {
+        targets.retain(|(figure, _)| figure.ends_with("_rss_mib") || matches!(*figure, "lost" | "duplicated"));
+    }
     targets
 }
 
 /// Checks every target that applies against `report`'s figures and records the verdicts.
-pub fn check(report: &mut Report, scenario: Scenario, workers: usize) {
-    for (figure, bound) in applicable(scenario, workers) {
+pub fn check(report: &mut Report, scenario: Scenario, workers: usize, postgres: bool) {
+    for (figure, bound) in applicable(scenario, workers, postgres) {
         if let Some(value) = report.get(figure) {
             report.verdict(figure, bound, value);
         }
@@ -89,7 +94,8 @@ pub fn describe(bound: Bound) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{Bound, verdict};
+    use super::{Bound, applicable, verdict};
+    use crate::Scenario;
 
     #[test]
     fn verdicts_say_by_how_much_a_target_is_missed() {
@@ -98,5 +104,26 @@ mod tests {
         assert_eq!(verdict(Bound::AtLeast(4_400.0), 4_474.0), "met");
         assert_eq!(verdict(Bound::AtLeast(4_400.0), 4_000.0), "missed by 400.000 (×1.10)");
         assert_eq!(verdict(Bound::AtMost(0.0), 2.0), "missed by 2.000");
+    }
+
+    #[test]
+    fn on_sqlite_only_memory_and_nothing_lost_or_duplicated_apply() {
+        let e2e = Scenario::E2e { rate: 2_000, seconds: 10, gap_secs: None };
+        let figures = |postgres| applicable(e2e, 1, postgres).into_iter().map(|(f, _)| f).collect::<Vec<_>>();
+        assert!(figures(true).contains(&"submit_to_push_p99_ms"));
+        assert_eq!(
+            figures(false),
+            [
+                "web_idle_rss_mib",
+                "web_peak_rss_mib",
+                "worker_idle_rss_mib",
+                "worker_peak_rss_mib",
+                "lost",
+                "duplicated"
+            ]
+        );
+        let submit = Scenario::Submit { connections: 32, seconds: 10 };
+        assert!(applicable(submit, 1, false).iter().all(|(f, _)| f.ends_with("_rss_mib")));
+        assert!(applicable(submit, 1, true).iter().any(|(f, _)| *f == "accepted_per_second"));
     }
 }
