@@ -6,8 +6,8 @@
 //! redirect policy per request, since the load generator shares the two cores with the
 //! stack it measures and every CPU-second it spends is taken from that stack. It keeps
 //! the connection open while the server does (the reference's gunicorn closes it after
-//! every answer, and a new one is opened for the next request), and opens a new one
-//! when a kept connection turns out to be closed before anything was read from it.
+//! every answer, and a new one is opened for the next request), and checks a kept
+//! connection before each request, so that no request is ever written twice.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -106,19 +106,10 @@ impl Browser {
     }
 
     /// Writes the request on the kept connection, or a new one, and reads the answer.
+    /// A request is written once: a kept connection is checked before writing, and one
+    /// the server has closed meanwhile (or sent anything unasked on) is replaced first.
     async fn exchange(&mut self) -> anyhow::Result<Answer> {
-        let reused = self.connection.is_some();
-        match self.exchange_once().await {
-            Ok(answer) => Ok(answer),
-            // A kept connection the server had closed: nothing of the request was
-            // taken, so it goes again on a new one.
-            Err(error) if reused && error.downcast_ref::<Closed>().is_some() => self.exchange_once().await,
-            Err(error) => Err(error),
-        }
-    }
-
-    async fn exchange_once(&mut self) -> anyhow::Result<Answer> {
-        let mut connection = match self.connection.take() {
+        let mut connection = match self.connection.take().filter(still_open) {
             Some(connection) => connection,
             None => {
                 let stream =
@@ -127,76 +118,74 @@ impl Browser {
                 BufReader::new(stream)
             }
         };
-        if connection.get_mut().write_all(&self.request).await.is_err() {
-            bail!(Closed);
-        }
+        connection.get_mut().write_all(&self.request).await.context("writing the request")?;
         let (answer, keep) = self.read_answer(&mut connection).await?;
-        if keep {
+        // Anything past the answer is not ours to read: the connection goes.
+        if keep && connection.buffer().is_empty() {
             self.connection = Some(connection);
         }
         Ok(answer)
     }
 
     /// Reads the status line, the headers (keeping cookies) and the body (by
-    /// `Content-Length` or chunked). Also says whether the connection stays open.
+    /// `Content-Length` or chunked), past any interim (1xx) answer. Also says whether
+    /// the connection stays open.
     async fn read_answer(&mut self, connection: &mut BufReader<TcpStream>) -> anyhow::Result<(Answer, bool)> {
         let mut line = String::with_capacity(128);
-        if connection.read_line(&mut line).await.unwrap_or(0) == 0 {
-            bail!(Closed);
-        }
-        let status = line
-            .strip_prefix("HTTP/1.1 ")
-            .or_else(|| line.strip_prefix("HTTP/1.0 "))
-            .and_then(|rest| rest.get(..3))
-            .and_then(|code| code.parse::<u16>().ok())
-            .with_context(|| format!("not an HTTP/1.x status line: {line:?}"))?;
-        let mut keep = line.starts_with("HTTP/1.1");
-        let mut length = None;
-        let mut chunked = false;
         loop {
             line.clear();
-            anyhow::ensure!(connection.read_line(&mut line).await? > 0, "the answer's headers were cut short");
-            let header = line.trim_end();
-            if header.is_empty() {
-                break;
-            }
-            let Some((name, value)) = header.split_once(':') else { bail!("a malformed header: {header:?}") };
-            let value = value.trim();
-            if name.eq_ignore_ascii_case("content-length") {
-                length = Some(value.parse::<usize>().context("a bad Content-Length")?);
-            } else if name.eq_ignore_ascii_case("transfer-encoding") {
-                chunked = value.eq_ignore_ascii_case("chunked");
-            } else if name.eq_ignore_ascii_case("connection") {
-                keep = !value.eq_ignore_ascii_case("close");
-            } else if name.eq_ignore_ascii_case("set-cookie") {
-                self.keep_cookie(value);
-            }
-        }
-        let mut body = Vec::new();
-        if chunked {
+            anyhow::ensure!(connection.read_line(&mut line).await? > 0, "the connection closed before an answer");
+            let status = line
+                .strip_prefix("HTTP/1.1 ")
+                .or_else(|| line.strip_prefix("HTTP/1.0 "))
+                .and_then(|rest| rest.get(..3))
+                .and_then(|code| code.parse::<u16>().ok())
+                .with_context(|| format!("not an HTTP/1.x status line: {line:?}"))?;
+            let mut keep = line.starts_with("HTTP/1.1");
+            let mut length = None;
+            let mut chunked = false;
             loop {
                 line.clear();
-                connection.read_line(&mut line).await?;
-                let size = line.trim_end().split(';').next().unwrap_or_default();
-                let size = usize::from_str_radix(size, 16).with_context(|| format!("a bad chunk size: {line:?}"))?;
-                let start = body.len();
-                body.resize(start + size, 0);
-                connection.read_exact(&mut body[start..]).await?;
-                line.clear();
-                connection.read_line(&mut line).await?;
-                if size == 0 {
+                anyhow::ensure!(connection.read_line(&mut line).await? > 0, "the answer's headers were cut short");
+                let header = line.trim_end();
+                if header.is_empty() {
                     break;
                 }
+                let Some((name, value)) = header.split_once(':') else { bail!("a malformed header: {header:?}") };
+                let value = value.trim();
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = Some(value.parse::<usize>().context("a bad Content-Length")?);
+                } else if name.eq_ignore_ascii_case("transfer-encoding") {
+                    chunked = value.split(',').any(|v| v.trim().eq_ignore_ascii_case("chunked"));
+                } else if name.eq_ignore_ascii_case("connection") {
+                    for token in value.split(',').map(str::trim) {
+                        if token.eq_ignore_ascii_case("close") {
+                            keep = false;
+                        } else if token.eq_ignore_ascii_case("keep-alive") {
+                            keep = true;
+                        }
+                    }
+                } else if name.eq_ignore_ascii_case("set-cookie") {
+                    self.keep_cookie(value);
+                }
             }
-        } else if let Some(length) = length {
-            body.resize(length, 0);
-            connection.read_exact(&mut body).await?;
-        } else if status >= 200 && status != 204 && status != 304 {
-            // No length: the body runs to the connection's end.
-            connection.read_to_end(&mut body).await?;
-            keep = false;
+            if (100..200).contains(&status) {
+                // An interim answer (100 Continue, 103 Early Hints): the real one follows.
+                continue;
+            }
+            let mut body = Vec::new();
+            if chunked {
+                read_chunked(connection, &mut body, &mut line).await?;
+            } else if let Some(length) = length {
+                body.resize(length, 0);
+                connection.read_exact(&mut body).await?;
+            } else if status != 204 && status != 304 {
+                // No length: the body runs to the connection's end.
+                connection.read_to_end(&mut body).await?;
+                keep = false;
+            }
+            return Ok((Answer { status, body }, keep));
         }
-        Ok((Answer { status, body }, keep))
     }
 
     /// Keeps (or, when expired or emptied, forgets) a cookie from a `Set-Cookie` value.
@@ -215,17 +204,42 @@ impl Browser {
     }
 }
 
-/// The server had closed the connection before answering.
-#[derive(Debug)]
-struct Closed;
-
-impl std::fmt::Display for Closed {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("the connection was closed before an answer")
-    }
+/// Whether a kept connection can take a request: the server has not closed it and has
+/// sent nothing unasked.
+fn still_open(connection: &BufReader<TcpStream>) -> bool {
+    let mut probe = [0u8; 1];
+    connection.buffer().is_empty()
+        && matches!(connection.get_ref().try_read(&mut probe), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
 }
 
-impl std::error::Error for Closed {}
+/// Reads a chunked body into `body`, the trailer's fields (if any) included and left out.
+async fn read_chunked(
+    connection: &mut BufReader<TcpStream>,
+    body: &mut Vec<u8>,
+    line: &mut String,
+) -> anyhow::Result<()> {
+    loop {
+        line.clear();
+        anyhow::ensure!(connection.read_line(line).await? > 0, "a chunked body was cut short");
+        let size = line.split(';').next().unwrap_or_default().trim();
+        let size = usize::from_str_radix(size, 16).with_context(|| format!("a bad chunk size: {line:?}"))?;
+        if size == 0 {
+            // The trailer: header lines up to a blank one.
+            loop {
+                line.clear();
+                anyhow::ensure!(connection.read_line(line).await? > 0, "a chunked body's trailer was cut short");
+                if line.trim_end().is_empty() {
+                    return Ok(());
+                }
+            }
+        }
+        let start = body.len();
+        body.resize(start.checked_add(size).context("a chunk too large")?, 0);
+        connection.read_exact(&mut body[start..]).await?;
+        line.clear();
+        connection.read_line(line).await?;
+    }
+}
 
 /// Browsers for open-loop load: a submission takes an idle one, or opens another when
 /// all are busy (an open loop does not wait for a free connection), and puts it back.
@@ -244,21 +258,33 @@ impl Browsers {
         Ok(Self { address: address.to_owned(), idle: std::sync::Mutex::new(idle) })
     }
 
-    /// Posts the form with `content` from an idle browser; true when it was accepted.
-    pub async fn post_form(&self, content: &str) -> bool {
+    /// An idle browser, or a new one (its form page read) when all are busy.
+    pub async fn take(&self) -> anyhow::Result<Browser> {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
-        let mut browser = match idle {
-            Some(browser) => browser,
-            None => match Browser::open(&self.address).await {
-                Ok(browser) => browser,
-                Err(_) => return false,
-            },
-        };
-        let accepted = browser.post_form(content).await.unwrap_or(false);
+        match idle {
+            Some(browser) => Ok(browser),
+            None => Browser::open(&self.address).await,
+        }
+    }
+
+    /// Gives a browser back for the next submission.
+    pub fn put(&self, browser: Browser) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(browser);
         }
-        accepted
+    }
+
+    /// Posts the form with `content` from an idle browser; true when it was accepted. A
+    /// browser whose request failed is not given back.
+    pub async fn post_form(&self, content: &str) -> bool {
+        let Ok(mut browser) = self.take().await else { return false };
+        match browser.post_form(content).await {
+            Ok(accepted) => {
+                self.put(browser);
+                accepted
+            }
+            Err(_) => false,
+        }
     }
 }
 
@@ -366,6 +392,29 @@ mod tests {
             "{post}"
         );
         assert!(seen[2].1.contains("\r\nCookie: session=abc\r\n"), "an expired cookie is not sent: {}", seen[2].1);
+    }
+
+    #[tokio::test]
+    async fn interim_answers_trailers_and_connection_lists_are_read_as_http_says() {
+        let (address, seen) = server(
+            |n| match n {
+                0 => format!(
+                    "HTTP/1.1 103 Early Hints\r\nLink: </app.css>\r\n\r\nHTTP/1.1 200 OK\r\n\
+                     Transfer-Encoding: chunked\r\n\r\n{:x} ; a=b\r\n{FORM_PAGE}\r\n0\r\nX-Trailer: yes\r\n\r\n",
+                    FORM_PAGE.len()
+                ),
+                1 => "HTTP/1.1 303 See Other\r\nConnection: keep-alive, close\r\nContent-Length: 0\r\n\r\n".to_owned(),
+                _ => "HTTP/1.1 303 See Other\r\nContent-Length: 0\r\n\r\n".to_owned(),
+            },
+            |_| false,
+        )
+        .await;
+        let mut browser = Browser::open(&address).await.expect("the form page");
+        assert_eq!(browser.token, "tok+en/1", "the page after the interim answer, its trailer read past");
+        assert!(browser.post_form("one").await.expect("an answer"));
+        assert!(browser.post_form("two").await.expect("an answer"));
+        let connections: Vec<usize> = seen.lock().expect("the log").iter().map(|(c, _)| *c).collect();
+        assert_eq!(connections, [1, 1, 2], "`close` in a list closes the connection");
     }
 
     #[tokio::test]

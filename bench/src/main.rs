@@ -191,6 +191,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 async fn bench(cli: Cli) -> anyhow::Result<()> {
+    anyhow::ensure!(!(cli.sqlite && cli.target == Target::Django), "the reference runs on PostgreSQL: drop --sqlite");
     let push = PushService::start().await?;
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
         let _ = django::SSLMODE.set(mode.to_owned());
@@ -317,7 +318,7 @@ async fn run(
     report.figure("web_idle_rss_mib", procs::rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_idle_rss_mib", procs::rss_kib(stack.worker_pid()) as f64 / 1024.0);
     report.figure("redis_used_mib_before", procs::redis_used_memory_mib(&cli.redis).await);
-    let mut window = Window::over(&stack);
+    let mut window = if cli.sqlite { Window::over(&stack).without_postgres() } else { Window::over(&stack) };
     match cli.scenario {
         Scenario::Submit { connections, seconds } => {
             report.param("connections", connections);
@@ -409,6 +410,9 @@ struct Window<'a> {
     processes: Box<dyn Fn() -> Vec<(&'static str, f64)> + 'a>,
     /// Set by [`Window::open`], taken by [`Window::close`].
     opened: Option<WindowStart>,
+    /// Whether PostgreSQL is part of the stack (not on SQLite, where the database runs
+    /// inside web and worker).
+    postgres: bool,
 }
 
 struct WindowStart {
@@ -422,7 +426,13 @@ struct WindowStart {
 
 impl<'a> Window<'a> {
     fn new(processes: impl Fn() -> Vec<(&'static str, f64)> + 'a) -> Self {
-        Self { processes: Box::new(processes), opened: None }
+        Self { processes: Box::new(processes), opened: None, postgres: true }
+    }
+
+    /// The same window with PostgreSQL's processes left out of the stack.
+    fn without_postgres(mut self) -> Self {
+        self.postgres = false;
+        self
     }
 
     /// A window over Tidings' web and worker processes.
@@ -453,9 +463,14 @@ impl<'a> Window<'a> {
             report.figure(name, after - before);
             stack += after - before;
         }
-        let postgres = procs::cpu_between(&start.postgres, &procs::cpu_by_name(&["postgres"]));
         let redis = procs::cpu_between(&start.redis, &procs::cpu_by_name(&["redis-server"]));
-        report.figure("postgres_cpu_seconds", postgres);
+        let postgres = if self.postgres {
+            let postgres = procs::cpu_between(&start.postgres, &procs::cpu_by_name(&["postgres"]));
+            report.figure("postgres_cpu_seconds", postgres);
+            postgres
+        } else {
+            0.0
+        };
         report.figure("redis_cpu_seconds", redis);
         // The stack under test: its own processes, PostgreSQL and Redis.
         report.figure("stack_cpu_seconds", stack + postgres + redis);
@@ -678,12 +693,19 @@ async fn e2e(
         let (browsers, sent_at) = (Arc::clone(&browsers), Arc::clone(&sent_at));
         handles.push(tokio::spawn(async move {
             let content = format!("e2e {i}");
+            // A browser first (a new one reads the form page when all are busy): the
+            // submission is the post, and its clock starts there.
+            let Ok(mut browser) = browsers.take().await else { return (false, Duration::ZERO) };
             let at = Instant::now();
             if let Ok(mut map) = sent_at.lock() {
                 map.insert(content.clone(), at);
             }
-            let accepted = browsers.post_form(&content).await;
-            (accepted, at.elapsed())
+            let accepted = browser.post_form(&content).await;
+            let took = at.elapsed();
+            if accepted.is_ok() {
+                browsers.put(browser);
+            }
+            (accepted.unwrap_or(false), took)
         }));
         if i % per_second == 0 {
             procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));
