@@ -8,10 +8,9 @@
 //! the same latency at 50/s (`docs/PERFORMANCE-HISTORY.md`). A bigger machine runs more
 //! processes, or sets the variable: `N` threads, `0` one per core.
 
-/// Builds the runtime that the variable `var` asks for (read before the runtime starts,
-/// so `.env` is loaded here first). The error is a sentence for standard error.
+/// Builds the runtime that the variable `var` asks for. The error is a sentence for
+/// standard error.
 fn build(var: &str) -> Result<tokio::runtime::Runtime, String> {
-    crate::settings::load_dotenv();
     let threads = threads_of(var, std::env::var(var).ok().as_deref())?;
     with_threads(threads).map_err(|e| format!("cannot start the async runtime: {e}"))
 }
@@ -26,20 +25,27 @@ pub fn with_threads(threads: usize) -> std::io::Result<tokio::runtime::Runtime> 
     }
 }
 
-/// Runs `main` to completion on the runtime `var` asks for, with logging installed
-/// ([`crate::telemetry::init`]); `program` names the process in the message when the
-/// runtime cannot be built (exit code 1).
-pub fn run<F: std::future::Future<Output = std::process::ExitCode>>(
+/// Loads `.env`, parses the command line with `parse` (which answers `--help`,
+/// `--version` and usage errors itself and exits), then runs `main` with it to
+/// completion on the runtime `var` asks for, with logging installed
+/// ([`crate::telemetry::init`]). `program` names the process in the message when the
+/// runtime cannot be built (exit code 1): a bad `var` stops the commands that run, not
+/// the help that says how to set it.
+pub fn run<C, F: std::future::Future<Output = std::process::ExitCode>>(
     program: &str,
     var: &str,
-    main: impl FnOnce() -> F,
+    parse: impl FnOnce() -> C,
+    main: impl FnOnce(C) -> F,
 ) -> std::process::ExitCode {
+    // `.env` first: the command line's defaults read the environment too.
+    crate::settings::load_dotenv();
+    let cli = parse();
     match build(var) {
         Ok(runtime) => {
             // Logging starts after `.env` is loaded and ends after the runtime: what its
             // tasks log while they are cancelled is written out too.
             let logs = crate::telemetry::init();
-            let code = runtime.block_on(main());
+            let code = runtime.block_on(main(cli));
             drop(runtime);
             drop(logs);
             code

@@ -49,11 +49,10 @@ enum VapidCommand {
 
 fn main() -> ExitCode {
     // One thread unless WEB_THREADS asks for more, logging installed (see `shared::runtime`).
-    shared::runtime::run("web", "WEB_THREADS", async_main)
+    shared::runtime::run("web", "WEB_THREADS", Cli::parse, async_main)
 }
 
-async fn async_main() -> ExitCode {
-    let cli = Cli::parse();
+async fn async_main(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Vapid { command: VapidCommand::Generate } => {
             web::commands::vapid_generate();

@@ -81,11 +81,10 @@ enum DeadCommand {
 /// Parses the arguments, runs the command, and returns the process's exit code.
 pub fn main() -> ExitCode {
     // One thread unless WORKER_THREADS asks for more, logging installed (see `shared::runtime`).
-    shared::runtime::run("worker", "WORKER_THREADS", async_main)
+    shared::runtime::run("worker", "WORKER_THREADS", Cli::parse, async_main)
 }
 
-async fn async_main() -> ExitCode {
-    let cli = Cli::parse();
+async fn async_main(cli: Cli) -> ExitCode {
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
