@@ -524,13 +524,23 @@ pub const CLOSE_RUNS_SQL: &str = "WITH runs AS (\
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
 /// pool that plans it once ([`crate::db::connect_for_groups`]). Should one message have
 /// two runs in the group (a job and a copy whose lock lapsed), the second goes out in a
-/// statement after the first's, in the same transaction. Elsewhere [`close_run`] for
-/// each, each committing on its own.
+/// statement after the first's, in the same transaction. On SQLite [`close_run`] for
+/// each, all in one write transaction ([`sqlite_write`]): they commit together or not
+/// at all, flushed once.
 pub async fn close_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     runs: &[RunToClose<'_>],
 ) -> Result<Vec<Option<DateTime<Utc>>>, DbErr> {
     use sea_orm::TransactionSession;
+    if db.get_database_backend() == sea_orm::DbBackend::Sqlite && !runs.is_empty() {
+        let txn = sqlite_write(db).await?;
+        let mut due = Vec::with_capacity(runs.len());
+        for run in runs {
+            due.push(close_run(&txn, run.feedback_id, run.dispatch_id, run.sent, run.token).await?);
+        }
+        txn.commit().await?;
+        return Ok(due);
+    }
     if db.get_database_backend() != sea_orm::DbBackend::Postgres || runs.len() <= 1 {
         // Alone: close_run's statement, whose plan the server keeps.
         let mut due = Vec::with_capacity(runs.len());
@@ -783,17 +793,26 @@ pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
 /// order. Every run claims on the same first page of subscriptions.
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
-/// pool that plans it once ([`crate::db::connect_for_groups`]). Elsewhere [`open_run`]'s
-/// steps for each, each run committing on its own. Two runs of one message in a group
+/// pool that plans it once ([`crate::db::connect_for_groups`]). On SQLite [`open_run`]'s
+/// steps for each, all in one write transaction ([`sqlite_write`]), flushed once. Two runs of one message in a group
 /// share its verdict; the claims due again go to the first of them.
-pub async fn open_runs<C: ConnectionTrait>(
+pub async fn open_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     runs: &[RunToOpen<'_>],
     size: u64,
     lease_until: DateTime<Utc>,
     coalescing: Coalescing,
 ) -> Result<Vec<Opening>, DbErr> {
-    use sea_orm::{DbBackend, Statement};
+    use sea_orm::{DbBackend, Statement, TransactionSession};
+    if db.get_database_backend() == DbBackend::Sqlite && !runs.is_empty() {
+        let txn = sqlite_write(db).await?;
+        let mut opened = Vec::with_capacity(runs.len());
+        for run in runs {
+            opened.push(open_one_by_one(&txn, run.feedback_id, size, run.token, lease_until, coalescing).await?);
+        }
+        txn.commit().await?;
+        return Ok(opened);
+    }
     if db.get_database_backend() != DbBackend::Postgres || runs.len() == 1 {
         let mut opened = Vec::with_capacity(runs.len());
         for run in runs {
@@ -915,6 +934,20 @@ async fn open_alone<C: ConnectionTrait>(
 }
 
 /// [`open_run`] as separate statements (databases other than PostgreSQL).
+/// A write transaction on SQLite that holds the database's write lock from its start
+/// (`BEGIN IMMEDIATE`, waiting for it within the busy timeout): a group's runs commit,
+/// and wait for their flush to disk, once instead of statement by statement, and a
+/// transaction that reads before it writes is never refused for having read a
+/// snapshot another process has since written past.
+async fn sqlite_write<C: sea_orm::TransactionTrait>(db: &C) -> Result<C::Transaction, DbErr> {
+    use sea_orm::{SqliteTransactionMode, TransactionOptions};
+    db.begin_with_options(TransactionOptions {
+        sqlite_transaction_mode: Some(SqliteTransactionMode::Immediate),
+        ..TransactionOptions::default()
+    })
+    .await
+}
+
 async fn open_one_by_one<C: ConnectionTrait>(
     db: &C,
     feedback_id: i64,
