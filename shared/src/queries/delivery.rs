@@ -794,8 +794,9 @@ pub const OPEN_RUNS_SQL: &str = "WITH runs AS (\
 ///
 /// On PostgreSQL this is one statement (all commit together or not at all); run it on a
 /// pool that plans it once ([`crate::db::connect_for_groups`]). On SQLite [`open_run`]'s
-/// steps for each, all in one write transaction ([`sqlite_write`]), flushed once. Two runs of one message in a group
-/// share its verdict; the claims due again go to the first of them.
+/// steps for each, all in one write transaction ([`sqlite_write`]), flushed once. Two
+/// runs of one message in a group share its verdict; the claims due again go to the
+/// first of them.
 pub async fn open_runs<C: ConnectionTrait + sea_orm::TransactionTrait>(
     db: &C,
     runs: &[RunToOpen<'_>],
@@ -933,9 +934,9 @@ async fn open_alone<C: ConnectionTrait>(
     opening_of(&rows, size, coalescing)
 }
 
-/// [`open_run`] as separate statements (databases other than PostgreSQL).
 /// A write transaction on SQLite that holds the database's write lock from its start
-/// (`BEGIN IMMEDIATE`, waiting for it within the busy timeout): a group's runs commit,
+/// (`BEGIN IMMEDIATE`, waiting for it within the busy timeout): a group's runs (or a
+/// lone run of the group writers) commit,
 /// and wait for their flush to disk, once instead of statement by statement, and a
 /// transaction that reads before it writes is never refused for having read a
 /// snapshot another process has since written past.
@@ -948,6 +949,7 @@ async fn sqlite_write<C: sea_orm::TransactionTrait>(db: &C) -> Result<C::Transac
     .await
 }
 
+/// [`open_run`] as separate statements (databases other than PostgreSQL).
 async fn open_one_by_one<C: ConnectionTrait>(
     db: &C,
     feedback_id: i64,
@@ -962,7 +964,8 @@ async fn open_one_by_one<C: ConnectionTrait>(
     if coalescing.threshold > 0 {
         let from =
             DateTime::from_timestamp(coalescing.window_start(message.created_at), 0).unwrap_or(message.created_at);
-        // The questions at once: has anything gone out for it, did a digest announce it
+        // The questions at once (one after another inside a group's transaction, which
+        // has one connection): has anything gone out for it, did a digest announce it
         // already, and how busy is its window.
         let (started, announced, in_window) = tokio::join!(
             any_of_feedback(db, feedback_id),
