@@ -1,6 +1,6 @@
 //! Opening and closing fan-out runs (`shared::queries::delivery::{open_run, close_run,
-//! close_runs}`): one statement each on PostgreSQL, a few on SQLite, and the same answers
-//! on both.
+//! close_runs}`): one statement each on PostgreSQL, a few on SQLite (a group's in one
+//! transaction), and the same answers on both; a group that fails keeps nothing.
 
 use sea_orm::{ColumnTrait, EntityTrait, QueryFilter};
 use shared::domain::NewFeedback;
@@ -907,4 +907,58 @@ fn table_scans(node: &serde_json::Value, scans: &mut Vec<(String, String, f64)>)
     for child in node["Plans"].as_array().into_iter().flatten() {
         table_scans(child, scans);
     }
+}
+
+/// Makes every insert of a delivery of `feedback_id` fail, as a write that fails midway
+/// through a group would.
+async fn refuse_deliveries_of(app: &TestApp, feedback_id: i64) {
+    use sea_orm::ConnectionTrait;
+    let statements = if app.db.get_database_backend() == sea_orm::DbBackend::Postgres {
+        vec![
+            "CREATE FUNCTION refuse_delivery() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ \
+             LANGUAGE plpgsql"
+                .to_owned(),
+            format!(
+                "CREATE TRIGGER refuse BEFORE INSERT ON deliveries FOR EACH ROW WHEN (NEW.feedback_id = {feedback_id}) \
+                 EXECUTE FUNCTION refuse_delivery()"
+            ),
+        ]
+    } else {
+        vec![format!(
+            "CREATE TRIGGER refuse BEFORE INSERT ON deliveries WHEN NEW.feedback_id = {feedback_id} \
+             BEGIN SELECT RAISE(ABORT, 'refused'); END"
+        )]
+    };
+    for statement in statements {
+        app.db.execute_unprepared(&statement).await.expect("trigger created");
+    }
+}
+
+async fn a_group_that_fails_midway_keeps_none_of_its_runs(backend: Backend) {
+    // Arrange: one subscription, two messages; the second's claim will fail.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let (first, second) = (submit(&app, 0).await.feedback_id, submit(&app, 1).await.feedback_id);
+    refuse_deliveries_of(&app, second).await;
+    let runs = [RunToOpen { feedback_id: first, token: "a" }, RunToOpen { feedback_id: second, token: "b" }];
+
+    // Act
+    let failed = delivery::open_runs(&group_pool(&app).await, &runs, 64, lease(), Coalescing::OFF).await;
+
+    // Assert: the group failed whole, so the first run's claim is not kept either (the
+    // worker then opens each run on its own).
+    assert!(failed.is_err(), "{failed:?}");
+    assert!(delivery::of_feedback(&app.db, first).await.expect("query").is_empty(), "the first run's claim was kept");
+    let alone = delivery::open_run(&app.db, first, 64, "a", lease(), Coalescing::OFF).await.expect("opened alone");
+    assert_eq!(claimed(&alone).expect("claimed").len(), 1);
+}
+
+#[tokio::test]
+async fn a_group_that_fails_midway_keeps_none_of_its_runs_on_postgres() {
+    a_group_that_fails_midway_keeps_none_of_its_runs(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn a_group_that_fails_midway_keeps_none_of_its_runs_on_sqlite() {
+    a_group_that_fails_midway_keeps_none_of_its_runs(Backend::Sqlite).await;
 }
