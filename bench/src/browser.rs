@@ -11,7 +11,7 @@
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -259,7 +259,7 @@ impl Browsers {
     }
 
     /// An idle browser, or a new one (its form page read) when all are busy.
-    pub async fn take(&self) -> anyhow::Result<Browser> {
+    async fn take(&self) -> anyhow::Result<Browser> {
         let idle = self.idle.lock().ok().and_then(|mut idle| idle.pop());
         match idle {
             Some(browser) => Ok(browser),
@@ -268,24 +268,40 @@ impl Browsers {
     }
 
     /// Gives a browser back for the next submission.
-    pub fn put(&self, browser: Browser) {
+    fn put(&self, browser: Browser) {
         if let Ok(mut idle) = self.idle.lock() {
             idle.push(browser);
         }
     }
 
-    /// Posts the form with `content` from an idle browser; true when it was accepted. A
+    /// Posts the form with `content` from an idle browser. The submission is the post:
+    /// its clock starts after a new browser, if one was needed, has read its form page. A
     /// browser whose request failed is not given back.
-    pub async fn post_form(&self, content: &str) -> bool {
-        let Ok(mut browser) = self.take().await else { return false };
-        match browser.post_form(content).await {
-            Ok(accepted) => {
-                self.put(browser);
-                accepted
-            }
+    pub async fn post_form(&self, content: &str) -> Posted {
+        let browser = self.take().await;
+        let at = Instant::now();
+        let accepted = match browser {
+            Ok(mut browser) => match browser.post_form(content).await {
+                Ok(accepted) => {
+                    self.put(browser);
+                    accepted
+                }
+                Err(_) => false,
+            },
             Err(_) => false,
-        }
+        };
+        Posted { accepted, at, took: at.elapsed() }
     }
+}
+
+/// A submission made by [`Browsers::post_form`].
+pub struct Posted {
+    /// Whether the site accepted it.
+    pub accepted: bool,
+    /// When the post began.
+    pub at: Instant,
+    /// How long it took to be answered.
+    pub took: Duration,
 }
 
 #[cfg(test)]

@@ -693,19 +693,12 @@ async fn e2e(
         let (browsers, sent_at) = (Arc::clone(&browsers), Arc::clone(&sent_at));
         handles.push(tokio::spawn(async move {
             let content = format!("e2e {i}");
-            // A browser first (a new one reads the form page when all are busy): the
-            // submission is the post, and its clock starts there.
-            let Ok(mut browser) = browsers.take().await else { return (false, Duration::ZERO) };
-            let at = Instant::now();
+            // Read only once every submission has been answered.
+            let posted = browsers.post_form(&content).await;
             if let Ok(mut map) = sent_at.lock() {
-                map.insert(content.clone(), at);
+                map.insert(content, posted.at);
             }
-            let accepted = browser.post_form(&content).await;
-            let took = at.elapsed();
-            if accepted.is_ok() {
-                browsers.put(browser);
-            }
-            (accepted.unwrap_or(false), took)
+            (posted.accepted, posted.took)
         }));
         if i % per_second == 0 {
             procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));

@@ -139,7 +139,7 @@ pub async fn run(
         let permit = Arc::clone(&in_flight).acquire_owned().await?;
         let (browsers, ok, refused) = (Arc::clone(&browsers), Arc::clone(&accepted), Arc::clone(&rejected));
         tokio::spawn(async move {
-            if browsers.post_form(&format!("soak {i}")).await {
+            if browsers.post_form(&format!("soak {i}")).await.accepted {
                 ok.fetch_add(1, Ordering::Relaxed);
             } else {
                 refused.fetch_add(1, Ordering::Relaxed);

@@ -357,23 +357,15 @@ async fn a_worker_whose_log_reader_stalls_keeps_working() {
 
 #[tokio::test]
 async fn a_bad_thread_count_stops_the_commands_but_not_the_help_that_says_how_to_set_it() {
-    let binary = worker_binary();
-    let help = tokio::process::Command::new(&binary)
-        .arg("--help")
-        .env("WORKER_THREADS", "two")
-        .output()
-        .await
-        .expect("the worker runs");
+    let with_bad_threads = |command: &str| {
+        tokio::process::Command::new(worker_binary()).arg(command).env("WORKER_THREADS", "two").output()
+    };
+    let help = with_bad_threads("--help").await.expect("the worker runs");
     let text = String::from_utf8_lossy(&help.stdout);
     assert!(help.status.success(), "--help failed: {}", String::from_utf8_lossy(&help.stderr));
     assert!(text.contains("Usage:"), "{text}");
 
-    let run = tokio::process::Command::new(&binary)
-        .arg("run")
-        .env("WORKER_THREADS", "two")
-        .output()
-        .await
-        .expect("the worker runs");
+    let run = with_bad_threads("run").await.expect("the worker runs");
     let said = String::from_utf8_lossy(&run.stderr);
     assert_eq!(run.status.code(), Some(1), "{said}");
     assert!(said.contains("WORKER_THREADS must be a whole number"), "{said}");

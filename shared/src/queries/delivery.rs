@@ -936,10 +936,9 @@ async fn open_alone<C: ConnectionTrait>(
 
 /// A write transaction on SQLite that holds the database's write lock from its start
 /// (`BEGIN IMMEDIATE`, waiting for it within the busy timeout): a group's runs (or a
-/// lone run of the group writers) commit,
-/// and wait for their flush to disk, once instead of statement by statement, and a
-/// transaction that reads before it writes is never refused for having read a
-/// snapshot another process has since written past.
+/// lone run of the group writers) commit, and wait for their flush to disk, once
+/// instead of statement by statement, and a transaction that reads before it writes is
+/// never refused for having read a snapshot another process has since written past.
 async fn sqlite_write<C: sea_orm::TransactionTrait>(db: &C) -> Result<C::Transaction, DbErr> {
     use sea_orm::{SqliteTransactionMode, TransactionOptions};
     db.begin_with_options(TransactionOptions {
