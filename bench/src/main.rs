@@ -192,12 +192,15 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(cli: Cli) -> anyhow::Result<()> {
     anyhow::ensure!(!(cli.sqlite && cli.target == Target::Django), "the reference runs on PostgreSQL: drop --sqlite");
+    // The machine's speed at this moment, on an idle machine: before anything starts.
+    let probe_ms = procs::cpu_probe_ms();
     let push = PushService::start().await?;
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
         let _ = django::SSLMODE.set(mode.to_owned());
     }
     if cli.target == Target::Django {
-        let report = run_django(&cli, &push).await?;
+        let mut report = run_django(&cli, &push).await?;
+        report.figure("cpu_probe_ms", probe_ms);
         report.print();
         println!("\nsaved {}", report.save()?.display());
         return Ok(());
@@ -214,7 +217,8 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
 
     procs::remove_namespace(&cli.redis, &namespace).await;
     database.drop().await;
-    let report = result?;
+    let mut report = result?;
+    report.figure("cpu_probe_ms", probe_ms);
     report.print();
     let path = report.save()?;
     println!("\nsaved {}", path.display());
@@ -332,6 +336,10 @@ async fn run(
         Scenario::E2e { rate, seconds, gap_secs } => {
             let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
             durable_commits(&db, &mut report).await?;
+            // The machine's floor at this pace; past 100 a second no one idles.
+            if interval >= Duration::from_millis(10) {
+                idle_round_trips(&cli.redis, &db, interval, &mut report).await?;
+            }
             let browser = push.new_subscription();
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
@@ -834,6 +842,42 @@ async fn durable_commits(db: &sea_orm::DatabaseConnection, report: &mut Report) 
     db.execute_unprepared("DROP TABLE bench_commit_probe").await?;
     took.sort();
     report.latencies("durable_commit", &took);
+    Ok(())
+}
+
+/// Bare round trips over loopback, each after `idle` with nothing to do, before the load
+/// of an `e2e` run whose submissions idle as long between them (at most 100 a second):
+/// each time a `PING` to Redis, then a `SELECT 1` to the database; 25 of each, or 3 when
+/// `idle` is a second or more. On a virtual machine whose idle
+/// cores are halted, or whose host lets an idle process's memory go cold, the first
+/// round trip after a pause costs time of its own, and every hop of an idle pipeline pays
+/// it: these are the machine's floor for the idle pick-up and the idle answer.
+async fn idle_round_trips(
+    redis_url: &str,
+    db: &sea_orm::DatabaseConnection,
+    idle: Duration,
+    report: &mut Report,
+) -> anyhow::Result<()> {
+    let mut redis = redis::Client::open(redis_url)?.get_multiplexed_async_connection().await?;
+    let select = sea_orm::Statement::from_string(db.get_database_backend(), "SELECT 1");
+    let count = if idle >= Duration::from_secs(1) { 3 } else { 25 };
+    let (mut to_redis, mut to_database) = (Vec::with_capacity(count), Vec::with_capacity(count));
+    for i in 0..count {
+        eprint!("\ridle round trips {i}/{count}");
+        tokio::time::sleep(idle).await;
+        let started = Instant::now();
+        redis::cmd("PING").query_async::<String>(&mut redis).await?;
+        to_redis.push(started.elapsed());
+        tokio::time::sleep(idle).await;
+        let started = Instant::now();
+        db.query_one_raw(select.clone()).await?;
+        to_database.push(started.elapsed());
+    }
+    eprintln!();
+    for (name, mut took) in [("idle_redis_round_trip", to_redis), ("idle_database_round_trip", to_database)] {
+        took.sort();
+        report.latencies(name, &took);
+    }
     Ok(())
 }
 

@@ -198,6 +198,32 @@ pub fn cpu_seconds(pid: u32) -> f64 {
     ticks / 100.0
 }
 
+/// The machine's speed at this moment: milliseconds one core takes to sort a fixed
+/// pseudo-random million numbers, the best of five. Machines of one kind differ, and one
+/// machine's speed moves from one stretch of an hour to the next; this tells a slower
+/// moment from a slower build when runs are compared.
+pub fn cpu_probe_ms() -> f64 {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let numbers: Vec<u64> = (0..1_000_000)
+        .map(|_| {
+            // xorshift64: the same sequence every time, with no dependency.
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        })
+        .collect();
+    (0..5)
+        .map(|_| {
+            let mut work = numbers.clone();
+            let started = std::time::Instant::now();
+            work.sort_unstable();
+            std::hint::black_box(&work);
+            started.elapsed().as_secs_f64() * 1000.0
+        })
+        .fold(f64::INFINITY, f64::min)
+}
+
 /// CPU seconds the whole machine has been busy (every process and the kernel: user,
 /// nice, system, interrupts, steal; from `/proc/stat`).
 pub fn machine_busy_seconds() -> f64 {
