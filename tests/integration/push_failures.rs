@@ -135,6 +135,31 @@ async fn a_push_service_that_hangs_times_out_and_the_delivery_is_retried() {
 }
 
 #[tokio::test]
+async fn a_push_that_hangs_on_the_first_page_does_not_hold_up_the_next_page() {
+    // Arrange: more subscriptions than a run's first page (64); the first of them hangs
+    // until the request times out, long after every other push could have gone out.
+    let app =
+        spawn_app_with(Options { env: vec![("PUSH_TIMEOUT_MS".into(), "60000".into())], ..Options::default() }).await;
+    let admin = app.create_admin().await;
+    let hanging = app.subscribe_device(admin).await;
+    let mut others = Vec::new();
+    for _ in 0..79 {
+        others.push(app.subscribe_device(admin).await);
+    }
+    app.push.script(&hanging.endpoint, vec![Scripted::Hang]);
+
+    // Act
+    app.submit_valid_feedback("Ann", "hello").await;
+
+    // Assert: the other 79, on the first page and on the next, arrive while the hung push
+    // still waits out its timeout.
+    let received = app.push.wait_for_received(79, Duration::from_secs(20)).await;
+    let served = others.iter().filter(|b| received.iter().any(|p| p.endpoint == b.endpoint)).count();
+    assert_eq!(served, 79, "{served} of the 79 other subscriptions served while one push hangs");
+    assert!(app.push.attempts().iter().any(|a| a.endpoint == hanging.endpoint), "the hung push was sent");
+}
+
+#[tokio::test]
 async fn completed_dispatch_records_are_pruned_after_their_retention_on_postgres() {
     dispatch_records_are_pruned_after_their_retention(Backend::Postgres).await;
 }

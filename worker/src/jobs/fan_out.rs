@@ -236,7 +236,7 @@ impl Gate {
 /// yielded: a push that went out and was dropped unrecorded would be sent again by the
 /// job's retry.
 fn until_failed<'a, T, R, Fut>(
-    targets: Vec<T>,
+    targets: impl futures::Stream<Item = T> + 'a,
     concurrency: usize,
     gate: &'a Gate,
     deliver: impl Fn(T) -> Fut + 'a,
@@ -245,7 +245,7 @@ where
     T: 'a,
     Fut: std::future::Future<Output = Result<R, JobError>> + 'a,
 {
-    futures::stream::iter(targets)
+    targets
         .then(move |target| async move { gate.enter().await.then_some(target) })
         .take_while(|target| std::future::ready(target.is_some()))
         .filter_map(std::future::ready)
@@ -306,24 +306,40 @@ impl Run<'_> {
 
     /// Sends the run's deliveries, starting with its first `page` (claimed when the run
     /// opened, with the deliveries due again: retries whose time has come, claims
-    /// abandoned by a crashed worker; small, so the first pushes leave at once). Every
-    /// further page is claimed while the one before it is being sent; a page that is not
-    /// full is the last. Returns the counts and the successes of the last page, if it was
-    /// sent all at once: the caller records them with the run's close.
-    async fn deliver_all(&self, mut page: delivery::ClaimedPage) -> Result<(Stats, Vec<i64>), JobError> {
-        let mut stats = Stats::default();
-        loop {
-            let next = page.last.filter(|_| page.full);
-            let targets = std::mem::take(&mut page.targets);
-            let Some(after) = next else {
-                let (last, unrecorded) = self.send(targets, true).await?;
-                stats.add(last);
-                return Ok((stats, unrecorded));
-            };
-            let (sent, claimed) = tokio::join!(self.send(targets, false), self.claim_page(after));
-            stats.add(sent?.0);
-            page = claimed?;
-        }
+    /// abandoned by a crashed worker; small, so the first pushes leave at once). A page
+    /// that is not full is the last. With more pages to come, the pushes go out as one
+    /// stream across them: every further page is claimed while the one before it is being
+    /// sent, and its first pushes start as soon as the last of the page before have
+    /// started, so `PUSH_CONCURRENCY` stay in flight from the first page to the last
+    /// instead of draining at each page's end. Returns the counts and, when the first page
+    /// was the only one, its successes: the caller records them with the run's close.
+    async fn deliver_all(&self, first: delivery::ClaimedPage) -> Result<(Stats, Vec<i64>), JobError> {
+        let Some(after) = first.last.filter(|_| first.full) else {
+            return self.send_page(first.targets).await;
+        };
+        // One page waits, claimed, while the one before it is being sent.
+        let (claimed, mut pages) = tokio::sync::mpsc::channel::<Vec<delivery::Target>>(1);
+        let claimer = async move {
+            let mut after = Some(after);
+            while let Some(last) = after {
+                let page = self.claim_page(last).await?;
+                after = page.last.filter(|_| page.full);
+                // Closed once the sending stopped (a push failed): nothing more to claim.
+                if claimed.send(page.targets).await.is_err() {
+                    break;
+                }
+            }
+            // Dropping `claimed` ends the stream of targets once its pages are sent.
+            Ok::<(), JobError>(())
+        };
+        let pages = futures::stream::poll_fn(move |cx| pages.poll_recv(cx));
+        let targets = futures::stream::iter(first.targets).chain(pages.flat_map(futures::stream::iter));
+        // The sending ends when the claimer's pages do, or when a push failed; either way
+        // what went out is recorded before it returns.
+        let (sent, claims) = tokio::join!(self.send_stream(targets), claimer);
+        let stats = sent?;
+        claims?;
+        Ok((stats, Vec::new()))
     }
 
     /// Claims the deliveries to the next page of subscriptions after id `after`.
@@ -332,7 +348,28 @@ impl Run<'_> {
         Ok(delivery::claim_page(db, self.feedback_id, after, PAGE, &self.token, lease(self.ctx), false).await?)
     }
 
-    /// Sends the claimed deliveries `targets`, with bounded concurrency.
+    /// Sends the claimed deliveries `targets` of a run's only page, at most
+    /// `PUSH_CONCURRENCY` at once. When every push came to an outcome, the successes of
+    /// a page sent all at once (no more than `PUSH_CONCURRENCY`) are returned unrecorded:
+    /// the caller records them with its next statement. A larger page goes out as
+    /// [`Self::send_stream`] sends it.
+    async fn send_page(&self, targets: Vec<delivery::Target>) -> Result<(Stats, Vec<i64>), JobError> {
+        if targets.is_empty() {
+            return Ok((Stats::default(), Vec::new()));
+        }
+        let concurrency = self.ctx.settings.push.concurrency.max(1);
+        if targets.len() > concurrency {
+            return Ok((self.send_stream(futures::stream::iter(targets)).await?, Vec::new()));
+        }
+        // All at once: send them, then hand the successes back (or record them on a failure).
+        let results = futures::stream::iter(targets).map(|target| self.deliver(target)).buffer_unordered(concurrency);
+        let (stats, sent, error) = tally(results.collect::<Vec<_>>().await);
+        let Some(error) = error else { return Ok((stats, sent)) };
+        delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
+        Err(error)
+    }
+
+    /// Sends the claimed deliveries `targets`, with bounded concurrency, and records them.
     ///
     /// Successes are recorded in batches (the pushes that completed together go in one
     /// statement, with any that completed during the write before it) while the sending
@@ -341,26 +378,8 @@ impl Run<'_> {
     /// in flight are still driven to their end meanwhile, so a slow write never makes a
     /// delivered push time out. If the worker dies, those unrecorded pushes are the only
     /// ones sent again.
-    ///
-    /// With `defer`, successes of targets sent all at once (no more than
-    /// `PUSH_CONCURRENCY`) are returned unrecorded when every push came to an outcome: the
-    /// caller records them with its next statement.
-    async fn send(&self, targets: Vec<delivery::Target>, defer: bool) -> Result<(Stats, Vec<i64>), JobError> {
-        if targets.is_empty() {
-            return Ok((Stats::default(), Vec::new()));
-        }
+    async fn send_stream(&self, targets: impl futures::Stream<Item = delivery::Target>) -> Result<Stats, JobError> {
         let concurrency = self.ctx.settings.push.concurrency.max(1);
-        if targets.len() <= concurrency {
-            // All at once: send them, then record the successes (or hand them back).
-            let results =
-                futures::stream::iter(targets).map(|target| self.deliver(target)).buffer_unordered(concurrency);
-            let (stats, sent, error) = tally(results.collect::<Vec<_>>().await);
-            if defer && error.is_none() {
-                return Ok((stats, sent));
-            }
-            delivery::record_sent(&self.ctx.db, self.feedback_id, &sent, &self.token).await?;
-            return error.map_or(Ok((stats, Vec::new())), Err);
-        }
         // In flight, and two batches' worth waiting for or in a write: past that no push
         // starts until the recorder catches up, while those in flight are still driven.
         let gate = &Gate::new(3 * concurrency);
@@ -414,7 +433,7 @@ impl Run<'_> {
         };
         let (stats, recorded) = tokio::join!(sender, recorder);
         recorded?;
-        Ok((stats?, Vec::new()))
+        stats
     }
 
     /// Sends to one subscription and records the outcome, except a success, which the
@@ -521,7 +540,7 @@ mod tests {
             }
         };
         let chunks: Vec<Vec<Result<usize, JobError>>> =
-            until_failed((0..20).collect(), 4, &gate, deliver).collect().await;
+            until_failed(futures::stream::iter(0..20), 4, &gate, deliver).collect().await;
         let results: Vec<_> = chunks.into_iter().flatten().collect();
 
         // Every push that started came to its end and is reported, the failure among
@@ -550,7 +569,7 @@ mod tests {
                 Ok::<_, JobError>(i)
             }
         };
-        let mut results = std::pin::pin!(until_failed((0..20).collect(), 4, &gate, deliver));
+        let mut results = std::pin::pin!(until_failed(futures::stream::iter(0..20), 4, &gate, deliver));
         let mut yielded = 0;
         // The consumer keeps polling, as the sender does, but gives no permit back: the
         // six started pushes all finish and are yielded, and no seventh starts.
