@@ -72,7 +72,7 @@ pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
     };
     let (stats, sent) = run.renewing_claims(run.deliver_all(page)).await?;
     if let Err(e) = ctx.runs.close(message.id, job.dispatch_id, sent.clone(), run.token.clone()).await {
-        // The close records the last page's successes; it failed as a whole, so record
+        // The close records the only page's successes; it failed as a whole, so record
         // them on their own before the job is retried, or their claims would lapse and
         // those pushes go out again.
         if let Err(record) = delivery::record_sent(&ctx.db, message.id, &sent, &run.token).await {
@@ -312,22 +312,24 @@ impl Run<'_> {
     /// sent, and its first pushes start as soon as the last of the page before have
     /// started, so `PUSH_CONCURRENCY` stay in flight from the first page to the last
     /// instead of draining at each page's end. Returns the counts and, when the first page
-    /// was the only one, its successes: the caller records them with the run's close.
+    /// was the only one and was sent all at once (no more than `PUSH_CONCURRENCY`), its
+    /// successes: the caller records them with the run's close.
     async fn deliver_all(&self, first: delivery::ClaimedPage) -> Result<(Stats, Vec<i64>), JobError> {
         let Some(after) = first.last.filter(|_| first.full) else {
             return self.send_page(first.targets).await;
         };
-        // One page waits, claimed, while the one before it is being sent.
+        // One page waits, claimed, while the one before it is being sent: a page is
+        // claimed only once there is room for it.
         let (claimed, mut pages) = tokio::sync::mpsc::channel::<Vec<delivery::Target>>(1);
         let claimer = async move {
             let mut after = Some(after);
             while let Some(last) = after {
+                // No room ever comes once the sending has ended (after a failed push, with
+                // those in flight finished): nothing more to claim.
+                let Ok(room) = claimed.reserve().await else { break };
                 let page = self.claim_page(last).await?;
                 after = page.last.filter(|_| page.full);
-                // Closed once the sending stopped (a push failed): nothing more to claim.
-                if claimed.send(page.targets).await.is_err() {
-                    break;
-                }
+                room.send(page.targets);
             }
             // Dropping `claimed` ends the stream of targets once its pages are sent.
             Ok::<(), JobError>(())
