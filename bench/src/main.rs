@@ -192,7 +192,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(cli: Cli) -> anyhow::Result<()> {
     anyhow::ensure!(!(cli.sqlite && cli.target == Target::Django), "the reference runs on PostgreSQL: drop --sqlite");
-    // The machine's speed at this moment, on an idle machine: before anything starts.
+    // The machine's speed at this moment, before anything of this run starts.
     let probe_ms = procs::cpu_probe_ms();
     let push = PushService::start().await?;
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
@@ -338,7 +338,7 @@ async fn run(
             durable_commits(&db, &mut report).await?;
             // The machine's floor at this pace; past 100 a second no one idles.
             if interval >= Duration::from_millis(10) {
-                idle_round_trips(&cli.redis, &db, interval, &mut report).await?;
+                idle_round_trips(&cli.redis, database_url, interval, &mut report).await?;
             }
             let browser = push.new_subscription();
             let admin = bench_admin(&db).await?;
@@ -847,18 +847,22 @@ async fn durable_commits(db: &sea_orm::DatabaseConnection, report: &mut Report) 
 
 /// Bare round trips over loopback, each after `idle` with nothing to do, before the load
 /// of an `e2e` run whose submissions idle as long between them (at most 100 a second):
-/// each time a `PING` to Redis, then a `SELECT 1` to the database; 25 of each, or 3 when
+/// each time a `PING` to Redis, then a `SELECT 1` to the database on a connection of its
+/// own that is not checked before use; 25 of each, or 3 (six idles before the load) when
 /// `idle` is a second or more. On a virtual machine whose idle
 /// cores are halted, or whose host lets an idle process's memory go cold, the first
 /// round trip after a pause costs time of its own, and every hop of an idle pipeline pays
 /// it: these are the machine's floor for the idle pick-up and the idle answer.
 async fn idle_round_trips(
     redis_url: &str,
-    db: &sea_orm::DatabaseConnection,
+    database_url: &str,
     idle: Duration,
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let mut redis = redis::Client::open(redis_url)?.get_multiplexed_async_connection().await?;
+    let mut options = sea_orm::ConnectOptions::new(database_url.to_owned());
+    options.max_connections(1).min_connections(1).test_before_acquire(false).sqlx_logging(false);
+    let db = sea_orm::Database::connect(options).await?;
     let select = sea_orm::Statement::from_string(db.get_database_backend(), "SELECT 1");
     let count = if idle >= Duration::from_secs(1) { 3 } else { 25 };
     let (mut to_redis, mut to_database) = (Vec::with_capacity(count), Vec::with_capacity(count));
