@@ -161,6 +161,56 @@ async fn a_push_that_hangs_on_the_first_page_does_not_hold_up_the_next_page() {
 }
 
 #[tokio::test]
+async fn a_write_that_fails_mid_fan_out_ends_the_run_and_the_retries_send_every_push_once() {
+    // Arrange: 600 subscriptions (a first page of 64, then 500 and 36), one on the first
+    // page gone at the push service, and its removal refused by the database for now.
+    let app = spawn_app_with(Options {
+        env: vec![
+            ("JOB_RETRY_FAN_OUT".into(), "15/200/1000".into()),
+            ("PUSH_CONCURRENCY".into(), "8".into()),
+            ("PUSH_TIMEOUT_MS".into(), "1000".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    let admin = app.create_admin().await;
+    let mut browsers = Vec::new();
+    for _ in 0..600 {
+        browsers.push(app.subscribe_device(admin).await);
+    }
+    let gone = browsers.remove(10);
+    app.push.script(&gone.endpoint, vec![Scripted::Status(410); 2]);
+    for statement in [
+        "CREATE FUNCTION refuse_removal() RETURNS trigger AS $$ BEGIN RAISE EXCEPTION 'refused'; END $$ \
+         LANGUAGE plpgsql",
+        "CREATE TRIGGER refuse BEFORE DELETE ON push_subscriptions FOR EACH ROW EXECUTE FUNCTION refuse_removal()",
+    ] {
+        app.db.execute_unprepared(statement).await.expect("trigger created");
+    }
+
+    // Act: the first run fails at that write, with the next page claimed and waiting;
+    // then the database takes the removal again.
+    app.submit_valid_feedback("Ann", "hello").await;
+    let refused = || async { app.push.attempts().iter().any(|a| a.endpoint == gone.endpoint) };
+    assert!(wait_until(refused).await, "the gone subscription was pushed to");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before_the_retry = app.push.received().len();
+    app.db.execute_unprepared("DROP TRIGGER refuse ON push_subscriptions").await.expect("trigger dropped");
+
+    // Assert: the first run stopped short; the retries send every other subscription its
+    // push exactly once, and the gone one is removed.
+    assert!(before_the_retry < 599, "the first run stopped at the failed write ({before_the_retry} sent)");
+    let received = app.push.wait_for_received(599, Duration::from_secs(60)).await;
+    let served = browsers.iter().filter(|b| received.iter().any(|p| p.endpoint == b.endpoint)).count();
+    assert_eq!(served, 599, "{served} of 599 served");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let received = app.push.received();
+    let twice = browsers.iter().filter(|b| received.iter().filter(|p| p.endpoint == b.endpoint).count() > 1).count();
+    assert_eq!(twice, 0, "{twice} subscriptions got the message twice");
+    assert!(wait_until(|| async { !subscription_exists(&app, &gone.endpoint).await }).await, "the gone one is removed");
+}
+
+#[tokio::test]
 async fn completed_dispatch_records_are_pruned_after_their_retention_on_postgres() {
     dispatch_records_are_pruned_after_their_retention(Backend::Postgres).await;
 }
