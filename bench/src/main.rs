@@ -198,31 +198,32 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
         let _ = django::SSLMODE.set(mode.to_owned());
     }
-    if cli.target == Target::Django {
-        let mut report = run_django(&cli, &push).await?;
-        report.figure("cpu_probe_ms", probe_ms);
-        report.print();
-        println!("\nsaved {}", report.save()?.display());
-        return Ok(());
-    }
+    let mut report = match cli.target {
+        Target::Django => run_django(&cli, &push).await?,
+        Target::Tidings => run_tidings(&cli, &push).await?,
+    };
+    report.figure("cpu_probe_ms", probe_ms);
+    report.print();
+    println!("\nsaved {}", report.save()?.display());
+    Ok(())
+}
+
+/// Runs the scenario against Tidings' release binaries, on a database and a Redis
+/// namespace of the run's own, removed after it whatever the outcome.
+async fn run_tidings(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
     anyhow::ensure!(
         !(cli.sqlite && matches!(cli.scenario, Scenario::Admin { .. })),
         "`admin` seeds its rows with PostgreSQL's generate_series: run it without --sqlite"
     );
     let binaries = procs::build_release().await?;
     let namespace = format!("bench-{}", uuid::Uuid::new_v4().simple());
-    let database = RunDatabase::create(&cli, &namespace).await?;
+    let database = RunDatabase::create(cli, &namespace).await?;
 
-    let result = run(&cli, &binaries, &push, &namespace, &database.url).await;
+    let result = run(cli, &binaries, push, &namespace, &database.url).await;
 
     procs::remove_namespace(&cli.redis, &namespace).await;
     database.drop().await;
-    let mut report = result?;
-    report.figure("cpu_probe_ms", probe_ms);
-    report.print();
-    let path = report.save()?;
-    println!("\nsaved {}", path.display());
-    Ok(())
+    result
 }
 
 /// The run's own database: a fresh one on the PostgreSQL server, or a fresh SQLite file
