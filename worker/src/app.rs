@@ -245,7 +245,8 @@ impl Application {
         let mut name = name;
         let result = loop {
             let built = std::time::Instant::now();
-            let config = recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery);
+            let config = recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery)
+                .batch_size(fetch_batch(concurrency));
             let gate = FetchGate::new(&ctx.metrics);
             let storage =
                 RedisStorage::<RawJob, _>::new(GatedConnection::new(ctx.queue.connection(), &config, gate.clone()))
@@ -438,6 +439,17 @@ async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQu
 /// worker's jobs wait at most about the bound (apalis' default is 300 s).
 fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> apalis_redis::Config {
     config.heartbeat_interval(heartbeat_interval(bound)).missed_heartbeats(3)
+}
+
+/// Jobs one fetch may take: as many as the worker runs at once, and at least
+/// apalis-redis's default of 10. Fetches go one at a time (a round trip to Redis and a
+/// script each), so with the default a worker running 64 jobs at once under a backlog
+/// took them 10 per fetch. A fetch comes when a slot is free; what it takes beyond the
+/// free slots waits in this worker (up to a batch, where the default held up to 10),
+/// and goes back to the queue when the worker stops, or is taken back as an orphan if it
+/// dies.
+fn fetch_batch(concurrency: usize) -> usize {
+    concurrency.max(10)
 }
 
 /// A quarter of the recovery bound.
