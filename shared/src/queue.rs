@@ -336,7 +336,8 @@ impl JobQueue {
         Ok(scheduled + active)
     }
 
-    /// Jobs running now: the sum of the in-flight sets of the registered workers.
+    /// Jobs in the hands of workers now, running or fetched and about to start: the sum
+    /// of the in-flight sets of the registered workers.
     pub async fn running(&self) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         let names: Vec<String> = conn.zrange(self.fan_out.workers_set(), 0, -1).await?;

@@ -444,10 +444,11 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
 /// Jobs one fetch may take: as many as the worker runs at once, and at least
 /// apalis-redis's default of 10. Fetches go one at a time (a round trip to Redis and a
 /// script each), so with the default a worker running 64 jobs at once under a backlog
-/// took them 10 per fetch. A fetch comes when a slot is free; what it takes beyond the
-/// free slots waits in this worker (up to a batch, where the default held up to 10),
-/// and goes back to the queue when the worker stops, or is taken back as an orphan if it
-/// dies.
+/// took them 10 per fetch. A fetch comes once a slot is free, so a busy worker may hold
+/// up to a batch less one fetched and not started (9 with the default). Those count as
+/// in flight; they go back to the queue when a graceful stop's drain ends in time, and
+/// otherwise (the drain timed out, a fetch was on its way, the worker died) they are
+/// taken back as orphans after `WORKER_RECOVERY_SECS`.
 fn fetch_batch(concurrency: usize) -> usize {
     concurrency.max(10)
 }
@@ -789,6 +790,13 @@ mod tests {
     use tokio_util::task::AbortOnDropHandle;
 
     use super::{deaths_in_a_row, restart_delay};
+
+    #[test]
+    fn a_fetch_takes_as_many_jobs_as_the_worker_runs_at_once_and_at_least_ten() {
+        assert_eq!(super::fetch_batch(1), 10);
+        assert_eq!(super::fetch_batch(4), 10);
+        assert_eq!(super::fetch_batch(64), 64);
+    }
 
     #[test]
     fn the_restart_backoff_starts_again_after_a_worker_ran_for_a_while() {

@@ -12,7 +12,8 @@ pub struct Status {
     pub queued: u64,
     /// Jobs scheduled for later in Redis (digests, retries).
     pub scheduled: u64,
-    /// Jobs running now (in the in-flight sets of live workers).
+    /// Jobs in the hands of live workers: running, or fetched and about to start (their
+    /// in-flight sets).
     pub running: u64,
     /// Jobs that finished in the last minute and in the last hour (succeeded, failed).
     pub finished_last_minute: (u64, u64),
