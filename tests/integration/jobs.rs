@@ -546,22 +546,20 @@ async fn worker_ping_answers_while_a_worker_runs() {
 async fn a_worker_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
     // A backlog of no-op jobs for a worker running 32 at once: each fetch takes up to 32
     // (apalis-redis's default took 10, so 30 fetches for these 300).
-    let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
+    let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     let jobs = 300;
     let payload = serde_json::to_vec(&shared::jobs::Ping::new()).expect("encoded");
     queue.enqueue_many(vec![payload; jobs]).await.expect("enqueued");
 
     let worker = worker::app::Application::build(app.settings.clone(), 32).await.expect("the worker starts");
-    let (stop, port) = (worker.shutdown_handle(), worker.metrics_port().expect("worker metrics on"));
+    let stop = worker.shutdown_handle();
+    app.worker_metrics_port = worker.metrics_port();
     tokio::spawn(worker.run_until_stopped());
     let done = || async { queue.done_count().await.expect("done count") };
     assert!(wait_until(|| async { done().await >= jobs as u64 }).await, "every job ran");
 
-    let text =
-        reqwest::get(format!("http://127.0.0.1:{port}/metrics")).await.expect("metrics").text().await.expect("text");
-    let found = tidings_tests::harness::metric_value(&text, "tidings_queue_fetches_total{result=\"jobs\"}")
-        .expect("fetches counted") as usize;
+    let found = fetches(&app, "jobs").await as usize;
     assert!((jobs.div_ceil(32)..=jobs.div_ceil(32) + 2).contains(&found), "{found} fetches found the {jobs} jobs");
     stop.shutdown();
 }
