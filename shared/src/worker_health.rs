@@ -19,7 +19,8 @@ pub const REPORT_TTL_SECS: u64 = 15;
 pub struct WorkerReport {
     /// Unique per process start.
     pub process: String,
-    /// The apalis worker's current name (a new one after each restart).
+    /// The current names of its fetch loops' apalis workers, space-separated (a loop
+    /// takes a new one after each restart).
     pub worker: String,
     /// Host name.
     pub host: String,
@@ -27,9 +28,10 @@ pub struct WorkerReport {
     pub pid: u32,
     /// Jobs run at once.
     pub concurrency: usize,
-    /// `running`, `restarting` (its apalis worker died and is being rebuilt) or `stopping`.
+    /// `running`, `restarting` (one of its apalis workers died and is being rebuilt) or
+    /// `stopping`.
     pub state: String,
-    /// How many times its apalis worker died and was rebuilt.
+    /// How many times its apalis workers died and were rebuilt.
     pub restarts: u32,
     /// Why it last died.
     pub last_error: Option<String>,

@@ -262,9 +262,11 @@ async fn fetches(app: &TestApp, result: &str) -> u64 {
 async fn the_worker_asks_redis_for_jobs_only_when_woken() {
     // apalis-core's poll loop fetches again every time a job starts or finishes; the
     // gate answers those itself. The fallback timer and the relay are minutes away, so
-    // every fetch that reaches Redis here was let through by a wake.
+    // every fetch that reaches Redis here was let through by a wake. The worker runs two
+    // fetch loops, both woken by each wake: one of them fetches.
     let app = spawn_app_with(Options {
         env: vec![("QUEUE_POLL_MS".into(), "600000".into()), ("RELAY_INTERVAL_MS".into(), "600000".into())],
+        worker_concurrency: 16,
         ..Options::default()
     })
     .await;
@@ -277,8 +279,8 @@ async fn the_worker_asks_redis_for_jobs_only_when_woken() {
         assert_eq!(received.len(), i + 1, "message {i} pushed");
     }
 
-    // Each message's wake lets one fetch through, which finds its job; the worker's
-    // first fetch and a wake racing a fetch may add an empty one or two.
+    // Each message's wake lets one fetch through, which finds its job; the loops' first
+    // fetch and a wake racing a fetch may add an empty one or two.
     let found = fetches(&app, "jobs").await;
     let empty = fetches(&app, "empty").await;
     let skipped = fetches(&app, "skipped").await;
@@ -543,9 +545,10 @@ async fn worker_ping_answers_while_a_worker_runs() {
 }
 
 #[tokio::test]
-async fn a_worker_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
-    // A backlog of no-op jobs for a worker running 32 at once: each fetch takes up to 32
-    // (apalis-redis's default took 10, so 30 fetches for these 300).
+async fn each_fetch_loop_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
+    // A backlog of no-op jobs for a worker running 32 at once, 16 in each of its two fetch
+    // loops: each fetch takes up to 16 (apalis-redis's default took 10, so 30 fetches for
+    // these 300), and the two loops share them.
     let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     let jobs = 300;
@@ -559,7 +562,21 @@ async fn a_worker_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
     let done = || async { queue.done_count().await.expect("done count") };
     assert!(wait_until(|| async { done().await >= jobs as u64 }).await, "every job ran");
 
+    // Each full batch lets the other loop fetch too; the last fetch of each loop may
+    // come back short.
     let found = fetches(&app, "jobs").await as usize;
-    assert!((jobs.div_ceil(32)..=jobs.div_ceil(32) + 2).contains(&found), "{found} fetches found the {jobs} jobs");
+    assert!((jobs.div_ceil(16)..=jobs.div_ceil(16) + 2).contains(&found), "{found} fetches found the {jobs} jobs");
+    // Both loops, an apalis worker each, are named in the process's report and registered.
+    let status = worker::status::read(&app.settings).await.expect("status");
+    let loops: Vec<&str> = status.processes[0].worker.split(' ').collect();
+    assert_eq!(loops.len(), 2, "{:?}", status.processes[0].worker);
+    assert_ne!(loops[0], loops[1]);
+    let mut conn = queue.connection();
+    let workers_set = config_for_queue(&app.settings.redis_namespace, FAN_OUT_QUEUE).workers_set();
+    for name in &loops {
+        let registered: Option<f64> =
+            redis::AsyncCommands::zscore(&mut conn, &workers_set, name).await.expect("zscore");
+        assert!(registered.is_some(), "{name} is registered");
+    }
     stop.shutdown();
 }

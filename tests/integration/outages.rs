@@ -11,7 +11,13 @@ use tidings_tests::redis_server::RedisServer;
 async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() {
     // Arrange: the app runs on a Redis of its own, which then goes down.
     let mut redis = RedisServer::start().await.expect("redis-server starts");
-    let app = spawn_app_with(Options { env: vec![("REDIS_URL".into(), redis.url())], ..Options::default() }).await;
+    // The worker runs two fetch loops: both die with Redis and are rebuilt on their own.
+    let app = spawn_app_with(Options {
+        env: vec![("REDIS_URL".into(), redis.url())],
+        worker_concurrency: 16,
+        ..Options::default()
+    })
+    .await;
     app.subscribe_browser().await;
     redis.stop();
 
@@ -27,7 +33,7 @@ async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() 
     let received = app.push.wait_for_received(1, Duration::from_secs(30)).await;
     assert_eq!(received.len(), 1, "the relay delivered it once Redis was back");
     assert_eq!(received[0].json()["body"], "sent during an outage");
-    // The worker died with Redis, was rebuilt, and says so.
+    // Both loops' workers died with Redis, were rebuilt, and the process says so.
     let client = redis::Client::open(redis.url().as_str()).expect("url");
     let mut conn = client.get_connection_manager().await.expect("redis");
     let restarted = crate::pipeline::wait_until(|| {
@@ -35,7 +41,10 @@ async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() 
         let namespace = app.settings.redis_namespace.clone();
         async move {
             let reports = shared::worker_health::read_all(&mut conn, &namespace).await.unwrap_or_default();
-            reports.len() == 1 && reports[0].restarts >= 1 && reports[0].state == "running"
+            reports.len() == 1
+                && reports[0].restarts >= 2
+                && reports[0].state == "running"
+                && reports[0].worker.split(' ').count() == 2
         }
     })
     .await;

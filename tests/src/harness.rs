@@ -30,6 +30,8 @@ pub struct Options {
     pub backend: Backend,
     /// Start a worker in-process.
     pub worker: bool,
+    /// Jobs the in-process worker runs at once (from 16, in two fetch loops).
+    pub worker_concurrency: usize,
     /// In-process mode: no worker, jobs run in the request through
     /// `worker::immediate::Immediate` and Redis is not used for them.
     pub immediate: bool,
@@ -39,7 +41,7 @@ pub struct Options {
 
 impl Default for Options {
     fn default() -> Self {
-        Self { backend: Backend::Postgres, worker: true, immediate: false, env: Vec::new() }
+        Self { backend: Backend::Postgres, worker: true, worker_concurrency: 2, immediate: false, env: Vec::new() }
     }
 }
 
@@ -142,7 +144,7 @@ async fn try_spawn(options: Options) -> anyhow::Result<TestApp> {
     tokio::spawn(web_app.run_until_stopped());
 
     let (worker_stop, worker_metrics_port) = if options.worker && !options.immediate {
-        let worker_app = worker::app::Application::build(settings.clone(), 2).await?;
+        let worker_app = worker::app::Application::build(settings.clone(), options.worker_concurrency).await?;
         let handle = worker_app.shutdown_handle();
         let port = worker_app.metrics_port();
         tokio::spawn(worker_app.run_until_stopped());

@@ -1,5 +1,5 @@
-//! The worker process: connects, builds the apalis worker and the periodic tasks, and
-//! runs until SIGTERM/SIGINT (or [`ShutdownHandle::shutdown`]).
+//! The worker process: connects, builds its fetch loops (an apalis worker each) and the
+//! periodic tasks, and runs until SIGTERM/SIGINT (or [`ShutdownHandle::shutdown`]).
 //!
 //! It fails loudly instead of the stock behaviour (a warning, then exit 0): an apalis
 //! worker that dies (Redis unreachable) is logged as an error and rebuilt under a new
@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::context::WorkerContext;
 use crate::jobs::{JobError, prune, relay, trim};
 use crate::push::{PushSender, PushSenderConfig};
-use crate::queue::{FetchGate, GatedConnection, Periodic, wake_strategy, worker_name};
+use crate::queue::{FetchGate, GatedConnection, Periodic, feed_wakes, worker_name};
 
 /// What the apalis handler and the process's own tasks share: the jobs' context, and the
 /// queue that is always there in a worker process. Derefs to the jobs' context.
@@ -60,7 +60,8 @@ pub const TRIM_TASK: &str = "trim-caches";
 pub struct Application {
     ctx: Process,
     concurrency: usize,
-    name: String,
+    /// Each fetch loop's own connection to Redis.
+    loop_connections: Vec<redis::aio::ConnectionManager>,
     stop_tx: watch::Sender<bool>,
     /// The bound `/metrics` listener, when metrics are on.
     metrics: Option<(TcpAcceptor, u16)>,
@@ -95,7 +96,15 @@ impl Application {
         let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
             .await
             .context("connecting to Redis (REDIS_URL)")?;
-        let name = worker_name(shared::jobs::FAN_OUT_QUEUE);
+        // Each loop's fetches and acknowledgements go on a connection of its own: on one
+        // shared link they wait behind each other's round trips.
+        let mut loop_connections = Vec::new();
+        for _ in loop_concurrency(concurrency.max(1)) {
+            let own = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
+                .await
+                .context("connecting to Redis (REDIS_URL)")?;
+            loop_connections.push(own.connection());
+        }
         let (stop_tx, _) = watch::channel(false);
         let metrics = match settings.worker.metrics_bind {
             Some(addr) => {
@@ -132,15 +141,10 @@ impl Application {
                 queue,
             },
             concurrency: concurrency.max(1),
-            name,
+            loop_connections,
             stop_tx,
             metrics,
         })
-    }
-
-    /// This process's unique worker name.
-    pub fn worker_name(&self) -> &str {
-        &self.name
     }
 
     /// The port `/metrics` is served on, when metrics are on.
@@ -153,9 +157,10 @@ impl Application {
         ShutdownHandle { stop_tx: self.stop_tx.clone() }
     }
 
-    /// Runs until a signal or the shutdown handle; an error means a worker died.
+    /// Runs until a signal or the shutdown handle; an error means a worker died while
+    /// stopping.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { ctx, concurrency, name, stop_tx, metrics } = self;
+        let Self { ctx, concurrency, loop_connections, stop_tx, metrics } = self;
         let settings = Arc::clone(&ctx.settings);
 
         // OS signals feed the same stop channel as the handle.
@@ -169,17 +174,21 @@ impl Application {
             move || wait_for_stop(rx.clone())
         };
 
-        let health = Arc::new(std::sync::Mutex::new(WorkerReport {
-            process: uuid::Uuid::new_v4().simple().to_string(),
-            worker: name.clone(),
-            host: host_name(),
-            pid: std::process::id(),
-            concurrency,
-            state: "running".into(),
-            restarts: 0,
-            last_error: None,
-            started_at: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
-            reported_at: String::new(),
+        let names: Vec<String> = loop_connections.iter().map(|_| worker_name(shared::jobs::FAN_OUT_QUEUE)).collect();
+        let health = Arc::new(std::sync::Mutex::new(Health {
+            report: WorkerReport {
+                process: uuid::Uuid::new_v4().simple().to_string(),
+                worker: names.join(" "),
+                host: host_name(),
+                pid: std::process::id(),
+                concurrency,
+                state: "running".into(),
+                restarts: 0,
+                last_error: None,
+                started_at: chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string(),
+                reported_at: String::new(),
+            },
+            loops: names.iter().map(|name| LoopHealth { name: name.clone(), restarting: false }).collect(),
         }));
         let reporter = tokio::spawn(report_health(Arc::clone(&health), ctx.queue.clone(), stopped()));
 
@@ -227,12 +236,6 @@ impl Application {
             }
         }));
 
-        // A worker that dies (Redis unreachable) is rebuilt under a new name after a
-        // backoff, so the process reconnects by itself; each death is logged as an error
-        // and counted. The backoff grows with the deaths in a row: a worker that ran for a
-        // while before dying starts again from the shortest wait.
-        let mut restarts: u32 = 0;
-        let mut in_a_row: u32 = 0;
         // Everything that stops on the signal shares one bound, counted from the signal.
         let stop_seen = Arc::new(std::sync::OnceLock::new());
         tokio::spawn({
@@ -242,32 +245,142 @@ impl Application {
                 stop_seen.get_or_init(tokio::time::Instant::now);
             }
         });
-        let mut name = name;
-        let result = loop {
+        // One gate for the process's loops: a wake lets one fetch through, made by the
+        // first loop free to take a job.
+        let gate = FetchGate::new(&ctx.metrics);
+        feed_wakes(
+            &settings.redis_url,
+            shared::queue::wake_channel(ctx.queue.namespace()),
+            settings.worker.poll_interval,
+            &gate,
+        );
+        let process = ProcessLoops {
+            ctx: ctx.clone(),
+            health: Arc::clone(&health),
+            stopped: &stopped,
+            stop_tx: &stop_tx,
+            stop_seen: &stop_seen,
+            gate,
+            drain_timed_out: std::sync::atomic::AtomicBool::new(false),
+        };
+        let loops = loop_concurrency(concurrency).into_iter().zip(loop_connections).zip(names).enumerate();
+        let ended = futures::future::join_all(
+            loops.map(|(index, ((concurrency, conn), name))| process.run_loop(index, concurrency, conn, name)),
+        )
+        .await;
+        let result = ended.into_iter().collect::<anyhow::Result<Vec<()>>>().map(drop);
+        // The periodic tasks and the health reporter stop on the same signal (they ran
+        // beside the drain): wait for them within the bound counted from the signal.
+        let deadline = *stop_seen.get_or_init(tokio::time::Instant::now) + settings.worker.shutdown_timeout;
+        let rest = async {
+            let _ = tokio::join!(relay, trim, prune, reporter);
+        };
+        let _ = tokio::time::timeout_at(deadline, rest).await;
+        if result.is_ok() {
+            tracing::info!(worker = %health.lock().map(|h| h.report.worker.clone()).unwrap_or_default(), "worker.stopped");
+        }
+        result
+    }
+}
+
+/// The jobs each fetch loop of a worker process runs at once. From a concurrency of 16
+/// a process runs two loops, an apalis worker each with half the concurrency and its own
+/// connection to Redis: apalis-core makes one fetch at a time per worker, its fetch,
+/// acknowledgements and heartbeat taking turns, so a second loop fetches and
+/// acknowledges while the first waits for Redis. Below that one loop runs them all, so a
+/// loop never holds jobs while a sibling with a free slot idles (see the batch below).
+fn loop_concurrency(concurrency: usize) -> Vec<usize> {
+    if concurrency >= 16 { vec![concurrency - concurrency / 2, concurrency / 2] } else { vec![concurrency.max(1)] }
+}
+
+/// The health report of the process and the state of each of its fetch loops.
+struct Health {
+    report: WorkerReport,
+    loops: Vec<LoopHealth>,
+}
+
+/// A fetch loop's worker name (a new one after each restart) and whether it is being
+/// rebuilt.
+struct LoopHealth {
+    name: String,
+    restarting: bool,
+}
+
+impl Health {
+    /// Changes fetch loop `index`'s state and the report with it: the loops' names, and
+    /// `restarting` while any loop is being rebuilt.
+    fn set_loop(&mut self, index: usize, name: &str, restarting: bool) {
+        if let Some(state) = self.loops.get_mut(index) {
+            state.name = name.to_owned();
+            state.restarting = restarting;
+        }
+        self.report.worker = self.loops.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(" ");
+        self.report.state = if self.loops.iter().any(|l| l.restarting) { "restarting" } else { "running" }.into();
+    }
+}
+
+/// What the fetch loops of a process share.
+struct ProcessLoops<'a, S> {
+    ctx: Process,
+    health: Arc<std::sync::Mutex<Health>>,
+    stopped: &'a S,
+    stop_tx: &'a watch::Sender<bool>,
+    stop_seen: &'a std::sync::OnceLock<tokio::time::Instant>,
+    gate: Arc<FetchGate>,
+    /// Whether a loop's drain was cut short (logged and counted once per process).
+    drain_timed_out: std::sync::atomic::AtomicBool,
+}
+
+impl<S, F> ProcessLoops<'_, S>
+where
+    S: Fn() -> F,
+    F: Future<Output = ()> + Send + 'static,
+{
+    fn update(&self, change: impl FnOnce(&mut Health)) {
+        if let Ok(mut health) = self.health.lock() {
+            change(&mut health);
+        }
+    }
+
+    /// Runs fetch loop `index` (an apalis worker named `name` running `concurrency` jobs
+    /// at once, fetching on `conn`) until the stop.
+    ///
+    /// A worker that dies (Redis unreachable) is rebuilt under a new name after a backoff,
+    /// so the loop reconnects by itself; each death is logged as an error and counted. The
+    /// backoff grows with the deaths in a row: a worker that ran for a while before dying
+    /// starts again from the shortest wait.
+    async fn run_loop(
+        &self,
+        index: usize,
+        concurrency: usize,
+        conn: redis::aio::ConnectionManager,
+        mut name: String,
+    ) -> anyhow::Result<()> {
+        let (ctx, stopped) = (&self.ctx, self.stopped);
+        let settings = &ctx.settings;
+        let mut in_a_row: u32 = 0;
+        loop {
             let built = std::time::Instant::now();
-            let config = recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery)
-                .batch_size(fetch_batch(concurrency));
-            let gate = FetchGate::new(&ctx.metrics);
+            // A fetch takes as many jobs as the loop runs at once (apalis-redis takes 10).
+            // It comes once a slot is free, so a busy loop may hold up to its concurrency
+            // less one fetched and not started. Those count as in flight; they go back to
+            // the queue when a graceful stop's drain ends in time, and otherwise (the drain
+            // timed out, a fetch was on its way, the worker died) they are taken back as
+            // orphans after `WORKER_RECOVERY_SECS`.
+            let config =
+                recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery).batch_size(concurrency);
             let storage =
-                RedisStorage::<RawJob, _>::new(GatedConnection::new(ctx.queue.connection(), &config, gate.clone()))
+                RedisStorage::<RawJob, _>::new(GatedConnection::new(conn.clone(), &config, self.gate.clone()))
                     .with_config(config)
                     .with_codec(RawCodec)
-                    .poll_with_strategy(wake_strategy(
-                        &settings.redis_url,
-                        shared::queue::wake_channel(ctx.queue.namespace()),
-                        settings.worker.poll_interval,
-                        gate,
-                    ));
-            update(&health, |r| {
-                r.worker = name.clone();
-                r.state = "running".into();
-            });
+                    .poll_with_strategy(self.gate.strategy(index));
+            self.update(|h| h.set_loop(index, &name, false));
             let worker = WorkerBuilder::new(name.clone())
                 .backend(storage)
                 .data(ctx.clone())
                 .concurrency(concurrency)
                 .build(handle_fan_out);
-            tracing::info!(worker = %name, concurrency, restarts, "worker.started");
+            tracing::info!(worker = %name, concurrency, "worker.started");
             // apalis stops heartbeating once draining starts; keep the registration fresh
             // ourselves so no other worker takes back the jobs this one is finishing.
             let drain_beat = tokio::spawn({
@@ -301,16 +414,17 @@ impl Application {
                 }), false),
                 () = async {
                     stopped().await;
-                    tokio::time::sleep_until(*stop_seen.get_or_init(tokio::time::Instant::now) + drain_limit).await;
+                    tokio::time::sleep_until(*self.stop_seen.get_or_init(tokio::time::Instant::now) + drain_limit).await;
                 } => {
-                    tracing::warn!(
-                        worker = %name,
-                        timeout_secs = drain_limit.as_secs(),
-                        "worker.drain_timed_out; the jobs still running stop here and another worker takes them back"
-                    );
-                    ctx.metrics
-                        .counter("tidings_worker_drain_timeouts_total", "Drains cut short by SHUTDOWN_TIMEOUT_SECS.", &[])
-                        .inc();
+                    if !self.drain_timed_out.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                        tracing::warn!(
+                            timeout_secs = drain_limit.as_secs(),
+                            "worker.drain_timed_out; the jobs still running stop here and another worker takes them back"
+                        );
+                        ctx.metrics
+                            .counter("tidings_worker_drain_timeouts_total", "Drains cut short by SHUTDOWN_TIMEOUT_SECS.", &[])
+                            .inc();
+                    }
                     (Ok(()), true)
                 }
             };
@@ -323,38 +437,30 @@ impl Application {
             drop(running);
             drain_beat.abort();
             match result {
-                Ok(()) => break Ok(()),
-                Err(e) if *stop_tx.borrow() => break Err(anyhow::anyhow!("worker {name} failed while stopping: {e}")),
+                Ok(()) => return Ok(()),
+                Err(e) if *self.stop_tx.borrow() => {
+                    return Err(anyhow::anyhow!("worker {name} failed while stopping: {e}"));
+                }
                 Err(e) => {
-                    restarts += 1;
                     in_a_row = deaths_in_a_row(in_a_row, built.elapsed());
                     ctx.metrics.counter("tidings_worker_restarts_total", "Dead apalis workers rebuilt.", &[]).inc();
                     let wait = restart_delay(in_a_row);
-                    update(&health, |r| {
-                        r.state = "restarting".into();
-                        r.restarts = restarts;
-                        r.last_error = Some(e.to_string());
+                    let mut restarts = 0;
+                    self.update(|h| {
+                        h.set_loop(index, &name, true);
+                        h.report.restarts += 1;
+                        h.report.last_error = Some(e.to_string());
+                        restarts = h.report.restarts;
                     });
                     tracing::error!(worker = %name, error = %e, restarts, retry_in_ms = wait.as_millis() as u64, "worker.died");
                     tokio::select! {
-                        () = stopped() => break Ok(()),
+                        () = stopped() => return Ok(()),
                         () = tokio::time::sleep(wait) => {}
                     }
                     name = worker_name(shared::jobs::FAN_OUT_QUEUE);
                 }
             }
-        };
-        // The periodic tasks and the health reporter stop on the same signal (they ran
-        // beside the drain): wait for them within the bound counted from the signal.
-        let deadline = *stop_seen.get_or_init(tokio::time::Instant::now) + settings.worker.shutdown_timeout;
-        let rest = async {
-            let _ = tokio::join!(relay, trim, prune, reporter);
-        };
-        let _ = tokio::time::timeout_at(deadline, rest).await;
-        if result.is_ok() {
-            tracing::info!(worker = %name, "worker.stopped");
         }
-        result
     }
 }
 
@@ -403,22 +509,16 @@ fn host_name() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
-fn update(health: &std::sync::Mutex<WorkerReport>, change: impl FnOnce(&mut WorkerReport)) {
-    if let Ok(mut report) = health.lock() {
-        change(&mut report);
-    }
-}
-
 /// Publishes this process's report every few seconds until stopped, then withdraws it.
-async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQueue, stop: impl Future<Output = ()>) {
+async fn report_health(health: Arc<std::sync::Mutex<Health>>, queue: JobQueue, stop: impl Future<Output = ()>) {
     let mut conn = queue.connection();
     let namespace = queue.namespace().to_owned();
     tokio::pin!(stop);
     loop {
         let report = match health.lock() {
-            Ok(mut report) => {
-                report.reported_at = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string();
-                report.clone()
+            Ok(mut health) => {
+                health.report.reported_at = chrono::Utc::now().format("%Y-%m-%d %H:%M:%S UTC").to_string();
+                health.report.clone()
             }
             Err(_) => return,
         };
@@ -430,7 +530,7 @@ async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQu
             () = tokio::time::sleep(worker_health::REPORT_EVERY) => {}
         }
     }
-    let process = health.lock().map(|r| r.process.clone()).unwrap_or_default();
+    let process = health.lock().map(|h| h.report.process.clone()).unwrap_or_default();
     let _ = worker_health::withdraw(&mut conn, &namespace, &process).await;
 }
 
@@ -439,18 +539,6 @@ async fn report_health(health: Arc<std::sync::Mutex<WorkerReport>>, queue: JobQu
 /// worker's jobs wait at most about the bound (apalis' default is 300 s).
 fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> apalis_redis::Config {
     config.heartbeat_interval(heartbeat_interval(bound)).missed_heartbeats(3)
-}
-
-/// Jobs one fetch may take: as many as the worker runs at once, and at least
-/// apalis-redis's default of 10. Fetches go one at a time (a round trip to Redis and a
-/// script each), so with the default a worker running 64 jobs at once under a backlog
-/// took them 10 per fetch. A fetch comes once a slot is free, so a busy worker may hold
-/// up to a batch less one fetched and not started (9 with the default). Those count as
-/// in flight; they go back to the queue when a graceful stop's drain ends in time, and
-/// otherwise (the drain timed out, a fetch was on its way, the worker died) they are
-/// taken back as orphans after `WORKER_RECOVERY_SECS`.
-fn fetch_batch(concurrency: usize) -> usize {
-    concurrency.max(10)
 }
 
 /// A quarter of the recovery bound.
@@ -792,10 +880,12 @@ mod tests {
     use super::{deaths_in_a_row, restart_delay};
 
     #[test]
-    fn a_fetch_takes_as_many_jobs_as_the_worker_runs_at_once_and_at_least_ten() {
-        assert_eq!(super::fetch_batch(1), 10);
-        assert_eq!(super::fetch_batch(4), 10);
-        assert_eq!(super::fetch_batch(64), 64);
+    fn from_a_concurrency_of_16_two_fetch_loops_share_it() {
+        assert_eq!(super::loop_concurrency(64), vec![32, 32]);
+        assert_eq!(super::loop_concurrency(17), vec![9, 8]);
+        assert_eq!(super::loop_concurrency(16), vec![8, 8]);
+        assert_eq!(super::loop_concurrency(15), vec![15]);
+        assert_eq!(super::loop_concurrency(1), vec![1]);
     }
 
     #[test]

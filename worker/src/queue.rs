@@ -1,12 +1,15 @@
 //! apalis wiring the stock defaults get wrong (see `docs/ARCHITECTURE.md`):
 //!
-//! - [`wake_strategy`]: the poll strategy. apalis-redis's interval poller can stall until
-//!   the 30 s heartbeat, so workers fetch when a producer `PUBLISH`es on the wake
-//!   channel, plus on a fallback timer that re-arms itself correctly (tokio's interval).
+//! - [`feed_wakes`] and [`WakeStrategy`]: the poll strategy. apalis-redis's interval
+//!   poller can stall until the 30 s heartbeat, so workers fetch when a producer
+//!   `PUBLISH`es on the wake channel, plus on a fallback timer that re-arms itself
+//!   correctly (tokio's interval).
 //! - [`GatedConnection`]: the storage's connection, which lets a fetch reach Redis only
-//!   when it may find something. apalis-core's poll loop ignores the poll strategy's
-//!   answer and fetches again whenever the worker's loop is woken (a job starting or
-//!   finishing), which made seven fetch scripts per message, five of them empty.
+//!   when it may find something, through the process's one [`FetchGate`]. apalis-core's
+//!   poll loop ignores the poll strategy's answer and fetches again whenever the worker's
+//!   loop is woken (a job starting or finishing), which made seven fetch scripts per
+//!   message, five of them empty; and a process runs two fetch loops, of which one
+//!   fetches per wake.
 //! - [`Periodic`]: periodic work that runs once per tick across all worker processes:
 //!   each tick is claimed with `SET NX PX` in Redis, so no process is special and any
 //!   of them may die without stopping the schedule.
@@ -14,8 +17,8 @@
 //!   waits for its previous incarnation's registration to expire.
 
 use std::future::Future;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -33,49 +36,40 @@ pub fn worker_name(queue: &str) -> String {
     format!("{queue}-{host}-{}-{}", std::process::id(), &id[..8])
 }
 
-/// Wakes the worker's fetch loop: once per message on the wake channel and every
-/// `fallback` at the latest, and opens `gate` for each wake. Reconnects to Redis by itself.
-pub fn wake_strategy(redis_url: &str, channel: String, fallback: Duration, gate: Arc<FetchGate>) -> WakeStrategy {
-    let (tx, rx) = mpsc::channel::<()>(1);
-    gate.set_rewake(tx.clone());
-    let timer_tx = tx.clone();
+/// Feeds `gate` the wakes of a worker process: one per message on the wake channel and
+/// one every `fallback` at the latest. Reconnects to Redis by itself; stops once the gate
+/// is dropped.
+pub fn feed_wakes(redis_url: &str, channel: String, fallback: Duration, gate: &Arc<FetchGate>) {
+    let timer_gate = Arc::downgrade(gate);
     tokio::spawn(async move {
         let mut interval = tokio::time::interval(fallback);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             interval.tick().await;
-            // A full channel already holds a pending wake: dropping this one is fine.
-            if let Err(mpsc::error::TrySendError::Closed(())) = timer_tx.try_send(()) {
-                return;
-            }
+            let Some(gate) = timer_gate.upgrade() else { return };
+            gate.wake();
         }
     });
-    let redis_url = redis_url.to_owned();
+    let (redis_url, gate) = (redis_url.to_owned(), Arc::downgrade(gate));
     tokio::spawn(async move {
-        loop {
-            if tx.is_closed() {
-                return;
-            }
-            if let Err(e) = forward_wakes(&redis_url, &channel, &tx).await {
+        while gate.strong_count() > 0 {
+            if let Err(e) = forward_wakes(&redis_url, &channel, &gate).await {
                 tracing::warn!(error = %e, "queue.wake_subscription_lost; retrying");
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    WakeStrategy { wakes: rx, gate }
 }
 
-/// The poll strategy [`wake_strategy`] builds.
+/// The poll strategy of one fetch loop ([`FetchGate::strategy`]).
 ///
 /// Unlike apalis' stream strategy it drains every pending wake and always leaves its
 /// waker registered, so a wake can never be consumed without arming the next one (the
 /// way the stock interval poller stalls until the heartbeat). apalis-core drops its
-/// answer, so each wake is recorded in the [`FetchGate`], which is what lets a fetch
-/// through.
+/// answer, so what lets a fetch through is the [`FetchGate`], which counted the wake.
 #[derive(Debug)]
 pub struct WakeStrategy {
     wakes: mpsc::Receiver<()>,
-    gate: Arc<FetchGate>,
 }
 
 impl PollStrategy for WakeStrategy {
@@ -88,46 +82,45 @@ impl PollStrategy for WakeStrategy {
                 Poll::Pending => break,
             }
         }
-        if woken {
-            self.gate.wake();
-            Poll::Ready(Some(()))
-        } else {
-            Poll::Pending
-        }
+        if woken { Poll::Ready(Some(())) } else { Poll::Pending }
     }
 }
 
-async fn forward_wakes(redis_url: &str, channel: &str, tx: &mpsc::Sender<()>) -> redis::RedisResult<()> {
+async fn forward_wakes(redis_url: &str, channel: &str, gate: &std::sync::Weak<FetchGate>) -> redis::RedisResult<()> {
     let client = redis::Client::open(redis_url)?;
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;
     let mut messages = pubsub.on_message();
     while messages.next().await.is_some() {
-        // A full channel already holds a pending wake, which covers this message too.
-        if tx.try_send(()).is_err() && tx.is_closed() {
-            return Ok(());
-        }
+        let Some(gate) = gate.upgrade() else { return Ok(()) };
+        gate.wake();
     }
     Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection closed")))
 }
 
-/// Whether the worker's next fetch may find a job: a wake came after the last fetch
-/// that came back short of a full batch.
+/// Whether a fetch of the process's fetch loops may find a job, and which loop makes it:
+/// a wake came after the last fetch that came back short of a full batch, and no fetch
+/// has claimed it yet.
 ///
-/// Wakes are counted, and a short fetch settles the count it started under. A wake that
-/// lands while a fetch is in flight keeps the gate open, and since apalis-core does not
-/// poll again after a fetch comes back empty (it waits for the worker's next wake), the
-/// gate then wakes the poll loop itself, so that job is fetched at once. A fetch that
-/// fills its batch leaves the gate open: more may be waiting. A job that reaches
-/// Redis without a wake (a retry coming due, a `PUBLISH` lost with a dropped
-/// subscription) waits at most for the fallback timer's wake (`QUEUE_POLL_MS`), as it did
-/// before the gate.
+/// Wakes are counted, once per process, and every loop is woken for each. The first
+/// loop to poll claims the count and its fetch reaches Redis; the others' are answered
+/// "no jobs" at once, so a message costs one fetch however many loops there are, and a
+/// loop that is busy (all its slots taken, so it does not poll) leaves the job to one
+/// that is free. A short fetch settles the count it claimed. A wake that lands while a
+/// fetch is in flight stays unclaimed, and since apalis-core does not poll again after a
+/// fetch comes back empty (it waits for the worker's next wake), the gate then wakes the
+/// loops itself, so that job is fetched at once. A fetch that fills its batch, or fails,
+/// or gets a reply the gate cannot read counts as a wake: more may be waiting, and every
+/// loop may fetch again. A job that reaches Redis without a wake (a retry coming due, a
+/// `PUBLISH` lost with a dropped subscription) waits at most for the fallback timer's
+/// wake (`QUEUE_POLL_MS`), as it did before the gate.
 #[derive(Debug)]
 pub struct FetchGate {
     wakes: AtomicU64,
     settled: AtomicU64,
-    /// The poll strategy's wake channel.
-    rewake: OnceLock<mpsc::Sender<()>>,
+    claimed: AtomicU64,
+    /// Each fetch loop's strategy channel, by loop.
+    loops: std::sync::Mutex<Vec<Option<mpsc::Sender<()>>>>,
     /// Fetches that reached Redis and found jobs (or a reply the gate cannot read).
     found: Arc<Counter>,
     /// Fetches that reached Redis and found none.
@@ -137,7 +130,7 @@ pub struct FetchGate {
 }
 
 impl FetchGate {
-    /// An open gate (a worker's first fetch always goes through), counting fetches in
+    /// An open gate (the first fetch always goes through), counting fetches in
     /// `tidings_queue_fetches_total{result}`.
     pub fn new(metrics: &Registry) -> Arc<Self> {
         let help = "The worker's fetches of jobs from Redis, by result (`skipped`: held back by the gate).";
@@ -145,42 +138,72 @@ impl FetchGate {
         Arc::new(Self {
             wakes: AtomicU64::new(1),
             settled: AtomicU64::new(0),
-            rewake: OnceLock::new(),
+            claimed: AtomicU64::new(0),
+            loops: std::sync::Mutex::new(Vec::new()),
             found: counter("jobs"),
             empty: counter("empty"),
             skipped: counter("skipped"),
         })
     }
 
-    fn set_rewake(&self, wakes: mpsc::Sender<()>) {
-        let _ = self.rewake.set(wakes);
+    /// The poll strategy of fetch loop `index`, replacing that loop's previous one (a
+    /// loop rebuilt after its worker died). The gate opens for it: a loop's first fetch
+    /// goes through.
+    pub fn strategy(&self, index: usize) -> WakeStrategy {
+        let (tx, rx) = mpsc::channel(1);
+        if let Ok(mut loops) = self.loops.lock() {
+            if loops.len() <= index {
+                loops.resize_with(index + 1, || None);
+            }
+            loops[index] = Some(tx);
+        }
+        self.wake();
+        WakeStrategy { wakes: rx }
     }
 
-    fn wake(&self) {
+    /// Counts a wake (a job may have arrived) and wakes every fetch loop.
+    pub fn wake(&self) {
         self.wakes.fetch_add(1, Ordering::AcqRel);
+        self.wake_loops();
     }
 
-    /// The wake count a fetch starts under, or `None` while nothing can have arrived.
-    fn open(&self) -> Option<u64> {
+    fn wake_loops(&self) {
+        if let Ok(loops) = self.loops.lock() {
+            // A full channel already holds a pending wake, which does the same.
+            for tx in loops.iter().flatten() {
+                let _ = tx.try_send(());
+            }
+        }
+    }
+
+    /// Claims the wakes counted so far for one fetch: the count, or `None` while nothing
+    /// can have arrived or another fetch claimed them.
+    fn claim(&self) -> Option<u64> {
         let wakes = self.wakes.load(Ordering::Acquire);
-        (wakes != self.settled.load(Ordering::Acquire)).then_some(wakes)
+        if wakes == self.settled.load(Ordering::Acquire) {
+            return None;
+        }
+        (self.claimed.fetch_max(wakes, Ordering::AcqRel) < wakes).then_some(wakes)
     }
 
-    /// Records a fetch that started under wake count `seen` and found `jobs` (`None`: a
-    /// reply of another shape) in batches of `batch`.
+    /// Records a fetch that claimed wake count `seen` and found `jobs` (`None`: a reply
+    /// of another shape) in batches of `batch`.
     fn fetched(&self, seen: u64, jobs: Option<usize>, batch: usize) {
         if jobs == Some(0) { &self.empty } else { &self.found }.inc();
         // A full batch, or a reply this gate does not understand: fetch again.
         if jobs.is_none_or(|n| n >= batch) {
+            self.wake();
             return;
         }
         self.settled.fetch_max(seen, Ordering::AcqRel);
-        if self.open().is_some()
-            && let Some(wakes) = self.rewake.get()
-        {
-            // A full channel already holds a wake, which does the same.
-            let _ = wakes.try_send(());
+        if self.wakes.load(Ordering::Acquire) > self.claimed.load(Ordering::Acquire) {
+            self.wake_loops();
         }
+    }
+
+    /// Records a claimed fetch that failed or was dropped: it settled nothing.
+    fn failed(&self) {
+        self.wake();
     }
 }
 
@@ -242,17 +265,29 @@ fn jobs_in(reply: &Value) -> Option<usize> {
     }
 }
 
+/// Reopens the gate for a claimed fetch that did not come back.
+struct Unsettled<'a>(&'a FetchGate);
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        self.0.failed();
+    }
+}
+
 impl ConnectionLike for GatedConnection {
     fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
         if !self.is_fetch(cmd) {
             return self.inner.req_packed_command(cmd);
         }
-        let Some(seen) = self.gate.open() else {
+        let Some(seen) = self.gate.claim() else {
             self.gate.skipped.inc();
             return Box::pin(std::future::ready(Ok(no_jobs())));
         };
         Box::pin(async move {
+            // A fetch that fails, or is dropped on its way, settled nothing.
+            let unsettled = Unsettled(&self.gate);
             let reply = self.inner.req_packed_command(cmd).await?;
+            std::mem::forget(unsettled);
             self.gate.fetched(seen, jobs_in(&reply), self.batch);
             Ok(reply)
         })
@@ -409,44 +444,72 @@ fn worker_pid_tag() -> String {
 mod tests {
     use super::*;
 
-    fn gate() -> (Arc<FetchGate>, mpsc::Receiver<()>) {
+    /// A gate with `n` fetch loops, their strategies' pending wakes drained.
+    fn gate_with_loops(n: usize) -> (Arc<FetchGate>, Vec<WakeStrategy>) {
         let gate = FetchGate::new(&Registry::new());
-        let (tx, rx) = mpsc::channel(1);
-        gate.set_rewake(tx);
-        (gate, rx)
+        let mut loops: Vec<WakeStrategy> = (0..n).map(|i| gate.strategy(i)).collect();
+        for l in &mut loops {
+            while l.wakes.try_recv().is_ok() {}
+        }
+        (gate, loops)
+    }
+
+    fn woken(strategy: &mut WakeStrategy) -> bool {
+        let mut woken = false;
+        while strategy.wakes.try_recv().is_ok() {
+            woken = true;
+        }
+        woken
     }
 
     #[test]
     fn a_short_fetch_closes_the_gate_until_the_next_wake() {
-        let (gate, mut rewakes) = gate();
-        let seen = gate.open().expect("a worker's first fetch goes through");
+        let (gate, mut loops) = gate_with_loops(1);
+        let seen = gate.claim().expect("a loop's first fetch goes through");
         gate.fetched(seen, Some(3), 10);
-        assert_eq!(gate.open(), None, "nothing can have arrived since");
-        assert!(rewakes.try_recv().is_err(), "no wake of its own");
+        assert_eq!(gate.claim(), None, "nothing can have arrived since");
+        assert!(!woken(&mut loops[0]), "no wake of its own");
         gate.wake();
-        assert!(gate.open().is_some(), "a wake opens it");
+        assert!(woken(&mut loops[0]), "a wake wakes the loop");
+        assert!(gate.claim().is_some(), "and opens the gate");
     }
 
     #[test]
-    fn a_full_batch_or_an_unknown_reply_leaves_the_gate_open() {
-        let (gate, _rewakes) = gate();
-        let seen = gate.open().expect("open");
+    fn a_full_batch_an_unknown_reply_or_a_failure_leaves_the_gate_open() {
+        let (gate, _loops) = gate_with_loops(1);
+        let seen = gate.claim().expect("open");
         gate.fetched(seen, Some(10), 10);
-        assert!(gate.open().is_some(), "more may be waiting");
+        let seen = gate.claim().expect("more may be waiting");
         gate.fetched(seen, None, 10);
-        assert!(gate.open().is_some(), "a reply it cannot read");
+        let _ = gate.claim().expect("a reply it cannot read");
+        gate.failed();
+        assert!(gate.claim().is_some(), "a failed fetch settled nothing");
     }
 
     #[test]
     fn a_wake_during_an_empty_fetch_wakes_the_poll_loop_again() {
         // apalis-core does not poll after an empty fetch; the wake drained while the
         // fetch was in flight would otherwise wait for the fallback timer.
-        let (gate, mut rewakes) = gate();
-        let seen = gate.open().expect("open");
+        let (gate, mut loops) = gate_with_loops(1);
+        let seen = gate.claim().expect("open");
         gate.wake();
+        let _ = woken(&mut loops[0]);
         gate.fetched(seen, Some(0), 10);
-        assert!(gate.open().is_some(), "the wake that came during the fetch still counts");
-        assert!(rewakes.try_recv().is_ok(), "and the poll loop is woken to fetch for it");
+        assert!(woken(&mut loops[0]), "the poll loop is woken to fetch for it");
+        assert!(gate.claim().is_some(), "the wake that came during the fetch still counts");
+    }
+
+    #[test]
+    fn a_wake_wakes_every_loop_and_lets_one_fetch_through_unless_its_batch_fills() {
+        let (gate, mut loops) = gate_with_loops(2);
+        let _ = gate.claim().expect("the loops' first fetch");
+        gate.wake();
+        assert!(loops.iter_mut().all(woken), "every loop is woken");
+        let seen = gate.claim().expect("the first loop to poll fetches");
+        assert_eq!(gate.claim(), None, "the other's fetch is answered at once");
+        gate.fetched(seen, Some(16), 16);
+        assert!(loops.iter_mut().all(woken), "a full batch wakes them all again");
+        assert!(gate.claim().is_some(), "and lets another fetch through");
     }
 
     #[test]

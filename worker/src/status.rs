@@ -21,7 +21,7 @@ pub struct Status {
     pub finished_last_hour: (u64, u64),
     /// Waiting jobs that failed before: their next run is a retry.
     pub retries: Vec<shared::queue::WaitingJob>,
-    /// Registered worker processes.
+    /// Registered apalis workers: a worker process's fetch loops, one each.
     pub workers: u64,
     /// Dispatch records not yet completed (includes what waits to be relayed).
     pub outstanding_dispatches: u64,
