@@ -19,6 +19,16 @@ async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() 
     })
     .await;
     app.subscribe_browser().await;
+    let client = redis::Client::open(redis.url().as_str()).expect("url");
+    let mut conn = client.get_connection_manager().await.expect("redis");
+    let report = || {
+        let mut conn = conn.clone();
+        let namespace = app.settings.redis_namespace.clone();
+        async move { shared::worker_health::read_all(&mut conn, &namespace).await.unwrap_or_default() }
+    };
+    assert!(crate::pipeline::wait_until(|| async { report().await.len() == 1 }).await, "the worker reports itself");
+    let before: Vec<String> = report().await[0].worker.split(',').map(str::to_owned).collect();
+    assert_eq!(before.len(), 2, "two fetch loops: {before:?}");
     redis.stop();
 
     // Act
@@ -33,19 +43,14 @@ async fn feedback_submitted_while_redis_is_down_is_delivered_after_it_returns() 
     let received = app.push.wait_for_received(1, Duration::from_secs(30)).await;
     assert_eq!(received.len(), 1, "the relay delivered it once Redis was back");
     assert_eq!(received[0].json()["body"], "sent during an outage");
-    // Both loops' workers died with Redis, were rebuilt, and the process says so.
-    let client = redis::Client::open(redis.url().as_str()).expect("url");
-    let mut conn = client.get_connection_manager().await.expect("redis");
-    let restarted = crate::pipeline::wait_until(|| {
-        let mut conn = conn.clone();
-        let namespace = app.settings.redis_namespace.clone();
-        async move {
-            let reports = shared::worker_health::read_all(&mut conn, &namespace).await.unwrap_or_default();
-            reports.len() == 1
-                && reports[0].restarts >= 2
-                && reports[0].state == "running"
-                && reports[0].worker.split(' ').count() == 2
-        }
+    // Both loops' workers died with Redis and were rebuilt under new names, and the
+    // process says so.
+    let restarted = crate::pipeline::wait_until(|| async {
+        let reports = report().await;
+        reports.len() == 1
+            && reports[0].restarts >= 2
+            && reports[0].state == "running"
+            && reports[0].worker.split(',').filter(|name| !before.iter().any(|b| b == name)).count() == 2
     })
     .await;
     assert!(restarted, "{:?}", shared::worker_health::read_all(&mut conn, &app.settings.redis_namespace).await);

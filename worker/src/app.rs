@@ -34,7 +34,7 @@ use tracing::Instrument;
 use crate::context::WorkerContext;
 use crate::jobs::{JobError, prune, relay, trim};
 use crate::push::{PushSender, PushSenderConfig};
-use crate::queue::{FetchGate, GatedConnection, Periodic, feed_wakes, worker_name};
+use crate::queue::{FetchGate, GatedConnection, LoopSlots, Periodic, feed_wakes, worker_name};
 
 /// What the apalis handler and the process's own tasks share: the jobs' context, and the
 /// queue that is always there in a worker process. Derefs to the jobs' context.
@@ -178,7 +178,7 @@ impl Application {
         let health = Arc::new(std::sync::Mutex::new(Health {
             report: WorkerReport {
                 process: uuid::Uuid::new_v4().simple().to_string(),
-                worker: names.join(" "),
+                worker: names.join(","),
                 host: host_name(),
                 pid: std::process::id(),
                 concurrency,
@@ -314,7 +314,7 @@ impl Health {
             state.name = name.to_owned();
             state.restarting = restarting;
         }
-        self.report.worker = self.loops.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(" ");
+        self.report.worker = self.loops.iter().map(|l| l.name.as_str()).collect::<Vec<_>>().join(",");
         self.report.state = if self.loops.iter().any(|l| l.restarting) { "restarting" } else { "running" }.into();
     }
 }
@@ -369,15 +369,21 @@ where
             // orphans after `WORKER_RECOVERY_SECS`.
             let config =
                 recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery).batch_size(concurrency);
-            let storage =
-                RedisStorage::<RawJob, _>::new(GatedConnection::new(conn.clone(), &config, self.gate.clone()))
-                    .with_config(config)
-                    .with_codec(RawCodec)
-                    .poll_with_strategy(self.gate.strategy(index));
+            let slots = LoopSlots::new(concurrency);
+            let storage = RedisStorage::<RawJob, _>::new(GatedConnection::new(
+                conn.clone(),
+                &config,
+                self.gate.clone(),
+                slots.clone(),
+            ))
+            .with_config(config)
+            .with_codec(RawCodec)
+            .poll_with_strategy(self.gate.strategy(index, slots.clone()));
             self.update(|h| h.set_loop(index, &name, false));
             let worker = WorkerBuilder::new(name.clone())
                 .backend(storage)
                 .data(ctx.clone())
+                .data(slots.clone())
                 .concurrency(concurrency)
                 .build(handle_fan_out);
             tracing::info!(worker = %name, concurrency, "worker.started");
@@ -435,6 +441,7 @@ where
                 let _ = (&mut running).await;
             }
             drop(running);
+            slots.retire();
             drain_beat.abort();
             match result {
                 Ok(()) => return Ok(()),
@@ -597,10 +604,19 @@ async fn wait_for_stop(mut rx: watch::Receiver<bool>) {
 async fn handle_fan_out(
     job: RawJob,
     ctx: Data<Process>,
+    slots: Data<Arc<LoopSlots>>,
     attempt: Attempt,
     task_id: TaskId,
     meta: MetadataStore,
 ) -> Result<(), JobError> {
+    // The job leaves its loop's hands however it ends.
+    struct Finished(Arc<LoopSlots>);
+    impl Drop for Finished {
+        fn drop(&mut self) {
+            self.0.finished();
+        }
+    }
+    let _finished = Finished(Arc::clone(&slots));
     let task = task_id.clone();
     match AbortOnDropHandle::new(tokio::spawn(run_job(job, ctx, attempt.current(), task_id, meta))).await {
         Ok(result) => result,

@@ -18,7 +18,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -91,11 +91,24 @@ async fn forward_wakes(redis_url: &str, channel: &str, gate: &std::sync::Weak<Fe
     let mut pubsub = client.get_async_pubsub().await?;
     pubsub.subscribe(channel).await?;
     let mut messages = pubsub.on_message();
-    while messages.next().await.is_some() {
-        let Some(gate) = gate.upgrade() else { return Ok(()) };
-        gate.wake();
+    // Checked now and then too, so the subscription ends soon after the gate does.
+    let mut check = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            message = messages.next() => {
+                if message.is_none() {
+                    return Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection closed")));
+                }
+                let Some(gate) = gate.upgrade() else { return Ok(()) };
+                gate.wake();
+            }
+            _ = check.tick() => {
+                if gate.strong_count() == 0 {
+                    return Ok(());
+                }
+            }
+        }
     }
-    Err(redis::RedisError::from((redis::ErrorKind::Io, "pub/sub connection closed")))
 }
 
 /// Whether a fetch of the process's fetch loops may find a job, and which loop makes it:
@@ -119,8 +132,8 @@ pub struct FetchGate {
     wakes: AtomicU64,
     settled: AtomicU64,
     claimed: AtomicU64,
-    /// Each fetch loop's strategy channel, by loop.
-    loops: std::sync::Mutex<Vec<Option<mpsc::Sender<()>>>>,
+    /// Each fetch loop's strategy channel and slots, by loop.
+    loops: std::sync::Mutex<Vec<Option<FetchLoop>>>,
     /// Fetches that reached Redis and found jobs (or a reply the gate cannot read).
     found: Arc<Counter>,
     /// Fetches that reached Redis and found none.
@@ -146,19 +159,31 @@ impl FetchGate {
         })
     }
 
-    /// The poll strategy of fetch loop `index`, replacing that loop's previous one (a
-    /// loop rebuilt after its worker died). The gate opens for it: a loop's first fetch
-    /// goes through.
-    pub fn strategy(&self, index: usize) -> WakeStrategy {
+    /// The poll strategy of fetch loop `index`, whose jobs `slots` counts, replacing that
+    /// loop's previous one (a loop rebuilt after its worker died). The gate opens for it:
+    /// the first of the loops to poll then fetches.
+    pub fn strategy(&self, index: usize, slots: Arc<LoopSlots>) -> WakeStrategy {
         let (tx, rx) = mpsc::channel(1);
         if let Ok(mut loops) = self.loops.lock() {
             if loops.len() <= index {
                 loops.resize_with(index + 1, || None);
             }
-            loops[index] = Some(tx);
+            loops[index] = Some((tx, slots));
         }
         self.wake();
         WakeStrategy { wakes: rx }
+    }
+
+    /// How many jobs a fetch of the loop whose jobs `own` counts takes: as many as it
+    /// runs at once, unless another live loop has more free slots, when it takes only its
+    /// free ones and leaves the rest to that loop (a job it took beyond them would wait
+    /// in it for one of its own jobs to end).
+    fn batch_for(&self, own: &Arc<LoopSlots>) -> usize {
+        let free = own.free().max(1);
+        let freer = self.loops.lock().is_ok_and(|loops| {
+            loops.iter().flatten().any(|(_, other)| !Arc::ptr_eq(other, own) && other.is_live() && other.free() > free)
+        });
+        if freer { free } else { own.capacity }
     }
 
     /// Counts a wake (a job may have arrived) and wakes every fetch loop.
@@ -170,7 +195,7 @@ impl FetchGate {
     fn wake_loops(&self) {
         if let Ok(loops) = self.loops.lock() {
             // A full channel already holds a pending wake, which does the same.
-            for tx in loops.iter().flatten() {
+            for (tx, _) in loops.iter().flatten() {
                 let _ = tx.try_send(());
             }
         }
@@ -207,12 +232,55 @@ impl FetchGate {
     }
 }
 
+/// A fetch loop as the gate knows it: its strategy's channel and its slots.
+type FetchLoop = (mpsc::Sender<()>, Arc<LoopSlots>);
+
+/// The jobs a fetch loop holds, fetched and not yet finished, against how many it runs at
+/// once.
+#[derive(Debug)]
+pub struct LoopSlots {
+    capacity: usize,
+    held: AtomicUsize,
+    live: AtomicBool,
+}
+
+impl LoopSlots {
+    /// A loop that runs `capacity` jobs at once and holds none yet.
+    pub fn new(capacity: usize) -> Arc<Self> {
+        Arc::new(Self { capacity, held: AtomicUsize::new(0), live: AtomicBool::new(true) })
+    }
+
+    fn free(&self) -> usize {
+        self.capacity.saturating_sub(self.held.load(Ordering::Acquire))
+    }
+
+    fn is_live(&self) -> bool {
+        self.live.load(Ordering::Acquire)
+    }
+
+    fn took(&self, jobs: usize) {
+        self.held.fetch_add(jobs, Ordering::AcqRel);
+    }
+
+    /// One of the loop's jobs ended.
+    pub fn finished(&self) {
+        let _ = self.held.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+    }
+
+    /// The loop's worker ended: its free slots no longer take jobs.
+    pub fn retire(&self) {
+        self.live.store(false, Ordering::Release);
+    }
+}
+
 /// The worker storage's connection to Redis: every command goes through, except the
-/// fetch script while its [`FetchGate`] is closed, which is answered "no jobs" at once.
+/// fetch script while its [`FetchGate`] is closed, which is answered "no jobs" at once,
+/// and whose batch the gate may trim ([`FetchGate`]'s `batch_for`).
 #[derive(Clone)]
 pub struct GatedConnection {
     inner: ConnectionManager,
     gate: Arc<FetchGate>,
+    slots: Arc<LoopSlots>,
     /// The fetch script's second and fifth keys: this queue's active list and signal list.
     active_list: Arc<str>,
     signal_list: Arc<str>,
@@ -220,11 +288,18 @@ pub struct GatedConnection {
 }
 
 impl GatedConnection {
-    /// `inner`, gating the fetches of the queue `config` describes.
-    pub fn new(inner: ConnectionManager, config: &apalis_redis::Config, gate: Arc<FetchGate>) -> Self {
+    /// `inner`, gating the fetches of the queue `config` describes for the loop whose
+    /// jobs `slots` counts.
+    pub fn new(
+        inner: ConnectionManager,
+        config: &apalis_redis::Config,
+        gate: Arc<FetchGate>,
+        slots: Arc<LoopSlots>,
+    ) -> Self {
         Self {
             inner,
             gate,
+            slots,
             active_list: config.active_jobs_list().into(),
             signal_list: config.signal_list().into(),
             batch: config.batch_size,
@@ -247,6 +322,27 @@ impl GatedConnection {
             && args.nth(1) == Some(self.active_list.as_bytes())
             && args.nth(2) == Some(self.signal_list.as_bytes())
     }
+}
+
+/// Where the fetch script's batch (its second argument) sits among a call's arguments:
+/// the command, the script or its SHA, the key count, seven keys, the time.
+const BATCH_ARG: usize = 11;
+
+/// The fetch script call `cmd` with a batch of `batch`, or `None` for a call of another
+/// shape.
+fn with_batch(cmd: &Cmd, batch: usize) -> Option<Cmd> {
+    let mut out = Cmd::new();
+    let mut count = 0;
+    for (i, arg) in cmd.args_iter().enumerate() {
+        let redis::Arg::Simple(bytes) = arg else { return None };
+        if i == BATCH_ARG {
+            out.arg(batch);
+        } else {
+            out.arg(bytes);
+        }
+        count += 1;
+    }
+    (count == BATCH_ARG + 2).then_some(out)
 }
 
 /// The reply of a fetch that found nothing: no job data, no metadata.
@@ -283,12 +379,17 @@ impl ConnectionLike for GatedConnection {
             self.gate.skipped.inc();
             return Box::pin(std::future::ready(Ok(no_jobs())));
         };
+        let batch = self.gate.batch_for(&self.slots);
+        let trimmed = if batch < self.batch { with_batch(cmd, batch) } else { None };
+        let batch = if trimmed.is_some() { batch } else { self.batch };
         Box::pin(async move {
             // A fetch that fails, or is dropped on its way, settled nothing.
             let unsettled = Unsettled(&self.gate);
-            let reply = self.inner.req_packed_command(cmd).await?;
+            let reply = self.inner.req_packed_command(trimmed.as_ref().unwrap_or(cmd)).await?;
             std::mem::forget(unsettled);
-            self.gate.fetched(seen, jobs_in(&reply), self.batch);
+            let jobs = jobs_in(&reply);
+            self.slots.took(jobs.unwrap_or(0));
+            self.gate.fetched(seen, jobs, batch);
             Ok(reply)
         })
     }
@@ -447,7 +548,7 @@ mod tests {
     /// A gate with `n` fetch loops, their strategies' pending wakes drained.
     fn gate_with_loops(n: usize) -> (Arc<FetchGate>, Vec<WakeStrategy>) {
         let gate = FetchGate::new(&Registry::new());
-        let mut loops: Vec<WakeStrategy> = (0..n).map(|i| gate.strategy(i)).collect();
+        let mut loops: Vec<WakeStrategy> = (0..n).map(|i| gate.strategy(i, LoopSlots::new(8))).collect();
         for l in &mut loops {
             while l.wakes.try_recv().is_ok() {}
         }
@@ -510,6 +611,41 @@ mod tests {
         gate.fetched(seen, Some(16), 16);
         assert!(loops.iter_mut().all(woken), "a full batch wakes them all again");
         assert!(gate.claim().is_some(), "and lets another fetch through");
+    }
+
+    #[test]
+    fn a_loop_takes_only_its_free_slots_while_another_has_more() {
+        let gate = FetchGate::new(&Registry::new());
+        let (busy, idle) = (LoopSlots::new(8), LoopSlots::new(8));
+        let _strategies = (gate.strategy(0, busy.clone()), gate.strategy(1, idle.clone()));
+        assert_eq!(gate.batch_for(&busy), 8, "both idle: a whole batch");
+        busy.took(7);
+        assert_eq!(gate.batch_for(&busy), 1, "the other loop has 8 free: one job");
+        assert_eq!(gate.batch_for(&idle), 8);
+        idle.took(8);
+        assert_eq!(gate.batch_for(&busy), 8, "the other is full: a whole batch");
+        idle.retire();
+        busy.finished();
+        assert_eq!(gate.batch_for(&busy), 8, "a retired loop takes nothing");
+    }
+
+    #[test]
+    fn a_trimmed_fetch_changes_only_the_batch() {
+        let mut script = redis::cmd("EVALSHA");
+        script.arg("sha").arg(7);
+        for key in ["w", "active", "inflight", "data", "signal", "meta", "scheduled"] {
+            script.arg(key);
+        }
+        script.arg(1_700_000_000).arg(16).arg("worker-1");
+        let mut expected = redis::cmd("EVALSHA");
+        expected.arg("sha").arg(7);
+        for key in ["w", "active", "inflight", "data", "signal", "meta", "scheduled"] {
+            expected.arg(key);
+        }
+        expected.arg(1_700_000_000).arg(3).arg("worker-1");
+        let trimmed = with_batch(&script, 3).expect("a fetch");
+        assert_eq!(trimmed.get_packed_command(), expected.get_packed_command());
+        assert!(with_batch(redis::cmd("EVALSHA").arg("sha").arg(0), 3).is_none(), "another shape");
     }
 
     #[test]
