@@ -19,7 +19,7 @@ pub const REPORT_TTL_SECS: u64 = 15;
 pub struct WorkerReport {
     /// Unique per process start.
     pub process: String,
-    /// The current names of its fetch loops' apalis workers, space-separated (a loop
+    /// The current names of its fetch loops' apalis workers, comma-separated (a loop
     /// takes a new one after each restart).
     pub worker: String,
     /// Host name.
@@ -28,8 +28,7 @@ pub struct WorkerReport {
     pub pid: u32,
     /// Jobs run at once.
     pub concurrency: usize,
-    /// `running`, `restarting` (one of its apalis workers died and is being rebuilt) or
-    /// `stopping`.
+    /// `running`, or `restarting` (one of its apalis workers died and is being rebuilt).
     pub state: String,
     /// How many times its apalis workers died and were rebuilt.
     pub restarts: u32,
