@@ -13,8 +13,9 @@
 //! - [`Periodic`]: periodic work that runs once per tick across all worker processes:
 //!   each tick is claimed with `SET NX PX` in Redis, so no process is special and any
 //!   of them may die without stopping the schedule.
-//! - [`worker_name`]: a name unique per process start, so a restarted worker never
-//!   waits for its previous incarnation's registration to expire.
+//! - [`worker_name`]: a name unique per apalis worker built (a fetch loop, and again after
+//!   each restart), so a restarted worker never waits for its previous incarnation's
+//!   registration to expire.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -29,7 +30,7 @@ use redis::{AsyncCommands, Cmd, RedisFuture, Value};
 use shared::metrics::{Counter, Registry};
 use tokio::sync::mpsc;
 
-/// A name for this worker process that no other process has used.
+/// A name for an apalis worker (a fetch loop) that no other has used.
 pub fn worker_name(queue: &str) -> String {
     let host = std::env::var("HOSTNAME").ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "worker".into());
     let id = uuid::Uuid::new_v4().simple().to_string();
@@ -362,11 +363,20 @@ fn jobs_in(reply: &Value) -> Option<usize> {
 }
 
 /// Reopens the gate for a claimed fetch that did not come back.
-struct Unsettled<'a>(&'a FetchGate);
+struct Unsettled(Option<Arc<FetchGate>>);
 
-impl Drop for Unsettled<'_> {
+impl Unsettled {
+    /// The fetch came back: it settles the gate itself.
+    fn came_back(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for Unsettled {
     fn drop(&mut self) {
-        self.0.failed();
+        if let Some(gate) = self.0.take() {
+            gate.failed();
+        }
     }
 }
 
@@ -382,11 +392,12 @@ impl ConnectionLike for GatedConnection {
         let batch = self.gate.batch_for(&self.slots);
         let trimmed = if batch < self.batch { with_batch(cmd, batch) } else { None };
         let batch = if trimmed.is_some() { batch } else { self.batch };
+        // A fetch that fails, or is dropped on its way (even before it is first polled),
+        // settled nothing.
+        let mut unsettled = Unsettled(Some(Arc::clone(&self.gate)));
         Box::pin(async move {
-            // A fetch that fails, or is dropped on its way, settled nothing.
-            let unsettled = Unsettled(&self.gate);
             let reply = self.inner.req_packed_command(trimmed.as_ref().unwrap_or(cmd)).await?;
-            std::mem::forget(unsettled);
+            unsettled.came_back();
             let jobs = jobs_in(&reply);
             self.slots.took(jobs.unwrap_or(0));
             self.gate.fetched(seen, jobs, batch);
@@ -624,27 +635,26 @@ mod tests {
         assert_eq!(gate.batch_for(&idle), 8);
         idle.took(8);
         assert_eq!(gate.batch_for(&busy), 8, "the other is full: a whole batch");
+        (0..6).for_each(|_| idle.finished());
+        assert_eq!(gate.batch_for(&busy), 1, "the other has 6 free again");
         idle.retire();
-        busy.finished();
         assert_eq!(gate.batch_for(&busy), 8, "a retired loop takes nothing");
     }
 
     #[test]
     fn a_trimmed_fetch_changes_only_the_batch() {
-        let mut script = redis::cmd("EVALSHA");
-        script.arg("sha").arg(7);
-        for key in ["w", "active", "inflight", "data", "signal", "meta", "scheduled"] {
-            script.arg(key);
-        }
-        script.arg(1_700_000_000).arg(16).arg("worker-1");
-        let mut expected = redis::cmd("EVALSHA");
-        expected.arg("sha").arg(7);
-        for key in ["w", "active", "inflight", "data", "signal", "meta", "scheduled"] {
-            expected.arg(key);
-        }
-        expected.arg(1_700_000_000).arg(3).arg("worker-1");
-        let trimmed = with_batch(&script, 3).expect("a fetch");
-        assert_eq!(trimmed.get_packed_command(), expected.get_packed_command());
+        // The fetch script's call as apalis-redis makes it, with a batch of `batch`.
+        let fetch = |batch: usize| {
+            let mut call = redis::cmd("EVALSHA");
+            call.arg("sha").arg(7);
+            for key in ["w", "active", "inflight", "data", "signal", "meta", "scheduled"] {
+                call.arg(key);
+            }
+            call.arg(1_700_000_000).arg(batch).arg("worker-1");
+            call
+        };
+        let trimmed = with_batch(&fetch(16), 3).expect("a fetch");
+        assert_eq!(trimmed.get_packed_command(), fetch(3).get_packed_command());
         assert!(with_batch(redis::cmd("EVALSHA").arg("sha").arg(0), 3).is_none(), "another shape");
     }
 
