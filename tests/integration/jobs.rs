@@ -88,6 +88,17 @@ async fn stopping_the_worker_lets_the_job_in_flight_finish() {
     .await;
     assert!(recorded, "the delivery was recorded before the worker stopped");
     assert_eq!(app.push.attempts().len(), 1);
+    // Drained with nothing left in flight, the worker leaves the registry at once.
+    let mut conn =
+        JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis").connection();
+    let workers_set = config_for_queue(&app.settings.redis_namespace, FAN_OUT_QUEUE).workers_set();
+    let gone = wait_until(|| {
+        let (mut conn, workers_set) = (conn.clone(), workers_set.clone());
+        async move { redis::AsyncCommands::zcard::<_, u64>(&mut conn, &workers_set).await.expect("zcard") == 0 }
+    })
+    .await;
+    let left: Vec<String> = redis::AsyncCommands::zrange(&mut conn, &workers_set, 0, -1).await.expect("zrange");
+    assert!(gone, "still registered: {left:?}");
 }
 
 /// Whether a delivery is claimed (its push is on the wire).

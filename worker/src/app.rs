@@ -443,6 +443,9 @@ where
             drop(running);
             slots.retire();
             drain_beat.abort();
+            if result.is_ok() && !timed_out {
+                deregister(&ctx.queue, &name).await;
+            }
             match result {
                 Ok(()) => return Ok(()),
                 Err(e) if *self.stop_tx.borrow() => {
@@ -546,6 +549,29 @@ async fn report_health(health: Arc<std::sync::Mutex<Health>>, queue: JobQueue, s
 /// worker's jobs wait at most about the bound (apalis' default is 300 s).
 fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> apalis_redis::Config {
     config.heartbeat_interval(heartbeat_interval(bound)).missed_heartbeats(3)
+}
+
+/// Removes worker `name`'s registration once it has stopped with nothing in flight, so
+/// `worker status` counts it gone at once (apalis-redis's own clean stop removes another
+/// member of the set, and the registration would stay until another worker's heartbeat
+/// found it silent). One with jobs still in flight stays registered, so that those are
+/// taken back as orphans.
+async fn deregister(queue: &JobQueue, name: &str) {
+    const SCRIPT: &str =
+        "if redis.call('SCARD', KEYS[2]) == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end return 0";
+    let config = queue.fan_out_config();
+    let inflight = format!("{}:{name}", config.inflight_jobs_set());
+    let removed: redis::RedisResult<i64> = redis::cmd("EVAL")
+        .arg(SCRIPT)
+        .arg(2)
+        .arg(config.workers_set())
+        .arg(inflight)
+        .arg(name)
+        .query_async(&mut queue.connection())
+        .await;
+    if let Err(e) = removed {
+        tracing::debug!(worker = %name, error = %e, "worker.deregister_failed");
+    }
 }
 
 /// A quarter of the recovery bound.
