@@ -336,6 +336,11 @@ impl JobQueue {
         Ok(scheduled + active)
     }
 
+    /// The set of jobs registered worker `name` holds (apalis-redis's in-flight set).
+    pub fn inflight_set_of(&self, name: &str) -> String {
+        format!("{}:{name}", self.fan_out.inflight_jobs_set())
+    }
+
     /// Jobs in the hands of workers now, running or fetched and about to start: the sum
     /// of the in-flight sets of the registered workers.
     pub async fn running(&self) -> Result<u64, QueueError> {
@@ -346,7 +351,7 @@ impl JobQueue {
         }
         let mut pipe = redis::pipe();
         for name in &names {
-            pipe.scard(format!("{}:{name}", self.fan_out.inflight_jobs_set()));
+            pipe.scard(self.inflight_set_of(name));
         }
         let counts: Vec<u64> = pipe.query_async(&mut conn).await?;
         Ok(counts.iter().sum())

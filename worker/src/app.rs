@@ -60,8 +60,8 @@ pub const TRIM_TASK: &str = "trim-caches";
 pub struct Application {
     ctx: Process,
     concurrency: usize,
-    /// Each fetch loop's own connection to Redis.
-    loop_connections: Vec<redis::aio::ConnectionManager>,
+    /// Each fetch loop's concurrency and its own connection to Redis.
+    loops: Vec<(usize, redis::aio::ConnectionManager)>,
     stop_tx: watch::Sender<bool>,
     /// The bound `/metrics` listener, when metrics are on.
     metrics: Option<(TcpAcceptor, u16)>,
@@ -98,12 +98,12 @@ impl Application {
             .context("connecting to Redis (REDIS_URL)")?;
         // Each loop's fetches and acknowledgements go on a connection of its own: on one
         // shared link they wait behind each other's round trips.
-        let mut loop_connections = Vec::new();
-        for _ in loop_concurrency(concurrency.max(1)) {
+        let mut loops = Vec::new();
+        for share in loop_concurrency(concurrency.max(1)) {
             let own = JobQueue::connect(&settings.redis_url, &settings.redis_namespace)
                 .await
                 .context("connecting to Redis (REDIS_URL)")?;
-            loop_connections.push(own.connection());
+            loops.push((share, own.connection()));
         }
         let (stop_tx, _) = watch::channel(false);
         let metrics = match settings.worker.metrics_bind {
@@ -141,7 +141,7 @@ impl Application {
                 queue,
             },
             concurrency: concurrency.max(1),
-            loop_connections,
+            loops,
             stop_tx,
             metrics,
         })
@@ -160,7 +160,7 @@ impl Application {
     /// Runs until a signal or the shutdown handle; an error means a worker died while
     /// stopping.
     pub async fn run_until_stopped(self) -> anyhow::Result<()> {
-        let Self { ctx, concurrency, loop_connections, stop_tx, metrics } = self;
+        let Self { ctx, concurrency, loops, stop_tx, metrics } = self;
         let settings = Arc::clone(&ctx.settings);
 
         // OS signals feed the same stop channel as the handle.
@@ -174,7 +174,7 @@ impl Application {
             move || wait_for_stop(rx.clone())
         };
 
-        let names: Vec<String> = loop_connections.iter().map(|_| worker_name(shared::jobs::FAN_OUT_QUEUE)).collect();
+        let names: Vec<String> = loops.iter().map(|_| worker_name(shared::jobs::FAN_OUT_QUEUE)).collect();
         let health = Arc::new(std::sync::Mutex::new(Health {
             report: WorkerReport {
                 process: uuid::Uuid::new_v4().simple().to_string(),
@@ -263,9 +263,12 @@ impl Application {
             gate,
             drain_timed_out: std::sync::atomic::AtomicBool::new(false),
         };
-        let loops = loop_concurrency(concurrency).into_iter().zip(loop_connections).zip(names).enumerate();
         let ended = futures::future::join_all(
-            loops.map(|(index, ((concurrency, conn), name))| process.run_loop(index, concurrency, conn, name)),
+            loops
+                .into_iter()
+                .zip(names)
+                .enumerate()
+                .map(|(index, ((concurrency, conn), name))| process.run_loop(index, concurrency, conn, name)),
         )
         .await;
         let result = ended.into_iter().collect::<anyhow::Result<Vec<()>>>().map(drop);
@@ -287,8 +290,9 @@ impl Application {
 /// a process runs two loops, an apalis worker each with half the concurrency and its own
 /// connection to Redis: apalis-core makes one fetch at a time per worker, its fetch,
 /// acknowledgements and heartbeat taking turns, so a second loop fetches and
-/// acknowledges while the first waits for Redis. Below that one loop runs them all, so a
-/// loop never holds jobs while a sibling with a free slot idles (see the batch below).
+/// acknowledges while the first waits for Redis. Below that one loop runs them all, so the
+/// jobs a loop holds beyond its free slots never wait beside a sibling's free ones
+/// (from 16, `FetchGate` trims a fetch while the other loop has more room).
 fn loop_concurrency(concurrency: usize) -> Vec<usize> {
     if concurrency >= 16 { vec![concurrency - concurrency / 2, concurrency / 2] } else { vec![concurrency.max(1)] }
 }
@@ -560,7 +564,7 @@ async fn deregister(queue: &JobQueue, name: &str) {
     const SCRIPT: &str =
         "if redis.call('SCARD', KEYS[2]) == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end return 0";
     let config = queue.fan_out_config();
-    let inflight = format!("{}:{name}", config.inflight_jobs_set());
+    let inflight = queue.inflight_set_of(name);
     let removed: redis::RedisResult<i64> = redis::cmd("EVAL")
         .arg(SCRIPT)
         .arg(2)

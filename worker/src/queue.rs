@@ -285,7 +285,6 @@ pub struct GatedConnection {
     /// The fetch script's second and fifth keys: this queue's active list and signal list.
     active_list: Arc<str>,
     signal_list: Arc<str>,
-    batch: usize,
 }
 
 impl GatedConnection {
@@ -303,7 +302,6 @@ impl GatedConnection {
             slots,
             active_list: config.active_jobs_list().into(),
             signal_list: config.signal_list().into(),
-            batch: config.batch_size,
         }
     }
 
@@ -390,8 +388,8 @@ impl ConnectionLike for GatedConnection {
             return Box::pin(std::future::ready(Ok(no_jobs())));
         };
         let batch = self.gate.batch_for(&self.slots);
-        let trimmed = if batch < self.batch { with_batch(cmd, batch) } else { None };
-        let batch = if trimmed.is_some() { batch } else { self.batch };
+        let trimmed = if batch < self.slots.capacity { with_batch(cmd, batch) } else { None };
+        let batch = if trimmed.is_some() { batch } else { self.slots.capacity };
         // A fetch that fails, or is dropped on its way (even before it is first polled),
         // settled nothing.
         let mut unsettled = Unsettled(Some(Arc::clone(&self.gate)));
