@@ -572,10 +572,11 @@ async fn each_fetch_loop_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
     let done = || async { queue.done_count().await.expect("done count") };
     assert!(wait_until(|| async { done().await >= jobs as u64 }).await, "every job ran");
 
-    // Each full batch lets the other loop fetch too; the last fetch of each loop may
-    // come back short.
+    // Each full batch lets the other loop fetch too; a loop's fetch is trimmed to its
+    // free slots while the other has more room, and the last fetches come back short:
+    // at least one fetch per 16 jobs, and fewer than the 30 of apalis-redis's 10.
     let found = fetches(&app, "jobs").await as usize;
-    assert!((jobs.div_ceil(16)..=jobs.div_ceil(16) + 2).contains(&found), "{found} fetches found the {jobs} jobs");
+    assert!((jobs.div_ceil(16)..jobs.div_ceil(10)).contains(&found), "{found} fetches found the {jobs} jobs");
     // Both loops, an apalis worker each, are named in the process's report and registered.
     let status = worker::status::read(&app.settings).await.expect("status");
     let loops: Vec<&str> = status.processes[0].worker.split(',').collect();
