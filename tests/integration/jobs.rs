@@ -591,3 +591,44 @@ async fn each_fetch_loop_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
     }
     stop.shutdown();
 }
+
+#[tokio::test]
+async fn a_worker_that_stops_with_jobs_waiting_wakes_the_other_workers() {
+    use futures::StreamExt;
+    // Arrange: a worker running two jobs at once, both busy with slow pushes, and a third
+    // job waiting on the queue for a free slot. Other workers would find it only when
+    // woken, or on their fallback poll, here a minute away.
+    let mut app =
+        spawn_app_with(Options { env: vec![("QUEUE_POLL_MS".into(), "60000".into())], ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    app.push.set_delay(Duration::from_millis(1500));
+    app.submit_valid_feedback("Ann", "first").await;
+    app.submit_valid_feedback("Ann", "second").await;
+    assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);
+    app.submit_valid_feedback("Ann", "third").await;
+    let waiting = || async { queue.backlog().await.expect("backlog") };
+    assert!(wait_until(|| async { waiting().await == 1 }).await, "the third job waits on the queue");
+    let client = redis::Client::open(app.settings.redis_url.as_str()).expect("client");
+    let mut wakes = client.get_async_pubsub().await.expect("pub/sub");
+    wakes.subscribe(wake_channel(&app.settings.redis_namespace)).await.expect("subscribed");
+
+    // Act: the worker stops (as on SIGTERM): it finishes its two pushes, and leaves.
+    app.stop_worker();
+
+    // Assert: once it has drained, it wakes the other workers for the job left waiting.
+    let woken = tokio::time::timeout(Duration::from_secs(20), wakes.on_message().next()).await;
+    assert!(matches!(woken, Ok(Some(_))), "no wake after the stop");
+    assert_eq!(deliveries(&app, "sent").await, 2, "the wake came after the drain");
+    assert_eq!(waiting().await, 1);
+    // A worker started later takes it at once, as any worker does when it starts.
+    app.push.set_delay(Duration::ZERO);
+    app.start_worker().await;
+    assert_eq!(app.push.wait_for_received(3, Duration::from_secs(15)).await.len(), 3);
+}
+
+/// The deliveries in `status`.
+async fn deliveries(app: &TestApp, status: &str) -> usize {
+    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
+    rows.iter().filter(|r| r.status == status).count()
+}

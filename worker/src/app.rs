@@ -560,17 +560,29 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
 /// member of the set, and the registration would stay until another worker's heartbeat
 /// found it silent). One with jobs still in flight stays registered, so that those are
 /// taken back as orphans.
+///
+/// The stop put the jobs the loop had fetched and not started back on the queue; if any
+/// jobs wait there (those, or others that came while its slots were busy), the same
+/// script wakes the other workers, which would otherwise find them only on their next
+/// wake or fallback poll (`QUEUE_POLL_MS`).
 async fn deregister(queue: &JobQueue, name: &str) {
-    const SCRIPT: &str =
-        "if redis.call('SCARD', KEYS[2]) == 0 then return redis.call('ZREM', KEYS[1], ARGV[1]) end return 0";
+    const SCRIPT: &str = "local removed = 0 \
+        if redis.call('SCARD', KEYS[2]) == 0 then removed = redis.call('ZREM', KEYS[1], ARGV[1]) end \
+        if redis.call('LLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) > 0 then \
+        redis.call('PUBLISH', ARGV[2], ARGV[3]) end \
+        return removed";
     let config = queue.fan_out_config();
     let inflight = queue.inflight_set_of(name);
     let removed: redis::RedisResult<i64> = redis::cmd("EVAL")
         .arg(SCRIPT)
-        .arg(2)
+        .arg(4)
         .arg(config.workers_set())
         .arg(inflight)
+        .arg(config.active_jobs_list())
+        .arg(config.scheduled_jobs_set())
         .arg(name)
+        .arg(shared::queue::wake_channel(queue.namespace()))
+        .arg(shared::jobs::FAN_OUT_QUEUE)
         .query_async(&mut queue.connection())
         .await;
     if let Err(e) = removed {
