@@ -627,6 +627,45 @@ async fn a_worker_that_stops_with_jobs_waiting_wakes_the_other_workers() {
     assert_eq!(app.push.wait_for_received(3, Duration::from_secs(15)).await.len(), 3);
 }
 
+#[tokio::test]
+async fn a_busy_worker_leaves_the_jobs_it_cannot_start_to_other_workers() {
+    // Arrange: a worker running two jobs at once, busy with two slow pushes (the first
+    // answered after 2 s, the second after 10 s), and two more jobs waiting on the queue.
+    let app =
+        spawn_app_with(Options { env: vec![("PUSH_TIMEOUT_MS".into(), "15000".into())], ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let waiting = || async { queue.backlog().await.expect("backlog") };
+    app.push.set_delay(Duration::from_secs(2));
+    app.submit_valid_feedback("Ann", "first").await;
+    assert!(wait_until(|| async { deliveries(&app, "sending").await == 1 }).await);
+    app.push.set_delay(Duration::from_secs(10));
+    app.submit_valid_feedback("Ann", "second").await;
+    assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);
+    app.submit_valid_feedback("Ann", "third").await;
+    app.submit_valid_feedback("Ann", "fourth").await;
+    assert!(wait_until(|| async { waiting().await == 2 }).await, "both wait for a free slot");
+
+    // Act: the first push ends, freeing one slot.
+    let freed =
+        wait_until(|| async { deliveries(&app, "sent").await == 1 && deliveries(&app, "sending").await == 2 }).await;
+
+    // Assert: the worker took one job for it, and left the other on the queue (a fetch
+    // of two would have held it here behind the second push) ...
+    assert!(freed, "the third job started in the freed slot");
+    assert_eq!(waiting().await, 1, "the fourth job was taken though no slot was free for it");
+    // ... where a second worker takes it at once.
+    app.push.set_delay(Duration::ZERO);
+    let second = worker::app::Application::build(app.settings.clone(), 2).await.expect("the second worker starts");
+    let second_stop = second.shutdown_handle();
+    tokio::spawn(second.run_until_stopped());
+    let received = app.push.wait_for_received(2, Duration::from_secs(5)).await;
+    second_stop.shutdown();
+    let bodies: Vec<String> =
+        received.iter().map(|p| p.json()["body"].as_str().unwrap_or_default().to_owned()).collect();
+    assert!(bodies.iter().any(|b| b.contains("fourth")), "{bodies:?}");
+}
+
 /// The deliveries in `status`.
 async fn deliveries(app: &TestApp, status: &str) -> usize {
     let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");

@@ -133,6 +133,9 @@ pub struct FetchGate {
     wakes: AtomicU64,
     settled: AtomicU64,
     claimed: AtomicU64,
+    /// Fetches in a row that came back full: from [`BACKLOG_STREAK`] on, jobs are
+    /// waiting each time a slot frees, a backlog.
+    full_in_a_row: AtomicU64,
     /// Each fetch loop's strategy channel and slots, by loop.
     loops: std::sync::Mutex<Vec<Option<FetchLoop>>>,
     /// Fetches that reached Redis and found jobs (or a reply the gate cannot read).
@@ -153,6 +156,7 @@ impl FetchGate {
             wakes: AtomicU64::new(1),
             settled: AtomicU64::new(0),
             claimed: AtomicU64::new(0),
+            full_in_a_row: AtomicU64::new(0),
             loops: std::sync::Mutex::new(Vec::new()),
             found: counter("jobs"),
             empty: counter("empty"),
@@ -175,12 +179,20 @@ impl FetchGate {
         WakeStrategy { wakes: rx }
     }
 
-    /// How many jobs a fetch of the loop whose jobs `own` counts takes: as many as it
-    /// runs at once, unless another live loop has more free slots, when it takes only its
-    /// free ones and leaves the rest to that loop (a job it took beyond them would wait
-    /// in it for one of its own jobs to end).
+    /// How many jobs a fetch of the loop whose jobs `own` counts takes.
+    ///
+    /// Only its free slots, so that the jobs it cannot start stay on the queue for the
+    /// other loop or another worker process (a job taken beyond them would wait in this
+    /// loop for one of its own jobs to end), unless there is a backlog (the last
+    /// [`BACKLOG_STREAK`] fetches or more came back full): then every worker is busy and a
+    /// job waits anyway, and a fetch takes as many jobs as its loop runs at once (fewer
+    /// round trips for the same jobs), still only its free slots while another live loop
+    /// of the process has more.
     fn batch_for(&self, own: &Arc<LoopSlots>) -> usize {
         let free = own.free().max(1);
+        if self.full_in_a_row.load(Ordering::Acquire) < BACKLOG_STREAK {
+            return free.min(own.capacity);
+        }
         let freer = self.loops.lock().is_ok_and(|loops| {
             loops.iter().flatten().any(|(_, other)| !Arc::ptr_eq(other, own) && other.is_live() && other.free() > free)
         });
@@ -216,6 +228,13 @@ impl FetchGate {
     /// of another shape) in batches of `batch`.
     fn fetched(&self, seen: u64, jobs: Option<usize>, batch: usize) {
         if jobs == Some(0) { &self.empty } else { &self.found }.inc();
+        match jobs {
+            Some(n) if n >= batch => {
+                self.full_in_a_row.fetch_add(1, Ordering::AcqRel);
+            }
+            Some(_) => self.full_in_a_row.store(0, Ordering::Release),
+            None => {}
+        }
         // A full batch, or a reply this gate does not understand: fetch again.
         if jobs.is_none_or(|n| n >= batch) {
             self.wake();
@@ -232,6 +251,10 @@ impl FetchGate {
         self.wake();
     }
 }
+
+/// Fetches in a row that came back full from which the gate takes it for a backlog: two,
+/// so that one job waiting when a slot frees is not yet a backlog.
+const BACKLOG_STREAK: u64 = 2;
 
 /// A fetch loop as the gate knows it: its strategy's channel and its slots.
 type FetchLoop = (mpsc::Sender<()>, Arc<LoopSlots>);
@@ -623,10 +646,43 @@ mod tests {
     }
 
     #[test]
-    fn a_loop_takes_only_its_free_slots_while_another_has_more() {
+    fn a_fetch_takes_only_the_free_slots_until_fetches_come_back_full_in_a_row() {
+        let gate = FetchGate::new(&Registry::new());
+        let slots = LoopSlots::new(8);
+        let _strategy = gate.strategy(0, slots.clone());
+        let fetch = |jobs: usize, batch: usize| {
+            gate.wake();
+            let seen = gate.claim().expect("a wake opens the gate");
+            gate.fetched(seen, Some(jobs), batch);
+        };
+        assert_eq!(gate.batch_for(&slots), 8, "all free");
+        slots.took(6);
+        assert_eq!(gate.batch_for(&slots), 2, "the jobs it cannot start stay queued for others");
+        fetch(2, 2);
+        assert_eq!(gate.batch_for(&slots), 2, "one full fetch is not a backlog yet");
+        fetch(2, 2);
+        assert_eq!(gate.batch_for(&slots), 8, "two in a row: a backlog, a whole batch");
+        fetch(8, 8);
+        gate.wake();
+        let seen = gate.claim().expect("open");
+        gate.fetched(seen, None, 8);
+        assert_eq!(gate.batch_for(&slots), 8, "a reply it cannot read changes nothing");
+        fetch(3, 8);
+        assert_eq!(gate.batch_for(&slots), 2, "a short fetch emptied the queue: free slots again");
+        slots.took(2);
+        assert_eq!(gate.batch_for(&slots), 1, "none free (a fetch then is a wake's): one");
+    }
+
+    #[test]
+    fn under_a_backlog_a_loop_takes_only_its_free_slots_while_another_has_more() {
         let gate = FetchGate::new(&Registry::new());
         let (busy, idle) = (LoopSlots::new(8), LoopSlots::new(8));
         let _strategies = (gate.strategy(0, busy.clone()), gate.strategy(1, idle.clone()));
+        for _ in 0..BACKLOG_STREAK {
+            gate.wake();
+            let seen = gate.claim().expect("open");
+            gate.fetched(seen, Some(8), 8);
+        }
         assert_eq!(gate.batch_for(&busy), 8, "both idle: a whole batch");
         busy.took(7);
         assert_eq!(gate.batch_for(&busy), 1, "the other loop has 8 free: one job");
