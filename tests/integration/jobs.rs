@@ -557,8 +557,9 @@ async fn worker_ping_answers_while_a_worker_runs() {
 #[tokio::test]
 async fn each_fetch_loop_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
     // A backlog of no-op jobs for a worker running 32 at once, 16 in each of its two fetch
-    // loops: each fetch takes up to 16 (apalis-redis's default took 10, so 30 fetches for
-    // these 300), and the two loops share them.
+    // loops: the loops' first fetches, of their free slots, come back full, which makes a
+    // backlog, and from then on each fetch takes up to 16 (apalis-redis's default took
+    // 10, so 30 fetches for these 300), and the two loops share them.
     let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
     let jobs = 300;
@@ -596,13 +597,18 @@ async fn each_fetch_loop_takes_as_many_jobs_per_fetch_as_it_runs_at_once() {
 async fn a_worker_that_stops_with_jobs_waiting_wakes_the_other_workers() {
     use futures::StreamExt;
     // Arrange: a worker running two jobs at once, both busy with slow pushes, and a third
-    // job waiting on the queue for a free slot. Other workers would find it only when
-    // woken, or on their fallback poll, here a minute away.
-    let mut app =
-        spawn_app_with(Options { env: vec![("QUEUE_POLL_MS".into(), "60000".into())], ..Options::default() }).await;
+    // job waiting on the queue for a free slot. The wake is for the jobs a stopping worker
+    // held, which go back to the queue with no `PUBLISH` (unlike a producer's push, whose
+    // wake other workers already had); the script wakes whenever jobs wait, as this one
+    // does. The fallback poll is a minute away.
+    let mut app = spawn_app_with(Options {
+        env: vec![("QUEUE_POLL_MS".into(), "60000".into()), ("PUSH_TIMEOUT_MS".into(), "15000".into())],
+        ..Options::default()
+    })
+    .await;
     app.subscribe_browser().await;
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
-    app.push.set_delay(Duration::from_millis(1500));
+    app.push.set_delay(Duration::from_secs(4));
     app.submit_valid_feedback("Ann", "first").await;
     app.submit_valid_feedback("Ann", "second").await;
     assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);

@@ -290,9 +290,9 @@ impl Application {
 /// a process runs two loops, an apalis worker each with half the concurrency and its own
 /// connection to Redis: apalis-core makes one fetch at a time per worker, its fetch,
 /// acknowledgements and heartbeat taking turns, so a second loop fetches and
-/// acknowledges while the first waits for Redis. Below that one loop runs them all, so the
-/// jobs a loop holds beyond its free slots never wait beside a sibling's free ones
-/// (from 16, `FetchGate` trims a fetch while the other loop has more room).
+/// acknowledges while the first waits for Redis. Below that one loop runs them all (a
+/// fetch takes only a loop's free slots, and under a backlog, when it takes whole
+/// batches, `FetchGate` trims it while the other loop has more room).
 fn loop_concurrency(concurrency: usize) -> Vec<usize> {
     if concurrency >= 16 { vec![concurrency - concurrency / 2, concurrency / 2] } else { vec![concurrency.max(1)] }
 }
@@ -365,9 +365,10 @@ where
         let mut in_a_row: u32 = 0;
         loop {
             let built = std::time::Instant::now();
-            // A fetch takes as many jobs as the loop runs at once (apalis-redis takes 10).
-            // It comes once a slot is free, so a busy loop may hold up to its concurrency
-            // less one fetched and not started. Those count as in flight; they go back to
+            // A fetch takes the loop's free slots, and under a backlog as many jobs as the
+            // loop runs at once (apalis-redis takes 10; `FetchGate::batch_for`). It comes
+            // once a slot is free, so under a backlog a busy loop may hold up to its
+            // concurrency less one fetched and not started. Those count as in flight; they go back to
             // the queue when a graceful stop's drain ends in time, and otherwise (the drain
             // timed out, a fetch was on its way, the worker died) they are taken back as
             // orphans after `WORKER_RECOVERY_SECS`.
@@ -561,14 +562,14 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
 /// found it silent). One with jobs still in flight stays registered, so that those are
 /// taken back as orphans.
 ///
-/// The stop put the jobs the loop had fetched and not started back on the queue; if any
-/// jobs wait there (those, or others that came while its slots were busy), the same
-/// script wakes the other workers, which would otherwise find them only on their next
-/// wake or fallback poll (`QUEUE_POLL_MS`).
+/// The stop put the jobs the loop had fetched and not started back on the queue, with no
+/// `PUBLISH` (the jobs a producer pushes come with one): if jobs wait there now, the same
+/// script wakes the other workers, which would otherwise find those only on their next
+/// wake or fallback poll (`QUEUE_POLL_MS`). A job due later does not count.
 async fn deregister(queue: &JobQueue, name: &str) {
     const SCRIPT: &str = "local removed = 0 \
         if redis.call('SCARD', KEYS[2]) == 0 then removed = redis.call('ZREM', KEYS[1], ARGV[1]) end \
-        if redis.call('LLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) > 0 then \
+        if redis.call('LLEN', KEYS[3]) + redis.call('ZCOUNT', KEYS[4], 0, ARGV[4]) > 0 then \
         redis.call('PUBLISH', ARGV[2], ARGV[3]) end \
         return removed";
     let config = queue.fan_out_config();
@@ -583,6 +584,7 @@ async fn deregister(queue: &JobQueue, name: &str) {
         .arg(name)
         .arg(shared::queue::wake_channel(queue.namespace()))
         .arg(shared::jobs::FAN_OUT_QUEUE)
+        .arg(chrono::Utc::now().timestamp())
         .query_async(&mut queue.connection())
         .await;
     if let Err(e) = removed {

@@ -133,8 +133,9 @@ pub struct FetchGate {
     wakes: AtomicU64,
     settled: AtomicU64,
     claimed: AtomicU64,
-    /// Fetches in a row that came back full: from [`BACKLOG_STREAK`] on, jobs are
-    /// waiting each time a slot frees, a backlog.
+    /// Fetches in a row that came back full (a fetch of one job for one free slot not
+    /// counted): from [`BACKLOG_STREAK`] on, jobs are waiting each time slots free, a
+    /// backlog.
     full_in_a_row: AtomicU64,
     /// Each fetch loop's strategy channel and slots, by loop.
     loops: std::sync::Mutex<Vec<Option<FetchLoop>>>,
@@ -229,6 +230,9 @@ impl FetchGate {
     fn fetched(&self, seen: u64, jobs: Option<usize>, batch: usize) {
         if jobs == Some(0) { &self.empty } else { &self.found }.inc();
         match jobs {
+            // One job found for one free slot may have come for that slot: it says
+            // nothing of a backlog.
+            Some(1) if batch == 1 => {}
             Some(n) if n >= batch => {
                 self.full_in_a_row.fetch_add(1, Ordering::AcqRel);
             }
@@ -253,7 +257,7 @@ impl FetchGate {
 }
 
 /// Fetches in a row that came back full from which the gate takes it for a backlog: two,
-/// so that one job waiting when a slot frees is not yet a backlog.
+/// so that one burst that fills the free slots is not yet a backlog.
 const BACKLOG_STREAK: u64 = 2;
 
 /// A fetch loop as the gate knows it: its strategy's channel and its slots.
@@ -656,7 +660,11 @@ mod tests {
             gate.fetched(seen, Some(jobs), batch);
         };
         assert_eq!(gate.batch_for(&slots), 8, "all free");
-        slots.took(6);
+        slots.took(7);
+        fetch(1, 1);
+        fetch(1, 1);
+        assert_eq!(gate.batch_for(&slots), 1, "one job a time for one free slot is no backlog");
+        slots.finished();
         assert_eq!(gate.batch_for(&slots), 2, "the jobs it cannot start stay queued for others");
         fetch(2, 2);
         assert_eq!(gate.batch_for(&slots), 2, "one full fetch is not a backlog yet");
