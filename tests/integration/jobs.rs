@@ -103,8 +103,7 @@ async fn stopping_the_worker_lets_the_job_in_flight_finish() {
 
 /// Whether a delivery is claimed (its push is on the wire).
 async fn pending_attempt(app: &TestApp) -> bool {
-    let rows = shared::entities::delivery::Entity::find().all(&app.db).await.expect("query");
-    rows.iter().any(|r| r.status == "sending")
+    deliveries(app, "sending").await > 0
 }
 
 #[tokio::test]

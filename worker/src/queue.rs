@@ -192,7 +192,7 @@ impl FetchGate {
     fn batch_for(&self, own: &Arc<LoopSlots>) -> usize {
         let free = own.free().max(1);
         if self.full_in_a_row.load(Ordering::Acquire) < BACKLOG_STREAK {
-            return free.min(own.capacity);
+            return free;
         }
         let freer = self.loops.lock().is_ok_and(|loops| {
             loops.iter().flatten().any(|(_, other)| !Arc::ptr_eq(other, own) && other.is_live() && other.free() > free)
@@ -591,6 +591,13 @@ mod tests {
         (gate, loops)
     }
 
+    /// A fetch after a wake that found `jobs` in batches of `batch`.
+    fn fetch_after_a_wake(gate: &FetchGate, jobs: Option<usize>, batch: usize) {
+        gate.wake();
+        let seen = gate.claim().expect("a wake opens the gate");
+        gate.fetched(seen, jobs, batch);
+    }
+
     fn woken(strategy: &mut WakeStrategy) -> bool {
         let mut woken = false;
         while strategy.wakes.try_recv().is_ok() {
@@ -654,11 +661,7 @@ mod tests {
         let gate = FetchGate::new(&Registry::new());
         let slots = LoopSlots::new(8);
         let _strategy = gate.strategy(0, slots.clone());
-        let fetch = |jobs: usize, batch: usize| {
-            gate.wake();
-            let seen = gate.claim().expect("a wake opens the gate");
-            gate.fetched(seen, Some(jobs), batch);
-        };
+        let fetch = |jobs: usize, batch: usize| fetch_after_a_wake(&gate, Some(jobs), batch);
         assert_eq!(gate.batch_for(&slots), 8, "all free");
         slots.took(7);
         fetch(1, 1);
@@ -671,9 +674,7 @@ mod tests {
         fetch(2, 2);
         assert_eq!(gate.batch_for(&slots), 8, "two in a row: a backlog, a whole batch");
         fetch(8, 8);
-        gate.wake();
-        let seen = gate.claim().expect("open");
-        gate.fetched(seen, None, 8);
+        fetch_after_a_wake(&gate, None, 8);
         assert_eq!(gate.batch_for(&slots), 8, "a reply it cannot read changes nothing");
         fetch(3, 8);
         assert_eq!(gate.batch_for(&slots), 2, "a short fetch emptied the queue: free slots again");
@@ -687,9 +688,7 @@ mod tests {
         let (busy, idle) = (LoopSlots::new(8), LoopSlots::new(8));
         let _strategies = (gate.strategy(0, busy.clone()), gate.strategy(1, idle.clone()));
         for _ in 0..BACKLOG_STREAK {
-            gate.wake();
-            let seen = gate.claim().expect("open");
-            gate.fetched(seen, Some(8), 8);
+            fetch_after_a_wake(&gate, Some(8), 8);
         }
         assert_eq!(gate.batch_for(&busy), 8, "both idle: a whole batch");
         busy.took(7);
