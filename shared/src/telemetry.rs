@@ -10,8 +10,13 @@
 //! their next log line. Up to [`BUFFERED_LINES`] lines wait for that thread; past them,
 //! new lines are dropped until the reader catches up, and how many is counted
 //! ([`dropped_lines`]; lines a closed stderr refuses are not counted). When the guard
-//! is dropped, the waiting lines are written out, for at most about a second. A panic's
-//! message still goes to stderr directly.
+//! is dropped, the waiting lines are written out, for at most about a second.
+//!
+//! A panic is logged as an error event like any other line (`thread.panicked`, with the
+//! panic's text, where it happened, the thread and, when `RUST_BACKTRACE` asks for one,
+//! the backtrace), so that under `LOG_FORMAT=json` it is one JSON object a log shipper
+//! parses rather than plain text among them. The log writer's own thread panics the
+//! default way, to stderr directly.
 
 use std::sync::OnceLock;
 
@@ -44,10 +49,35 @@ pub fn init() -> Logs {
     match installed {
         Ok(()) => {
             let _ = WRITER.set(writer);
+            let default = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                if std::thread::current().name() == Some(WRITER_THREAD) {
+                    default(info);
+                } else {
+                    log_panic(info);
+                }
+            }));
             Logs { _guard: Some(guard) }
         }
         // Already installed: keep the first one (this writer's thread ends with `guard`).
         Err(_) => Logs { _guard: None },
+    }
+}
+
+/// The name of the thread that writes the log lines out.
+const WRITER_THREAD: &str = "log-writer";
+
+/// Logs the panic `info` describes as the error event `thread.panicked`.
+fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
+    let text = info.payload_as_str().unwrap_or("(a panic without text)");
+    let location = info.location().map(|l| format!("{}:{}:{}", l.file(), l.line(), l.column()));
+    let thread = std::thread::current();
+    let thread = thread.name().unwrap_or("(unnamed)");
+    let backtrace = std::backtrace::Backtrace::capture();
+    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
+        tracing::error!(panic = text, location, thread, backtrace = %backtrace, "thread.panicked");
+    } else {
+        tracing::error!(panic = text, location, thread, "thread.panicked");
     }
 }
 
@@ -60,7 +90,7 @@ fn writer<W: std::io::Write + Send + 'static>(
     tracing_appender::non_blocking::NonBlockingBuilder::default()
         .buffered_lines_limit(limit)
         .lossy(true)
-        .thread_name("log-writer")
+        .thread_name(WRITER_THREAD)
         .finish(sink)
 }
 
@@ -98,6 +128,50 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    /// A sink that keeps what is written, for a test to read.
+    #[derive(Clone, Default)]
+    struct Kept(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Kept {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("not poisoned").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_panic_is_logged_as_one_json_event_with_its_text_and_place() {
+        // Arrange: a JSON subscriber on this thread, and the hook that logs panics.
+        let kept = Kept::default();
+        let sink = kept.clone();
+        let subscriber = tracing_subscriber::fmt().json().with_writer(move || sink.clone()).finish();
+        let previous = std::panic::take_hook();
+        std::panic::set_hook(Box::new(super::log_panic));
+
+        // Act: a panic, caught.
+        let line = line!() + 2;
+        let caught = tracing::subscriber::with_default(subscriber, || {
+            std::panic::catch_unwind(|| panic!("the {} went wrong", "thing"))
+        });
+        std::panic::set_hook(previous);
+
+        // Assert: one line, a JSON object with the panic's text, file and line.
+        assert!(caught.is_err());
+        let written = String::from_utf8(kept.0.lock().expect("not poisoned").clone()).expect("UTF-8");
+        let lines: Vec<&str> = written.lines().collect();
+        assert_eq!(lines.len(), 1, "{written}");
+        let event: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON object");
+        assert_eq!(event["level"], "ERROR", "{event}");
+        assert_eq!(event["fields"]["message"], "thread.panicked", "{event}");
+        assert_eq!(event["fields"]["panic"], "the thing went wrong", "{event}");
+        let location = event["fields"]["location"].as_str().expect("a location");
+        assert!(location.starts_with(&format!("{}:{line}:", file!())), "{location}");
+        assert!(event["fields"]["thread"].is_string(), "{event}");
     }
 
     #[test]

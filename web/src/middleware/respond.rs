@@ -1,9 +1,16 @@
 //! The outermost layer: turns every error into a uniform page (HTML, or JSON under the
 //! JSON routes) and puts the security headers on every response, errors included.
 //!
+//! A handler that panics is answered the same way, with a 500 (the panic is logged by
+//! the panic hook, `shared::telemetry`, and again here with the request's id), instead
+//! of a connection closed without an answer.
+//!
 //! poem's `SetHeader` skips error responses, and its own error bodies can carry internal
 //! text (the static-files 403 leaks paths), so neither is used for this.
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 use poem::http::{HeaderValue, StatusCode, header};
 use poem::{Endpoint, IntoResponse, Request, Response};
 
@@ -24,9 +31,16 @@ pub async fn respond<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response>
     let json = is_json_route(req.uri().path());
     let https =
         req.uri().scheme_str() == Some("https") || req.headers().get("x-forwarded-proto").is_some_and(|v| v == "https");
-    let mut response = match ep.call(req).await {
-        Ok(response) => response.into_response(),
-        Err(e) => error_response(&e, json),
+    // A panic leaves nothing the requests share half-changed: the shared state's locks
+    // are held for a line at a time and read through poisoning, and a transaction the
+    // handler had open is rolled back when dropped.
+    let mut response = match AssertUnwindSafe(ep.call(req)).catch_unwind().await {
+        Ok(Ok(response)) => response.into_response(),
+        Ok(Err(e)) => error_response(&e, json),
+        Err(_) => {
+            tracing::error!("request.panicked");
+            error_response(&poem::Error::from_status(StatusCode::INTERNAL_SERVER_ERROR), json)
+        }
     };
     add_security_headers(&mut response, https);
     default_html_to_no_cache(&mut response);
@@ -112,5 +126,41 @@ fn add_security_headers(response: &mut Response, https: bool) {
     if https {
         headers
             .insert(header::STRICT_TRANSPORT_SECURITY, HeaderValue::from_static("max-age=63072000; includeSubDomains"));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use poem::http::{StatusCode, header};
+    use poem::{Request, endpoint::make};
+
+    async fn panicking(path: &str) -> poem::Response {
+        let ep = make(|_| async {
+            panic!("a secret detail");
+            #[allow(unreachable_code)]
+            ""
+        });
+        super::respond(ep, Request::builder().uri_str(path).finish()).await.expect("an answer")
+    }
+
+    #[tokio::test]
+    async fn a_handler_that_panics_is_answered_with_a_500_page_and_the_security_headers() {
+        let mut response = panicking("/feedback").await;
+
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap_or("").starts_with("text/html"));
+        assert!(response.headers().contains_key(header::CONTENT_SECURITY_POLICY));
+        let body = response.take_body().into_string().await.expect("a body");
+        assert!(body.contains("Something went wrong on our side"), "{body}");
+        assert!(!body.contains("secret"), "{body}");
+    }
+
+    #[tokio::test]
+    async fn a_json_route_that_panics_is_answered_with_a_500_json_error() {
+        let mut response = panicking("/api/feedback").await;
+
+        assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body: serde_json::Value = response.take_body().into_json().await.expect("JSON");
+        assert_eq!(body["error"], "Something went wrong on our side. Please try again.");
     }
 }
