@@ -633,6 +633,67 @@ async fn a_worker_that_stops_with_jobs_waiting_wakes_the_other_workers() {
 }
 
 #[tokio::test]
+async fn a_fetch_on_its_way_at_a_stop_puts_its_jobs_back_at_once_instead_of_after_the_recovery_bound() {
+    // Arrange: a worker running two jobs at once, busy with two slow pushes, a third job
+    // on the queue, and the orphan recovery two minutes away.
+    let mut app = spawn_app_with(Options {
+        env: vec![
+            ("QUEUE_POLL_MS".into(), "60000".into()),
+            ("PUSH_TIMEOUT_MS".into(), "15000".into()),
+            ("WORKER_RECOVERY_SECS".into(), "120".into()),
+        ],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    app.push.set_delay(Duration::from_secs(4));
+    app.submit_valid_feedback("Ann", "first").await;
+    app.submit_valid_feedback("Ann", "second").await;
+    assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);
+    app.submit_valid_feedback("Ann", "third").await;
+    let waiting = || async { queue.backlog().await.expect("backlog") };
+    assert!(wait_until(|| async { waiting().await == 1 }).await, "the third job waits on the queue");
+    // One of the worker's loops fetched it just as the worker stopped: the fetch script
+    // ran in Redis, and its reply went to a loop that no longer reads it (apalis-core
+    // drops a fetch in flight when it stops). The script's effect, staged: the job moves
+    // from the queue into that loop's in-flight set.
+    let config = queue.fan_out_config();
+    let mut conn = queue.connection();
+    let loops: Vec<String> = redis::AsyncCommands::zrange(&mut conn, config.workers_set(), 0, -1).await.expect("loops");
+    let fetched: i64 = redis::Script::new(
+        "local ids = redis.call('ZRANGE', KEYS[1], 0, -1) \
+         for _, id in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do table.insert(ids, id) end \
+         redis.call('DEL', KEYS[1], KEYS[2]) \
+         if #ids > 0 then redis.call('SADD', KEYS[3], unpack(ids)) end \
+         return #ids",
+    )
+    .key(config.scheduled_jobs_set())
+    .key(config.active_jobs_list())
+    .key(queue.inflight_set_of(&loops[0]))
+    .invoke_async(&mut conn)
+    .await
+    .expect("staged");
+    assert_eq!((fetched, waiting().await), (1, 0));
+
+    // Act: the worker stops (as on SIGTERM), finishing its two pushes.
+    app.stop_worker();
+
+    // Assert: once it has drained, the job it never started is back on the queue, and
+    // its loop is no longer registered (another worker's orphan recovery would have
+    // taken two minutes) ...
+    assert!(wait_until(|| async { deliveries(&app, "sent").await == 2 }).await, "the drain ends");
+    assert!(wait_until(|| async { waiting().await == 1 }).await, "the unstarted job went back to the queue");
+    let registered: Vec<String> =
+        redis::AsyncCommands::zrange(&mut conn, config.workers_set(), 0, -1).await.expect("loops");
+    assert!(registered.is_empty(), "{registered:?}");
+    // ... where a worker takes it and sends its push.
+    app.push.set_delay(Duration::ZERO);
+    app.start_worker().await;
+    assert_eq!(app.push.wait_for_received(3, Duration::from_secs(15)).await.len(), 3);
+}
+
+#[tokio::test]
 async fn a_busy_worker_leaves_the_jobs_it_cannot_start_to_other_workers() {
     // Arrange: a worker running two jobs at once, busy with two slow pushes (the first
     // answered after 2 s, the second after 10 s), and two more jobs waiting on the queue.

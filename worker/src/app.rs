@@ -556,25 +556,33 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
     config.heartbeat_interval(heartbeat_interval(bound)).missed_heartbeats(3)
 }
 
-/// Removes worker `name`'s registration once it has stopped with nothing in flight, so
-/// `worker status` counts it gone at once (apalis-redis's own clean stop removes another
-/// member of the set, and the registration would stay until another worker's heartbeat
-/// found it silent). One with jobs still in flight stays registered, so that those are
-/// taken back as orphans.
+/// Removes worker `name`'s registration once it has drained (called only after a clean
+/// drain), so `worker status` counts it gone at once (apalis-redis's own clean stop
+/// removes another member of the set, and the registration would stay until another
+/// worker's heartbeat found it silent).
 ///
-/// The stop put the jobs the loop had fetched and not started back on the queue, with no
-/// `PUBLISH` (the jobs a producer pushes come with one): if jobs wait there now, the same
-/// script wakes the other workers, which would otherwise find those only on their next
-/// wake or fallback poll (`QUEUE_POLL_MS`). A job due later does not count.
+/// The jobs still in its in-flight set then are ones it fetched and never started: a
+/// fetch that was on its way to Redis when the loop stopped, whose reply apalis-core
+/// drops (the jobs it had buffered, apalis-core puts back itself). Every job the loop
+/// started has finished and been acknowledged by then. So the same script puts those
+/// back on the queue, as another worker's orphan recovery would have done, but at once
+/// rather than after `WORKER_RECOVERY_SECS`: a rolling restart under load does not hold
+/// a few messages back by the recovery bound.
+///
+/// Nothing of the stop itself wakes the other workers (apalis-core puts its buffered
+/// jobs back with no `PUBLISH`, where a producer's push comes with one): if jobs wait on
+/// the queue now, the same script wakes them, or they would find those only on their
+/// next wake or fallback poll (`QUEUE_POLL_MS`). A job due later does not count.
 async fn deregister(queue: &JobQueue, name: &str) {
-    const SCRIPT: &str = "local removed = 0 \
-        if redis.call('SCARD', KEYS[2]) == 0 then removed = redis.call('ZREM', KEYS[1], ARGV[1]) end \
+    const SCRIPT: &str = "local held = redis.call('SMEMBERS', KEYS[2]) \
+        if #held > 0 then redis.call('RPUSH', KEYS[3], unpack(held)) redis.call('DEL', KEYS[2]) end \
+        redis.call('ZREM', KEYS[1], ARGV[1]) \
         if redis.call('LLEN', KEYS[3]) + redis.call('ZCOUNT', KEYS[4], 0, ARGV[4]) > 0 then \
         redis.call('PUBLISH', ARGV[2], ARGV[3]) end \
-        return removed";
+        return #held";
     let config = queue.fan_out_config();
     let inflight = queue.inflight_set_of(name);
-    let removed: redis::RedisResult<i64> = redis::cmd("EVAL")
+    let released: redis::RedisResult<i64> = redis::cmd("EVAL")
         .arg(SCRIPT)
         .arg(4)
         .arg(config.workers_set())
@@ -587,8 +595,11 @@ async fn deregister(queue: &JobQueue, name: &str) {
         .arg(chrono::Utc::now().timestamp())
         .query_async(&mut queue.connection())
         .await;
-    if let Err(e) = removed {
-        tracing::debug!(worker = %name, error = %e, "worker.deregister_failed");
+    match released {
+        Ok(0) => {}
+        Ok(jobs) => tracing::info!(worker = %name, jobs, "worker.unstarted_jobs_requeued"),
+        // Left registered: its jobs are taken back as orphans after the recovery bound.
+        Err(e) => tracing::warn!(worker = %name, error = %e, "worker.deregister_failed"),
     }
 }
 
