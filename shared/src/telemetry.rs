@@ -12,11 +12,14 @@
 //! ([`dropped_lines`]; lines a closed stderr refuses are not counted). When the guard
 //! is dropped, the waiting lines are written out, for at most about a second.
 //!
-//! A panic is logged as an error event like any other line (`thread.panicked`, with the
-//! panic's text, where it happened, the thread and, when `RUST_BACKTRACE` asks for one,
-//! the backtrace), so that under `LOG_FORMAT=json` it is one JSON object a log shipper
-//! parses rather than plain text among them. The log writer's own thread panics the
-//! default way, to stderr directly.
+//! A panic is logged as an error event like any other line (`thread.panicked`, target
+//! `panic`, with the panic's text, where it happened, the thread and, when
+//! `RUST_BACKTRACE` or `RUST_LIB_BACKTRACE` asks for one, the backtrace), so that under
+//! `LOG_FORMAT=json` it is one JSON object a log shipper parses rather than plain text
+//! among them. It goes through the writer thread like any line, so it can be lost the
+//! ways a line can (above), and with a process that aborts at once (a panic while
+//! unwinding). Where `RUST_LOG` filters the target out, and on the writer's own thread,
+//! a panic is printed to stderr directly, as by default.
 
 use std::sync::OnceLock;
 
@@ -51,11 +54,9 @@ pub fn init() -> Logs {
             let _ = WRITER.set(writer);
             let default = std::panic::take_hook();
             std::panic::set_hook(Box::new(move |info| {
-                if std::thread::current().name() == Some(WRITER_THREAD) {
-                    default(info);
-                } else {
-                    log_panic(info);
-                }
+                let logged = std::thread::current().name() != Some(WRITER_THREAD)
+                    && tracing::enabled!(target: PANIC_TARGET, tracing::Level::ERROR);
+                if logged { log_panic(info) } else { default(info) }
             }));
             Logs { _guard: Some(guard) }
         }
@@ -67,6 +68,9 @@ pub fn init() -> Logs {
 /// The name of the thread that writes the log lines out.
 const WRITER_THREAD: &str = "log-writer";
 
+/// The target of a panic's event, for `RUST_LOG` (`panic=off` prints panics as plain text).
+const PANIC_TARGET: &str = "panic";
+
 /// Logs the panic `info` describes as the error event `thread.panicked`.
 fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let text = info.payload_as_str().unwrap_or("(a panic without text)");
@@ -75,9 +79,9 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let thread = thread.name().unwrap_or("(unnamed)");
     let backtrace = std::backtrace::Backtrace::capture();
     if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-        tracing::error!(panic = text, location, thread, backtrace = %backtrace, "thread.panicked");
+        tracing::error!(target: PANIC_TARGET, panic = text, location, thread, backtrace = %backtrace, "thread.panicked");
     } else {
-        tracing::error!(panic = text, location, thread, "thread.panicked");
+        tracing::error!(target: PANIC_TARGET, panic = text, location, thread, "thread.panicked");
     }
 }
 
@@ -167,6 +171,7 @@ mod tests {
         assert_eq!(lines.len(), 1, "{written}");
         let event: serde_json::Value = serde_json::from_str(lines[0]).expect("a JSON object");
         assert_eq!(event["level"], "ERROR", "{event}");
+        assert_eq!(event["target"], "panic", "{event}");
         assert_eq!(event["fields"]["message"], "thread.panicked", "{event}");
         assert_eq!(event["fields"]["panic"], "the thing went wrong", "{event}");
         let location = event["fields"]["location"].as_str().expect("a location");

@@ -369,9 +369,9 @@ where
             // loop runs at once (apalis-redis takes 10; `FetchGate::batch_for`). It comes
             // once a slot is free, so under a backlog a busy loop may hold up to its
             // concurrency less one fetched and not started. Those count as in flight; they go back to
-            // the queue when a graceful stop's drain ends in time, and otherwise (the drain
-            // timed out, a fetch was on its way, the worker died) they are taken back as
-            // orphans after `WORKER_RECOVERY_SECS`.
+            // the queue when a graceful stop's drain ends in time (with those of a fetch that
+            // was on its way, `deregister`), and otherwise (the drain timed out, the worker
+            // died) they are taken back as orphans after `WORKER_RECOVERY_SECS`.
             let config =
                 recovery_config(ctx.queue.fan_out_config().clone(), settings.worker.recovery).batch_size(concurrency);
             let slots = LoopSlots::new(concurrency);
@@ -565,7 +565,8 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
 /// fetch that was on its way to Redis when the loop stopped, whose reply apalis-core
 /// drops (the jobs it had buffered, apalis-core puts back itself). Every job the loop
 /// started has finished and been acknowledged by then. So the same script puts those
-/// back on the queue, as another worker's orphan recovery would have done, but at once
+/// back at the head of the queue, where they were (another worker's orphan recovery
+/// would have put them at its tail), and at once
 /// rather than after `WORKER_RECOVERY_SECS`: a rolling restart under load does not hold
 /// a few messages back by the recovery bound.
 ///
@@ -575,7 +576,7 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
 /// next wake or fallback poll (`QUEUE_POLL_MS`). A job due later does not count.
 async fn deregister(queue: &JobQueue, name: &str) {
     const SCRIPT: &str = "local held = redis.call('SMEMBERS', KEYS[2]) \
-        if #held > 0 then redis.call('RPUSH', KEYS[3], unpack(held)) redis.call('DEL', KEYS[2]) end \
+        if #held > 0 then redis.call('LPUSH', KEYS[3], unpack(held)) redis.call('DEL', KEYS[2]) end \
         redis.call('ZREM', KEYS[1], ARGV[1]) \
         if redis.call('LLEN', KEYS[3]) + redis.call('ZCOUNT', KEYS[4], 0, ARGV[4]) > 0 then \
         redis.call('PUBLISH', ARGV[2], ARGV[3]) end \

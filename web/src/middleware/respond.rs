@@ -1,9 +1,10 @@
-//! The outermost layer: turns every error into a uniform page (HTML, or JSON under the
-//! JSON routes) and puts the security headers on every response, errors included.
+//! The layer inside the request id's: turns every error into a uniform page (HTML, or
+//! JSON under the JSON routes) and puts the security headers on every response, errors
+//! included.
 //!
-//! A handler that panics is answered the same way, with a 500 (the panic is logged by
-//! the panic hook, `shared::telemetry`, and again here with the request's id), instead
-//! of a connection closed without an answer.
+//! A handler that panics is answered the same way, with a 500, instead of a connection
+//! closed without an answer; the panic hook (`shared::telemetry`) logs the panic, in the
+//! request's span.
 //!
 //! poem's `SetHeader` skips error responses, and its own error bodies can carry internal
 //! text (the static-files 403 leaks paths), so neither is used for this.
@@ -32,15 +33,12 @@ pub async fn respond<E: Endpoint>(ep: E, req: Request) -> poem::Result<Response>
     let https =
         req.uri().scheme_str() == Some("https") || req.headers().get("x-forwarded-proto").is_some_and(|v| v == "https");
     // A panic leaves nothing the requests share half-changed: the shared state's locks
-    // are held for a line at a time and read through poisoning, and a transaction the
-    // handler had open is rolled back when dropped.
+    // are held for a line that cannot panic (and the metrics' are read through poisoning),
+    // and a transaction the handler had open is rolled back when dropped.
     let mut response = match AssertUnwindSafe(ep.call(req)).catch_unwind().await {
         Ok(Ok(response)) => response.into_response(),
         Ok(Err(e)) => error_response(&e, json),
-        Err(_) => {
-            tracing::error!("request.panicked");
-            error_response(&poem::Error::from_status(StatusCode::INTERNAL_SERVER_ERROR), json)
-        }
+        Err(_) => error_response(&poem::Error::from_status(StatusCode::INTERNAL_SERVER_ERROR), json),
     };
     add_security_headers(&mut response, https);
     default_html_to_no_cache(&mut response);
@@ -137,7 +135,7 @@ mod tests {
     async fn panicking(path: &str) -> poem::Response {
         let ep = make(|_| async {
             panic!("a secret detail");
-            #[allow(unreachable_code)]
+            #[expect(unreachable_code, reason = "the endpoint's answer type")]
             ""
         });
         super::respond(ep, Request::builder().uri_str(path).finish()).await.expect("an answer")
@@ -145,8 +143,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_handler_that_panics_is_answered_with_a_500_page_and_the_security_headers() {
+        // Act: a page's handler panics.
         let mut response = panicking("/feedback").await;
 
+        // Assert: a 500 page, as for any other error, with nothing of the panic's text.
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert!(response.headers()[header::CONTENT_TYPE].to_str().unwrap_or("").starts_with("text/html"));
         assert!(response.headers().contains_key(header::CONTENT_SECURITY_POLICY));
@@ -157,8 +157,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_json_route_that_panics_is_answered_with_a_500_json_error() {
+        // Act: a JSON route's handler panics.
         let mut response = panicking("/api/feedback").await;
 
+        // Assert: the JSON routes' error shape.
         assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
         let body: serde_json::Value = response.take_body().into_json().await.expect("JSON");
         assert_eq!(body["error"], "Something went wrong on our side. Please try again.");
