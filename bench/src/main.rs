@@ -8,9 +8,10 @@
 //! Scenarios:
 //! - `submit`: closed-loop form posts (GET the form once per connection, then POST with
 //!   cookie and token) from C connections for D seconds after a warm-up.
-//! - `e2e`: open-loop submissions at R per second with one subscription: submit -> push
-//!   received latency, lost and duplicated counts; with `--gap-secs G`, one submission
-//!   every G seconds to an idle worker, coalescing as shipped.
+//! - `e2e`: open-loop submissions at R per second with one subscription, after a second
+//!   of the same load as a warm-up: submit -> push received latency (the warm-up's
+//!   apart), lost and duplicated counts (the warm-up's included); with `--gap-secs G`,
+//!   one submission every G seconds to an idle worker, no warm-up, coalescing as shipped.
 //! - `fanout`: one submission to S subscriptions, the stand-in answering at once or after
 //!   a delay (a real push service's round trip): time to the first, 50%, 99% and last
 //!   push, pushes per second, connections opened to the push service, duplicates.
@@ -345,7 +346,6 @@ async fn run(
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
             push.set_deferred(true);
-            window.open();
             e2e(&address, push, interval, total, &mut window, &mut report).await?;
         }
         Scenario::Fanout { subscriptions, delay_ms } => {
@@ -566,7 +566,6 @@ async fn run_django(cli: &Cli, push: &PushService) -> anyhow::Result<Report> {
                 let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
                 django::subscribe_many(&peer, push, 1).await?;
                 push.set_deferred(true);
-                window.open();
                 e2e(address, push, interval, total, &mut window, &mut report).await?;
             }
             Scenario::Fanout { subscriptions, delay_ms } => {
@@ -688,17 +687,27 @@ async fn e2e(
     window: &mut Window<'_>,
     report: &mut Report,
 ) -> anyhow::Result<()> {
-    let duration = interval.mul_f64(total as f64);
     let per_second = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
+    // At a steady rate, a second of the same load first: the stack's first second after
+    // it starts (on a fresh database) pays for what warms once, and is reported apart.
+    let warmup = if interval < Duration::from_secs(1) { per_second } else { 0 };
+    report.param("warmup_messages", warmup);
+    let duration = interval.mul_f64((warmup + total) as f64);
     // Browsers that keep their connection, cookie and token, 32 to start with.
     let browsers = Arc::new(Browsers::open(address, 32).await?);
     let sent_at: Arc<std::sync::Mutex<HashMap<String, Instant>>> = Arc::default();
-    let started = Instant::now();
+    let begun = Instant::now();
+    let mut started = begun;
     let mut ticker = tokio::time::interval(interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
     let mut handles = Vec::new();
-    for i in 0..total {
+    for i in 0..warmup + total {
         ticker.tick().await;
+        if i == warmup {
+            // The measured load starts here, and with it the CPU window.
+            window.open();
+            started = Instant::now();
+        }
         let (browsers, sent_at) = (Arc::clone(&browsers), Arc::clone(&sent_at));
         handles.push(tokio::spawn(async move {
             let content = format!("e2e {i}");
@@ -710,10 +719,11 @@ async fn e2e(
             (posted.accepted, posted.took)
         }));
         if i % per_second == 0 {
-            procs::progress(started.elapsed(), duration, &format!("{} received", push.deferred_count()));
+            procs::progress(begun.elapsed(), duration, &format!("{} received", push.deferred_count()));
         }
     }
     let mut rejected = 0u64;
+    // How long each submission took to be answered, by its number.
     let mut answered = Vec::with_capacity(handles.len());
     for handle in handles {
         let (accepted, took) = handle.await?;
@@ -722,7 +732,7 @@ async fn e2e(
             rejected += 1;
         }
     }
-    let expected = usize::try_from(total.saturating_sub(rejected)).unwrap_or(0);
+    let expected = usize::try_from((warmup + total).saturating_sub(rejected)).unwrap_or(0);
     push.wait_for_deferred(expected, Duration::from_secs(60)).await;
     window.close(report);
     eprintln!();
@@ -731,6 +741,7 @@ async fn e2e(
     let received = push.received();
     let sent_at = sent_at.lock().map(|m| m.clone()).unwrap_or_default();
     let mut latencies = Vec::new();
+    let mut warmup_latencies = Vec::new();
     // Each first copy's delay by the second of the load its submission was made in.
     let mut by_second: Vec<Vec<Duration>> = Vec::new();
     // Each first copy's delay with how long its submission (`e2e {i}`) took to be
@@ -740,18 +751,22 @@ async fn e2e(
     for push in &received {
         let body = push.json()["body"].as_str().unwrap_or_default().to_owned();
         *seen.entry(body.clone()).or_default() += 1;
+        let i = body.strip_prefix("e2e ").and_then(|i| i.parse::<u64>().ok());
         if seen[&body] == 1
             && let Some(at) = sent_at.get(&body)
         {
             let delay = push.at.saturating_duration_since(*at);
+            if i.is_none_or(|i| i < warmup) {
+                warmup_latencies.push(delay);
+                continue;
+            }
             latencies.push(delay);
             let second = usize::try_from(at.saturating_duration_since(started).as_secs()).unwrap_or(0);
             if by_second.len() <= second {
                 by_second.resize_with(second + 1, Vec::new);
             }
             by_second[second].push(delay);
-            let i = body.strip_prefix("e2e ").and_then(|i| i.parse::<usize>().ok());
-            if let Some(answer) = i.and_then(|i| answered.get(i)) {
+            if let Some(answer) = i.and_then(|i| answered.get(usize::try_from(i).ok()?)) {
                 slowest.push((delay, *answer));
             }
         }
@@ -768,30 +783,39 @@ async fn e2e(
         );
     }
     latencies.sort();
+    warmup_latencies.sort();
+    // The answers of the measured submissions only.
+    let mut answered = answered.split_off(usize::try_from(warmup).unwrap_or(0).min(answered.len()));
     answered.sort();
     latency_by_second(report, &mut by_second)?;
     report.latencies("answered", &answered);
     report.plot_latencies("submit_to_push", &latencies)?;
-    let mut arrivals: Vec<f64> =
-        received.iter().map(|p| p.at.saturating_duration_since(started).as_secs_f64()).collect();
+    let mut arrivals: Vec<f64> = received
+        .iter()
+        .filter(|p| p.at >= started)
+        .map(|p| p.at.saturating_duration_since(started).as_secs_f64())
+        .collect();
     arrivals.sort_by(f64::total_cmp);
     report.plot_throughput("pushes", &arrivals)?;
     let duplicated = seen.values().filter(|n| **n > 1).count();
-    report.figure("submitted", total as f64);
+    report.figure("submitted", (warmup + total) as f64);
     report.figure("rejected", rejected as f64);
     report.figure("delivered", seen.len() as f64);
     report.figure("lost", expected.saturating_sub(seen.len()) as f64);
     report.figure("duplicated", duplicated as f64);
-    // CPU per message delivered, in the window: the stack under test (its processes,
-    // PostgreSQL, Redis), and the load generator with the stand-in.
-    if !seen.is_empty() {
-        let per_message = |figure: &str| report.get(figure).map(|s| s * 1000.0 / seen.len() as f64);
+    // CPU per measured message delivered, in the window: the stack under test (its
+    // processes, PostgreSQL, Redis), and the load generator with the stand-in.
+    if !latencies.is_empty() {
+        let per_message = |figure: &str| report.get(figure).map(|s| s * 1000.0 / latencies.len() as f64);
         if let (Some(tidings), Some(bench)) = (per_message("stack_cpu_seconds"), per_message("bench_cpu_seconds")) {
             report.figure("stack_cpu_ms_per_message", tidings);
             report.figure("bench_cpu_ms_per_message", bench);
         }
     }
     report.latencies("submit_to_push", &latencies);
+    if !warmup_latencies.is_empty() {
+        report.latencies("warmup_submit_to_push", &warmup_latencies);
+    }
     Ok(())
 }
 
