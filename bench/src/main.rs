@@ -140,7 +140,8 @@ pub(crate) enum Scenario {
         /// Submissions per second.
         #[arg(long, default_value_t = 50)]
         rate: u64,
-        /// Seconds of load.
+        /// Measured seconds of load (after a 1 s warm-up at the same rate; none with
+        /// `--gap-secs`).
         #[arg(long, default_value_t = 10)]
         seconds: u64,
         /// Instead of `--rate`: one submission every this many seconds, so the worker is
@@ -411,7 +412,8 @@ async fn run(
 
 /// The timed part of a run: the CPU seconds of each process and of the whole machine
 /// from [`Window::open`] to [`Window::close`]. In `submit`, `e2e` and `fanout` it opens
-/// once the scenario is set up (subscriptions, the durable-commit probe) and closes when
+/// once the scenario is set up (subscriptions, the durable-commit probe; in `e2e` at a
+/// steady rate, once its warm-up has been sent) and closes when
 /// the load ends, before the stand-in checks its deferred pushes; in `admin`, `queue` and
 /// `soak` it spans the whole scenario, its own set-up included.
 struct Window<'a> {
