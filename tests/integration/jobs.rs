@@ -600,20 +600,8 @@ async fn a_worker_that_stops_with_jobs_waiting_wakes_the_other_workers() {
     // held, which go back to the queue with no `PUBLISH` (unlike a producer's push, whose
     // wake other workers already had); the script wakes whenever jobs wait, as this one
     // does. The fallback poll is a minute away.
-    let mut app = spawn_app_with(Options {
-        env: vec![("QUEUE_POLL_MS".into(), "60000".into()), ("PUSH_TIMEOUT_MS".into(), "15000".into())],
-        ..Options::default()
-    })
-    .await;
-    app.subscribe_browser().await;
-    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
-    app.push.set_delay(Duration::from_secs(4));
-    app.submit_valid_feedback("Ann", "first").await;
-    app.submit_valid_feedback("Ann", "second").await;
-    assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);
-    app.submit_valid_feedback("Ann", "third").await;
+    let (mut app, queue) = two_busy_slots_and_a_job_waiting(Vec::new()).await;
     let waiting = || async { queue.backlog().await.expect("backlog") };
-    assert!(wait_until(|| async { waiting().await == 1 }).await, "the third job waits on the queue");
     let client = redis::Client::open(app.settings.redis_url.as_str()).expect("client");
     let mut wakes = client.get_async_pubsub().await.expect("pub/sub");
     wakes.subscribe(wake_channel(&app.settings.redis_namespace)).await.expect("subscribed");
@@ -636,24 +624,8 @@ async fn a_worker_that_stops_with_jobs_waiting_wakes_the_other_workers() {
 async fn a_fetch_on_its_way_at_a_stop_puts_its_jobs_back_at_once_instead_of_after_the_recovery_bound() {
     // Arrange: a worker running two jobs at once, busy with two slow pushes, a third job
     // on the queue, and the orphan recovery two minutes away.
-    let mut app = spawn_app_with(Options {
-        env: vec![
-            ("QUEUE_POLL_MS".into(), "60000".into()),
-            ("PUSH_TIMEOUT_MS".into(), "15000".into()),
-            ("WORKER_RECOVERY_SECS".into(), "120".into()),
-        ],
-        ..Options::default()
-    })
-    .await;
-    app.subscribe_browser().await;
-    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
-    app.push.set_delay(Duration::from_secs(4));
-    app.submit_valid_feedback("Ann", "first").await;
-    app.submit_valid_feedback("Ann", "second").await;
-    assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);
-    app.submit_valid_feedback("Ann", "third").await;
+    let (mut app, queue) = two_busy_slots_and_a_job_waiting(vec![("WORKER_RECOVERY_SECS".into(), "120".into())]).await;
     let waiting = || async { queue.backlog().await.expect("backlog") };
-    assert!(wait_until(|| async { waiting().await == 1 }).await, "the third job waits on the queue");
     // One of the worker's loops fetched it just as the worker stopped: the fetch script
     // ran in Redis, and its reply went to a loop that no longer reads it (apalis-core
     // drops a fetch in flight when it stops). The script's effect, staged: the job moves
@@ -730,6 +702,24 @@ async fn a_busy_worker_leaves_the_jobs_it_cannot_start_to_other_workers() {
     let bodies: Vec<String> =
         received.iter().map(|p| p.json()["body"].as_str().unwrap_or_default().to_owned()).collect();
     assert!(bodies.iter().any(|b| b.contains("fourth")), "{bodies:?}");
+}
+
+/// An app whose worker (its fallback poll a minute away, and `env` besides) runs two jobs
+/// at once, both busy with 4 s pushes, while a third job waits on the queue for a slot.
+async fn two_busy_slots_and_a_job_waiting(env: Vec<(String, String)>) -> (TestApp, JobQueue) {
+    let mut env = env;
+    env.extend([("QUEUE_POLL_MS".into(), "60000".into()), ("PUSH_TIMEOUT_MS".into(), "15000".into())]);
+    let app = spawn_app_with(Options { env, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    app.push.set_delay(Duration::from_secs(4));
+    app.submit_valid_feedback("Ann", "first").await;
+    app.submit_valid_feedback("Ann", "second").await;
+    assert!(wait_until(|| async { deliveries(&app, "sending").await == 2 }).await);
+    app.submit_valid_feedback("Ann", "third").await;
+    let waiting = || async { queue.backlog().await.expect("backlog") };
+    assert!(wait_until(|| async { waiting().await == 1 }).await, "the third job waits on the queue");
+    (app, queue)
 }
 
 /// The deliveries in `status`.
