@@ -690,8 +690,9 @@ async fn e2e(
     report: &mut Report,
 ) -> anyhow::Result<()> {
     let per_second = (1.0 / interval.as_secs_f64()).ceil().max(1.0) as u64;
-    // At a steady rate, a second of the same load first: the stack's first second after
-    // it starts (on a fresh database) pays for what warms once, and is reported apart.
+    // At a steady rate, a second of the same load first, reported apart: the stack's
+    // first second after it starts (on a fresh database) is slower, most likely from what
+    // warms once (docs/PERFORMANCE.md, "An eighteenth machine").
     let warmup = if interval < Duration::from_secs(1) { per_second } else { 0 };
     report.param("warmup_messages", warmup);
     let duration = interval.mul_f64((warmup + total) as f64);

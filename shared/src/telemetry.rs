@@ -78,11 +78,9 @@ fn log_panic(info: &std::panic::PanicHookInfo<'_>) {
     let thread = std::thread::current();
     let thread = thread.name().unwrap_or("(unnamed)");
     let backtrace = std::backtrace::Backtrace::capture();
-    if backtrace.status() == std::backtrace::BacktraceStatus::Captured {
-        tracing::error!(target: PANIC_TARGET, panic = text, location, thread, backtrace = %backtrace, "thread.panicked");
-    } else {
-        tracing::error!(target: PANIC_TARGET, panic = text, location, thread, "thread.panicked");
-    }
+    // Left out of the event (a field of `None`) unless the environment asked for one.
+    let backtrace = (backtrace.status() == std::backtrace::BacktraceStatus::Captured).then(|| backtrace.to_string());
+    tracing::error!(target: PANIC_TARGET, panic = text, location, thread, backtrace, "thread.panicked");
 }
 
 /// A writer to `sink` from a thread of its own, which drops lines past `limit` waiting

@@ -706,8 +706,7 @@ async fn a_busy_worker_leaves_the_jobs_it_cannot_start_to_other_workers() {
 
 /// An app whose worker (its fallback poll a minute away, and `env` besides) runs two jobs
 /// at once, both busy with 4 s pushes, while a third job waits on the queue for a slot.
-async fn two_busy_slots_and_a_job_waiting(env: Vec<(String, String)>) -> (TestApp, JobQueue) {
-    let mut env = env;
+async fn two_busy_slots_and_a_job_waiting(mut env: Vec<(String, String)>) -> (TestApp, JobQueue) {
     env.extend([("QUEUE_POLL_MS".into(), "60000".into()), ("PUSH_TIMEOUT_MS".into(), "15000".into())]);
     let app = spawn_app_with(Options { env, ..Options::default() }).await;
     app.subscribe_browser().await;

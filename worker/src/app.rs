@@ -566,9 +566,9 @@ fn recovery_config(config: apalis_redis::Config, bound: std::time::Duration) -> 
 /// drops (the jobs it had buffered, apalis-core puts back itself). Every job the loop
 /// started has finished and been acknowledged by then. So the same script puts those
 /// back at the head of the queue, where they were (another worker's orphan recovery
-/// would have put them at its tail), and at once
-/// rather than after `WORKER_RECOVERY_SECS`: a rolling restart under load does not hold
-/// a few messages back by the recovery bound.
+/// would have put them at its tail), and at once rather than after
+/// `WORKER_RECOVERY_SECS`: a rolling restart under load does not hold a few messages
+/// back by the recovery bound.
 ///
 /// Nothing of the stop itself wakes the other workers (apalis-core puts its buffered
 /// jobs back with no `PUBLISH`, where a producer's push comes with one): if jobs wait on
