@@ -20,11 +20,14 @@
 //! - `queue`: N `ping` jobs (they do nothing) fed in as a burst and drained by the
 //!   worker processes (`--workers`): jobs per second against `redis-benchmark`'s
 //!   LPUSH/RPOP figure for the same Redis.
+//! - `capacity`: `e2e` at rising rates, a fresh stack each, up to the first rate not
+//!   sustained (p99 past 50 ms, or a message lost): the highest rate sustained here.
 //! - `soak`: N submissions at R per second while an admin browses; Redis memory and keys
 //!   sampled every second and plotted (SVG) beside the JSON.
 
 mod admin;
 mod browser;
+mod capacity;
 mod django;
 mod plot;
 mod procs;
@@ -48,7 +51,7 @@ use crate::browser::{Browser, Browsers};
 use crate::procs::{Stack, peak_rss_kib};
 use crate::report::Report;
 
-#[derive(Parser)]
+#[derive(Parser, Clone)]
 #[command(name = "bench", about = "Measures Tidings end to end on this machine.")]
 struct Cli {
     #[command(subcommand)]
@@ -176,6 +179,22 @@ pub(crate) enum Scenario {
         #[arg(long, default_value_t = 50_000)]
         jobs: u64,
     },
+    /// `e2e` at rising rates, a fresh stack each, up to the first rate not sustained
+    /// (p99 past 50 ms, or a message lost): the highest rate sustained here.
+    Capacity {
+        /// The first rate, in submissions per second.
+        #[arg(long, default_value_t = 1000)]
+        from: u64,
+        /// How much each rate adds to the one before.
+        #[arg(long, default_value_t = 500)]
+        step: u64,
+        /// The last rate tried, at most.
+        #[arg(long, default_value_t = 8000)]
+        to: u64,
+        /// Measured seconds at each rate (after its warm-up second).
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+    },
     /// Sustained submissions with notifications; Redis memory and keys over time.
     Soak {
         /// Submissions in all.
@@ -200,9 +219,11 @@ async fn bench(cli: Cli) -> anyhow::Result<()> {
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
         let _ = django::SSLMODE.set(mode.to_owned());
     }
-    let mut report = match cli.target {
-        Target::Django => run_django(&cli, &push).await?,
-        Target::Tidings => run_tidings(&cli, &push).await?,
+    let mut report = match (cli.scenario, cli.target) {
+        // Each step records its own probe.
+        (Scenario::Capacity { .. }, _) => capacity::run(&cli, &push).await?,
+        (_, Target::Django) => run_django(&cli, &push).await?,
+        (_, Target::Tidings) => run_tidings(&cli, &push).await?,
     };
     report.figure("cpu_probe_ms", probe_ms);
     report.print();
@@ -374,6 +395,7 @@ async fn run(
             window.open();
             queue::run(&cli.redis, namespace, jobs, &mut report).await?;
         }
+        Scenario::Capacity { .. } => anyhow::bail!("`capacity` runs its rates as `e2e` runs"),
         Scenario::Soak { submissions, rate } => {
             report.param("submissions", submissions);
             report.param("rate_per_second", rate);
@@ -433,6 +455,7 @@ struct WindowStart {
     redis: HashMap<u32, f64>,
     bench: f64,
     machine: f64,
+    steal: f64,
 }
 
 impl<'a> Window<'a> {
@@ -462,6 +485,7 @@ impl<'a> Window<'a> {
             redis: procs::cpu_by_name(&["redis-server"]),
             bench: procs::cpu_seconds(std::process::id()),
             machine: procs::machine_busy_seconds(),
+            steal: procs::machine_steal_seconds(),
         });
     }
 
@@ -488,6 +512,8 @@ impl<'a> Window<'a> {
         // The load generator and the push-service stand-in run in this process.
         report.figure("bench_cpu_seconds", procs::cpu_seconds(std::process::id()) - start.bench);
         report.figure("machine_busy_cpu_seconds", procs::machine_busy_seconds() - start.machine);
+        // Part of the busy time above: the cores taken by the hypervisor's other guests.
+        report.figure("machine_steal_cpu_seconds", procs::machine_steal_seconds() - start.steal);
     }
 }
 
@@ -529,6 +555,7 @@ fn scenario_name(scenario: Scenario) -> &'static str {
         Scenario::Admin { .. } => "admin",
         Scenario::Queue { .. } => "queue",
         Scenario::Soak { .. } => "soak",
+        Scenario::Capacity { .. } => "capacity",
     }
 }
 

@@ -227,12 +227,23 @@ pub fn cpu_probe_ms() -> f64 {
 /// CPU seconds the whole machine has been busy (every process and the kernel: user,
 /// nice, system, interrupts, steal; from `/proc/stat`).
 pub fn machine_busy_seconds() -> f64 {
+    // user nice system idle iowait irq softirq steal: all but idle and iowait.
+    machine_seconds(&[0, 1, 2, 5, 6, 7])
+}
+
+/// CPU seconds the hypervisor has given the machine's cores to others while they had
+/// work (steal, from `/proc/stat`): a neighbour's load, which slows a run without
+/// showing in any process's time.
+pub fn machine_steal_seconds() -> f64 {
+    machine_seconds(&[7])
+}
+
+/// The sum of the `/proc/stat` columns `columns` (0 is user) of all cores, in seconds.
+fn machine_seconds(columns: &[usize]) -> f64 {
     let Ok(stat) = std::fs::read_to_string("/proc/stat") else { return 0.0 };
     let Some(line) = stat.lines().find(|l| l.starts_with("cpu ")) else { return 0.0 };
     let fields: Vec<f64> = line.split_whitespace().skip(1).filter_map(|f| f.parse().ok()).collect();
-    // user nice system idle iowait irq softirq steal: all but idle and iowait.
-    let busy: f64 = [0, 1, 2, 5, 6, 7].iter().filter_map(|&i| fields.get(i)).sum();
-    busy / 100.0
+    columns.iter().filter_map(|&i| fields.get(i)).sum::<f64>() / 100.0
 }
 
 /// Peak resident memory of process `pid` in KiB (VmHWM).

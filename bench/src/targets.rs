@@ -52,6 +52,8 @@ pub fn applicable(scenario: Scenario, workers: usize, postgres: bool) -> Vec<(&'
             }
         }
         Scenario::Queue { .. } if workers == 1 => targets.push(("jobs_per_second", AtLeast(10_000.0))),
+        // The 2,000/s the `e2e` target asks for, sustained.
+        Scenario::Capacity { .. } => targets.push(("sustained_per_second", AtLeast(2_000.0))),
         Scenario::Queue { .. } | Scenario::Admin { .. } | Scenario::Soak { .. } => {}
     }
     if !postgres {

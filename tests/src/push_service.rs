@@ -175,6 +175,12 @@ impl PushService {
         Ok(Self { inner })
     }
 
+    /// Forgets everything since the start (subscriptions, scripts, the delay, the key
+    /// expected, pushes received and deferred), for a new run on the same server.
+    pub fn reset(&self) {
+        *self.inner.state() = State::default();
+    }
+
     /// `http://127.0.0.1:PORT`.
     pub fn origin(&self) -> String {
         self.inner.origin.clone()
