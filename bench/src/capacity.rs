@@ -1,5 +1,6 @@
-//! `capacity`: `e2e` at rising rates, each on a fresh stack (a database, a Redis
-//! namespace and processes of its own), until a rate is not sustained — its
+//! `capacity`: `e2e` at rising rates, the stack started anew for each (Tidings on a
+//! database and a Redis namespace of the step's own; the reference restarted on its own
+//! database, which its scripts keep), until a rate is not sustained — its
 //! submit-to-push p99 past [`SUSTAINED_P99_MS`], or a submission refused, lost or
 //! pushed twice. The last rate sustained before it is the stack's capacity on this
 //! machine at this moment: how far the 2,000/s target sits below the knee, where a
@@ -38,10 +39,11 @@ struct Step {
 }
 
 /// The figures of each step kept in the sweep's report, by rate.
-const KEPT: [&str; 6] = [
+const KEPT: [&str; 7] = [
     "submit_to_push_p50_ms",
     "submit_to_push_p99_ms",
     "stack_cpu_ms_per_message",
+    "worker_job_mean_ms",
     "machine_busy_cpu_seconds",
     "machine_steal_cpu_seconds",
     "cpu_probe_ms",
@@ -57,6 +59,8 @@ pub async fn run(cli: &Cli, push: &tidings_tests::push_service::PushService) -> 
     anyhow::ensure!(!rates.is_empty(), "no rate from {from} to {to}");
     let mut steps = Vec::new();
     let mut files = Vec::new();
+    // How the sweep ended, when not at a rate it did not sustain.
+    let mut ended = None;
     for rate in rates {
         let mut step_cli = cli.clone();
         step_cli.scenario = Scenario::E2e { rate, seconds, gap_secs: None };
@@ -64,9 +68,24 @@ pub async fn run(cli: &Cli, push: &tidings_tests::push_service::PushService) -> 
         push.reset();
         let probe_ms = crate::procs::cpu_probe_ms();
         eprintln!("capacity: {rate}/s");
-        let mut report = match cli.target {
-            Target::Django => crate::run_django(&step_cli, push).await?,
-            Target::Tidings => crate::run_tidings(&step_cli, push).await?,
+        let result = match cli.target {
+            Target::Django => crate::run_django(&step_cli, push).await,
+            Target::Tidings => crate::run_tidings(&step_cli, push).await,
+        };
+        // A step that failed, or a reference that could not be started (its report then
+        // holds the figures measured elsewhere), measured nothing: the sweep ends there,
+        // with what the steps before it measured.
+        let mut report = match result {
+            Ok(report) if report.has_param("fallback") => {
+                ended = Some(format!("at {rate}/s the reference could not be started"));
+                break;
+            }
+            Ok(report) => report,
+            Err(e) => {
+                eprintln!("capacity: {rate}/s failed: {e:#}");
+                ended = Some(format!("at {rate}/s the run failed: {e:#}"));
+                break;
+            }
         };
         report.figure("cpu_probe_ms", probe_ms);
         let saved = report.save()?;
@@ -87,12 +106,25 @@ pub async fn run(cli: &Cli, push: &tidings_tests::push_service::PushService) -> 
         // Let the machine settle (the last step's database dropped, its processes gone).
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
-    summarise(cli, &steps, &files)
+    let ended = ended.unwrap_or_else(|| ending(&steps));
+    eprintln!("capacity: {ended}");
+    summarise(cli, &steps, &files, &ended)
+}
+
+/// How a sweep that ran every step it took ended: at the first rate not sustained (the
+/// first of all: below `--from`), or past `--to` with every rate sustained (so the
+/// highest is a lower bound).
+fn ending(steps: &[Step]) -> String {
+    match steps.iter().position(|s| !s.held) {
+        Some(0) => "not sustained at the first rate: the capacity is below it".into(),
+        Some(i) => format!("not sustained at {}/s", steps[i].rate),
+        None => "every rate sustained: the capacity is at least the last".into(),
+    }
 }
 
 /// The sweep's report: the rate sustained, the first one not, each step's figures by
 /// rate, and a plot of the delays by rate.
-fn summarise(cli: &Cli, steps: &[Step], files: &[String]) -> anyhow::Result<Report> {
+fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str) -> anyhow::Result<Report> {
     let Scenario::Capacity { from, step, to, seconds } = cli.scenario else {
         anyhow::bail!("not a capacity sweep");
     };
@@ -107,6 +139,7 @@ fn summarise(cli: &Cli, steps: &[Step], files: &[String]) -> anyhow::Result<Repo
         report.param("target", "django");
     }
     report.param("sustained_p99_ms", SUSTAINED_P99_MS);
+    report.param("ended", ended);
     // Rates are held up to the first that is not: the sweep stops there.
     let sustained = steps.iter().take_while(|s| s.held).last().map_or(0, |s| s.rate);
     report.figure("sustained_per_second", sustained as f64);
@@ -161,6 +194,14 @@ mod tests {
         assert_eq!(rates(1000, 700, 3000), vec![1000, 1700, 2400]);
         assert_eq!(rates(0, 0, 3), vec![1, 2, 3]);
         assert!(rates(5000, 500, 3000).is_empty());
+    }
+
+    #[test]
+    fn a_sweep_says_whether_its_highest_rate_is_the_capacity_or_a_bound() {
+        let step = |rate, held| super::Step { rate, held, figures: Vec::new() };
+        assert_eq!(super::ending(&[step(1000, true), step(1500, false)]), "not sustained at 1500/s");
+        assert_eq!(super::ending(&[step(1000, false)]), "not sustained at the first rate: the capacity is below it");
+        assert_eq!(super::ending(&[step(1000, true)]), "every rate sustained: the capacity is at least the last");
     }
 
     fn e2e(p99: f64, lost: f64) -> Report {

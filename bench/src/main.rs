@@ -20,8 +20,9 @@
 //! - `queue`: N `ping` jobs (they do nothing) fed in as a burst and drained by the
 //!   worker processes (`--workers`): jobs per second against `redis-benchmark`'s
 //!   LPUSH/RPOP figure for the same Redis.
-//! - `capacity`: `e2e` at rising rates, a fresh stack each, up to the first rate not
-//!   sustained (p99 past 50 ms, or a message lost): the highest rate sustained here.
+//! - `capacity`: `e2e` at rising rates, the stack started anew for each, up to the
+//!   first rate not sustained (p99 past 50 ms, or a submission refused, lost or pushed
+//!   twice): the highest rate sustained here.
 //! - `soak`: N submissions at R per second while an admin browses; Redis memory and keys
 //!   sampled every second and plotted (SVG) beside the JSON.
 
@@ -84,7 +85,8 @@ struct Cli {
     /// per window and each message's run counts its window first.
     #[arg(long, default_value_t = 0)]
     burst_threshold: u64,
-    /// What to measure: Tidings, or the reference stack (`submit`, `e2e`, `fanout`).
+    /// What to measure: Tidings, or the reference stack (`submit`, `e2e`, `fanout`,
+    /// `capacity`).
     #[arg(long, value_enum, default_value_t = Target::Tidings)]
     target: Target,
     /// The reference stack's folder (for `--target django`).
@@ -179,8 +181,9 @@ pub(crate) enum Scenario {
         #[arg(long, default_value_t = 50_000)]
         jobs: u64,
     },
-    /// `e2e` at rising rates, a fresh stack each, up to the first rate not sustained
-    /// (p99 past 50 ms, or a message lost): the highest rate sustained here.
+    /// `e2e` at rising rates, the stack started anew for each, up to the first rate not
+    /// sustained (p99 past 50 ms, or a submission refused, lost or pushed twice): the
+    /// highest rate sustained here.
     Capacity {
         /// The first rate, in submissions per second.
         #[arg(long, default_value_t = 1000)]
@@ -213,19 +216,21 @@ fn main() -> anyhow::Result<()> {
 
 async fn bench(cli: Cli) -> anyhow::Result<()> {
     anyhow::ensure!(!(cli.sqlite && cli.target == Target::Django), "the reference runs on PostgreSQL: drop --sqlite");
-    // The machine's speed at this moment, before anything of this run starts.
-    let probe_ms = procs::cpu_probe_ms();
+    // The machine's speed at this moment, before anything of this run starts (a sweep's
+    // steps each take their own).
+    let probe_ms = (!matches!(cli.scenario, Scenario::Capacity { .. })).then(procs::cpu_probe_ms);
     let push = PushService::start().await?;
     if let Some(mode) = cli.database.split_once("sslmode=").map(|(_, m)| m.split('&').next().unwrap_or(m)) {
         let _ = django::SSLMODE.set(mode.to_owned());
     }
     let mut report = match (cli.scenario, cli.target) {
-        // Each step records its own probe.
         (Scenario::Capacity { .. }, _) => capacity::run(&cli, &push).await?,
         (_, Target::Django) => run_django(&cli, &push).await?,
         (_, Target::Tidings) => run_tidings(&cli, &push).await?,
     };
-    report.figure("cpu_probe_ms", probe_ms);
+    if let Some(probe_ms) = probe_ms {
+        report.figure("cpu_probe_ms", probe_ms);
+    }
     report.print();
     println!("\nsaved {}", report.save()?.display());
     Ok(())
@@ -425,6 +430,14 @@ async fn run(
         if pickups.p99_ms.is_finite() {
             report.figure("pickup_p99_ms", pickups.p99_ms);
         }
+    }
+    // How long the first worker's fan-outs took once started: with its concurrency, the
+    // most it completes in a second.
+    if matches!(cli.scenario, Scenario::E2e { .. })
+        && let Some(mean) = procs::mean_job_ms(&metrics)
+    {
+        report.figure("worker_job_mean_ms", mean);
+        report.figure("worker_jobs_per_second_bound", cli.worker_concurrency as f64 * 1000.0 / mean);
     }
     drop(window);
     stack.stop().await;

@@ -144,6 +144,18 @@ pub fn worker_fetches(text: &str) -> Option<(f64, f64)> {
     Some((count("jobs") + count("empty"), count("skipped")))
 }
 
+/// The mean time a worker's fan-out jobs took to run, in milliseconds, over its whole
+/// life (from the sum and count of its `tidings_job_duration_seconds`); None before its
+/// first. With the worker's concurrency it bounds the rate one process completes:
+/// concurrency / mean time (Little's law).
+pub fn mean_job_ms(text: &str) -> Option<f64> {
+    let value = |part: &str| {
+        tidings_tests::harness::metric_value(text, &format!("tidings_job_duration_seconds_{part}{{kind=\"fan_out\"}}"))
+    };
+    let count = value("count").filter(|n| *n > 0.0)?;
+    Some(value("sum")? * 1000.0 / count)
+}
+
 /// How soon a worker picked its fan-out jobs up (queued by the web, or due again), over
 /// its whole life, from the buckets of its histogram
 /// (bounds in [`shared::metrics::BUCKETS`], each counting the jobs that waited at most
@@ -354,6 +366,16 @@ mod tests {
         let before = HashMap::from([(1, 2.0), (2, 5.0)]);
         let after = HashMap::from([(1, 2.5), (2, 5.0), (3, 1.0)]);
         assert!((cpu_between(&before, &after) - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_mean_job_time_is_read_from_the_workers_histogram() {
+        let text = "tidings_job_duration_seconds_sum{kind=\"fan_out\"} 0.5\n\
+                    tidings_job_duration_seconds_count{kind=\"fan_out\"} 100\n\
+                    tidings_job_duration_seconds_sum{kind=\"prune\"} 9\n\
+                    tidings_job_duration_seconds_count{kind=\"prune\"} 1\n";
+        assert_eq!(super::mean_job_ms(text), Some(5.0));
+        assert_eq!(super::mean_job_ms("tidings_job_duration_seconds_count{kind=\"fan_out\"} 0\n"), None);
     }
 
     #[test]

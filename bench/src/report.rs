@@ -68,6 +68,11 @@ impl Report {
         self.params.insert(name.to_owned(), value.into());
     }
 
+    /// Whether parameter `name` was recorded.
+    pub fn has_param(&self, name: &str) -> bool {
+        self.params.contains_key(name)
+    }
+
     /// Records a figure.
     pub fn figure(&mut self, name: &str, value: f64) {
         self.figures.push((name.to_owned(), value));
