@@ -59,7 +59,8 @@ pub async fn run(cli: &Cli, push: &tidings_tests::push_service::PushService) -> 
     anyhow::ensure!(!rates.is_empty(), "no rate from {from} to {to}");
     let mut steps = Vec::new();
     let mut files = Vec::new();
-    // How the sweep ended, when not at a rate it did not sustain.
+    // How the sweep ended, when a step measured nothing (then its highest rate sustained
+    // is not a capacity).
     let mut ended = None;
     for rate in rates {
         let mut step_cli = cli.clone();
@@ -77,18 +78,23 @@ pub async fn run(cli: &Cli, push: &tidings_tests::push_service::PushService) -> 
         // with what the steps before it measured.
         let mut report = match result {
             Ok(report) if report.has_param("fallback") => {
-                ended = Some(format!("at {rate}/s the reference could not be started"));
+                ended = Some(format!("at {rate}/s the reference could not be started (see its run's `fallback`)"));
                 break;
             }
             Ok(report) => report,
             Err(e) => {
-                eprintln!("capacity: {rate}/s failed: {e:#}");
                 ended = Some(format!("at {rate}/s the run failed: {e:#}"));
                 break;
             }
         };
         report.figure("cpu_probe_ms", probe_ms);
-        let saved = report.save()?;
+        let saved = match report.save() {
+            Ok(saved) => saved,
+            Err(e) => {
+                ended = Some(format!("at {rate}/s the run could not be saved: {e:#}"));
+                break;
+            }
+        };
         let held = sustained(&report);
         let figures: Vec<(&'static str, f64)> =
             KEPT.iter().filter_map(|&name| report.get(name).map(|value| (name, value))).collect();
@@ -106,9 +112,11 @@ pub async fn run(cli: &Cli, push: &tidings_tests::push_service::PushService) -> 
         // Let the machine settle (the last step's database dropped, its processes gone).
         tokio::time::sleep(Duration::from_secs(2)).await;
     }
+    let failed = ended.is_some();
     let ended = ended.unwrap_or_else(|| ending(&steps));
     eprintln!("capacity: {ended}");
-    summarise(cli, &steps, &files, &ended)
+    anyhow::ensure!(!steps.is_empty(), "no rate measured: {ended}");
+    summarise(cli, &steps, &files, &ended, failed)
 }
 
 /// How a sweep that ran every step it took ended: at the first rate not sustained (the
@@ -123,8 +131,10 @@ fn ending(steps: &[Step]) -> String {
 }
 
 /// The sweep's report: the rate sustained, the first one not, each step's figures by
-/// rate, and a plot of the delays by rate.
-fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str) -> anyhow::Result<Report> {
+/// rate, and a plot of the delays by rate. A sweep that ended on a step that measured
+/// nothing (`failed`) reports its highest rate sustained only as what it reached, and
+/// is not checked against the target.
+fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str, failed: bool) -> anyhow::Result<Report> {
     let Scenario::Capacity { from, step, to, seconds } = cli.scenario else {
         anyhow::bail!("not a capacity sweep");
     };
@@ -142,7 +152,10 @@ fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str) -> anyhow
     report.param("ended", ended);
     // Rates are held up to the first that is not: the sweep stops there.
     let sustained = steps.iter().take_while(|s| s.held).last().map_or(0, |s| s.rate);
-    report.figure("sustained_per_second", sustained as f64);
+    report.figure(
+        if failed { "sustained_before_the_failure_per_second" } else { "sustained_per_second" },
+        sustained as f64,
+    );
     if let Some(missed) = steps.iter().find(|s| !s.held) {
         report.figure("first_not_sustained_per_second", missed.rate as f64);
     }
@@ -175,7 +188,7 @@ fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str) -> anyhow
     }
     .save(&report.artefact("delay-by-rate.svg")?)?;
     // The targets are Tidings' own; the reference's sweep is its side of the comparison.
-    if cli.target == Target::Tidings {
+    if cli.target == Target::Tidings && !failed {
         crate::targets::check(&mut report, cli.scenario, cli.workers, !cli.sqlite);
     }
     Ok(report)

@@ -22,7 +22,7 @@
 //!   LPUSH/RPOP figure for the same Redis.
 //! - `capacity`: `e2e` at rising rates, the stack started anew for each, up to the
 //!   first rate not sustained (p99 past 50 ms, or a submission refused, lost or pushed
-//!   twice): the highest rate sustained here.
+//!   twice, or a push refused by the push service): the highest rate sustained here.
 //! - `soak`: N submissions at R per second while an admin browses; Redis memory and keys
 //!   sampled every second and plotted (SVG) beside the JSON.
 
@@ -182,8 +182,8 @@ pub(crate) enum Scenario {
         jobs: u64,
     },
     /// `e2e` at rising rates, the stack started anew for each, up to the first rate not
-    /// sustained (p99 past 50 ms, or a submission refused, lost or pushed twice): the
-    /// highest rate sustained here.
+    /// sustained (p99 past 50 ms, or a submission refused, lost or pushed twice, or a
+    /// push refused by the push service): the highest rate sustained here.
     Capacity {
         /// The first rate, in submissions per second.
         #[arg(long, default_value_t = 1000)]
@@ -363,6 +363,7 @@ async fn run(
             worker_progress(&db, &mut report).await?;
         }
         Scenario::E2e { rate, seconds, gap_secs } => {
+            report.param("workers", cli.workers);
             let (interval, total) = e2e_pace(&mut report, rate, seconds, gap_secs);
             durable_commits(&db, &mut report).await?;
             // The machine's floor at this pace; past 100 a second no one idles.
@@ -431,13 +432,17 @@ async fn run(
             report.figure("pickup_p99_ms", pickups.p99_ms);
         }
     }
-    // How long the first worker's fan-outs took once started: with its concurrency, the
-    // most it completes in a second.
-    if matches!(cli.scenario, Scenario::E2e { .. })
+    // How long the first worker's fan-outs ran once started (the handler only: the lock
+    // before it and the acknowledgement after it hold the slot too), and, at a steady
+    // rate with one worker process, how many of its slots that keeps busy on average
+    // (Little's law: the rate times the mean time), against its concurrency.
+    if let Scenario::E2e { rate, gap_secs, .. } = cli.scenario
         && let Some(mean) = procs::mean_job_ms(&metrics)
     {
         report.figure("worker_job_mean_ms", mean);
-        report.figure("worker_jobs_per_second_bound", cli.worker_concurrency as f64 * 1000.0 / mean);
+        if gap_secs.is_none() && cli.workers == 1 {
+            report.figure("worker_jobs_in_flight_mean", rate as f64 * mean / 1000.0);
+        }
     }
     drop(window);
     stack.stop().await;

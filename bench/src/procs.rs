@@ -145,9 +145,10 @@ pub fn worker_fetches(text: &str) -> Option<(f64, f64)> {
 }
 
 /// The mean time a worker's fan-out jobs took to run, in milliseconds, over its whole
-/// life (from the sum and count of its `tidings_job_duration_seconds`); None before its
-/// first. With the worker's concurrency it bounds the rate one process completes:
-/// concurrency / mean time (Little's law).
+/// life (from the sum and count of its `tidings_job_duration_seconds`: the handler's
+/// time, without the lock before it and the acknowledgement after it); None before its
+/// first. Times the rate, it is how many of the worker's slots are busy on average
+/// (Little's law).
 pub fn mean_job_ms(text: &str) -> Option<f64> {
     let value = |part: &str| {
         tidings_tests::harness::metric_value(text, &format!("tidings_job_duration_seconds_{part}{{kind=\"fan_out\"}}"))
