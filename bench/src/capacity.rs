@@ -39,10 +39,11 @@ struct Step {
 }
 
 /// The figures of each step kept in the sweep's report, by rate.
-const KEPT: [&str; 7] = [
+const KEPT: [&str; 8] = [
     "submit_to_push_p50_ms",
     "submit_to_push_p99_ms",
     "stack_cpu_ms_per_message",
+    "worker_statements_per_message",
     "worker_job_mean_ms",
     "machine_busy_cpu_seconds",
     "machine_steal_cpu_seconds",

@@ -422,6 +422,15 @@ async fn run(
         report.figure("worker_fetches_to_redis", to_redis);
         report.figure("worker_fetches_held_back", held_back);
     }
+    // The first worker's statements that opened and closed runs, over the whole run:
+    // under load each carries every run that waited for it.
+    if let Some((opens, closes)) = procs::run_statements(&metrics) {
+        report.figure("worker_open_statements", opens);
+        report.figure("worker_close_statements", closes);
+        if let Some(submitted) = report.get("submitted").filter(|n| *n > 0.0 && cli.workers == 1) {
+            report.figure("worker_statements_per_message", (opens + closes) / submitted);
+        }
+    }
     // How soon the first worker started each fan-out once it was due (the web queued it):
     // the pick-up, part of the e2e latency.
     if matches!(cli.scenario, Scenario::E2e { .. })

@@ -144,6 +144,17 @@ pub fn worker_fetches(text: &str) -> Option<(f64, f64)> {
     Some((count("jobs") + count("empty"), count("skipped")))
 }
 
+/// The statements a worker sent to open fan-out runs and to close them, from its
+/// `tidings_run_open_writes_total` and `tidings_run_close_writes_total` (each carries
+/// every run that waited for it); None before its first.
+pub fn run_statements(text: &str) -> Option<(f64, f64)> {
+    let count = |name: &str| tidings_tests::harness::metric_value(text, name);
+    match (count("tidings_run_open_writes_total"), count("tidings_run_close_writes_total")) {
+        (None, None) => None,
+        (opens, closes) => Some((opens.unwrap_or(0.0), closes.unwrap_or(0.0))),
+    }
+}
+
 /// The mean time a worker's fan-out jobs took to run, in milliseconds, over its whole
 /// life (from the sum and count of its `tidings_job_duration_seconds`: the handler's
 /// time, without the lock before it and the acknowledgement after it); None before its
@@ -367,6 +378,14 @@ mod tests {
         let before = HashMap::from([(1, 2.0), (2, 5.0)]);
         let after = HashMap::from([(1, 2.5), (2, 5.0), (3, 1.0)]);
         assert!((cpu_between(&before, &after) - 1.5).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_run_statements_are_read_from_the_workers_counters() {
+        let text = "tidings_run_open_writes_total 40\ntidings_run_close_writes_total 25\n";
+        assert_eq!(super::run_statements(text), Some((40.0, 25.0)));
+        assert_eq!(super::run_statements("tidings_run_open_writes_total 3\n"), Some((3.0, 0.0)));
+        assert_eq!(super::run_statements("tidings_queue_fetches_total{result=\"jobs\"} 1\n"), None);
     }
 
     #[test]
