@@ -2,9 +2,9 @@
 //! database and a Redis namespace of the step's own; the reference restarted on its own
 //! database, which its scripts keep), until a rate is not sustained — its
 //! submit-to-push p99 past [`SUSTAINED_P99_MS`], or a submission refused, lost or
-//! pushed twice. The last rate sustained before it is the stack's capacity on this
-//! machine at this moment: how far the 2,000/s target sits below the knee, where a
-//! single rate's run only says met or missed.
+//! pushed twice, or a push refused by the push service. The last rate sustained before
+//! it is the stack's capacity on this machine at this moment: how far the 2,000/s target
+//! sits below the knee, where a single rate's run only says met or missed.
 
 use std::time::Duration;
 

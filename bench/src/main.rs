@@ -427,8 +427,10 @@ async fn run(
     if let Some((opens, closes)) = procs::run_statements(&metrics) {
         report.figure("worker_open_statements", opens);
         report.figure("worker_close_statements", closes);
-        if let Some(submitted) = report.get("submitted").filter(|n| *n > 0.0 && cli.workers == 1) {
-            report.figure("worker_statements_per_message", (opens + closes) / submitted);
+        // Per message accepted (warm-up included): a refused one opens no run.
+        let accepted = report.get("submitted").map(|n| n - report.get("rejected").unwrap_or(0.0));
+        if let Some(accepted) = accepted.filter(|n| *n > 0.0 && cli.workers == 1) {
+            report.figure("worker_statements_per_message", (opens + closes) / accepted);
         }
     }
     // How soon the first worker started each fan-out once it was due (the web queued it):

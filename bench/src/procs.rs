@@ -146,7 +146,7 @@ pub fn worker_fetches(text: &str) -> Option<(f64, f64)> {
 
 /// The statements a worker sent to open fan-out runs and to close them, from its
 /// `tidings_run_open_writes_total` and `tidings_run_close_writes_total` (each carries
-/// every run that waited for it); None before its first.
+/// every run that waited for it); None when the worker exposes neither counter.
 pub fn run_statements(text: &str) -> Option<(f64, f64)> {
     let count = |name: &str| tidings_tests::harness::metric_value(text, name);
     match (count("tidings_run_open_writes_total"), count("tidings_run_close_writes_total")) {
