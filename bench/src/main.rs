@@ -374,7 +374,23 @@ async fn run(
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
             push.set_deferred(true);
-            e2e(&address, push, interval, total, &mut window, &mut report).await?;
+            // The worker's statements and fetches each second of the load, beside it: a
+            // backlog that forms shows whether each carries more or fewer messages.
+            let (done, sampled) = tokio::sync::oneshot::channel();
+            let load = async {
+                let result = e2e(&address, push, interval, total, &mut window, &mut report).await;
+                let _ = done.send(());
+                result
+            };
+            let (result, by_second) = tokio::join!(load, stack.worker_by_second(sampled));
+            result?;
+            if !by_second.is_empty() {
+                let series = |pick: fn(&(f64, f64, f64)) -> f64| -> Vec<(f64, f64)> {
+                    by_second.iter().map(|s| (s.0, pick(s))).collect()
+                };
+                report.series("worker_statements_by_second", &series(|s| s.1));
+                report.series("worker_fetches_by_second", &series(|s| s.2));
+            }
         }
         Scenario::Fanout { subscriptions, delay_ms } => {
             report.param("subscriptions", subscriptions);

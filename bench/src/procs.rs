@@ -114,6 +114,33 @@ impl Stack {
         reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()
     }
 
+    /// The first worker's run statements and fetches that reached Redis, each second
+    /// until `done` resolves: `(seconds since the start, statements, fetches)` in each
+    /// second, from its counters. Empty without a worker.
+    pub async fn worker_by_second(&self, mut done: tokio::sync::oneshot::Receiver<()>) -> Vec<(f64, f64, f64)> {
+        let start = std::time::Instant::now();
+        let mut ticks = tokio::time::interval(Duration::from_secs(1));
+        // A tick held up (the stand-in's checks after the load run on this thread) is
+        // taken once, not caught up in a burst of empty seconds.
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last: Option<(f64, f64)> = None;
+        let mut seconds = Vec::new();
+        loop {
+            tokio::select! {
+                _ = &mut done => break,
+                _ = ticks.tick() => {}
+            }
+            let Some(text) = self.worker_metrics().await else { break };
+            let statements = run_statements(&text).map_or(0.0, |(opens, closes)| opens + closes);
+            let fetches = worker_fetches(&text).map_or(0.0, |(to_redis, _)| to_redis);
+            if let Some((statements_before, fetches_before)) = last {
+                seconds.push((start.elapsed().as_secs_f64(), statements - statements_before, fetches - fetches_before));
+            }
+            last = Some((statements, fetches));
+        }
+        seconds
+    }
+
     /// SIGTERM every process and wait for them.
     pub async fn stop(mut self) {
         let more: Vec<u32> = self.more_workers.iter().map(|w| w.id().unwrap_or(0)).collect();
