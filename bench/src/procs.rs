@@ -114,29 +114,46 @@ impl Stack {
         reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()
     }
 
-    /// The first worker's run statements and fetches that reached Redis, each second
-    /// until `done` resolves: `(seconds since the start, statements, fetches)` in each
-    /// second, from its counters. Empty without a worker.
+    /// The first worker's run statements and fetches that reached Redis, about each
+    /// second until `done` resolves: `(seconds since the start, statements a second,
+    /// fetches a second)`, each the counters' growth over the time since the scrape before
+    /// (at least half a second). A scrape that fails or takes over a second is skipped.
+    /// Empty without a worker.
     pub async fn worker_by_second(&self, mut done: tokio::sync::oneshot::Receiver<()>) -> Vec<(f64, f64, f64)> {
+        let Some(url) = self.worker_metrics.as_deref() else { return Vec::new() };
+        let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return Vec::new() };
         let start = std::time::Instant::now();
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
-        // A tick held up (the stand-in's checks after the load run on this thread) is
-        // taken once, not caught up in a burst of empty seconds.
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last: Option<(f64, f64)> = None;
+        let mut last: Option<(f64, f64, f64)> = None;
         let mut seconds = Vec::new();
         loop {
             tokio::select! {
+                biased;
                 _ = &mut done => break,
                 _ = ticks.tick() => {}
             }
-            let Some(text) = self.worker_metrics().await else { break };
+            let scrape = async { client.get(url).send().await.ok()?.text().await.ok() };
+            let text = tokio::select! {
+                biased;
+                _ = &mut done => break,
+                text = scrape => text,
+            };
+            let Some(text) = text else { continue };
+            let at = start.elapsed().as_secs_f64();
             let statements = run_statements(&text).map_or(0.0, |(opens, closes)| opens + closes);
             let fetches = worker_fetches(&text).map_or(0.0, |(to_redis, _)| to_redis);
-            if let Some((statements_before, fetches_before)) = last {
-                seconds.push((start.elapsed().as_secs_f64(), statements - statements_before, fetches - fetches_before));
+            match last {
+                // Held up (the stand-in's checks after the load run on this thread): no
+                // point from a sliver of time.
+                Some((before, _, _)) if at - before < 0.5 => continue,
+                Some((before, statements_before, fetches_before)) => {
+                    let span = at - before;
+                    seconds.push((at, (statements - statements_before) / span, (fetches - fetches_before) / span));
+                }
+                None => {}
             }
-            last = Some((statements, fetches));
+            last = Some((at, statements, fetches));
         }
         seconds
     }
