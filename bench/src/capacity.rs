@@ -131,6 +131,11 @@ fn ending(steps: &[Step]) -> String {
     }
 }
 
+/// Figure `name` of each step that has it, by the step's rate.
+fn by_rate(steps: &[Step], name: &str) -> Vec<(f64, f64)> {
+    steps.iter().filter_map(|s| s.figures.iter().find(|(n, _)| *n == name).map(|(_, v)| (s.rate as f64, *v))).collect()
+}
+
 /// The sweep's report: the rate sustained, the first one not, each step's figures by
 /// rate, and a plot of the delays by rate. A sweep that ended on a step that measured
 /// nothing (`failed`) reports its highest rate sustained only as what it reached, and
@@ -161,19 +166,11 @@ fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str, failed: b
         report.figure("first_not_sustained_per_second", missed.rate as f64);
     }
     for name in KEPT {
-        let points: Vec<(f64, f64)> = steps
-            .iter()
-            .filter_map(|s| s.figures.iter().find(|(n, _)| *n == name).map(|(_, v)| (s.rate as f64, *v)))
-            .collect();
-        report.series(&format!("{name}_by_rate"), &points);
+        report.series(&format!("{name}_by_rate"), &by_rate(steps, name));
     }
     report.note("steps", files.join("\n"));
     let capped = |name: &str| -> Vec<(f64, f64)> {
-        steps
-            .iter()
-            .filter_map(|s| s.figures.iter().find(|(n, _)| *n == name).map(|(_, v)| (s.rate as f64, *v)))
-            .map(|(rate, ms)| (rate, ms.min(PLOT_CAP * SUSTAINED_P99_MS)))
-            .collect()
+        by_rate(steps, name).into_iter().map(|(rate, ms)| (rate, ms.min(PLOT_CAP * SUSTAINED_P99_MS))).collect()
     };
     let (p50, p99) = (capped("submit_to_push_p50_ms"), capped("submit_to_push_p99_ms"));
     let title = format!("capacity: submit-to-push delay by rate (drawn at most {:.0} ms)", PLOT_CAP * SUSTAINED_P99_MS);
