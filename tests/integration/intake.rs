@@ -251,14 +251,52 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
     // request made after all are the same job.
     paused.resume();
     app.start_worker().await;
-    let received = app.push.wait_for_received(21, std::time::Duration::from_secs(30)).await;
-    let mut bodies: Vec<String> =
-        received.iter().map(|p| p.json()["body"].as_str().unwrap_or_default().to_owned()).collect();
-    bodies.sort();
-    bodies.dedup();
-    assert_eq!(bodies.len(), 21, "every message once");
+    app.push.wait_for_received(21, std::time::Duration::from_secs(30)).await;
+    assert_eq!(app.pushed_bodies().1, 21, "every message once");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     assert_eq!(app.push.received().len(), 21, "and no message twice");
+}
+
+#[tokio::test]
+async fn a_web_that_stops_with_a_full_backlog_leaves_what_it_holds_to_the_relay() {
+    use tidings_tests::harness::metric_value;
+    // Arrange: no worker, a bound of 5 jobs; a web of its own on the app's settings.
+    let mut app = spawn_app_with(Options {
+        worker: false,
+        env: vec![("QUEUE_MAX_BACKLOG".into(), "5".into())],
+        ..Options::default()
+    })
+    .await;
+    app.subscribe_browser().await;
+    let web = own_web(&app).await;
+    let metrics = web.state().metrics.clone();
+    let web = RunningWeb::start(web);
+    let enqueued = r#"tidings_dispatch_total{outcome="enqueued"}"#;
+
+    // Act: twenty submissions, of which Redis has room for five; the web holds the rest
+    // for room that no worker makes, and stops.
+    let statuses = futures::future::join_all((0..20).map(|i| web.submit(i, "held"))).await;
+    assert!(statuses.iter().all(|s| *s == StatusCode::CREATED), "{statuses:?}");
+    assert!(
+        crate::pipeline::wait_until(|| async { metric_value(&metrics.render(&[]), enqueued) == Some(5.0) }).await,
+        "five jobs went to Redis"
+    );
+    web.stop().await;
+
+    // Assert: it stopped leaving the fifteen it held to the relay (their records
+    // unmarked), and once a worker runs every message goes out once.
+    let exposition = metrics.render(&[]);
+    assert_eq!(metric_value(&exposition, enqueued), Some(5.0), "{exposition}");
+    assert_eq!(
+        metric_value(&exposition, r#"tidings_dispatch_total{outcome="deferred_backlog_full"}"#),
+        Some(15.0),
+        "{exposition}"
+    );
+    let records = dispatch::Entity::find().all(&app.db).await.expect("records");
+    assert_eq!(records.iter().filter(|r| r.enqueued_at.is_none()).count(), 15);
+    app.start_worker().await;
+    app.push.wait_for_received(20, std::time::Duration::from_secs(30)).await;
+    assert_eq!(app.pushed_bodies().1, 20, "every message once");
 }
 
 #[tokio::test]

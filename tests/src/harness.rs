@@ -306,6 +306,17 @@ impl TestApp {
             .expect("burst inserted");
     }
 
+    /// The pushes received so far: how many, and how many different bodies among them
+    /// (fewer when a message went out twice).
+    pub fn pushed_bodies(&self) -> (usize, usize) {
+        let received = self.push.received();
+        let mut bodies: Vec<String> =
+            received.iter().map(|p| p.json()["body"].as_str().unwrap_or_default().to_owned()).collect();
+        bodies.sort();
+        bodies.dedup();
+        (received.len(), bodies.len())
+    }
+
     /// Number of feedback rows stored.
     pub async fn feedback_count(&self) -> u64 {
         shared::queries::feedback::count(&self.db).await.expect("count")

@@ -22,7 +22,8 @@ use tokio::task::JoinHandle;
 const MAX_BATCH: usize = 256;
 
 /// Committed submissions waiting for the announcer, at most; past it (Redis slow or
-/// down) new ones are left to the relay instead of piling up in memory.
+/// down, or the backlog at its bound for long) new ones are left to the relay instead of
+/// piling up in memory.
 const MAX_WAITING: usize = 10_000;
 
 /// How long the marker gathers records enqueued before it marks them, in one statement.
@@ -34,6 +35,15 @@ const _: () = assert!(5 * MARK_EVERY.as_millis() <= shared::settings::MIN_RELAY_
 
 /// Records marked in one statement, at most.
 const MAX_MARKS: usize = 1024;
+
+/// While the backlog is at its bound the announcer holds its batch and reads the backlog
+/// again after this long, then twice as long each time it is still full, up to
+/// [`ROOM_POLL_MAX`]: under a steady overload the workers make room within the first
+/// wait, and with no worker running it reads Redis a few times a second. (Leaving those
+/// records to the relay, as a web that is stopping does, would hold them for its grace,
+/// `RELAY_GRACE_MS`, seconds behind the messages that came after them.)
+const ROOM_POLL_FIRST: Duration = Duration::from_millis(5);
+const ROOM_POLL_MAX: Duration = Duration::from_millis(200);
 
 /// A backlog figure older than this is read again before it decides anything.
 const BACKLOG_FRESH_FOR: Duration = Duration::from_millis(500);
@@ -214,9 +224,35 @@ impl Dispatcher {
         let mut stop = self.announcer_stop.subscribe();
         let mut backlog: Option<Backlog> = None;
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while receive(&mut inbox, &mut batch, MAX_BATCH, &mut stop).await > 0 {
-            backlog = self.announce_batch(&batch, backlog).await;
-            batch.clear();
+        let mut wait = ROOM_POLL_FIRST;
+        loop {
+            // Where the submissions not yet seen by `announce_batch` start in the batch.
+            let new_from = batch.len();
+            if batch.is_empty() {
+                if receive(&mut inbox, &mut batch, MAX_BATCH, &mut stop).await == 0 {
+                    break;
+                }
+            } else {
+                // Held for room: the workers drain the backlog; look again shortly, with
+                // what committed meanwhile behind what was held.
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    _ = stop.wait_for(|stopping| *stopping) => {}
+                }
+                wait = (wait * 2).min(ROOM_POLL_MAX);
+                while batch.len() < MAX_BATCH {
+                    let Ok(next) = inbox.try_recv() else { break };
+                    batch.push(next);
+                }
+                backlog = None;
+            }
+            let hold = !*stop.borrow();
+            let (done, seen) = self.announce_batch(&batch, new_from, backlog, hold).await;
+            backlog = seen;
+            batch.drain(..done);
+            if done > 0 {
+                wait = ROOM_POLL_FIRST;
+            }
             if backlog.is_none() && *stop.borrow() {
                 // Stopping, and Redis failed that batch: the rest waits for the relay too,
                 // rather than each batch trying Redis again until the drain's time is up.
@@ -231,14 +267,24 @@ impl Dispatcher {
         }
     }
 
-    /// Enqueues the jobs of committed submissions and marks their records; what cannot
-    /// go to Redis now (down, or the backlog at its bound) is left to the relay. Returns
+    /// Enqueues the jobs of committed submissions and marks their records (and drops
+    /// from the read cache what the submissions from `new_from` on change). What the
+    /// backlog's bound leaves no room for is held, when `hold`, for the announcer to push
+    /// once the workers make room, and otherwise (the web is stopping) left to the relay;
+    /// what cannot go to Redis now (down, or failing) is left to the relay. Returns how
+    /// many of `batch`, from its start, are done with (pushed or left to the relay), and
     /// the backlog as seen after the push.
-    async fn announce_batch(&self, batch: &[Announcement], known: Option<Backlog>) -> Option<Backlog> {
-        let ids: Vec<i64> = batch.iter().map(|(s, _)| s.feedback_id).collect();
+    async fn announce_batch(
+        &self,
+        batch: &[Announcement],
+        new_from: usize,
+        known: Option<Backlog>,
+        hold: bool,
+    ) -> (usize, Option<Backlog>) {
+        let ids: Vec<i64> = batch[new_from..].iter().map(|(s, _)| s.feedback_id).collect();
         let Some(queue) = self.queue().await else {
             self.count_dispatch("deferred_redis_down", batch.len());
-            return None;
+            return (batch.len(), None);
         };
         // The cache drop goes out on the same connection while the jobs are pushed.
         let (pushed, ()) = tokio::join!(self.push(&queue, batch, known), self.invalidate_new(&ids));
@@ -247,13 +293,16 @@ impl Dispatcher {
             Err(e) => {
                 tracing::warn!(jobs = batch.len(), error = %e, "queue.enqueue failed; the relay will enqueue later");
                 self.count_dispatch("deferred_redis_error", batch.len());
-                return None;
+                return (batch.len(), None);
             }
         };
-        if taken < batch.len() {
+        let done = if taken == batch.len() || hold {
+            taken
+        } else {
             tracing::debug!(deferred = batch.len() - taken, "queue.full; left to the relay");
             self.count_dispatch("deferred_backlog_full", batch.len() - taken);
-        }
+            batch.len()
+        };
         if taken > 0 {
             self.count_dispatch("enqueued", taken);
             self.metrics
@@ -261,7 +310,7 @@ impl Dispatcher {
                 .add(taken as u64);
             self.mark_enqueued(batch[..taken].iter().map(|(s, _)| s.dispatch_id));
         }
-        seen
+        (done, seen)
     }
 
     /// Hands enqueued records to the marker, off the announcer's path. A mark that
@@ -313,6 +362,9 @@ impl Dispatcher {
     /// Drops what new messages change from the read cache (best effort: their fan-out
     /// jobs do it again).
     async fn invalidate_new(&self, feedback_ids: &[i64]) {
+        if feedback_ids.is_empty() {
+            return;
+        }
         let Some(cache) = self.cache().await else { return };
         if let Err(e) = cache.invalidate(feedback_ids).await {
             tracing::debug!(?feedback_ids, error = %e, "cache.invalidate_failed; the fan-out jobs will");
