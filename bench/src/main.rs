@@ -374,22 +374,23 @@ async fn run(
             let admin = bench_admin(&db).await?;
             subscribe(&db, push, &browser, admin).await?;
             push.set_deferred(true);
-            // The worker's statements and fetches each second of the load, beside it: a
-            // backlog that forms shows whether each carries more or fewer messages.
+            // What the stack did each second of the load, beside it: whether a backlog
+            // that forms comes with more or fewer statements and fetches, and which
+            // process's CPU a slow second went to.
             let (done, sampled) = tokio::sync::oneshot::channel();
             let load = async {
                 let result = e2e(&address, push, interval, total, &mut window, &mut report).await;
                 let _ = done.send(());
                 result
             };
-            let (result, by_second) = tokio::join!(load, stack.worker_by_second(sampled));
+            let (result, by_second) = tokio::join!(load, stack.by_second(sampled));
             result?;
-            if !by_second.is_empty() {
-                let series = |pick: fn(&(f64, f64, f64)) -> f64| -> Vec<(f64, f64)> {
-                    by_second.iter().map(|s| (s.0, pick(s))).collect()
-                };
-                report.series("worker_statements_by_second", &series(|s| s.1));
-                report.series("worker_fetches_by_second", &series(|s| s.2));
+            for name in by_second.first().map(|(_, rates)| rates.iter().map(|(name, _)| *name)).into_iter().flatten() {
+                let points: Vec<(f64, f64)> = by_second
+                    .iter()
+                    .filter_map(|(at, rates)| rates.iter().find(|(n, _)| *n == name).map(|(_, rate)| (*at, *rate)))
+                    .collect();
+                report.series(&format!("{name}_by_second"), &points);
             }
         }
         Scenario::Fanout { subscriptions, delay_ms } => {

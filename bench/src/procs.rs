@@ -114,18 +114,25 @@ impl Stack {
         reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()
     }
 
-    /// The first worker's run statements and fetches that reached Redis, about each
-    /// second until `done` resolves: `(seconds since the start, statements a second,
-    /// fetches a second)`, each the counters' growth over the time since the scrape before
-    /// (at least half a second). A scrape that fails or takes over a second is skipped.
-    /// Empty without a worker.
-    pub async fn worker_by_second(&self, mut done: tokio::sync::oneshot::Receiver<()>) -> Vec<(f64, f64, f64)> {
-        let Some(url) = self.worker_metrics.as_deref() else { return Vec::new() };
+    /// What the stack did about each second until `done` resolves: for each second,
+    /// `(seconds since the start, [(name, rate)])`, each rate a running total's growth
+    /// over the time since the sample before (at least half a second), per second. The
+    /// totals: the first worker's run statements and fetches that reached Redis
+    /// (`worker_statements`, `worker_fetches`, with a worker), and the CPU seconds of the
+    /// web, the worker processes, PostgreSQL, Redis, this process (the load and the
+    /// stand-in) and the whole machine, with its steal (`web_cpu`, `worker_cpu`,
+    /// `postgres_cpu`, `redis_cpu`, `bench_cpu`, `machine_busy_cpu`,
+    /// `machine_steal_cpu`): a second that slows is traced to a process. A worker scrape
+    /// that fails or takes over a second skips that sample.
+    pub async fn by_second(
+        &self,
+        mut done: tokio::sync::oneshot::Receiver<()>,
+    ) -> Vec<(f64, Vec<(&'static str, f64)>)> {
         let Ok(client) = reqwest::Client::builder().timeout(Duration::from_secs(1)).build() else { return Vec::new() };
         let start = std::time::Instant::now();
         let mut ticks = tokio::time::interval(Duration::from_secs(1));
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut last: Option<(f64, f64, f64)> = None;
+        let mut last: Option<(f64, Totals)> = None;
         let mut seconds = Vec::new();
         loop {
             tokio::select! {
@@ -133,29 +140,50 @@ impl Stack {
                 _ = &mut done => break,
                 _ = ticks.tick() => {}
             }
-            let scrape = async { client.get(url).send().await.ok()?.text().await.ok() };
-            let text = tokio::select! {
-                biased;
-                _ = &mut done => break,
-                text = scrape => text,
+            let metrics = match self.worker_metrics.as_deref() {
+                Some(url) => {
+                    let scrape = async { client.get(url).send().await.ok()?.text().await.ok() };
+                    let text = tokio::select! {
+                        biased;
+                        _ = &mut done => break,
+                        text = scrape => text,
+                    };
+                    let Some(text) = text else { continue };
+                    Some(text)
+                }
+                None => None,
             };
-            let Some(text) = text else { continue };
             let at = start.elapsed().as_secs_f64();
-            let statements = run_statements(&text).map_or(0.0, |(opens, closes)| opens + closes);
-            let fetches = worker_fetches(&text).map_or(0.0, |(to_redis, _)| to_redis);
-            match last {
+            let totals = self.totals(metrics.as_deref());
+            match &last {
                 // Held up (the stand-in's checks after the load run on this thread): no
                 // point from a sliver of time.
-                Some((before, _, _)) if at - before < 0.5 => continue,
-                Some((before, statements_before, fetches_before)) => {
-                    let span = at - before;
-                    seconds.push((at, (statements - statements_before) / span, (fetches - fetches_before) / span));
-                }
+                Some((before, _)) if at - before < 0.5 => continue,
+                Some((before, totals_before)) => seconds.push((at, totals.rates_since(totals_before, at - before))),
                 None => {}
             }
-            last = Some((at, statements, fetches));
+            last = Some((at, totals));
         }
         seconds
+    }
+
+    /// The running totals [`Stack::by_second`] samples, read now (`metrics`: the first
+    /// worker's, when it runs).
+    fn totals(&self, metrics: Option<&str>) -> Totals {
+        let mut counters = Vec::new();
+        if let Some(text) = metrics {
+            counters.push(("worker_statements", run_statements(text).map_or(0.0, |(opens, closes)| opens + closes)));
+            counters.push(("worker_fetches", worker_fetches(text).map_or(0.0, |(to_redis, _)| to_redis)));
+        }
+        let (web, worker) = self.cpu();
+        counters.extend([
+            ("web_cpu", web),
+            ("worker_cpu", worker),
+            ("bench_cpu", cpu_seconds(std::process::id())),
+            ("machine_busy_cpu", machine_busy_seconds()),
+            ("machine_steal_cpu", machine_steal_seconds()),
+        ]);
+        Totals { counters, postgres: cpu_by_name(&["postgres"]), redis: cpu_by_name(&["redis-server"]) }
     }
 
     /// SIGTERM every process and wait for them.
@@ -172,6 +200,32 @@ impl Stack {
         for worker in &mut self.more_workers {
             let _ = tokio::time::timeout(Duration::from_secs(40), worker.wait()).await;
         }
+    }
+}
+
+/// Running totals at one moment: counters under their names, and the CPU seconds of
+/// PostgreSQL's and Redis's processes by process (one that ends between two moments
+/// would otherwise count as negative).
+struct Totals {
+    counters: Vec<(&'static str, f64)>,
+    postgres: HashMap<u32, f64>,
+    redis: HashMap<u32, f64>,
+}
+
+impl Totals {
+    /// Each total's growth since `before`, per second over `span` seconds.
+    fn rates_since(&self, before: &Totals, span: f64) -> Vec<(&'static str, f64)> {
+        let mut rates: Vec<(&'static str, f64)> = self
+            .counters
+            .iter()
+            .filter_map(|(name, now)| {
+                let (_, then) = before.counters.iter().find(|(n, _)| n == name)?;
+                Some((*name, (now - then) / span))
+            })
+            .collect();
+        rates.push(("postgres_cpu", cpu_between(&before.postgres, &self.postgres) / span));
+        rates.push(("redis_cpu", cpu_between(&before.redis, &self.redis) / span));
+        rates
     }
 }
 
@@ -413,7 +467,27 @@ pub fn cpu_between(before: &HashMap<u32, f64>, after: &HashMap<u32, f64>) -> f64
 mod tests {
     use std::collections::HashMap;
 
-    use super::{Pickups, cpu_between};
+    use super::{Pickups, Totals, cpu_between};
+
+    #[test]
+    fn rates_are_growth_per_second_and_a_process_that_ended_counts_nothing() {
+        let before = Totals {
+            counters: vec![("web_cpu", 1.0), ("worker_statements", 100.0)],
+            postgres: HashMap::from([(1, 2.0), (2, 5.0)]),
+            redis: HashMap::from([(9, 1.0)]),
+        };
+        let after = Totals {
+            counters: vec![("web_cpu", 1.5), ("worker_statements", 300.0)],
+            postgres: HashMap::from([(1, 3.0), (3, 0.5)]),
+            redis: HashMap::from([(9, 1.25)]),
+        };
+        // PostgreSQL: process 1 grew by 1.0, process 3 started (counted whole), process 2
+        // ended (not counted): 1.5 over 2 s.
+        assert_eq!(
+            after.rates_since(&before, 2.0),
+            vec![("web_cpu", 0.25), ("worker_statements", 100.0), ("postgres_cpu", 0.75), ("redis_cpu", 0.125)]
+        );
+    }
 
     #[test]
     fn cpu_between_counts_what_grew_and_is_never_negative_zero() {
