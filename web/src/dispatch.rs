@@ -6,6 +6,7 @@
 //! transaction that rolled back (this code only sees committed ids). When the web stops,
 //! [`Dispatcher::drain`] announces and marks what it has taken before the process exits.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
@@ -21,9 +22,9 @@ use tokio::task::JoinHandle;
 /// Submissions announced in one round of the announcer, at most.
 const MAX_BATCH: usize = 256;
 
-/// Committed submissions waiting for the announcer, at most; past it (Redis slow or
-/// down, or the backlog at its bound for long) new ones are left to the relay instead of
-/// piling up in memory.
+/// Committed submissions waiting in the announcer's inbox, at most, and held by it for
+/// room in Redis, at most; past that (Redis slow or down, or the backlog at its bound for
+/// long) new ones are left to the relay instead of piling up in memory.
 const MAX_WAITING: usize = 10_000;
 
 /// How long the marker gathers records enqueued before it marks them, in one statement.
@@ -71,7 +72,7 @@ pub struct Dispatcher {
     queue: RwLock<Option<JobQueue>>,
     /// One connection attempt at a time.
     connecting: Mutex<()>,
-    /// Jobs Redis may hold waiting before new ones are left to the relay.
+    /// Jobs Redis may hold waiting before new ones are held for room.
     max_backlog: u64,
     /// Counts enqueued and deferred jobs.
     metrics: Registry,
@@ -125,11 +126,12 @@ impl Dispatcher {
     }
 
     /// Stops taking announcements and finishes, within `within`, what was taken: every
-    /// committed submission handed to the announcer is pushed to Redis, and every record
-    /// enqueued is marked (otherwise the marker's last 50 ms would be left unmarked, and
-    /// what the announcer still held would wait for the relay's grace). Called once the
-    /// server has answered its last request; a submission announced after it is left to
-    /// the relay.
+    /// committed submission handed to the announcer is pushed to Redis as far as the
+    /// backlog's bound leaves room (the rest, and all of it if Redis fails, is left to the
+    /// relay at once), and every record enqueued is marked (otherwise the marker's last
+    /// 50 ms would be left unmarked, and what the announcer still had would wait for the
+    /// relay's grace). Called once the server has answered its last request; a submission
+    /// announced after it is left to the relay.
     ///
     /// The marker keeps a fifth of `within` (at most a second) for itself: however long
     /// the announcer takes, what it did push is marked.
@@ -219,43 +221,60 @@ impl Dispatcher {
     }
 
     /// The announcer: takes whatever committed submissions are waiting, announces them
-    /// together, and starts over.
+    /// together, and starts over. What the backlog's bound leaves no room for it holds, in
+    /// order, and pushes as the workers make room, taking what commits meanwhile behind it
+    /// (each submission's cached pages are dropped as it is taken, held or not).
     async fn announce_all(self: Arc<Self>, mut inbox: mpsc::Receiver<Announcement>) {
         let mut stop = self.announcer_stop.subscribe();
         let mut backlog: Option<Backlog> = None;
-        let mut batch = Vec::with_capacity(MAX_BATCH);
+        // Taken from the inbox and not yet pushed or left to the relay, oldest first.
+        let mut held: VecDeque<Announcement> = VecDeque::new();
+        let mut fresh = Vec::with_capacity(MAX_BATCH);
         let mut wait = ROOM_POLL_FIRST;
         loop {
-            // Where the submissions not yet seen by `announce_batch` start in the batch.
-            let new_from = batch.len();
-            if batch.is_empty() {
-                if receive(&mut inbox, &mut batch, MAX_BATCH, &mut stop).await == 0 {
+            if held.is_empty() {
+                if receive(&mut inbox, &mut fresh, MAX_BATCH, &mut stop).await == 0 {
                     break;
                 }
             } else {
-                // Held for room: the workers drain the backlog; look again shortly, with
-                // what committed meanwhile behind what was held.
+                // Held for room: the workers drain the backlog; look again shortly.
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|stopping| *stopping) => {}
                 }
                 wait = (wait * 2).min(ROOM_POLL_MAX);
-                while batch.len() < MAX_BATCH {
+                while held.len() + fresh.len() < MAX_WAITING {
                     let Ok(next) = inbox.try_recv() else { break };
-                    batch.push(next);
+                    fresh.push(next);
                 }
                 backlog = None;
             }
+            let mut new_ids: Vec<i64> = fresh.iter().map(|(s, _)| s.feedback_id).collect();
+            held.extend(fresh.drain(..));
             let hold = !*stop.borrow();
-            let (done, seen) = self.announce_batch(&batch, new_from, backlog, hold).await;
-            backlog = seen;
-            batch.drain(..done);
-            if done > 0 {
-                wait = ROOM_POLL_FIRST;
+            // From the oldest, a batch at a time, while Redis has room (or, stopping, until
+            // everything is pushed or left to the relay).
+            while !held.is_empty() {
+                let n = held.len().min(MAX_BATCH);
+                let batch = &held.make_contiguous()[..n];
+                let (done, seen) = self.announce_batch(batch, &std::mem::take(&mut new_ids), backlog, hold).await;
+                backlog = seen;
+                held.drain(..done);
+                if done > 0 {
+                    wait = ROOM_POLL_FIRST;
+                }
+                if backlog.is_none() && *stop.borrow() {
+                    // Stopping, and Redis failed that batch: the rest waits for the relay
+                    // too, rather than each batch trying Redis again until the drain's
+                    // time is up.
+                    self.count_dispatch("deferred_redis_down", held.len());
+                    held.clear();
+                }
+                if done < n {
+                    break;
+                }
             }
             if backlog.is_none() && *stop.borrow() {
-                // Stopping, and Redis failed that batch: the rest waits for the relay too,
-                // rather than each batch trying Redis again until the drain's time is up.
                 inbox.close();
                 let mut left = 0;
                 while inbox.try_recv().is_ok() {
@@ -268,7 +287,7 @@ impl Dispatcher {
     }
 
     /// Enqueues the jobs of committed submissions and marks their records (and drops
-    /// from the read cache what the submissions from `new_from` on change). What the
+    /// from the read cache what the messages `new_ids` change). What the
     /// backlog's bound leaves no room for is held, when `hold`, for the announcer to push
     /// once the workers make room, and otherwise (the web is stopping) left to the relay;
     /// what cannot go to Redis now (down, or failing) is left to the relay. Returns how
@@ -277,17 +296,16 @@ impl Dispatcher {
     async fn announce_batch(
         &self,
         batch: &[Announcement],
-        new_from: usize,
+        new_ids: &[i64],
         known: Option<Backlog>,
         hold: bool,
     ) -> (usize, Option<Backlog>) {
-        let ids: Vec<i64> = batch[new_from..].iter().map(|(s, _)| s.feedback_id).collect();
         let Some(queue) = self.queue().await else {
             self.count_dispatch("deferred_redis_down", batch.len());
             return (batch.len(), None);
         };
         // The cache drop goes out on the same connection while the jobs are pushed.
-        let (pushed, ()) = tokio::join!(self.push(&queue, batch, known), self.invalidate_new(&ids));
+        let (pushed, ()) = tokio::join!(self.push(&queue, batch, known), self.invalidate_new(new_ids));
         let (taken, seen) = match pushed {
             Ok(pushed) => pushed,
             Err(e) => {
