@@ -220,7 +220,8 @@ impl Totals {
             .iter()
             .filter_map(|(name, now)| {
                 let (_, then) = before.counters.iter().find(|(n, _)| n == name)?;
-                Some((*name, (now - then) / span))
+                // A process gone since (its time read as 0) counts nothing, not less.
+                Some((*name, ((now - then) / span).max(0.0)))
             })
             .collect();
         rates.push(("postgres_cpu", cpu_between(&before.postgres, &self.postgres) / span));
