@@ -127,8 +127,8 @@ impl Dispatcher {
 
     /// Stops taking announcements and finishes, within `within`, what was taken: every
     /// committed submission handed to the announcer is pushed to Redis as far as the
-    /// backlog's bound leaves room (the rest, and all of it if Redis fails, is left to the
-    /// relay at once), and every record enqueued is marked (otherwise the marker's last
+    /// backlog's bound leaves room (the rest, and all that is left once Redis fails, is
+    /// left to the relay at once), and every record enqueued is marked (otherwise the marker's last
     /// 50 ms would be left unmarked, and what the announcer still had would wait for the
     /// relay's grace). Called once the server has answered its last request; a submission
     /// announced after it is left to the relay.
@@ -156,8 +156,9 @@ impl Dispatcher {
     }
 
     /// With the read cache on, a committed message also drops the cached first page and
-    /// counts at once (its fan-out job does it too; this way they are fresh even while
-    /// no worker runs or the queue has a backlog).
+    /// counts as the announcer takes it: at once, or, while it holds messages for room in
+    /// Redis, at its next look at the backlog (its fan-out job does it too; this way they
+    /// are fresh even while no worker runs or the queue has a backlog).
     pub fn with_cache(mut self, settings: &shared::cache::CacheSettings) -> Self {
         self.cache = settings.enabled.then(|| settings.clone());
         self
