@@ -443,24 +443,12 @@ async fn a_new_message_shows_in_a_cached_inbox_even_while_no_worker_runs() {
 
 #[tokio::test]
 async fn a_new_message_shows_in_a_cached_inbox_while_the_web_holds_it_for_room_in_redis() {
-    use futures::StreamExt;
     // Arrange: no worker and room in Redis for one job, so the web holds every message
     // after the first, more than one batch of them; the inbox cached after them.
     let (app, client) =
         logged_in(Options { worker: false, env: vec![("QUEUE_MAX_BACKLOG".into(), "1".into())], ..Options::default() })
             .await;
-    let statuses: Vec<StatusCode> = futures::stream::iter(0..300)
-        .map(|i| {
-            let app = &app;
-            async move {
-                let body = serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": format!("filler {i}")});
-                app.post_api_feedback(&body).await.status()
-            }
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    assert!(statuses.iter().all(|s| *s == StatusCode::CREATED), "{statuses:?}");
+    app.submit_burst(300, "filler").await;
     let inbox = format!("{}/admin/", app.address);
     assert!(get(&client, inbox.clone()).await.contains("filler"));
 

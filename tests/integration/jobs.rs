@@ -143,7 +143,7 @@ async fn a_burst_past_the_bound_is_pushed_by_the_web_as_the_workers_make_room_no
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
 
     // Act: a burst of 100 submissions, five times the bound; then a worker starts.
-    submit_burst(&app, 100, "held").await;
+    app.submit_burst(100, "held").await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let held = queue.backlog().await.expect("backlog");
     app.start_worker().await;
@@ -158,21 +158,6 @@ async fn a_burst_past_the_bound_is_pushed_by_the_web_as_the_workers_make_room_no
     let metrics = metrics.text().await.expect("text");
     assert_eq!(metric_value(&metrics, r#"tidings_dispatch_total{outcome="enqueued"}"#), Some(100.0), "{metrics}");
     assert_eq!(metric_value(&metrics, r#"tidings_dispatch_total{outcome="deferred_backlog_full"}"#), None, "{metrics}");
-}
-
-/// Posts `count` messages through the API, 16 at a time, each `{label} {i}`; every one
-/// must be accepted.
-async fn submit_burst(app: &TestApp, count: usize, label: &str) {
-    use futures::StreamExt;
-    let statuses: Vec<u16> = futures::stream::iter(0..count)
-        .map(|i| async move {
-            let body = serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": format!("{label} {i}")});
-            app.post_api_feedback(&body).await.status().as_u16()
-        })
-        .buffer_unordered(16)
-        .collect()
-        .await;
-    assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
 }
 
 /// Waits, up to `within`, for `count` pushes to arrive, reading Redis's backlog every

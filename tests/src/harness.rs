@@ -306,6 +306,21 @@ impl TestApp {
             .expect("burst inserted");
     }
 
+    /// Posts `count` messages through the API, 16 at a time, each `{label} {i}`; every one
+    /// must be accepted.
+    pub async fn submit_burst(&self, count: usize, label: &str) {
+        use futures::StreamExt;
+        let statuses: Vec<u16> = futures::stream::iter(0..count)
+            .map(|i| async move {
+                let body = serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": format!("{label} {i}")});
+                self.post_api_feedback(&body).await.status().as_u16()
+            })
+            .buffer_unordered(16)
+            .collect()
+            .await;
+        assert!(statuses.iter().all(|s| *s == 201), "{statuses:?}");
+    }
+
     /// The pushes received so far: how many, and how many different bodies among them
     /// (fewer when a message went out twice).
     pub fn pushed_bodies(&self) -> (usize, usize) {

@@ -128,9 +128,9 @@ impl Dispatcher {
     /// Stops taking announcements and finishes, within `within`, what was taken: every
     /// committed submission handed to the announcer is pushed to Redis as far as the
     /// backlog's bound leaves room (the rest, and all that is left once Redis fails, is
-    /// left to the relay at once), and every record enqueued is marked (otherwise the marker's last
-    /// 50 ms would be left unmarked, and what the announcer still had would wait for the
-    /// relay's grace). Called once the server has answered its last request; a submission
+    /// left to the relay at once), and every record enqueued is marked (otherwise the
+    /// marker's last 50 ms would be left unmarked, and what the announcer still had would
+    /// wait for the relay's grace). Called once the server has answered its last request; a submission
     /// announced after it is left to the relay.
     ///
     /// The marker keeps a fifth of `within` (at most a second) for itself: however long
@@ -264,20 +264,16 @@ impl Dispatcher {
                 if done > 0 {
                     wait = ROOM_POLL_FIRST;
                 }
-                if backlog.is_none() && *stop.borrow() {
-                    // Stopping, and Redis failed that batch: the rest waits for the relay
-                    // too, rather than each batch trying Redis again until the drain's
-                    // time is up.
-                    self.count_dispatch("deferred_redis_down", held.len());
-                    held.clear();
-                }
-                if done < n {
+                if done < n || (backlog.is_none() && *stop.borrow()) {
                     break;
                 }
             }
             if backlog.is_none() && *stop.borrow() {
+                // Stopping, and Redis failed that batch: the rest waits for the relay too,
+                // rather than each batch trying Redis again until the drain's time is up.
                 inbox.close();
-                let mut left = 0;
+                let mut left = held.len();
+                held.clear();
                 while inbox.try_recv().is_ok() {
                     left += 1;
                 }
