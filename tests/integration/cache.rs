@@ -451,6 +451,10 @@ async fn a_new_message_shows_in_a_cached_inbox_while_the_web_holds_it_for_room_i
     app.submit_burst(300, "filler").await;
     let inbox = format!("{}/admin/", app.address);
     assert!(get(&client, inbox.clone()).await.contains("filler"));
+    // The first page is cached once the web has taken every filler (each one it takes
+    // drops the page again): served without a statement.
+    let cached = wait_until(|| async { queries_during(&app, get(&client, inbox.clone())).await.0 == 0 }).await;
+    assert!(cached, "the inbox's first page is served from the cache");
 
     // Act: one more message, behind the held ones.
     app.submit_valid_feedback("Bob", "behind the held ones").await;

@@ -160,6 +160,53 @@ async fn a_burst_past_the_bound_is_pushed_by_the_web_as_the_workers_make_room_no
     assert_eq!(metric_value(&metrics, r#"tidings_dispatch_total{outcome="deferred_backlog_full"}"#), None, "{metrics}");
 }
 
+#[tokio::test]
+async fn what_the_web_holds_for_room_enters_redis_oldest_first() {
+    // Arrange: no worker, room for five jobs, a relay whose grace outlasts the test.
+    let app = spawn_app_with(Options {
+        worker: false,
+        env: vec![("QUEUE_MAX_BACKLOG".into(), "5".into()), ("RELAY_GRACE_MS".into(), "600000".into())],
+        ..Options::default()
+    })
+    .await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let mut submitted = Vec::new();
+    for i in 0..20 {
+        let body = serde_json::json!({"submitter_name": "Ann", "submitter_email": "a@example.com", "content": format!("in order {i}")});
+        let answer = app.post_api_feedback(&body).await;
+        assert_eq!(answer.status().as_u16(), 201);
+        submitted.push(answer.json::<serde_json::Value>().await.expect("json")["id"].as_i64().expect("an id"));
+    }
+
+    // Act: the test makes room as a worker would, taking whatever waits in Redis, round
+    // after round, until every message's job has come.
+    let mut rounds: Vec<Vec<i64>> = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while rounds.iter().map(Vec::len).sum::<usize>() < submitted.len() && tokio::time::Instant::now() < deadline {
+        let waiting = queue.waiting_jobs(100).await.expect("waiting jobs");
+        assert!(waiting.len() <= 5, "Redis holds {} jobs, above the bound of 5", waiting.len());
+        let mut round = Vec::new();
+        for job in waiting {
+            let Ok(shared::jobs::QueuedJob::FanOut(fan_out)) = shared::jobs::QueuedJob::parse(job.payload.as_bytes())
+            else {
+                panic!("not a fan-out: {}", job.payload)
+            };
+            assert!(queue.cancel(&job.id).await.expect("cancel").is_some());
+            round.push(fan_out.feedback_id);
+        }
+        if !round.is_empty() {
+            round.sort_unstable();
+            rounds.push(round);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Assert: the jobs came in the order the messages were stored, once each, five at a
+    // time at most.
+    assert_eq!(rounds.concat(), submitted, "rounds as taken: {rounds:?}");
+    assert!(rounds.len() >= 4, "{rounds:?}");
+}
+
 /// Waits, up to `within`, for `count` pushes to arrive, reading Redis's backlog every
 /// 10 ms; returns the most it held (`held` at least).
 async fn most_backlog_until_received(
