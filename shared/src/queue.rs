@@ -88,6 +88,9 @@ pub enum QueueError {
     /// The payload could not be encoded.
     #[error("payload: {0}")]
     Encode(#[from] serde_json::Error),
+    /// The database refused what goes with the job (a fan-out's dispatch record).
+    #[error("database: {0}")]
+    Database(#[from] sea_orm::DbErr),
 }
 
 /// How long a queued trim request blocks the next one if its job never starts.
@@ -575,12 +578,21 @@ impl JobQueue {
 
     /// Puts dead letter `id`'s payload back on the queue as a new job and deletes the
     /// letter; false if there is none.
-    pub async fn retry_dead_letter(&self, id: &str) -> Result<bool, QueueError> {
+    ///
+    /// A fan-out's dispatch record, completed when its job was dead-lettered (so that the
+    /// relay does not run it again behind the dead letter), is opened again in `db` first:
+    /// a run that found it completed with nothing sent would take the message for one a
+    /// digest announced. Should the push fail after that, the relay enqueues the record
+    /// once it looks lost.
+    pub async fn retry_dead_letter<C: sea_orm::ConnectionTrait>(&self, db: &C, id: &str) -> Result<bool, QueueError> {
         let mut conn = self.conn.clone();
         let raw: Option<String> = conn.hget(dead_letter_hash(&self.namespace), id).await?;
         let Some(letter) = raw.and_then(|r| serde_json::from_str::<DeadLetter>(&r).ok()) else {
             return Ok(false);
         };
+        if let Ok(crate::jobs::QueuedJob::FanOut(job)) = crate::jobs::QueuedJob::parse(letter.payload.as_bytes()) {
+            crate::queries::dispatch::reopen(db, job.dispatch_id).await?;
+        }
         self.push_and_wake(new_task(letter.payload.into_bytes(), None).build()).await?;
         self.discard_dead_letter(id).await
     }

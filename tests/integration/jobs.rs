@@ -253,7 +253,7 @@ async fn dead_letters_can_be_retried_or_discarded() {
     assert_eq!(queue.dead_letter_count().await.expect("count"), 2);
 
     // Act
-    assert!(queue.retry_dead_letter(&retry_id).await.expect("retried"));
+    assert!(queue.retry_dead_letter(&app.db, &retry_id).await.expect("retried"));
     assert!(queue.discard_dead_letter(&discard_id).await.expect("discarded"));
 
     // Assert: the retried job ran; both letters are gone; unknown ids say so.
@@ -261,7 +261,7 @@ async fn dead_letters_can_be_retried_or_discarded() {
     assert_eq!(received.len(), 1);
     assert_eq!(received[0].endpoint, browser.endpoint);
     assert_eq!(queue.dead_letter_count().await.expect("count"), 0);
-    assert!(!queue.retry_dead_letter(&retry_id).await.expect("answered"));
+    assert!(!queue.retry_dead_letter(&app.db, &retry_id).await.expect("answered"));
     assert!(!queue.discard_dead_letter("no-such-id").await.expect("answered"));
 }
 
@@ -569,12 +569,10 @@ async fn a_waiting_job_can_be_listed_and_revoked() {
     assert!(worker::ops::cancel(&app.settings, &id).await.is_err());
 }
 
-#[tokio::test]
-async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
-    // Arrange: a job already started POISON_AFTER (3) times without ever finishing — as
-    // when each run crashed its worker — waits in the queue.
-    let app = spawn_app_with(Options::default()).await;
-    app.subscribe_browser().await;
+/// Stores a message with its dispatch record (never marked enqueued) and queues its
+/// fan-out as a job already started POISON_AFTER (3) times without ever finishing, as
+/// when each run crashed its worker; returns the message's submission.
+async fn queue_poisoned_fan_out(app: &TestApp, content: &str) -> shared::queries::feedback::Submitted {
     let task_id = "01HX0000000000000000000001";
     let mut conn =
         JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis").connection();
@@ -584,7 +582,7 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
             .expect("set");
     let submitted = shared::queries::feedback::insert_with_dispatch(
         &app.db,
-        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", "poison").expect("valid"),
+        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", content).expect("valid"),
     )
     .await
     .expect("stored");
@@ -596,12 +594,58 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
     let _: i64 = redis::AsyncCommands::publish(&mut conn, wake_channel(&app.settings.redis_namespace), "x")
         .await
         .expect("published");
+    submitted
+}
+
+#[tokio::test]
+async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
+    // Arrange: a fan-out already started POISON_AFTER (3) times without ever finishing.
+    let app = spawn_app_with(Options::default()).await;
+    app.subscribe_browser().await;
+    queue_poisoned_fan_out(&app, "poison").await;
 
     // Assert: its fourth start sets it aside instead of running it.
     assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
     let letter = dead_letters(&app).await.remove(0);
     assert!(letter.error.contains("started 4 times without finishing"), "{}", letter.error);
     assert!(app.push.attempts().is_empty(), "it did not run");
+}
+
+#[tokio::test]
+async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_sends_it() {
+    // Arrange: coalescing on (a run that finds its record completed with nothing sent
+    // takes the message for one a digest announced); the poisoned fan-out of a message
+    // whose record was never marked enqueued, which the relay (a pass every 200 ms, a
+    // grace of 300 ms) would enqueue again.
+    let app =
+        spawn_app_with(Options { env: vec![("NOTIFY_BURST_THRESHOLD".into(), "6".into())], ..Options::default() })
+            .await;
+    app.subscribe_browser().await;
+    let submitted = queue_poisoned_fan_out(&app, "poison, then retried").await;
+    assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
+
+    // Act: the relay makes several passes.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+
+    // Assert: the dead letter is the job's only copy: nothing ran, the record is settled.
+    assert!(app.push.attempts().is_empty(), "the relay ran the dead-lettered job again");
+    let record = shared::entities::dispatch::Entity::find_by_id(submitted.dispatch_id)
+        .one(&app.db)
+        .await
+        .expect("query")
+        .expect("the record");
+    assert!(record.completed_at.is_some(), "{record:?}");
+
+    // Act: an operator retries the letter (`worker dead retry ID`).
+    let letter = dead_letters(&app).await.remove(0);
+    worker::ops::retry(&app.settings, &letter.id).await.expect("retried");
+
+    // Assert: the message goes out, once.
+    let received = app.push.wait_for_received(1, Duration::from_secs(15)).await;
+    assert_eq!(received.len(), 1, "the retried fan-out sent the message");
+    assert!(received[0].json()["body"].as_str().unwrap_or_default().contains("poison, then retried"));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.push.received().len(), 1, "and only once");
 }
 
 #[tokio::test]

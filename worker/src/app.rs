@@ -867,7 +867,17 @@ async fn count_start(ctx: &Process, key: &str) -> u64 {
 }
 
 /// Keeps `payload` as a dead letter; completing the job keeps apalis from retrying it.
+///
+/// A fan-out's dispatch record is completed too, or the relay would enqueue the job
+/// again once it looked lost (a job that crashes its workers, every ten minutes); a hand
+/// retry of the letter opens it again (`JobQueue::retry_dead_letter`). Should that write
+/// fail (the database is down, the usual reason to give up on a fan-out), the record
+/// stays open and the relay runs the job again once the database is back.
 async fn dead_letter(ctx: &Process, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
+    let fan_out = match shared::jobs::QueuedJob::parse(&payload) {
+        Ok(shared::jobs::QueuedJob::FanOut(job)) => Some(job.dispatch_id),
+        _ => None,
+    };
     let letter = DeadLetter {
         id: String::new(),
         queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),
@@ -876,7 +886,13 @@ async fn dead_letter(ctx: &Process, payload: Vec<u8>, reason: String, attempt: u
         attempt,
         at: chrono::Utc::now().to_rfc3339(),
     };
-    ctx.queue.dead_letter(&letter).await.map(|_| ()).map_err(JobError::retryable)
+    ctx.queue.dead_letter(&letter).await.map_err(JobError::retryable)?;
+    if let Some(dispatch_id) = fan_out
+        && let Err(e) = shared::queries::dispatch::mark_completed(&ctx.db, dispatch_id).await
+    {
+        tracing::warn!(dispatch_id, error = %e, "dispatch.complete_failed; the relay will run the dead letter's job again");
+    }
+    Ok(())
 }
 
 /// Milliseconds from `then_ms` (since the epoch) to now; 0 for the future.

@@ -22,7 +22,8 @@ pub async fn list(settings: &Settings, limit: isize) -> anyhow::Result<()> {
 /// Puts dead letter `id` back on its queue.
 pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<()> {
     let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
-    if !queue.retry_dead_letter(id).await? {
+    let db = shared::db::connect(&settings.database_url).await?;
+    if !queue.retry_dead_letter(&db, id).await? {
         anyhow::bail!("no dead letter {id}");
     }
     println!("{id} queued again");

@@ -79,6 +79,18 @@ pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), D
     Ok(())
 }
 
+/// Opens dispatch `id` again for a job put back on the queue by hand: not completed, and
+/// enqueued now (so the relay takes it only if that job is lost).
+pub async fn reopen<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+    Entity::update_many()
+        .col_expr(Column::CompletedAt, Expr::value(Option::<DateTime<Utc>>::None))
+        .col_expr(Column::EnqueuedAt, Expr::value(super::now()))
+        .filter(Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// `completed_at` as a completion sets it: its first time kept, now otherwise.
 fn completed_now() -> sea_orm::sea_query::SimpleExpr {
     use sea_orm::sea_query::Func;

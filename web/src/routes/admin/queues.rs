@@ -89,7 +89,7 @@ pub(super) async fn settle(
         .await
         .ok_or_else(|| WebError::Unavailable(anyhow::anyhow!("redis is not reachable")))?;
     let done = match action.as_str() {
-        "retry" => queue.retry_dead_letter(&id).await,
+        "retry" => queue.retry_dead_letter(&state.db, &id).await,
         "discard" => queue.discard_dead_letter(&id).await,
         _ => return Err(WebError::NotFound),
     }
