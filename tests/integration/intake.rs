@@ -258,6 +258,54 @@ async fn a_web_stopping_while_redis_hangs_leaves_what_it_committed_to_the_relay_
 }
 
 #[tokio::test]
+async fn a_web_holds_what_it_committed_while_redis_is_down_and_pushes_it_once_redis_is_back() {
+    use tidings_tests::harness::metric_value;
+    use tidings_tests::redis_server::RedisServer;
+    // Arrange: a Redis of the test's own; a web of its own on it, already connected (one
+    // submission went through); no worker, so no relay: whatever reaches Redis, the web
+    // pushed.
+    let mut redis = RedisServer::start().await.expect("redis-server starts");
+    let app =
+        spawn_app_with(Options { worker: false, env: vec![("REDIS_URL".into(), redis.url())], ..Options::default() })
+            .await;
+    let web = own_web(&app).await;
+    let metrics = web.state().metrics.clone();
+    let web = RunningWeb::start(web);
+    assert_eq!(web.submit(0, "before").await, StatusCode::CREATED);
+    let enqueued = r#"tidings_dispatch_total{outcome="enqueued"}"#;
+    let enqueued_reaches = |n: f64| {
+        let metrics = metrics.clone();
+        async move { metric_value(&metrics.render(&[]), enqueued) == Some(n) }
+    };
+    assert!(crate::pipeline::wait_until(|| enqueued_reaches(1.0)).await, "the first job went to Redis");
+
+    // Act: Redis goes down; ten submissions come in, one after another; Redis comes back.
+    redis.stop();
+    for i in 1..=10 {
+        assert_eq!(web.submit(i, "during").await, StatusCode::CREATED, "every visitor is answered");
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let while_down = metrics.render(&[]);
+    redis.restart().await.expect("redis-server restarts");
+
+    // Assert: while Redis was down the web left nothing to the relay; once it was back the
+    // web pushed the ten jobs itself and marked their records.
+    for outcome in ["deferred_redis_down", "deferred_redis_error"] {
+        let counted = metric_value(&while_down, &format!(r#"tidings_dispatch_total{{outcome="{outcome}"}}"#));
+        assert_eq!(counted, None, "{outcome}: {while_down}");
+    }
+    assert!(crate::pipeline::wait_until(|| enqueued_reaches(11.0)).await, "{}", metrics.render(&[]));
+    let queue = shared::queue::JobQueue::connect(&redis.url(), &app.settings.redis_namespace).await.expect("redis");
+    assert_eq!(queue.backlog().await.expect("backlog"), 10, "the ten jobs wait in the restarted Redis");
+    let marked = || async {
+        let records = dispatch::Entity::find().all(&app.db).await.expect("records");
+        records.len() == 11 && records.iter().all(|r| r.enqueued_at.is_some())
+    };
+    assert!(crate::pipeline::wait_until(marked).await, "every record is marked enqueued");
+    web.stop().await;
+}
+
+#[tokio::test]
 async fn a_web_that_stops_with_a_full_backlog_leaves_what_it_holds_to_the_relay() {
     use tidings_tests::harness::metric_value;
     // Arrange: no worker, a bound of 5 jobs; a web of its own on the app's settings.

@@ -162,10 +162,11 @@ async fn a_burst_past_the_bound_is_pushed_by_the_web_as_the_workers_make_room_no
 
 #[tokio::test]
 async fn what_the_web_holds_for_room_enters_redis_oldest_first() {
-    // Arrange: no worker, room for five jobs, a relay whose grace outlasts the test.
+    // Arrange: no worker (so no relay either: every job in Redis is the web's) and room
+    // for five jobs.
     let app = spawn_app_with(Options {
         worker: false,
-        env: vec![("QUEUE_MAX_BACKLOG".into(), "5".into()), ("RELAY_GRACE_MS".into(), "600000".into())],
+        env: vec![("QUEUE_MAX_BACKLOG".into(), "5".into())],
         ..Options::default()
     })
     .await;
@@ -569,9 +570,9 @@ async fn a_waiting_job_can_be_listed_and_revoked() {
     assert!(worker::ops::cancel(&app.settings, &id).await.is_err());
 }
 
-/// Stores a message with its dispatch record (never marked enqueued) and queues its
-/// fan-out as a job already started POISON_AFTER (3) times without ever finishing, as
-/// when each run crashed its worker; returns the message's submission.
+/// Stores a message with its dispatch record, marked enqueued as the web marks it, and
+/// queues its fan-out as a job already started POISON_AFTER (3) times without ever
+/// finishing, as when each run crashed its worker; returns the message's submission.
 async fn queue_poisoned_fan_out(app: &TestApp, content: &str) -> shared::queries::feedback::Submitted {
     let task_id = "01HX0000000000000000000001";
     let mut conn =
@@ -586,6 +587,7 @@ async fn queue_poisoned_fan_out(app: &TestApp, content: &str) -> shared::queries
     )
     .await
     .expect("stored");
+    shared::queries::dispatch::mark_enqueued(&app.db, submitted.dispatch_id).await.expect("marked");
     let payload =
         serde_json::to_vec(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
     let task = TaskBuilder::new(payload).task_id(apalis_core::task::task_id::TaskId::from_string(task_id)).build();
@@ -614,9 +616,7 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
 #[tokio::test]
 async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_sends_it() {
     // Arrange: coalescing on (a run that finds its record completed with nothing sent
-    // takes the message for one a digest announced); the poisoned fan-out of a message
-    // whose record was never marked enqueued, which the relay (a pass every 200 ms, a
-    // grace of 300 ms) would enqueue again.
+    // takes the message for one a digest announced); a poisoned fan-out, dead-lettered.
     let app =
         spawn_app_with(Options { env: vec![("NOTIFY_BURST_THRESHOLD".into(), "6".into())], ..Options::default() })
             .await;
@@ -624,7 +624,21 @@ async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_
     let submitted = queue_poisoned_fan_out(&app, "poison, then retried").await;
     assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
 
-    // Act: the relay makes several passes.
+    // Act: its record is made to look enqueued 11 minutes ago, past the 10 after which the
+    // relay takes an uncompleted record's job for lost; the relay makes several passes
+    // (one every 200 ms).
+    {
+        use sea_orm::sea_query::Expr;
+        use sea_orm::{ColumnTrait, QueryFilter};
+        use shared::entities::dispatch::{Column, Entity};
+        let long_ago = shared::queries::now() - chrono::Duration::minutes(11);
+        Entity::update_many()
+            .col_expr(Column::EnqueuedAt, Expr::value(long_ago))
+            .filter(Column::Id.eq(submitted.dispatch_id))
+            .exec(&app.db)
+            .await
+            .expect("backdated");
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
 
     // Assert: the dead letter is the job's only copy: nothing ran, the record is settled.
@@ -640,10 +654,12 @@ async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_
     let letter = dead_letters(&app).await.remove(0);
     worker::ops::retry(&app.settings, &letter.id).await.expect("retried");
 
-    // Assert: the message goes out, once.
+    // Assert: the message goes out on its own (not folded into a digest), once.
     let received = app.push.wait_for_received(1, Duration::from_secs(15)).await;
     assert_eq!(received.len(), 1, "the retried fan-out sent the message");
-    assert!(received[0].json()["body"].as_str().unwrap_or_default().contains("poison, then retried"));
+    let push = received[0].json();
+    assert_eq!(push["tag"], format!("feedback-{}", submitted.feedback_id), "{push}");
+    assert_eq!(push["body"], "poison, then retried");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(app.push.received().len(), 1, "and only once");
 }

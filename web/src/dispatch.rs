@@ -1,13 +1,15 @@
 //! The after-commit step: hand a committed feedback's dispatch record to the queue.
 //!
 //! It runs after the transaction committed, in the background, so the visitor's answer
-//! never waits for Redis. If Redis is down the record stays un-enqueued and the worker's
-//! relay enqueues it later: nothing is lost, and nothing is ever enqueued for a
-//! transaction that rolled back (this code only sees committed ids). When the web stops,
-//! [`Dispatcher::drain`] announces and marks what it has taken before the process exits.
+//! never waits for Redis. If Redis is down or failing the announcer holds what it has, in
+//! order, and pushes it once Redis answers again; what it cannot hold (past its bounds, or
+//! when the web stops) stays un-enqueued in the database and the worker's relay enqueues
+//! it later: nothing is lost, and nothing is ever enqueued for a transaction that rolled
+//! back (this code only sees committed ids). When the web stops, [`Dispatcher::drain`]
+//! announces and marks what it has taken before the process exits.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex as StdMutex, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -23,8 +25,9 @@ use tokio::task::JoinHandle;
 const MAX_BATCH: usize = 256;
 
 /// Committed submissions waiting in the announcer's inbox, at most, and held by it for
-/// room in Redis, at most; past that (Redis slow or down, or the backlog at its bound for
-/// long) new ones are left to the relay instead of piling up in memory.
+/// room in Redis or for Redis to answer again, at most; past that (Redis slow or down, or
+/// the backlog at its bound, for long) new ones are left to the relay instead of piling
+/// up in memory.
 const MAX_WAITING: usize = 10_000;
 
 /// How long the marker gathers records enqueued before it marks them, in one statement.
@@ -37,12 +40,13 @@ const _: () = assert!(5 * MARK_EVERY.as_millis() <= shared::settings::MIN_RELAY_
 /// Records marked in one statement, at most.
 const MAX_MARKS: usize = 1024;
 
-/// While the backlog is at its bound the announcer holds its batch and reads the backlog
-/// again after this long, then twice as long each time it is still full, up to
-/// [`ROOM_POLL_MAX`]: under a steady overload the workers make room within the first
-/// wait, and with no worker running it reads Redis a few times a second. (Leaving those
-/// records to the relay, as a web that is stopping does, would hold them for its grace,
-/// `RELAY_GRACE_MS`, seconds behind the messages that came after them.)
+/// While the backlog is at its bound (or Redis fails) the announcer holds its batch and
+/// reads the backlog again (tries again) after this long, then twice as long each time it
+/// is still full (still failing), up to [`ROOM_POLL_MAX`]: under a steady overload the
+/// workers make room within the first wait, and with no worker running it reads Redis a
+/// few times a second. (Leaving those records to the relay, as a web that is stopping
+/// does, would hold them for its grace, `RELAY_GRACE_MS`, seconds behind the messages that
+/// came after them.)
 const ROOM_POLL_FIRST: Duration = Duration::from_millis(5);
 const ROOM_POLL_MAX: Duration = Duration::from_millis(200);
 
@@ -93,6 +97,8 @@ pub struct Dispatcher {
     marker_stop: watch::Sender<bool>,
     /// How long the marker gathers records, in milliseconds ([`MARK_EVERY`] unless set).
     mark_every_ms: AtomicU64,
+    /// Set while pushes to Redis fail, so a failure is logged once, not at every try.
+    redis_failing: AtomicBool,
 }
 
 /// The backlog as last seen, and when.
@@ -122,6 +128,7 @@ impl Dispatcher {
             announcer_stop: watch::channel(false).0,
             marker_stop: watch::channel(false).0,
             mark_every_ms: AtomicU64::new(MARK_EVERY.as_millis() as u64),
+            redis_failing: AtomicBool::new(false),
         }
     }
 
@@ -222,9 +229,10 @@ impl Dispatcher {
     }
 
     /// The announcer: takes whatever committed submissions are waiting, announces them
-    /// together, and starts over. What the backlog's bound leaves no room for it holds, in
-    /// order, and pushes as the workers make room, taking what commits meanwhile behind it
-    /// (each submission's cached pages are dropped as it is taken, held or not).
+    /// together, and starts over. What the backlog's bound leaves no room for, or what
+    /// Redis fails to take, it holds, in order, and pushes as the workers make room (as
+    /// Redis answers again), taking what commits meanwhile behind it (each submission's
+    /// cached pages are dropped as it is taken, held or not).
     async fn announce_all(self: Arc<Self>, mut inbox: mpsc::Receiver<Announcement>) {
         let mut stop = self.announcer_stop.subscribe();
         let mut backlog: Option<Backlog> = None;
@@ -238,7 +246,7 @@ impl Dispatcher {
                     break;
                 }
             } else {
-                // Held for room: the workers drain the backlog; look again shortly.
+                // Held for room (the workers drain the backlog) or for Redis: look again shortly.
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     _ = stop.wait_for(|stopping| *stopping) => {}
@@ -249,6 +257,12 @@ impl Dispatcher {
                     fresh.push(next);
                 }
                 backlog = None;
+                if *stop.borrow() && self.redis_failing.load(Ordering::Relaxed) {
+                    // Stopping while Redis fails: no try again within the drain's time.
+                    held.extend(fresh.drain(..));
+                    self.leave_to_relay(&mut held, &mut inbox);
+                    break;
+                }
             }
             let mut new_ids: Vec<i64> = fresh.iter().map(|(s, _)| s.feedback_id).collect();
             held.extend(fresh.drain(..));
@@ -271,25 +285,31 @@ impl Dispatcher {
             if backlog.is_none() && *stop.borrow() {
                 // Stopping, and Redis failed that batch: the rest waits for the relay too,
                 // rather than each batch trying Redis again until the drain's time is up.
-                inbox.close();
-                let mut left = held.len();
-                held.clear();
-                while inbox.try_recv().is_ok() {
-                    left += 1;
-                }
-                self.count_dispatch("deferred_redis_down", left);
+                self.leave_to_relay(&mut held, &mut inbox);
                 break;
             }
         }
     }
 
+    /// Leaves what the announcer holds and what waits in its inbox (closed here) to the
+    /// relay, counted as Redis being down: the web is stopping and Redis failed.
+    fn leave_to_relay(&self, held: &mut VecDeque<Announcement>, inbox: &mut mpsc::Receiver<Announcement>) {
+        inbox.close();
+        let mut left = held.len();
+        held.clear();
+        while inbox.try_recv().is_ok() {
+            left += 1;
+        }
+        self.count_dispatch("deferred_redis_down", left);
+    }
+
     /// Enqueues the jobs of committed submissions and marks their records (and drops
-    /// from the read cache what the messages `new_ids` change). What the
-    /// backlog's bound leaves no room for is held, when `hold`, for the announcer to push
-    /// once the workers make room, and otherwise (the web is stopping) left to the relay;
-    /// what cannot go to Redis now (down, or failing) is left to the relay. Returns how
-    /// many of `batch`, from its start, are done with (pushed or left to the relay), and
-    /// the backlog as seen after the push.
+    /// from the read cache what the messages `new_ids` change). What the backlog's bound
+    /// leaves no room for, and what cannot go to Redis now (down, or failing), is held,
+    /// when `hold`, for the announcer to push once the workers make room or Redis answers,
+    /// and otherwise (the web is stopping) left to the relay. Returns how many of `batch`,
+    /// from its start, are done with (pushed or left to the relay), and the backlog as
+    /// seen after the push (none when Redis failed).
     async fn announce_batch(
         &self,
         batch: &[Announcement],
@@ -298,19 +318,19 @@ impl Dispatcher {
         hold: bool,
     ) -> (usize, Option<Backlog>) {
         let Some(queue) = self.queue().await else {
-            self.count_dispatch("deferred_redis_down", batch.len());
-            return (batch.len(), None);
+            return (self.redis_failed(batch.len(), hold, "deferred_redis_down", "redis is not reachable"), None);
         };
         // The cache drop goes out on the same connection while the jobs are pushed.
         let (pushed, ()) = tokio::join!(self.push(&queue, batch, known), self.invalidate_new(new_ids));
         let (taken, seen) = match pushed {
             Ok(pushed) => pushed,
             Err(e) => {
-                tracing::warn!(jobs = batch.len(), error = %e, "queue.enqueue failed; the relay will enqueue later");
-                self.count_dispatch("deferred_redis_error", batch.len());
-                return (batch.len(), None);
+                return (self.redis_failed(batch.len(), hold, "deferred_redis_error", &e.to_string()), None);
             }
         };
+        if self.redis_failing.swap(false, Ordering::Relaxed) {
+            tracing::info!(jobs = taken, "queue.enqueue_recovered");
+        }
         let done = if taken == batch.len() || hold {
             taken
         } else {
@@ -326,6 +346,20 @@ impl Dispatcher {
             self.mark_enqueued(batch[..taken].iter().map(|(s, _)| s.dispatch_id));
         }
         (done, seen)
+    }
+
+    /// A batch of `n` Redis failed to take: held (none done) when `hold`, else left to the
+    /// relay and counted as `outcome` (all done). Logged once while the failures last.
+    fn redis_failed(&self, n: usize, hold: bool, outcome: &'static str, error: &str) -> usize {
+        if !self.redis_failing.swap(true, Ordering::Relaxed) || !hold {
+            let then = if hold { "held until Redis answers" } else { "left to the relay" };
+            tracing::warn!(jobs = n, error, "queue.enqueue failed; {then}");
+        }
+        if hold {
+            return 0;
+        }
+        self.count_dispatch(outcome, n);
+        n
     }
 
     /// Hands enqueued records to the marker, off the announcer's path. A mark that
