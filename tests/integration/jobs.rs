@@ -622,7 +622,15 @@ async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_
             .await;
     app.subscribe_browser().await;
     let submitted = queue_poisoned_fan_out(&app, "poison, then retried").await;
+    let record = || async {
+        shared::entities::dispatch::Entity::find_by_id(submitted.dispatch_id)
+            .one(&app.db)
+            .await
+            .expect("query")
+            .expect("the record")
+    };
     assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
+    assert!(wait_until(|| async { record().await.completed_at.is_some() }).await, "and its record settled");
 
     // Act: its record is made to look enqueued 11 minutes ago, past the 10 after which the
     // relay takes an uncompleted record's job for lost; the relay makes several passes
@@ -643,12 +651,8 @@ async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_
 
     // Assert: the dead letter is the job's only copy: nothing ran, the record is settled.
     assert!(app.push.attempts().is_empty(), "the relay ran the dead-lettered job again");
-    let record = shared::entities::dispatch::Entity::find_by_id(submitted.dispatch_id)
-        .one(&app.db)
-        .await
-        .expect("query")
-        .expect("the record");
-    assert!(record.completed_at.is_some(), "{record:?}");
+    let settled = record().await;
+    assert!(settled.completed_at.is_some(), "{settled:?}");
 
     // Act: an operator retries the letter (`worker dead retry ID`).
     let letter = dead_letters(&app).await.remove(0);

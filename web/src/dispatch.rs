@@ -200,7 +200,12 @@ impl Dispatcher {
                 Some(queue)
             }
             Err(e) => {
-                tracing::warn!(error = %e, "queue.connect failed; the relay will enqueue later");
+                // Once the announcer has logged that Redis fails, not again at each try.
+                if self.redis_failing.load(Ordering::Relaxed) {
+                    tracing::debug!(error = %e, "queue.connect failed");
+                } else {
+                    tracing::warn!(error = %e, "queue.connect failed");
+                }
                 None
             }
         }
@@ -232,7 +237,8 @@ impl Dispatcher {
     /// together, and starts over. What the backlog's bound leaves no room for, or what
     /// Redis fails to take, it holds, in order, and pushes as the workers make room (as
     /// Redis answers again), taking what commits meanwhile behind it (each submission's
-    /// cached pages are dropped as it is taken, held or not).
+    /// cached pages are dropped as it is taken, held or not; when Redis fails then, by its
+    /// fan-out job once it runs).
     async fn announce_all(self: Arc<Self>, mut inbox: mpsc::Receiver<Announcement>) {
         let mut stop = self.announcer_stop.subscribe();
         let mut backlog: Option<Backlog> = None;

@@ -749,7 +749,7 @@ async fn run_job(
                 let reason = format!("started {starts} times without finishing: it may be crashing its worker");
                 tracing::error!(starts, "job.poison");
                 account(&ctx, &task_id, &mut lock, kind, "dead", std::time::Duration::ZERO, waited).await;
-                return dead_letter(&ctx, job.0, reason, attempt, true).await;
+                return dead_letter(&ctx, job.0, reason, attempt).await;
             }
             let started = std::time::Instant::now();
             let result = crate::jobs::run(parsed, &ctx).await;
@@ -762,7 +762,7 @@ async fn run_job(
                 Err(JobError::Permanent(reason)) => {
                     tracing::error!(%reason, "job.dead_lettered");
                     account(&ctx, &task_id, &mut lock, kind, "dead", took, waited).await;
-                    dead_letter(&ctx, job.0, reason, attempt, true).await
+                    dead_letter(&ctx, job.0, reason, attempt).await
                 }
                 Err(JobError::Retryable { error, retry_after, rest }) => {
                     let payload = rest.unwrap_or(job.0);
@@ -771,7 +771,7 @@ async fn run_job(
                         let reason = format!("gave up after {attempt} attempts: {error:#}");
                         tracing::error!(%reason, "job.dead_lettered");
                         account(&ctx, &task_id, &mut lock, kind, "dead", took, waited).await;
-                        return dead_letter(&ctx, payload, reason, attempt, false).await;
+                        return dead_letter(&ctx, payload, reason, attempt).await;
                     }
                     account(&ctx, &task_id, &mut lock, kind, "retried", took, waited).await;
                     let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
@@ -868,22 +868,15 @@ async fn count_start(ctx: &Process, key: &str) -> u64 {
 
 /// Keeps `payload` as a dead letter; completing the job keeps apalis from retrying it.
 ///
-/// When `settles` (a job that crashes its workers, or fails in a way no rerun mends), a
-/// fan-out's dispatch record is completed too, or the relay would enqueue the job again
-/// once it looked lost, every ten minutes; a hand retry of the letter opens it again
-/// (`JobQueue::retry_dead_letter`). A fan-out that ran out of attempts (the database or
-/// Redis unreachable for about an hour) keeps its record open: the relay runs it again
-/// once they are back, as it would a job lost from Redis. Should the completion fail, the
-/// record stays open too.
-async fn dead_letter(
-    ctx: &Process,
-    payload: Vec<u8>,
-    reason: String,
-    attempt: usize,
-    settles: bool,
-) -> Result<(), JobError> {
+/// A fan-out's dispatch record is completed too, or the relay would enqueue the job again
+/// once it looked lost, every ten minutes (a job that crashes its workers, a failure no
+/// rerun mends), and *Discard* would not stop it; a hand retry of the letter opens it
+/// again (`JobQueue::retry_dead_letter`). Should that write fail (the database is down,
+/// the usual reason a fan-out runs out of attempts), the record stays open and the relay
+/// runs the job again once the database is back.
+async fn dead_letter(ctx: &Process, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
     let fan_out = match shared::jobs::QueuedJob::parse(&payload) {
-        Ok(shared::jobs::QueuedJob::FanOut(job)) if settles => Some(job.dispatch_id),
+        Ok(shared::jobs::QueuedJob::FanOut(job)) => Some(job.dispatch_id),
         _ => None,
     };
     let letter = DeadLetter {
