@@ -54,6 +54,9 @@ impl FanOut {
     }
 }
 
+/// The kind a [`FanOut`] is counted and retried under (its payload carries no `kind`).
+pub const FAN_OUT_KIND: &str = "fan_out";
+
 /// The `kind` of a [`TestPush`] payload ([`FanOut`] payloads carry no `kind`).
 pub const TEST_PUSH_KIND: &str = "test_push";
 
@@ -325,7 +328,7 @@ impl QueuedJob {
     /// The kind, as in [`KINDS`].
     pub fn kind(&self) -> &'static str {
         match self {
-            Self::FanOut(_) => "fan_out",
+            Self::FanOut(_) => FAN_OUT_KIND,
             Self::TestPush(_) => TEST_PUSH_KIND,
             Self::Digest(_) => DIGEST_KIND,
             Self::InvalidateCache(_) => INVALIDATE_CACHE_KIND,

@@ -112,3 +112,36 @@ async fn a_permanent_refusal_is_not_retried() {
     let status = worker::status::read(&app.settings).await.expect("status");
     assert!(status.retries.is_empty() && status.scheduled == 0);
 }
+
+#[tokio::test]
+async fn a_fan_out_waiting_for_its_retry_is_not_taken_for_lost_by_the_relay() {
+    use sea_orm::ConnectionTrait;
+    // Arrange: a fan-out fails as a whole while its database is broken (the table of
+    // deliveries renamed away), and is retried after 250-500 ms.
+    let app =
+        spawn_app_with(Options { env: vec![("JOB_RETRY_FAN_OUT".into(), "10/500/500".into())], ..Options::default() })
+            .await;
+    app.subscribe_browser().await;
+    app.db.execute_unprepared("ALTER TABLE deliveries RENAME TO deliveries_away").await.expect("renamed");
+
+    // Act: a submission; its fan-out fails, and fails again at its first retry.
+    let answer = app.submit_valid_feedback("Ann", "while the database is broken").await;
+    assert!(answer.status().is_redirection(), "{}", answer.status());
+    let retried_twice = wait_until(|| async {
+        queue(&app).await.waiting_jobs(10).await.expect("waiting").iter().any(|job| job.failed_attempts >= 2)
+    })
+    .await;
+    assert!(retried_twice, "the fan-out failed twice and waits for its third attempt");
+
+    // Assert: the record shows the job enqueued when its retry was scheduled, not when
+    // the web first enqueued it (each retry restarts the relay's count towards "lost",
+    // so a job retrying for longer than that is not enqueued a second time beside it).
+    let record = shared::entities::dispatch::Entity::find().one(&app.db).await.expect("query").expect("the record");
+    let enqueued_at = record.enqueued_at.expect("marked enqueued");
+    assert!(
+        enqueued_at - record.created_at >= chrono::Duration::milliseconds(200),
+        "enqueued at {enqueued_at}, created at {}: the retries did not touch it",
+        record.created_at
+    );
+    assert_eq!(record.enqueue_count, 1, "the relay's key is left as the web's mark made it");
+}

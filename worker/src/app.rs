@@ -776,8 +776,19 @@ async fn run_job(
                     account(&ctx, &task_id, &mut lock, kind, "retried", took, waited).await;
                     let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
                     let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
+                    let fan_out = match shared::jobs::QueuedJob::parse(&payload) {
+                        Ok(shared::jobs::QueuedJob::FanOut(job)) => Some(job.dispatch_id),
+                        _ => None,
+                    };
                     match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
                         Ok(next) => {
+                            // The relay takes a record enqueued long ago and never completed
+                            // for lost: this one is waiting for its retry, not lost.
+                            if let Some(dispatch_id) = fan_out
+                                && let Err(e) = shared::queries::dispatch::touch_enqueued(&ctx.db, dispatch_id).await
+                            {
+                                tracing::debug!(dispatch_id, error = %e, "dispatch.touch_failed");
+                            }
                             tracing::warn!(
                                 error = %format!("{error:#}"),
                                 next_task = %next,

@@ -79,6 +79,18 @@ pub async fn mark_completed<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), D
     Ok(())
 }
 
+/// Records that dispatch `id`'s job is on the queue again, waiting for a retry it was
+/// scheduled for, so the relay does not take it for lost (its enqueue count, which keys
+/// the relay's own enqueue, is left as it is).
+pub async fn touch_enqueued<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {
+    Entity::update_many()
+        .col_expr(Column::EnqueuedAt, Expr::value(super::now()))
+        .filter(Column::Id.eq(id))
+        .exec(db)
+        .await?;
+    Ok(())
+}
+
 /// Opens dispatch `id` again for a job put back on the queue by hand: not completed, and
 /// enqueued now (so the relay takes it only if that job is lost).
 pub async fn reopen<C: ConnectionTrait>(db: &C, id: i64) -> Result<(), DbErr> {

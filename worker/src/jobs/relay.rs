@@ -15,8 +15,19 @@ use crate::context::WorkerContext;
 /// Records read and enqueued per round trip.
 const BATCH: u64 = 500;
 
-/// A job enqueued this long ago and still not completed is considered lost.
+/// A job enqueued (or scheduled for a retry) this long ago and still not completed is
+/// considered lost, unless the fan-out's retry policy waits longer between attempts.
 const LOST_AFTER: chrono::Duration = chrono::Duration::minutes(10);
+
+/// How long after its record was last marked enqueued (or its job scheduled for a retry)
+/// an uncompleted fan-out is taken for lost: [`LOST_AFTER`], or the longest wait between
+/// two attempts (`JOB_RETRY_FAN_OUT`'s cap) and five minutes more, whichever is longer.
+/// A job waiting out its retry is not lost, and enqueueing it again would start a second
+/// chain of attempts beside it.
+fn lost_after(retry_cap: std::time::Duration) -> chrono::Duration {
+    let cap = chrono::Duration::from_std(retry_cap).unwrap_or(chrono::Duration::MAX);
+    LOST_AFTER.max(cap.checked_add(&chrono::Duration::minutes(5)).unwrap_or(chrono::Duration::MAX))
+}
 
 /// Runs one relay pass; returns how many jobs it enqueued.
 ///
@@ -26,6 +37,7 @@ const LOST_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<usize, JobError> {
     let grace = chrono::Duration::from_std(ctx.settings.worker.relay_grace).unwrap_or(chrono::Duration::seconds(5));
     let max_backlog = ctx.settings.worker.max_backlog;
+    let lost = lost_after(ctx.settings.worker.retry_policy(shared::jobs::FAN_OUT_KIND).cap);
     let mut enqueued = 0;
     loop {
         let backlog = queue.backlog().await.map_err(JobError::retryable)?;
@@ -33,7 +45,7 @@ pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<usize, JobErro
         if room == 0 {
             break;
         }
-        let due = dispatch::due_for_relay(&ctx.db, grace, shared::queries::now() - LOST_AFTER, room).await?;
+        let due = dispatch::due_for_relay(&ctx.db, grace, shared::queries::now() - lost, room).await?;
         if due.is_empty() {
             break;
         }
@@ -56,4 +68,19 @@ pub async fn run(ctx: &WorkerContext, queue: &JobQueue) -> Result<usize, JobErro
         tracing::info!(enqueued, "relay.enqueued");
     }
     Ok(enqueued)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::lost_after;
+
+    #[test]
+    fn a_job_waiting_out_its_longest_retry_is_not_taken_for_lost() {
+        assert_eq!(lost_after(Duration::from_secs(60)), chrono::Duration::minutes(10));
+        assert_eq!(lost_after(Duration::from_secs(600)), chrono::Duration::minutes(15));
+        assert_eq!(lost_after(Duration::from_secs(3600)), chrono::Duration::minutes(65));
+        assert_eq!(lost_after(Duration::MAX), chrono::Duration::MAX);
+    }
 }
