@@ -632,14 +632,14 @@ async fn a_dead_lettered_fan_out_is_not_run_again_by_the_relay_and_a_hand_retry_
     assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
     assert!(wait_until(|| async { record().await.completed_at.is_some() }).await, "and its record settled");
 
-    // Act: its record is made to look enqueued 11 minutes ago, past the 10 after which the
-    // relay takes an uncompleted record's job for lost; the relay makes several passes
-    // (one every 200 ms).
+    // Act: its record is made to look enqueued 20 minutes ago, past the 15 after which the
+    // relay takes an uncompleted record's job for lost (the default retry cap of 10 minutes
+    // plus 5); the relay makes several passes (one every 200 ms).
     {
         use sea_orm::sea_query::Expr;
         use sea_orm::{ColumnTrait, QueryFilter};
         use shared::entities::dispatch::{Column, Entity};
-        let long_ago = shared::queries::now() - chrono::Duration::minutes(11);
+        let long_ago = shared::queries::now() - chrono::Duration::minutes(20);
         Entity::update_many()
             .col_expr(Column::EnqueuedAt, Expr::value(long_ago))
             .filter(Column::Id.eq(submitted.dispatch_id))

@@ -880,8 +880,8 @@ async fn count_start(ctx: &Process, key: &str) -> u64 {
 /// Keeps `payload` as a dead letter; completing the job keeps apalis from retrying it.
 ///
 /// A fan-out's dispatch record is completed too, or the relay would enqueue the job again
-/// once it looked lost, every ten minutes (a job that crashes its workers, a failure no
-/// rerun mends), and *Discard* would not stop it; a hand retry of the letter opens it
+/// each time it looked lost (a job that crashes its workers, a failure no rerun mends,
+/// again and again), and *Discard* would not stop it; a hand retry of the letter opens it
 /// again (`JobQueue::retry_dead_letter`). Should that write fail (the database is down,
 /// the usual reason a fan-out runs out of attempts), the record stays open and the relay
 /// runs the job again once the database is back.

@@ -21,13 +21,17 @@ const LOST_AFTER: chrono::Duration = chrono::Duration::minutes(10);
 
 /// How long after its record was last marked enqueued (or its job scheduled for a retry)
 /// an uncompleted fan-out is taken for lost: [`LOST_AFTER`], or the longest wait between
-/// two attempts (`JOB_RETRY_FAN_OUT`'s cap) and five minutes more, whichever is longer.
-/// A job waiting out its retry is not lost, and enqueueing it again would start a second
-/// chain of attempts beside it.
+/// two attempts (`JOB_RETRY_FAN_OUT`'s cap) and five minutes more, whichever is longer
+/// (15 minutes with the default cap), at most [`LOST_AFTER_MAX`]. A job waiting out its
+/// retry is not lost, and enqueueing it again would start a second chain of attempts
+/// beside it.
 fn lost_after(retry_cap: std::time::Duration) -> chrono::Duration {
-    let cap = chrono::Duration::from_std(retry_cap).unwrap_or(chrono::Duration::MAX);
-    LOST_AFTER.max(cap.checked_add(&chrono::Duration::minutes(5)).unwrap_or(chrono::Duration::MAX))
+    let cap = chrono::Duration::from_std(retry_cap).unwrap_or(LOST_AFTER_MAX);
+    LOST_AFTER.max(cap.checked_add(&chrono::Duration::minutes(5)).unwrap_or(LOST_AFTER_MAX)).min(LOST_AFTER_MAX)
 }
+
+/// The longest [`lost_after`], whatever the retry cap says.
+const LOST_AFTER_MAX: chrono::Duration = chrono::Duration::days(7);
 
 /// Runs one relay pass; returns how many jobs it enqueued.
 ///
@@ -81,6 +85,6 @@ mod tests {
         assert_eq!(lost_after(Duration::from_secs(60)), chrono::Duration::minutes(10));
         assert_eq!(lost_after(Duration::from_secs(600)), chrono::Duration::minutes(15));
         assert_eq!(lost_after(Duration::from_secs(3600)), chrono::Duration::minutes(65));
-        assert_eq!(lost_after(Duration::MAX), chrono::Duration::MAX);
+        assert_eq!(lost_after(Duration::MAX), chrono::Duration::days(7));
     }
 }
