@@ -337,6 +337,15 @@ impl QueuedJob {
         }
     }
 
+    /// The dispatch record of a stored fan-out payload; `None` for other kinds and for
+    /// payloads that do not parse.
+    pub fn dispatch_of(bytes: &[u8]) -> Option<i64> {
+        match Self::parse(bytes) {
+            Ok(Self::FanOut(job)) => Some(job.dispatch_id),
+            _ => None,
+        }
+    }
+
     /// Parses a stored payload; the error text is what a dead letter records.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
         let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("malformed payload: {e}"))?;

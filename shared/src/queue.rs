@@ -590,8 +590,8 @@ impl JobQueue {
         let Some(letter) = raw.and_then(|r| serde_json::from_str::<DeadLetter>(&r).ok()) else {
             return Ok(false);
         };
-        if let Ok(crate::jobs::QueuedJob::FanOut(job)) = crate::jobs::QueuedJob::parse(letter.payload.as_bytes()) {
-            crate::queries::dispatch::reopen(db, job.dispatch_id).await?;
+        if let Some(dispatch_id) = crate::jobs::QueuedJob::dispatch_of(letter.payload.as_bytes()) {
+            crate::queries::dispatch::reopen(db, dispatch_id).await?;
         }
         self.push_and_wake(new_task(letter.payload.into_bytes(), None).build()).await?;
         self.discard_dead_letter(id).await

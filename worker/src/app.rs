@@ -776,10 +776,7 @@ async fn run_job(
                     account(&ctx, &task_id, &mut lock, kind, "retried", took, waited).await;
                     let attempts = u32::try_from(attempt).unwrap_or(u32::MAX);
                     let wait = crate::jobs::backoff::delay(attempts, policy.base, policy.cap, retry_after);
-                    let fan_out = match shared::jobs::QueuedJob::parse(&payload) {
-                        Ok(shared::jobs::QueuedJob::FanOut(job)) => Some(job.dispatch_id),
-                        _ => None,
-                    };
+                    let fan_out = shared::jobs::QueuedJob::dispatch_of(&payload);
                     match ctx.queue.schedule_retry(payload, attempt, wait, &task_id.to_string(), &meta).await {
                         Ok(next) => {
                             // The relay takes a record enqueued long ago and never completed
@@ -886,10 +883,7 @@ async fn count_start(ctx: &Process, key: &str) -> u64 {
 /// the usual reason a fan-out runs out of attempts), the record stays open and the relay
 /// runs the job again once the database is back.
 async fn dead_letter(ctx: &Process, payload: Vec<u8>, reason: String, attempt: usize) -> Result<(), JobError> {
-    let fan_out = match shared::jobs::QueuedJob::parse(&payload) {
-        Ok(shared::jobs::QueuedJob::FanOut(job)) => Some(job.dispatch_id),
-        _ => None,
-    };
+    let fan_out = shared::jobs::QueuedJob::dispatch_of(&payload);
     let letter = DeadLetter {
         id: String::new(),
         queue: shared::jobs::FAN_OUT_QUEUE.to_owned(),

@@ -73,9 +73,9 @@ pub async fn cancel(settings: &Settings, id: &str) -> anyhow::Result<()> {
     let Some(payload) = queue.cancel(id).await? else {
         anyhow::bail!("no waiting job {id} (it may have run already)");
     };
-    if let Ok(shared::jobs::QueuedJob::FanOut(job)) = shared::jobs::QueuedJob::parse(&payload) {
+    if let Some(dispatch_id) = shared::jobs::QueuedJob::dispatch_of(&payload) {
         let db = shared::db::connect(&settings.database_url).await?;
-        shared::queries::dispatch::mark_completed(&db, job.dispatch_id).await?;
+        shared::queries::dispatch::mark_completed(&db, dispatch_id).await?;
     }
     println!("{id} cancelled");
     Ok(())
