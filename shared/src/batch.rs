@@ -4,18 +4,65 @@
 //! Alone, a request is served at once, in the caller's own task (no hand-over to another
 //! task); while others are in flight, requests wait for a writer, and those that arrive
 //! while the writers are busy go out together, so the cost per request falls as the load
-//! rises. A request is answered only when the call that served it has returned.
+//! rises. With a linger (`LINGER`), under a steady flow (requests coming on average
+//! less than the linger apart) a writer that takes a request also waits up to the linger
+//! from its arrival for the ones right behind it: at moderate rates, where few would
+//! otherwise meet in a writer's queue, each statement then serves several. A request is
+//! answered only when the call that served it has returned.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use sea_orm::DbErr;
 use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::time::Instant;
 
-/// A request waiting for a writer, and where to answer it.
-type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>);
+/// A request waiting for a writer, where to answer it, and, when it came in a steady
+/// flow, until when a writer that takes it first waits for the ones behind it.
+type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>, Option<Instant>);
+
+/// How long a writer waits for more requests after the first it takes, counted from that
+/// request's arrival, while requests come on average closer together than this: 2 ms
+/// (the timer counts whole milliseconds, so 2–3), from about 500 evenly spaced requests a
+/// second (with random arrivals, some from about 300). Measured in `docs/PERFORMANCE.md`
+/// ("A twenty-second machine").
+pub const LINGER: Duration = Duration::from_millis(2);
+
+/// Gaps longer than this count as this in the mean (so a flow that starts after an idle
+/// is seen within a few dozen requests).
+const LONGEST_GAP: Duration = Duration::from_millis(100);
+
+/// The flow of requests: when the last came (nanoseconds since `start`), and the moving
+/// mean of the gaps between them (nanoseconds; each new gap weighs an eighth).
+struct Flow {
+    start: Instant,
+    last: AtomicU64,
+    mean_gap: AtomicU64,
+}
+
+impl Flow {
+    fn new() -> Self {
+        let longest = u64::try_from(LONGEST_GAP.as_nanos()).unwrap_or(u64::MAX);
+        Self { start: Instant::now(), last: AtomicU64::new(0), mean_gap: AtomicU64::new(longest) }
+    }
+
+    /// Counts a request arriving at `now`; returns whether requests now come steadily
+    /// closer together than `linger` (on average).
+    fn arrive(&self, now: Instant, linger: Duration) -> bool {
+        let at = u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
+        let longest = u64::try_from(LONGEST_GAP.as_nanos()).unwrap_or(u64::MAX);
+        let gap = at.saturating_sub(self.last.swap(at, Ordering::Relaxed)).min(longest);
+        let previous = self
+            .mean_gap
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| Some(mean - mean / 8 + gap / 8))
+            .unwrap_or(longest);
+        let mean = previous - previous / 8 + gap / 8;
+        u128::from(mean) < linger.as_nanos()
+    }
+}
 
 /// What serves a batch: one answer per request, in its place.
 type Write<I, O> = Arc<dyn Fn(Vec<I>) -> Pin<Box<dyn Future<Output = Vec<Result<O, DbErr>>> + Send>> + Send + Sync>;
@@ -26,11 +73,20 @@ pub struct Batcher<I, O> {
     write: Write<I, O>,
     /// Requests not answered yet (served, waiting or in a batch).
     pending: Arc<AtomicUsize>,
+    flow: Arc<Flow>,
+    /// How long a writer waits for more under a steady flow; zero: it never waits.
+    linger: Duration,
 }
 
 impl<I, O> Clone for Batcher<I, O> {
     fn clone(&self) -> Self {
-        Self { inbox: self.inbox.clone(), write: Arc::clone(&self.write), pending: Arc::clone(&self.pending) }
+        Self {
+            inbox: self.inbox.clone(),
+            write: Arc::clone(&self.write),
+            pending: Arc::clone(&self.pending),
+            flow: Arc::clone(&self.flow),
+            linger: self.linger,
+        }
     }
 }
 
@@ -71,8 +127,11 @@ where
 impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts `writers` tasks that each take up to `max_batch` waiting requests and
     /// serve them with `write`, which answers each request in its place. At most
-    /// `max_waiting` requests wait; past it a caller waits for room.
-    pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, write: F) -> Self
+    /// `max_waiting` requests wait; past it a caller waits for room. Under a steady flow
+    /// a writer waits for more up to `linger` after the first request it took came (a
+    /// caller that needs a slot of its own to send the next request, as a worker's jobs
+    /// do, should weigh that wait against its slots; zero turns it off).
+    pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, linger: Duration, write: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<O, DbErr>>> + Send + 'static,
@@ -87,6 +146,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                     let batch = {
                         let mut waiting = waiting.lock().await;
                         let Some(first) = waiting.recv().await else { return };
+                        let linger_until = first.2;
                         let mut batch = vec![first];
                         while batch.len() < max_batch.max(1) {
                             match waiting.try_recv() {
@@ -94,9 +154,23 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                                 Err(_) => break,
                             }
                         }
+                        if let Some(until) = linger_until {
+                            let lingering = tokio::time::sleep_until(until);
+                            tokio::pin!(lingering);
+                            while batch.len() < max_batch.max(1) {
+                                tokio::select! {
+                                    next = waiting.recv() => match next {
+                                        Some(next) => batch.push(next),
+                                        None => break,
+                                    },
+                                    () = &mut lingering => break,
+                                }
+                            }
+                        }
                         batch
                     };
-                    let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().unzip();
+                    let (items, replies): (Vec<I>, Vec<_>) =
+                        batch.into_iter().map(|(item, reply, _)| (item, reply)).unzip();
                     let mut answers = write(items).await.into_iter();
                     for reply in replies {
                         let _ = reply.send(answers.next().unwrap_or_else(|| Err(no_answer())));
@@ -104,33 +178,38 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 }
             });
         }
-        Self { inbox, write, pending: Arc::new(AtomicUsize::new(0)) }
+        Self { inbox, write, pending: Arc::new(AtomicUsize::new(0)), flow: Arc::new(Flow::new()), linger }
     }
 
-    /// Serves `item`: at once in this task when nothing else is pending, else through
-    /// the writers; returns its answer.
+    /// Serves `item`: at once in this task when nothing else is pending and requests do
+    /// not come in a steady flow, else through the writers; returns its answer.
     pub async fn call(&self, item: I) -> Result<O, DbErr> {
-        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0;
+        // With no linger there is no flow to follow.
+        let linger_until = (!self.linger.is_zero())
+            .then(Instant::now)
+            .and_then(|now| self.flow.arrive(now, self.linger).then(|| now + self.linger));
+        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0 && linger_until.is_none();
         let _pending = Pending(Arc::clone(&self.pending));
         if alone {
             return first((self.write)(vec![item]).await);
         }
         let (reply, answer) = oneshot::channel();
         let stopped = || DbErr::Conn(sea_orm::RuntimeErr::Internal("the writers stopped".into()));
-        self.inbox.send((item, reply)).await.map_err(|_| stopped())?;
+        self.inbox.send((item, reply, linger_until)).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::Batcher;
+    use super::{Batcher, LINGER};
 
+    // Twenty requests at once are too few to make a steady flow: no writer waits here.
     #[tokio::test]
     async fn every_request_gets_its_own_answer_and_waiting_ones_go_together() {
         let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = std::sync::Arc::clone(&sizes);
-        let batcher = Batcher::start(1, 8, 100, move |items: Vec<u32>| {
+        let batcher = Batcher::start(1, 8, 100, LINGER, move |items: Vec<u32>| {
             seen.lock().expect("lock").push(items.len());
             async move {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -157,7 +236,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_request_is_served_in_the_callers_task() {
-        let batcher = Batcher::start(1, 8, 100, |items: Vec<()>| async move {
+        let batcher = Batcher::start(1, 8, 100, LINGER, |items: Vec<()>| async move {
             items.into_iter().map(|()| Ok(tokio::task::try_id())).collect()
         });
 
@@ -166,6 +245,79 @@ mod tests {
         let (caller, served) = caller.await.expect("joined");
         assert!(caller.is_some());
         assert_eq!(served.expect("answered"), caller);
+    }
+
+    #[test]
+    fn the_flow_is_steady_only_while_requests_come_on_average_closer_than_the_linger() {
+        use std::time::Duration;
+        let flow = super::Flow::new();
+        let mut at = flow.start;
+        let mut arrive = |gap: Duration| {
+            at += gap;
+            flow.arrive(at, LINGER)
+        };
+
+        // 50 a second, with an occasional pair a microsecond apart: never steady.
+        for i in 0..200 {
+            assert!(!arrive(if i % 10 == 0 { Duration::from_micros(1) } else { Duration::from_millis(20) }));
+        }
+        // 1,000 a second: steady within a few dozen requests, and stays so.
+        let steady: Vec<bool> = (0..100).map(|_| arrive(Duration::from_millis(1))).collect();
+        assert!(steady[..10].iter().all(|&s| !s), "a few close requests after a slow flow are not a steady flow");
+        assert!(steady[40..].iter().all(|&s| s), "{steady:?}");
+        // One long pause ends it at once.
+        assert!(!arrive(Duration::from_secs(1)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_a_steady_flow_a_writer_waits_for_the_requests_behind_the_first() {
+        use tokio::time::{Duration, Instant};
+        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = std::sync::Arc::clone(&sizes);
+        // Served at once: without the wait every request would be alone.
+        let batcher = Batcher::start(2, 64, 1000, LINGER, move |items: Vec<u32>| {
+            seen.lock().expect("lock").push(items.len());
+            async move { items.into_iter().map(Ok).collect() }
+        });
+
+        // A request every millisecond (on the test's own clock).
+        let mut calls = Vec::new();
+        for i in 0..300 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            let batcher = batcher.clone();
+            let came = Instant::now();
+            calls.push(tokio::spawn(async move { (batcher.call(i).await, came.elapsed()) }));
+        }
+        for (i, call) in calls.into_iter().enumerate() {
+            let (answer, waited) = call.await.expect("joined");
+            assert_eq!(answer.expect("answered"), u32::try_from(i).expect("small"));
+            // The linger, rounded up to the timer's next millisecond, and no more.
+            assert!(waited <= LINGER + Duration::from_millis(1), "request {i} waited {waited:?}");
+        }
+
+        let sizes = sizes.lock().expect("lock").clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 300);
+        // Alone until the mean gap falls under the linger (a few dozen), then two or three
+        // a statement.
+        assert!(sizes.len() < 200, "{} statements for 300 requests: {sizes:?}", sizes.len());
+        assert!(sizes[sizes.len() - 50..].iter().all(|&n| n >= 2), "{sizes:?}");
+    }
+
+    #[tokio::test]
+    async fn at_a_low_rate_every_request_is_served_at_once_in_its_callers_task() {
+        let batcher = Batcher::start(1, 8, 100, LINGER, |items: Vec<()>| async move {
+            items.into_iter().map(|()| Ok(tokio::task::try_id())).collect()
+        });
+
+        let mut ticks = tokio::time::interval(std::time::Duration::from_millis(20));
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for _ in 0..20 {
+            ticks.tick().await;
+            let batcher = batcher.clone();
+            let caller = tokio::spawn(async move { (tokio::task::try_id(), batcher.call(()).await) });
+            let (caller, served) = caller.await.expect("joined");
+            assert_eq!(served.expect("answered"), caller);
+        }
     }
 
     #[tokio::test]
@@ -184,7 +336,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_that_answers_short_fails_the_rest_clearly() {
-        let batcher = Batcher::start(1, 8, 100, |items: Vec<u32>| async move {
+        let batcher = Batcher::start(1, 8, 100, LINGER, |items: Vec<u32>| async move {
             items.into_iter().take(0).map(Ok).collect::<Vec<_>>()
         });
 

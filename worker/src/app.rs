@@ -128,6 +128,7 @@ impl Application {
                         crate::jobs::fan_out::FIRST_PAGE,
                         crate::jobs::fan_out::claim_hold(&settings),
                         crate::jobs::fan_out::coalescing_of(&settings, true),
+                        crate::runs::linger_for(concurrency.max(1)),
                     ),
                     db,
                     sender: Arc::new(sender),

@@ -2,8 +2,10 @@
 //! open (or a close) is being written go out in the next statement
 //! (`shared::queries::delivery::{open_runs, close_runs}`, through `shared::batch`), so
 //! under load a worker spends one statement on many runs instead of one each. Alone, a
-//! run is opened and closed at once, in its own task. Should a batch's statement fail (a
-//! deadlock with another statement, say), its runs are served one by one.
+//! run is opened and closed at once, in its own task; under a steady flow, with enough
+//! slots, a group writer waits briefly for the runs behind the first (`linger_for`).
+//! Should a batch's statement fail (a deadlock with another statement, say), its runs are
+//! served one by one.
 
 use std::time::Duration;
 
@@ -41,6 +43,16 @@ impl Close {
     }
 }
 
+/// How long a group writer waits for the runs behind the first under a steady flow
+/// (`shared::batch::LINGER`), for a worker process running `concurrency` jobs at once:
+/// from 16, the linger; below, none. A run that waits holds its job's slot, so each job
+/// can take up to two lingers longer (its open and its close): with 4 slots that would
+/// cap the process near the rate at which the linger begins (about 500 runs a second).
+/// The threshold is reasoned from that, not measured: the benchmark's runs use 16 or 64.
+pub fn linger_for(concurrency: usize) -> Duration {
+    if concurrency >= 16 { shared::batch::LINGER } else { Duration::ZERO }
+}
+
 /// Opens and closes the runs of a worker process; cheap to clone.
 #[derive(Clone)]
 pub struct Runs {
@@ -52,7 +64,8 @@ impl Runs {
     /// Starts the openers and closers, counting their statements in `metrics`: a run alone
     /// on `db`, a group on `groups` (`shared::db::connect_for_groups`). A run claims a
     /// first page of `first_page` subscriptions, each claim held for `hold`, and folds
-    /// into a digest as `coalescing` says.
+    /// into a digest as `coalescing` says. Under a steady flow a group writer waits up to
+    /// `linger` for more runs (`linger_for`).
     pub fn start(
         db: DatabaseConnection,
         groups: DatabaseConnection,
@@ -60,11 +73,12 @@ impl Runs {
         first_page: u64,
         hold: Duration,
         coalescing: Coalescing,
+        linger: Duration,
     ) -> Self {
         let pools = Pools { alone: db, groups };
         Self {
-            openers: openers(pools.clone(), metrics, first_page, hold, coalescing),
-            closers: closers(pools, metrics),
+            openers: openers(pools.clone(), metrics, first_page, hold, coalescing, linger),
+            closers: closers(pools, metrics, linger),
         }
     }
 
@@ -111,13 +125,14 @@ fn openers(
     first_page: u64,
     hold: Duration,
     coalescing: Coalescing,
+    linger: Duration,
 ) -> Batcher<(i64, String), Opening> {
     let statements = metrics.counter(
         "tidings_run_open_writes_total",
         "Statements that opened fan-out runs; under load one opens many.",
         &[],
     );
-    Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<(i64, String)>| {
+    Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, linger, move |batch: Vec<(i64, String)>| {
         let (pools, statements) = (pools.clone(), statements.clone());
         async move {
             statements.inc();
@@ -151,13 +166,13 @@ fn openers(
     })
 }
 
-fn closers(pools: Pools, metrics: &Registry) -> Batcher<Close, Option<DateTime<Utc>>> {
+fn closers(pools: Pools, metrics: &Registry, linger: Duration) -> Batcher<Close, Option<DateTime<Utc>>> {
     let statements = metrics.counter(
         "tidings_run_close_writes_total",
         "Statements that closed fan-out runs; under load one closes many.",
         &[],
     );
-    Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, move |batch: Vec<Close>| {
+    Batcher::start(WRITERS, MAX_BATCH, MAX_WAITING, linger, move |batch: Vec<Close>| {
         let (pools, statements) = (pools.clone(), statements.clone());
         async move {
             statements.inc();
