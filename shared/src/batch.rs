@@ -31,9 +31,9 @@ type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>, Option<Instant>);
 /// ("A twenty-second machine").
 pub const LINGER: Duration = Duration::from_millis(2);
 
-/// Gaps longer than this count as this in the mean (so a flow that starts after an idle
-/// is seen within a few dozen requests).
-const LONGEST_GAP: Duration = Duration::from_millis(100);
+/// Gaps longer than this (100 ms, in nanoseconds) count as this in the mean (so a flow
+/// that starts after an idle is seen within a few dozen requests).
+const LONGEST_GAP_NANOS: u64 = 100_000_000;
 
 /// The flow of requests: when the last came (nanoseconds since `start`), and the moving
 /// mean of the gaps between them (nanoseconds; each new gap weighs an eighth).
@@ -45,20 +45,18 @@ struct Flow {
 
 impl Flow {
     fn new() -> Self {
-        let longest = u64::try_from(LONGEST_GAP.as_nanos()).unwrap_or(u64::MAX);
-        Self { start: Instant::now(), last: AtomicU64::new(0), mean_gap: AtomicU64::new(longest) }
+        Self { start: Instant::now(), last: AtomicU64::new(0), mean_gap: AtomicU64::new(LONGEST_GAP_NANOS) }
     }
 
     /// Counts a request arriving at `now`; returns whether requests now come steadily
     /// closer together than `linger` (on average).
     fn arrive(&self, now: Instant, linger: Duration) -> bool {
         let at = u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
-        let longest = u64::try_from(LONGEST_GAP.as_nanos()).unwrap_or(u64::MAX);
-        let gap = at.saturating_sub(self.last.swap(at, Ordering::Relaxed)).min(longest);
+        let gap = at.saturating_sub(self.last.swap(at, Ordering::Relaxed)).min(LONGEST_GAP_NANOS);
         let previous = self
             .mean_gap
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |mean| Some(mean - mean / 8 + gap / 8))
-            .unwrap_or(longest);
+            .unwrap_or(LONGEST_GAP_NANOS);
         let mean = previous - previous / 8 + gap / 8;
         u128::from(mean) < linger.as_nanos()
     }
