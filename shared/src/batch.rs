@@ -7,8 +7,12 @@
 //! rises. With a linger (`LINGER`), under a steady flow (requests coming on average
 //! less than the linger apart) a writer that takes a request also waits up to the linger
 //! from its arrival for the ones right behind it: at moderate rates, where few would
-//! otherwise meet in a writer's queue, each statement then serves several. A request is
-//! answered only when the call that served it has returned.
+//! otherwise meet in a writer's queue, each statement then serves several. With
+//! `Linger::WhileItGathers`, waits stop while they gather no request arriving `LATE` or
+//! later after they began (clients that send their next request only once answered: the
+//! ones behind it come at once or not at all), but for one steady request in
+//! `PROBE_EVERY`, which tries again. A request is answered only when the call that
+//! served it has returned.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -20,9 +24,14 @@ use sea_orm::DbErr;
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
-/// A request waiting for a writer, where to answer it, and, when it came in a steady
-/// flow, until when a writer that takes it first waits for the ones behind it.
-type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>, Option<Instant>);
+/// A request waiting for a writer: what it asks, where to answer it, when it came, and
+/// whether a writer that takes it first waits for the ones behind it.
+struct Waiting<I, O> {
+    item: I,
+    reply: oneshot::Sender<Result<O, DbErr>>,
+    came: Instant,
+    wait: bool,
+}
 
 /// How long a writer waits for more requests after the first it takes, counted from that
 /// request's arrival, while requests come on average closer together than this: 2 ms
@@ -31,21 +40,82 @@ type Waiting<I, O> = (I, oneshot::Sender<Result<O, DbErr>>, Option<Instant>);
 /// ("A twenty-second machine").
 pub const LINGER: Duration = Duration::from_millis(2);
 
+/// Whether a writer waits for the requests behind the first it takes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Linger {
+    /// Never: a writer serves what waits when it takes it.
+    Off,
+    /// Under a steady flow, until this long after the first request came (`LINGER`).
+    Steady(Duration),
+    /// As `Steady`, but not while waits gather no late request (`LATE`): for callers
+    /// that send their next request only once answered, such as a client submitting in
+    /// a loop, for whom a wait for nobody is pure delay.
+    WhileItGathers(Duration),
+}
+
+impl Linger {
+    /// How long a writer waits under a steady flow; zero: it never waits.
+    fn wait(self) -> Duration {
+        match self {
+            Self::Off => Duration::ZERO,
+            Self::Steady(wait) | Self::WhileItGathers(wait) => wait,
+        }
+    }
+}
+
+/// A request that joins a writer's wait this long or longer after the wait began counts as
+/// gathered by it: one that came within it was on its way already (a closed loop's
+/// clients answered together send again together), and would have met the others in
+/// the writer's queue anyway.
+const LATE: Duration = Duration::from_millis(1);
+
+/// While waits gather fewer late requests than this on average (in 256ths: a quarter),
+/// writers stop waiting.
+const LEAST_GAIN: u64 = 64;
+
+/// While waits gather too little, one steady request in this many still waits, so a
+/// flow that changes is seen.
+const PROBE_EVERY: u64 = 16;
+
 /// Gaps longer than this (100 ms, in nanoseconds) count as this in the mean (so a flow
 /// that starts after an idle is seen within a few dozen requests).
 const LONGEST_GAP_NANOS: u64 = 100_000_000;
 
-/// The flow of requests: when the last came (nanoseconds since `start`), and the moving
-/// mean of the gaps between them (nanoseconds; each new gap weighs an eighth).
+/// The flow of requests: when the last came (nanoseconds since `start`), the moving
+/// mean of the gaps between them (nanoseconds; each new gap weighs an eighth), the moving
+/// mean of the late requests a wait gathered (in 256ths; each wait weighs an eighth),
+/// and the steady requests that did not wait since the last that did.
 struct Flow {
     start: Instant,
     last: AtomicU64,
     mean_gap: AtomicU64,
+    gain: AtomicU64,
+    unwaited: AtomicU64,
 }
 
 impl Flow {
     fn new() -> Self {
-        Self { start: Instant::now(), last: AtomicU64::new(0), mean_gap: AtomicU64::new(LONGEST_GAP_NANOS) }
+        Self {
+            start: Instant::now(),
+            last: AtomicU64::new(0),
+            mean_gap: AtomicU64::new(LONGEST_GAP_NANOS),
+            // Waits are worth it until they show they are not.
+            gain: AtomicU64::new(256),
+            unwaited: AtomicU64::new(0),
+        }
+    }
+
+    /// Whether a request in a steady flow waits: while waits gather late requests, or
+    /// as the probe of one in [`PROBE_EVERY`].
+    fn worth_waiting(&self) -> bool {
+        self.gain.load(Ordering::Relaxed) >= LEAST_GAIN
+            || self.unwaited.fetch_add(1, Ordering::Relaxed) % PROBE_EVERY == PROBE_EVERY - 1
+    }
+
+    /// Counts a wait that gathered `late` requests.
+    fn waited(&self, late: usize) {
+        let late = u64::try_from(late).unwrap_or(u64::MAX).min(64) * 256;
+        let _ = self.gain.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |gain| Some(gain - gain / 8 + late / 8));
     }
 
     /// Counts a request arriving at `now`; returns whether requests now come steadily
@@ -72,8 +142,8 @@ pub struct Batcher<I, O> {
     /// Requests not answered yet (served, waiting or in a batch).
     pending: Arc<AtomicUsize>,
     flow: Arc<Flow>,
-    /// How long a writer waits for more under a steady flow; zero: it never waits.
-    linger: Duration,
+    /// Whether and how long a writer waits for more under a steady flow.
+    linger: Linger,
 }
 
 impl<I, O> Clone for Batcher<I, O> {
@@ -126,10 +196,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts `writers` tasks that each take up to `max_batch` waiting requests and
     /// serve them with `write`, which answers each request in its place. At most
     /// `max_waiting` requests wait; past it a caller waits for room. Under a steady flow
-    /// a writer waits for more up to `linger` after the first request it took came (a
+    /// a writer waits for more as `linger` says, up to its wait after the first request it took came (a
     /// caller that needs a slot of its own to send the next request, as a worker's jobs
     /// do, should weigh that wait against its slots; zero turns it off).
-    pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, linger: Duration, write: F) -> Self
+    pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, linger: Linger, write: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = Vec<Result<O, DbErr>>> + Send + 'static,
@@ -137,14 +207,15 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let write: Write<I, O> = Arc::new(move |batch| Box::pin(write(batch)));
         let (inbox, waiting) = mpsc::channel::<Waiting<I, O>>(max_waiting.max(1));
         let waiting = Arc::new(Mutex::new(waiting));
+        let flow = Arc::new(Flow::new());
+        let longest = linger.wait();
         for _ in 0..writers.max(1) {
-            let (waiting, write) = (Arc::clone(&waiting), Arc::clone(&write));
+            let (waiting, write, flow) = (Arc::clone(&waiting), Arc::clone(&write), Arc::clone(&flow));
             tokio::spawn(async move {
                 loop {
                     let batch = {
                         let mut waiting = waiting.lock().await;
                         let Some(first) = waiting.recv().await else { return };
-                        let linger_until = first.2;
                         let mut batch = vec![first];
                         while batch.len() < max_batch.max(1) {
                             match waiting.try_recv() {
@@ -152,8 +223,12 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                                 Err(_) => break,
                             }
                         }
-                        if let Some(until) = linger_until {
-                            let lingering = tokio::time::sleep_until(until);
+                        // The first request taken that waits (a probe may come behind
+                        // others that do not) sets the wait.
+                        let waits_from = batch.iter().find(|w| w.wait).map(|w| w.came);
+                        if let Some(came) = waits_from {
+                            let begun = Instant::now();
+                            let lingering = tokio::time::sleep_until(came + longest);
                             tokio::pin!(lingering);
                             while batch.len() < max_batch.max(1) {
                                 tokio::select! {
@@ -164,11 +239,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                                     () = &mut lingering => break,
                                 }
                             }
+                            flow.waited(batch.iter().filter(|w| w.came >= begun + LATE).count());
                         }
                         batch
                     };
-                    let (items, replies): (Vec<I>, Vec<_>) =
-                        batch.into_iter().map(|(item, reply, _)| (item, reply)).unzip();
+                    let (items, replies): (Vec<I>, Vec<_>) = batch.into_iter().map(|w| (w.item, w.reply)).unzip();
                     let mut answers = write(items).await.into_iter();
                     for reply in replies {
                         let _ = reply.send(answers.next().unwrap_or_else(|| Err(no_answer())));
@@ -176,38 +251,41 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                 }
             });
         }
-        Self { inbox, write, pending: Arc::new(AtomicUsize::new(0)), flow: Arc::new(Flow::new()), linger }
+        Self { inbox, write, pending: Arc::new(AtomicUsize::new(0)), flow, linger }
     }
 
-    /// Serves `item`: at once in this task when nothing else is pending and requests do
-    /// not come in a steady flow, else through the writers; returns its answer.
+    /// Serves `item`: at once in this task when nothing else is pending and it does not
+    /// wait for others (it comes in a steady flow whose waits gather requests), else
+    /// through the writers; returns its answer.
     pub async fn call(&self, item: I) -> Result<O, DbErr> {
         // With no linger there is no flow to follow.
-        let linger_until = (!self.linger.is_zero())
-            .then(Instant::now)
-            .and_then(|now| self.flow.arrive(now, self.linger).then(|| now + self.linger));
-        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0 && linger_until.is_none();
+        let linger = self.linger.wait();
+        let came = if linger.is_zero() { self.flow.start } else { Instant::now() };
+        let wait = !linger.is_zero()
+            && self.flow.arrive(came, linger)
+            && (matches!(self.linger, Linger::Steady(_)) || self.flow.worth_waiting());
+        let alone = self.pending.fetch_add(1, Ordering::AcqRel) == 0 && !wait;
         let _pending = Pending(Arc::clone(&self.pending));
         if alone {
             return first((self.write)(vec![item]).await);
         }
         let (reply, answer) = oneshot::channel();
         let stopped = || DbErr::Conn(sea_orm::RuntimeErr::Internal("the writers stopped".into()));
-        self.inbox.send((item, reply, linger_until)).await.map_err(|_| stopped())?;
+        self.inbox.send(Waiting { item, reply, came, wait }).await.map_err(|_| stopped())?;
         answer.await.map_err(|_| stopped())?
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{Batcher, LINGER};
+    use super::{Batcher, LINGER, Linger};
 
     // Twenty requests at once are too few to make a steady flow: no writer waits here.
     #[tokio::test]
     async fn every_request_gets_its_own_answer_and_waiting_ones_go_together() {
         let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = std::sync::Arc::clone(&sizes);
-        let batcher = Batcher::start(1, 8, 100, LINGER, move |items: Vec<u32>| {
+        let batcher = Batcher::start(1, 8, 100, Linger::Steady(LINGER), move |items: Vec<u32>| {
             seen.lock().expect("lock").push(items.len());
             async move {
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
@@ -234,7 +312,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_lone_request_is_served_in_the_callers_task() {
-        let batcher = Batcher::start(1, 8, 100, LINGER, |items: Vec<()>| async move {
+        let batcher = Batcher::start(1, 8, 100, Linger::Steady(LINGER), |items: Vec<()>| async move {
             items.into_iter().map(|()| Ok(tokio::task::try_id())).collect()
         });
 
@@ -273,7 +351,7 @@ mod tests {
         let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
         let seen = std::sync::Arc::clone(&sizes);
         // Served at once: without the wait every request would be alone.
-        let batcher = Batcher::start(2, 64, 1000, LINGER, move |items: Vec<u32>| {
+        let batcher = Batcher::start(2, 64, 1000, Linger::WhileItGathers(LINGER), move |items: Vec<u32>| {
             seen.lock().expect("lock").push(items.len());
             async move { items.into_iter().map(Ok).collect() }
         });
@@ -301,9 +379,64 @@ mod tests {
         assert!(sizes[sizes.len() - 50..].iter().all(|&n| n >= 2), "{sizes:?}");
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn a_client_that_waits_for_each_answer_is_soon_served_at_once() {
+        use tokio::time::{Duration, Instant};
+        let batcher = Batcher::start(2, 64, 1000, Linger::WhileItGathers(LINGER), |items: Vec<u32>| async move {
+            items.into_iter().map(Ok).collect()
+        });
+
+        // One client, its next request as soon as it is answered (on the test's clock,
+        // which moves only while a writer waits): a steady flow in which a wait never
+        // gathers anyone.
+        let mut waited = Vec::new();
+        for i in 0..300 {
+            tokio::task::yield_now().await;
+            let came = Instant::now();
+            assert_eq!(batcher.call(i).await.expect("answered"), i);
+            waited.push(came.elapsed() >= Duration::from_millis(1));
+        }
+
+        // The waits stop within a dozen requests, but for one probe in `PROBE_EVERY`.
+        let probes = u64::try_from(waited[100..].iter().filter(|&&w| w).count()).expect("small");
+        assert!(probes <= 200 / super::PROBE_EVERY + 1, "{probes} of the last 200 waited: {waited:?}");
+        assert!(waited.iter().filter(|&&w| w).count() < 50, "{waited:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn clients_that_wait_for_their_answers_together_soon_stop_the_waits() {
+        use tokio::time::{Duration, Instant};
+        let batcher = Batcher::start(2, 64, 1000, Linger::WhileItGathers(LINGER), |items: Vec<u32>| async move {
+            items.into_iter().map(Ok).collect()
+        });
+
+        // Four clients, each sending its next request once answered: answered together,
+        // they come back together, so a wait gathers them at once and never later.
+        let started = Instant::now();
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move {
+                    for i in 0..300 {
+                        assert_eq!(batcher.call(i).await.expect("answered"), i);
+                    }
+                })
+            })
+            .collect();
+        for client in clients {
+            client.await.expect("joined");
+        }
+
+        // Waiting every round would take 300 waits; the probes (one request in
+        // `PROBE_EVERY`) and the waits before they stop, each up to 3 ms, take far less.
+        let waits = 1200 / super::PROBE_EVERY + 20;
+        let bound = (LINGER + Duration::from_millis(1)) * u32::try_from(waits).expect("small");
+        assert!(started.elapsed() <= bound, "{:?} for 300 rounds", started.elapsed());
+    }
+
     #[tokio::test]
     async fn at_a_low_rate_every_request_is_served_at_once_in_its_callers_task() {
-        let batcher = Batcher::start(1, 8, 100, LINGER, |items: Vec<()>| async move {
+        let batcher = Batcher::start(1, 8, 100, Linger::Steady(LINGER), |items: Vec<()>| async move {
             items.into_iter().map(|()| Ok(tokio::task::try_id())).collect()
         });
 
@@ -334,7 +467,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_batch_that_answers_short_fails_the_rest_clearly() {
-        let batcher = Batcher::start(1, 8, 100, LINGER, |items: Vec<u32>| async move {
+        let batcher = Batcher::start(1, 8, 100, Linger::Steady(LINGER), |items: Vec<u32>| async move {
             items.into_iter().take(0).map(Ok).collect::<Vec<_>>()
         });
 

@@ -12,7 +12,7 @@
 //! them all at once: see `shared::batch::after_failure`).
 
 use sea_orm::{DatabaseConnection, DbErr};
-use shared::batch::{Batcher, after_failure};
+use shared::batch::{Batcher, Linger, after_failure};
 use shared::domain::NewFeedback;
 use shared::metrics::Registry;
 use shared::queries::feedback::{self, Submitted};
@@ -47,7 +47,7 @@ impl Intake {
             WRITERS,
             MAX_BATCH,
             MAX_WAITING,
-            shared::batch::LINGER,
+            Linger::WhileItGathers(shared::batch::LINGER),
             move |batch: Vec<(NewFeedback, Option<String>)>| {
                 let (db, statements) = (db.clone(), statements.clone());
                 async move {

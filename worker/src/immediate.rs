@@ -44,7 +44,7 @@ impl Immediate {
                 crate::jobs::fan_out::FIRST_PAGE,
                 crate::jobs::fan_out::claim_hold(&settings),
                 crate::jobs::fan_out::coalescing_of(&settings, false),
-                std::time::Duration::ZERO,
+                shared::batch::Linger::Off,
             ),
             db,
             sender: Arc::new(sender),
