@@ -25,7 +25,8 @@ use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio::time::Instant;
 
 /// A request waiting for a writer: what it asks, where to answer it, when it came, and
-/// whether a writer that takes it first waits for the ones behind it.
+/// whether a writer that takes it waits for the ones behind it (from the arrival of the
+/// first such request it took).
 struct Waiting<I, O> {
     item: I,
     reply: oneshot::Sender<Result<O, DbErr>>,
@@ -37,7 +38,8 @@ struct Waiting<I, O> {
 /// request's arrival, while requests come on average closer together than this: 2 ms
 /// (the timer counts whole milliseconds, so 2–3), from about 500 evenly spaced requests a
 /// second (with random arrivals, some from about 300). Measured in `docs/PERFORMANCE.md`
-/// ("A twenty-second machine").
+/// ("A twenty-second machine"; the stop of `Linger::WhileItGathers`: "A twenty-third
+/// machine").
 pub const LINGER: Duration = Duration::from_millis(2);
 
 /// Whether a writer waits for the requests behind the first it takes.
@@ -84,7 +86,8 @@ const LONGEST_GAP_NANOS: u64 = 100_000_000;
 /// The flow of requests: when the last came (nanoseconds since `start`), the moving
 /// mean of the gaps between them (nanoseconds; each new gap weighs an eighth), the moving
 /// mean of the late requests a wait gathered (in 256ths; each wait weighs an eighth),
-/// and the steady requests that did not wait since the last that did.
+/// and the steady requests that found waits not worth it (each [`PROBE_EVERY`]-th of
+/// them waits all the same).
 struct Flow {
     start: Instant,
     last: AtomicU64,
