@@ -8,10 +8,11 @@
 //! less than the linger apart) a writer that takes a request also waits up to the linger
 //! from its arrival for the ones right behind it: at moderate rates, where few would
 //! otherwise meet in a writer's queue, each statement then serves several. With
-//! `Linger::WhileItGathers`, waits stop while they gather no request arriving `LATE` or
-//! later after they began (clients that send their next request only once answered: the
-//! ones behind it come at once or not at all), but for one steady request in
-//! `PROBE_EVERY`, which tries again. A request is answered only when the call that
+//! `Linger::WhileItGathers`, waits stop while they gather too few requests arriving late
+//! in them (`late_after`; fewer than a quarter a wait on a moving mean: one or a few
+//! clients that send their next request only once answered, whose next requests come
+//! at once or not at all), but for one steady request in `PROBE_EVERY`, which tries
+//! again. A request is answered only when the call that
 //! served it has returned.
 
 use std::future::Future;
@@ -47,11 +48,12 @@ pub const LINGER: Duration = Duration::from_millis(2);
 pub enum Linger {
     /// Never: a writer serves what waits when it takes it.
     Off,
-    /// Under a steady flow, until this long after the first request came (`LINGER`).
+    /// Under a steady flow, until this long after the first request that waits came
+    /// (`LINGER`).
     Steady(Duration),
-    /// As `Steady`, but not while waits gather no late request (`LATE`): for callers
-    /// that send their next request only once answered, such as a client submitting in
-    /// a loop, for whom a wait for nobody is pure delay.
+    /// As `Steady`, but not while waits gather too few late requests (`late_after`): for
+    /// callers that send their next request only once answered, such as one or a few
+    /// clients submitting in a loop, for whom a wait for nobody is pure delay.
     WhileItGathers(Duration),
 }
 
@@ -65,11 +67,13 @@ impl Linger {
     }
 }
 
-/// A request that joins a writer's wait this long or longer after the wait began counts as
-/// gathered by it: one that came within it was on its way already (a closed loop's
-/// clients answered together send again together), and would have met the others in
-/// the writer's queue anyway.
-const LATE: Duration = Duration::from_millis(1);
+/// A request that joins a writer's wait of up to `wait` this long or longer after the
+/// wait began (half of it: 1 ms with `LINGER`) counts as gathered by it: one that came
+/// sooner was on its way already (a closed loop's clients answered together send again
+/// together), and would have met the others in the writer's queue anyway.
+fn late_after(wait: Duration) -> Duration {
+    wait / 2
+}
 
 /// While waits gather fewer late requests than this on average (in 256ths: a quarter),
 /// writers stop waiting.
@@ -199,9 +203,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
     /// Starts `writers` tasks that each take up to `max_batch` waiting requests and
     /// serve them with `write`, which answers each request in its place. At most
     /// `max_waiting` requests wait; past it a caller waits for room. Under a steady flow
-    /// a writer waits for more as `linger` says, up to its wait after the first request it took came (a
-    /// caller that needs a slot of its own to send the next request, as a worker's jobs
-    /// do, should weigh that wait against its slots; zero turns it off).
+    /// a writer waits for more as `linger` says, from the arrival of the first request it
+    /// took that waits (a caller that needs a slot of its own to send the next request,
+    /// as a worker's jobs do, should weigh that wait against its slots; `Linger::Off`
+    /// turns it off).
     pub fn start<F, Fut>(writers: usize, max_batch: usize, max_waiting: usize, linger: Linger, write: F) -> Self
     where
         F: Fn(Vec<I>) -> Fut + Send + Sync + 'static,
@@ -231,6 +236,10 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         let waits_from = batch.iter().find(|w| w.wait).map(|w| w.came);
                         if let Some(came) = waits_from {
                             let begun = Instant::now();
+                            let late = begun + late_after(longest);
+                            // Only a wait with room and time left for a late request
+                            // says whether waits gather (not one behind busy writers).
+                            let telling = batch.len() < max_batch.max(1) && came + longest > late;
                             let lingering = tokio::time::sleep_until(came + longest);
                             tokio::pin!(lingering);
                             while batch.len() < max_batch.max(1) {
@@ -242,7 +251,9 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                                     () = &mut lingering => break,
                                 }
                             }
-                            flow.waited(batch.iter().filter(|w| w.came >= begun + LATE).count());
+                            if telling {
+                                flow.waited(batch.iter().filter(|w| w.came >= late).count());
+                            }
                         }
                         batch
                     };
@@ -348,46 +359,81 @@ mod tests {
         assert!(!arrive(Duration::from_secs(1)));
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn under_a_steady_flow_a_writer_waits_for_the_requests_behind_the_first() {
-        use tokio::time::{Duration, Instant};
-        let sizes = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    type Sizes = std::sync::Arc<std::sync::Mutex<Vec<usize>>>;
+
+    /// A batcher whose writes answer at once, recording how many requests each served.
+    fn recording(linger: Linger) -> (Batcher<u32, u32>, Sizes) {
+        let sizes = Sizes::default();
         let seen = std::sync::Arc::clone(&sizes);
-        // Served at once: without the wait every request would be alone.
-        let batcher = Batcher::start(2, 64, 1000, Linger::WhileItGathers(LINGER), move |items: Vec<u32>| {
+        let batcher = Batcher::start(2, 64, 1000, linger, move |items: Vec<u32>| {
             seen.lock().expect("lock").push(items.len());
             async move { items.into_iter().map(Ok).collect() }
         });
+        (batcher, sizes)
+    }
 
-        // A request every millisecond (on the test's own clock).
+    /// Sends `n` requests a millisecond apart (on the test's own clock: an open flow,
+    /// each request sent whatever became of the one before) and checks their answers
+    /// and that none waited longer than the linger.
+    async fn open_flow(batcher: &Batcher<u32, u32>, n: u32) {
+        use tokio::time::{Duration, Instant};
         let mut calls = Vec::new();
-        for i in 0..300 {
+        for i in 0..n {
             tokio::time::sleep(Duration::from_millis(1)).await;
             let batcher = batcher.clone();
             let came = Instant::now();
             calls.push(tokio::spawn(async move { (batcher.call(i).await, came.elapsed()) }));
         }
-        for (i, call) in calls.into_iter().enumerate() {
+        for (i, call) in (0..n).zip(calls) {
             let (answer, waited) = call.await.expect("joined");
-            assert_eq!(answer.expect("answered"), u32::try_from(i).expect("small"));
+            assert_eq!(answer.expect("answered"), i);
             // The linger, rounded up to the timer's next millisecond, and no more.
             assert!(waited <= LINGER + Duration::from_millis(1), "request {i} waited {waited:?}");
         }
+    }
 
-        let sizes = sizes.lock().expect("lock").clone();
-        assert_eq!(sizes.iter().sum::<usize>(), 300);
-        // Alone until the mean gap falls under the linger (a few dozen), then two or three
-        // a statement.
-        assert!(sizes.len() < 200, "{} statements for 300 requests: {sizes:?}", sizes.len());
-        assert!(sizes[sizes.len() - 50..].iter().all(|&n| n >= 2), "{sizes:?}");
+    /// Four clients each sending 300 requests, the next once the last is answered;
+    /// returns how long they took on the test's clock, which moves only while a writer
+    /// waits.
+    async fn four_closed_loops(batcher: &Batcher<u32, u32>) -> std::time::Duration {
+        let started = tokio::time::Instant::now();
+        let clients: Vec<_> = (0..4)
+            .map(|_| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move {
+                    for i in 0..300 {
+                        assert_eq!(batcher.call(i).await.expect("answered"), i);
+                    }
+                })
+            })
+            .collect();
+        for client in clients {
+            client.await.expect("joined");
+        }
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn under_a_steady_flow_a_writer_waits_for_the_requests_behind_the_first() {
+        for linger in [Linger::Steady(LINGER), Linger::WhileItGathers(LINGER)] {
+            // Served at once: without the wait every request would be alone.
+            let (batcher, sizes) = recording(linger);
+
+            open_flow(&batcher, 300).await;
+
+            let sizes = sizes.lock().expect("lock").clone();
+            assert_eq!(sizes.iter().sum::<usize>(), 300);
+            // Alone until the mean gap falls under the linger (a few dozen), then two or
+            // three a statement.
+            assert!(sizes.len() < 200, "{linger:?}: {} statements for 300 requests: {sizes:?}", sizes.len());
+            assert!(sizes[sizes.len() - 50..].iter().all(|&n| n >= 2), "{linger:?}: {sizes:?}");
+        }
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_client_that_waits_for_each_answer_is_soon_served_at_once() {
         use tokio::time::{Duration, Instant};
-        let batcher = Batcher::start(2, 64, 1000, Linger::WhileItGathers(LINGER), |items: Vec<u32>| async move {
-            items.into_iter().map(Ok).collect()
-        });
+        let (batcher, sizes) = recording(Linger::WhileItGathers(LINGER));
 
         // One client, its next request as soon as it is answered (on the test's clock,
         // which moves only while a writer waits): a steady flow in which a wait never
@@ -404,37 +450,32 @@ mod tests {
         let probes = u64::try_from(waited[100..].iter().filter(|&&w| w).count()).expect("small");
         assert!(probes <= 200 / super::PROBE_EVERY + 1, "{probes} of the last 200 waited: {waited:?}");
         assert!(waited.iter().filter(|&&w| w).count() < 50, "{waited:?}");
+
+        // An open flow after it: the probes see its waits gather, and they resume.
+        let before = sizes.lock().expect("lock").len();
+        open_flow(&batcher, 200).await;
+        let sizes = sizes.lock().expect("lock")[before..].to_vec();
+        // (The very last may go alone: nothing comes behind it.)
+        assert!(sizes[sizes.len() - 50..sizes.len() - 1].iter().all(|&n| n >= 2), "{sizes:?}");
     }
 
     #[tokio::test(start_paused = true)]
     async fn clients_that_wait_for_their_answers_together_soon_stop_the_waits() {
-        use tokio::time::{Duration, Instant};
-        let batcher = Batcher::start(2, 64, 1000, Linger::WhileItGathers(LINGER), |items: Vec<u32>| async move {
-            items.into_iter().map(Ok).collect()
-        });
+        use tokio::time::Duration;
+        // Four clients answered together come back together, so a wait gathers them at
+        // once and never later. A plain linger waits every round all the same: 300
+        // waits.
+        let (batcher, _) = recording(Linger::Steady(LINGER));
+        let elapsed = four_closed_loops(&batcher).await;
+        assert!(elapsed >= LINGER * 300, "{elapsed:?} for 300 rounds with a plain linger");
 
-        // Four clients, each sending its next request once answered: answered together,
-        // they come back together, so a wait gathers them at once and never later.
-        let started = Instant::now();
-        let clients: Vec<_> = (0..4)
-            .map(|_| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move {
-                    for i in 0..300 {
-                        assert_eq!(batcher.call(i).await.expect("answered"), i);
-                    }
-                })
-            })
-            .collect();
-        for client in clients {
-            client.await.expect("joined");
-        }
-
-        // Waiting every round would take 300 waits; the probes (one request in
-        // `PROBE_EVERY`) and the waits before they stop, each up to 3 ms, take far less.
-        let waits = 1200 / super::PROBE_EVERY + 20;
-        let bound = (LINGER + Duration::from_millis(1)) * u32::try_from(waits).expect("small");
-        assert!(started.elapsed() <= bound, "{:?} for 300 rounds", started.elapsed());
+        // With the stop, only the waits before it and the probes (one request in
+        // `PROBE_EVERY`, a quarter of them or more), each up to 3 ms.
+        let (batcher, _) = recording(Linger::WhileItGathers(LINGER));
+        let elapsed = four_closed_loops(&batcher).await;
+        let probes = u32::try_from(1200 / super::PROBE_EVERY).expect("small");
+        assert!(elapsed >= LINGER * (probes / 4), "{elapsed:?}: the probes stopped");
+        assert!(elapsed <= (LINGER + Duration::from_millis(1)) * (probes + 20), "{elapsed:?} for 300 rounds");
     }
 
     #[tokio::test]

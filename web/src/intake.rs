@@ -7,7 +7,10 @@
 //! the database's cost per submission falls the way a database groups commits; alone, a
 //! submission is written at once, and under a steady flow (from about 500 a second) a
 //! writer waits up to `shared::batch::LINGER` for the submissions right behind the one it
-//! took, so at moderate rates they share statements too. Should a batch's statement fail, its submissions are
+//! took, so at moderate rates they share statements too; those waits stop while they
+//! gather too few late submissions (`shared::batch::Linger::WhileItGathers`: one or a
+//! few clients submitting in a loop, whom a wait would only delay), but for a probe now
+//! and then. Should a batch's statement fail, its submissions are
 //! written one by one, so one bad row never fails the others (a lost connection fails
 //! them all at once: see `shared::batch::after_failure`).
 
@@ -18,8 +21,8 @@ use shared::metrics::Registry;
 use shared::queries::feedback::{self, Submitted};
 
 /// Writer tasks: two, so one commits while the next group gathers (and a submission
-/// that finds nothing waiting, outside a steady flow, goes out at once from its own
-/// request). Four split the
+/// that finds nothing waiting and does not wait for others goes out at once from its
+/// own request). Four split the
 /// groups under load, for more statements and commits on the same cores.
 const WRITERS: usize = 2;
 

@@ -51,7 +51,7 @@ impl Close {
 /// The threshold is reasoned from that, not measured: the benchmark's runs use 16 or 64.
 /// The wait is `Linger::Steady`, kept even when it gathers nothing late: a fetch's jobs
 /// open within a millisecond of each other, and without the wait the first goes alone
-/// (measured: with the web's rule, `Linger::WhileItGathers`, the stack spent 9–15% more
+/// (measured: with the web's rule, `Linger::WhileItGathers`, the stack spent 9–17% more
 /// a message at 1,000–2,000/s, `docs/PERFORMANCE.md`, "A twenty-third machine").
 pub fn linger_for(concurrency: usize) -> Linger {
     if concurrency >= 16 { Linger::Steady(shared::batch::LINGER) } else { Linger::Off }
