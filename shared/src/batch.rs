@@ -12,8 +12,7 @@
 //! in them (`late_after`; fewer than a quarter a wait on a moving mean: one or a few
 //! clients that send their next request only once answered, whose next requests come
 //! at once or not at all), but for one steady request in `PROBE_EVERY`, which tries
-//! again. A request is answered only when the call that
-//! served it has returned.
+//! again. A request is answered only when the call that served it has returned.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -75,9 +74,12 @@ fn late_after(wait: Duration) -> Duration {
     wait / 2
 }
 
-/// While waits gather fewer late requests than this on average (in 256ths: a quarter),
-/// writers stop waiting.
-const LEAST_GAIN: u64 = 64;
+/// One late request a wait, in the fixed point of the waits' moving mean (256ths).
+const ONE_LATE: u64 = 256;
+
+/// While waits gather fewer late requests than this on average (a quarter), writers stop
+/// waiting.
+const LEAST_GAIN: u64 = ONE_LATE / 4;
 
 /// While waits gather too little, one steady request in this many still waits, so a
 /// flow that changes is seen.
@@ -89,10 +91,9 @@ const LONGEST_GAP_NANOS: u64 = 100_000_000;
 
 /// The flow of requests: when the last came (nanoseconds since `start`), the moving
 /// mean of the gaps between them (nanoseconds; each new gap weighs an eighth), the moving
-/// mean of the late requests a wait gathered (in 256ths; each wait with room and time
-/// left weighs an eighth),
-/// and the steady requests that found waits not worth it (each [`PROBE_EVERY`]-th of
-/// them waits all the same).
+/// mean of the late requests a wait gathered (in [`ONE_LATE`]s; each wait with room and
+/// time left weighs an eighth), and the steady requests that found waits not worth it
+/// (each [`PROBE_EVERY`]-th of them waits all the same).
 struct Flow {
     start: Instant,
     last: AtomicU64,
@@ -108,7 +109,7 @@ impl Flow {
             last: AtomicU64::new(0),
             mean_gap: AtomicU64::new(LONGEST_GAP_NANOS),
             // Waits are worth it until they show they are not.
-            gain: AtomicU64::new(256),
+            gain: AtomicU64::new(ONE_LATE),
             unwaited: AtomicU64::new(0),
         }
     }
@@ -122,7 +123,7 @@ impl Flow {
 
     /// Counts a wait that gathered `late` requests.
     fn waited(&self, late: usize) {
-        let late = u64::try_from(late).unwrap_or(u64::MAX).min(64) * 256;
+        let late = u64::try_from(late).unwrap_or(u64::MAX).min(64) * ONE_LATE;
         let _ = self.gain.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |gain| Some(gain - gain / 8 + late / 8));
     }
 

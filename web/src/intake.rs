@@ -22,8 +22,8 @@ use shared::queries::feedback::{self, Submitted};
 
 /// Writer tasks: two, so one commits while the next group gathers (and a submission
 /// that finds nothing waiting and does not wait for others goes out at once from its
-/// own request). Four split the
-/// groups under load, for more statements and commits on the same cores.
+/// own request). Four split the groups under load, for more statements and commits on
+/// the same cores.
 const WRITERS: usize = 2;
 
 /// Submissions in one statement, at most.
