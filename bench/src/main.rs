@@ -433,6 +433,19 @@ async fn run(
     report.figure("web_peak_rss_mib", peak_rss_kib(stack.web_pid()) as f64 / 1024.0);
     report.figure("worker_peak_rss_mib", peak_rss_kib(stack.worker_pid()) as f64 / 1024.0);
     report.figure("redis_used_mib_after", procs::redis_used_memory_mib(&cli.redis).await);
+    // The web's statements that stored submissions, over the whole run (warm-ups
+    // included), and the messages stored: under load a statement carries every
+    // submission that waited for it.
+    if matches!(cli.scenario, Scenario::Submit { .. } | Scenario::E2e { .. })
+        && let Some(statements) = stack.web_metrics().await.as_deref().and_then(procs::intake_statements)
+    {
+        use sea_orm::{EntityTrait, PaginatorTrait};
+        report.figure("web_intake_statements", statements);
+        let stored = shared::entities::feedback_message::Entity::find().count(&db).await?;
+        if statements > 0.0 {
+            report.figure("submissions_per_intake_statement", stored as f64 / statements);
+        }
+    }
     // The first worker's fetches over the whole run (start and drain included).
     let metrics = stack.worker_metrics().await.unwrap_or_default();
     if let Some((to_redis, held_back)) = procs::worker_fetches(&metrics) {

@@ -57,6 +57,8 @@ pub struct Stack {
     more_workers: Vec<Child>,
     /// The first worker's `/metrics`.
     worker_metrics: Option<String>,
+    /// The web's `/metrics`.
+    web_metrics: String,
 }
 
 impl Stack {
@@ -83,10 +85,11 @@ impl Stack {
         let worker = if workers == 0 { None } else { Some(worker_process(Some(&metrics_bind))?) };
         let worker_metrics = worker.as_ref().map(|_| format!("http://{metrics_bind}/metrics"));
         let more_workers = (1..workers.max(1)).map(|_| worker_process(None)).collect::<Result<Vec<_>, _>>()?;
-        let ready = format!("http://{}/readyz", env.get("BIND").context("BIND")?);
+        let bind = env.get("BIND").context("BIND")?;
+        let (ready, web_metrics) = (format!("http://{bind}/readyz"), format!("http://{bind}/metrics"));
         for _ in 0..100 {
             if reqwest::get(&ready).await.is_ok_and(|r| r.status().is_success()) {
-                return Ok(Self { web, worker, more_workers, worker_metrics });
+                return Ok(Self { web, worker, more_workers, worker_metrics, web_metrics });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -112,6 +115,11 @@ impl Stack {
     /// The first worker's `/metrics`, scraped once; None without a worker.
     pub async fn worker_metrics(&self) -> Option<String> {
         reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()
+    }
+
+    /// The web's `/metrics`, scraped once; None when it does not answer.
+    pub async fn web_metrics(&self) -> Option<String> {
+        reqwest::get(&self.web_metrics).await.ok()?.text().await.ok()
     }
 
     /// What the stack did about each second until `done` resolves: for each second,
@@ -241,6 +249,12 @@ pub fn worker_fetches(text: &str) -> Option<(f64, f64)> {
         tidings_tests::harness::metric_value(text, &series).unwrap_or(0.0)
     };
     Some((count("jobs") + count("empty"), count("skipped")))
+}
+
+/// The statements the web sent to store submissions, from its `/metrics` `text`
+/// (`tidings_submission_writes_total`: under load one stores many).
+pub fn intake_statements(text: &str) -> Option<f64> {
+    tidings_tests::harness::metric_value(text, "tidings_submission_writes_total")
 }
 
 /// The statements a worker sent to open fan-out runs and to close them, from its
