@@ -8,11 +8,14 @@
 //! less than the linger apart) a writer that takes a request also waits up to the linger
 //! from its arrival for the ones right behind it: at moderate rates, where few would
 //! otherwise meet in a writer's queue, each statement then serves several. With
-//! `Linger::WhileItGathers`, waits stop while they gather too few requests arriving late
-//! in them (`late_after`; fewer than a quarter a wait on a moving mean: one or a few
-//! clients that send their next request only once answered, whose next requests come
-//! at once or not at all), but for one steady request in `PROBE_EVERY`, which tries
-//! again. A request is answered only when the call that served it has returned.
+//! `Linger::WhileItGathers`, a wait also ends as soon as its batch holds `ENOUGH`
+//! requests (many clients that send their next request only once answered come back
+//! together: they would otherwise wait a full linger each round for nobody more), and
+//! waits stop while they gather too few requests arriving late in them (`late_after`;
+//! fewer than a quarter a wait on a moving mean: one or a few such clients, whose next
+//! requests come at once or not at all), but for one steady request in `PROBE_EVERY`,
+//! which tries again. A request is answered only when the call that served it has
+//! returned.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -50,9 +53,10 @@ pub enum Linger {
     /// Under a steady flow, until this long after the first request that waits came
     /// (`LINGER`).
     Steady(Duration),
-    /// As `Steady`, but not while waits gather too few late requests (`late_after`): for
-    /// callers that send their next request only once answered, such as one or a few
-    /// clients submitting in a loop, for whom a wait for nobody is pure delay.
+    /// As `Steady`, but a wait ends once its batch holds [`ENOUGH`] requests, and none
+    /// is made while waits gather too few late requests (`late_after`): for callers that
+    /// send their next request only once answered, such as clients submitting in a
+    /// loop, for whom a wait for nobody is pure delay.
     WhileItGathers(Duration),
 }
 
@@ -64,7 +68,24 @@ impl Linger {
             Self::Steady(wait) | Self::WhileItGathers(wait) => wait,
         }
     }
+
+    /// How many requests a batch holds, at most `max_batch`, before its writer stops
+    /// waiting for more (it still takes any that wait, up to `max_batch`).
+    fn enough(self, max_batch: usize) -> usize {
+        match self {
+            Self::Off | Self::Steady(_) => max_batch,
+            Self::WhileItGathers(_) => ENOUGH.min(max_batch),
+        }
+    }
 }
+
+/// With `Linger::WhileItGathers`, a writer's wait ends once its batch holds this many
+/// requests: one statement for eight already costs each little, and clients that send
+/// again only once answered come back together, so a wait past them held every client a
+/// full linger each round (measured in `docs/PERFORMANCE.md`, "A twenty-fourth machine":
+/// 32 such clients got 6,500 submissions a second with the cores half idle, 14,000
+/// with this bound).
+pub const ENOUGH: usize = 8;
 
 /// A request that joins a writer's wait of up to `wait` this long or longer after the
 /// wait began (half of it: 1 ms with `LINGER`) counts as gathered by it: one that came
@@ -138,6 +159,17 @@ impl Flow {
             .unwrap_or(LONGEST_GAP_NANOS);
         let mean = previous - previous / 8 + gap / 8;
         u128::from(mean) < linger.as_nanos()
+    }
+}
+
+/// Moves the requests waiting in `waiting` into `batch`, without waiting, until it holds
+/// `max_batch`.
+fn take_waiting<T>(waiting: &mut mpsc::Receiver<T>, batch: &mut Vec<T>, max_batch: usize) {
+    while batch.len() < max_batch {
+        match waiting.try_recv() {
+            Ok(next) => batch.push(next),
+            Err(_) => break,
+        }
     }
 }
 
@@ -219,6 +251,7 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
         let waiting = Arc::new(Mutex::new(waiting));
         let flow = Arc::new(Flow::new());
         let longest = linger.wait();
+        let (max_batch, enough) = (max_batch.max(1), linger.enough(max_batch.max(1)));
         for _ in 0..writers.max(1) {
             let (waiting, write, flow) = (Arc::clone(&waiting), Arc::clone(&write), Arc::clone(&flow));
             tokio::spawn(async move {
@@ -227,24 +260,17 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                         let mut waiting = waiting.lock().await;
                         let Some(first) = waiting.recv().await else { return };
                         let mut batch = vec![first];
-                        while batch.len() < max_batch.max(1) {
-                            match waiting.try_recv() {
-                                Ok(next) => batch.push(next),
-                                Err(_) => break,
-                            }
-                        }
+                        take_waiting(&mut waiting, &mut batch, max_batch);
                         // The first request taken that waits (a probe may come behind
-                        // others that do not) sets the wait.
+                        // others that do not) sets the wait, unless the batch holds
+                        // enough already.
                         let waits_from = batch.iter().find(|w| w.wait).map(|w| w.came);
-                        if let Some(came) = waits_from {
+                        if let Some(came) = waits_from.filter(|_| batch.len() < enough) {
                             let begun = Instant::now();
                             let late = begun + late_after(longest);
-                            // Only a wait with room and time left for a late request
-                            // says whether waits gather (not one behind busy writers).
-                            let telling = batch.len() < max_batch.max(1) && came + longest > late;
                             let lingering = tokio::time::sleep_until(came + longest);
                             tokio::pin!(lingering);
-                            while batch.len() < max_batch.max(1) {
+                            while batch.len() < enough {
                                 tokio::select! {
                                     next = waiting.recv() => match next {
                                         Some(next) => batch.push(next),
@@ -253,9 +279,14 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                                     () = &mut lingering => break,
                                 }
                             }
-                            if telling {
+                            // Only a wait that had time left for a late request (not one
+                            // behind busy writers) and that its batch did not end (a
+                            // dense flow, which says nothing of late requests) says
+                            // whether waits gather.
+                            if came + longest > late && batch.len() < enough {
                                 flow.waited(batch.iter().filter(|w| w.came >= late).count());
                             }
+                            take_waiting(&mut waiting, &mut batch, max_batch);
                         }
                         batch
                     };
@@ -479,6 +510,47 @@ mod tests {
         let probes = u32::try_from(1200 / super::PROBE_EVERY).expect("small");
         assert!(elapsed >= LINGER * (probes / 4), "{elapsed:?}: the probes stopped");
         assert!(elapsed <= (LINGER + Duration::from_millis(1)) * (probes + 20), "{elapsed:?} for 300 rounds");
+    }
+
+    /// Sends a request and then, while a writer waits for the ones behind it, `more`
+    /// (on the test's clock, which moves only while a writer waits, no time passes
+    /// between them); checks their answers and returns how long they took.
+    async fn burst(batcher: &Batcher<u32, u32>, more: u32) -> std::time::Duration {
+        let started = tokio::time::Instant::now();
+        let mut calls = Vec::new();
+        for i in 0..=more {
+            let batcher = batcher.clone();
+            calls.push(tokio::spawn(async move { batcher.call(i).await }));
+            // Lets a writer take the first and begin its wait.
+            tokio::task::yield_now().await;
+        }
+        for (i, call) in (0..).zip(calls) {
+            assert_eq!(call.await.expect("joined").expect("answered"), i);
+        }
+        started.elapsed()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_of_clients_that_send_again_once_answered_ends_once_its_batch_holds_enough() {
+        let enough = u32::try_from(super::ENOUGH).expect("small");
+        let (batcher, sizes) = recording(Linger::WhileItGathers(LINGER));
+        // A steady flow whose waits gather late requests: the writers wait.
+        open_flow(&batcher, 100).await;
+
+        // Fewer than enough behind the first: the wait lasts the linger.
+        assert!(burst(&batcher, enough - 2).await >= LINGER);
+        // Enough: served as soon as the last joins. Waits their batches ended say nothing
+        // of late requests, so they do not stop the waits.
+        for _ in 0..20 {
+            assert!(burst(&batcher, enough - 1).await.is_zero());
+            assert_eq!(sizes.lock().expect("lock").last(), Some(&super::ENOUGH));
+        }
+        assert!(burst(&batcher, enough - 2).await >= LINGER, "the waits stopped");
+
+        // The plain wait (the worker's) waits its linger for as many as a statement takes.
+        let (batcher, _) = recording(Linger::Steady(LINGER));
+        open_flow(&batcher, 100).await;
+        assert!(burst(&batcher, enough - 1).await >= LINGER);
     }
 
     #[tokio::test]

@@ -7,10 +7,11 @@
 //! the database's cost per submission falls the way a database groups commits; alone, a
 //! submission is written at once, and under a steady flow (from about 500 a second) a
 //! writer waits up to `shared::batch::LINGER` for the submissions right behind the one it
-//! took, so at moderate rates they share statements too; those waits stop while they
-//! gather too few late submissions (`shared::batch::Linger::WhileItGathers`: one or a
-//! few clients submitting in a loop, whom a wait would only delay), but for a probe now
-//! and then. Should a batch's statement fail, its submissions are
+//! took, so at moderate rates they share statements too; a wait ends once its batch
+//! holds `shared::batch::ENOUGH`, and waits stop while they gather too few late
+//! submissions (`shared::batch::Linger::WhileItGathers`: clients submitting in a loop,
+//! whom a wait would only delay), but for a probe now and then. Should a batch's
+//! statement fail, its submissions are
 //! written one by one, so one bad row never fails the others (a lost connection fails
 //! them all at once: see `shared::batch::after_failure`).
 

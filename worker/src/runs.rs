@@ -52,7 +52,10 @@ impl Close {
 /// The wait is `Linger::Steady`, kept even when it gathers nothing late: a fetch's jobs
 /// open within a millisecond of each other, and without the wait the first goes alone
 /// (measured: with the web's rule, `Linger::WhileItGathers`, the stack spent 9–17% more
-/// a message at 1,000–2,000/s, `docs/PERFORMANCE.md`, "A twenty-third machine").
+/// a message at 1,000–2,000/s, `docs/PERFORMANCE.md`, "A twenty-third machine"). Nor
+/// does it end at `shared::batch::ENOUGH`: a fetch's jobs are not clients that send
+/// again once answered (ended at 16 it measured the same at 2,000/s, "A twenty-fourth
+/// machine"; at 8, not measured).
 pub fn linger_for(concurrency: usize) -> Linger {
     if concurrency >= 16 { Linger::Steady(shared::batch::LINGER) } else { Linger::Off }
 }
