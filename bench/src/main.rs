@@ -439,10 +439,10 @@ async fn run(
     if matches!(cli.scenario, Scenario::Submit { .. } | Scenario::E2e { .. })
         && let Some(statements) = stack.web_metrics().await.as_deref().and_then(procs::intake_statements)
     {
-        use sea_orm::{EntityTrait, PaginatorTrait};
         report.figure("web_intake_statements", statements);
-        let stored = shared::entities::feedback_message::Entity::find().count(&db).await?;
-        if statements > 0.0 {
+        if let Ok(stored) = shared::queries::feedback::count(&db).await
+            && statements > 0.0
+        {
             report.figure("submissions_per_intake_statement", stored as f64 / statements);
         }
     }

@@ -112,8 +112,8 @@ const LONGEST_GAP_NANOS: u64 = 100_000_000;
 
 /// The flow of requests: when the last came (nanoseconds since `start`), the moving
 /// mean of the gaps between them (nanoseconds; each new gap weighs an eighth), the moving
-/// mean of the late requests a wait gathered (in [`ONE_LATE`]s; each wait with room and
-/// time left weighs an eighth), and the steady requests that found waits not worth it
+/// mean of the late requests a wait gathered (in [`ONE_LATE`]s; each wait with time left
+/// weighs an eighth, but for one its batch ended with none late), and the steady requests that found waits not worth it
 /// (each [`PROBE_EVERY`]-th of them waits all the same).
 struct Flow {
     start: Instant,
@@ -280,11 +280,13 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                                 }
                             }
                             // Only a wait that had time left for a late request (not one
-                            // behind busy writers) and that its batch did not end (a
-                            // dense flow, which says nothing of late requests) says
-                            // whether waits gather.
-                            if came + longest > late && batch.len() < enough {
-                                flow.waited(batch.iter().filter(|w| w.came >= late).count());
+                            // behind busy writers) says whether waits gather, and one
+                            // its batch ended only if a late request came (a batch filled
+                            // at once by clients answered together says nothing of what
+                            // a wait gathers; a dense open flow's does).
+                            let gathered = batch.iter().filter(|w| w.came >= late).count();
+                            if came + longest > late && (batch.len() < enough || gathered > 0) {
+                                flow.waited(gathered);
                             }
                             take_waiting(&mut waiting, &mut batch, max_batch);
                         }
@@ -551,6 +553,65 @@ mod tests {
         let (batcher, _) = recording(Linger::Steady(LINGER));
         open_flow(&batcher, 100).await;
         assert!(burst(&batcher, enough - 1).await >= LINGER);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_wait_its_batch_ended_takes_the_rest_that_wait_with_it() {
+        let (batcher, sizes) = recording(Linger::WhileItGathers(LINGER));
+        open_flow(&batcher, 100).await;
+
+        // A first request, its writer waiting, then more than enough at once behind it.
+        let started = tokio::time::Instant::now();
+        let first = {
+            let batcher = batcher.clone();
+            tokio::spawn(async move { batcher.call(0).await })
+        };
+        tokio::task::yield_now().await;
+        let rest: Vec<_> = (1..12)
+            .map(|i| {
+                let batcher = batcher.clone();
+                tokio::spawn(async move { batcher.call(i).await })
+            })
+            .collect();
+        assert_eq!(first.await.expect("joined").expect("answered"), 0);
+        for (i, call) in (1..).zip(rest) {
+            assert_eq!(call.await.expect("joined").expect("answered"), i);
+        }
+
+        // One statement, at once: the ones past enough do not wait another linger.
+        assert!(started.elapsed().is_zero(), "{:?}", started.elapsed());
+        assert_eq!(sizes.lock().expect("lock").last(), Some(&12));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn after_the_stop_a_dense_open_flow_resumes_the_waits() {
+        use tokio::time::Duration;
+        let (batcher, sizes) = recording(Linger::WhileItGathers(LINGER));
+        // One client submitting in a loop stops the waits.
+        for i in 0..100 {
+            tokio::task::yield_now().await;
+            assert_eq!(batcher.call(i).await.expect("answered"), i);
+        }
+        let before = sizes.lock().expect("lock").len();
+
+        // Then seven requests each millisecond from clients that do not wait for their
+        // answers: a probe's wait fills with the next millisecond's, late in it.
+        let mut calls = Vec::new();
+        for i in 0..500 {
+            if i % 7 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            let batcher = batcher.clone();
+            calls.push(tokio::spawn(async move { batcher.call(i).await }));
+        }
+        for (i, call) in (0..).zip(calls) {
+            assert_eq!(call.await.expect("joined").expect("answered"), i);
+        }
+
+        // Waits resume: most statements hold eight or more, where without waits each
+        // millisecond's seven went in two (the first alone).
+        let sizes = sizes.lock().expect("lock")[before..].to_vec();
+        assert!(sizes.len() < 100, "{} statements for 500 requests: {sizes:?}", sizes.len());
     }
 
     #[tokio::test]
