@@ -136,6 +136,20 @@ fn by_rate(steps: &[Step], name: &str) -> Vec<(f64, f64)> {
     steps.iter().filter_map(|s| s.figures.iter().find(|(n, _)| *n == name).map(|(_, v)| (s.rate as f64, *v))).collect()
 }
 
+/// The sweep's verdict as figures: the highest rate sustained (rates are held up to the
+/// first that is not: the sweep stops there), named as only what the sweep reached when
+/// it ended on a step that measured nothing (`failed`), and the first rate not
+/// sustained, if any.
+fn verdict(steps: &[Step], failed: bool) -> Vec<(&'static str, u64)> {
+    let sustained = steps.iter().take_while(|s| s.held).last().map_or(0, |s| s.rate);
+    let name = if failed { "sustained_before_the_failure_per_second" } else { "sustained_per_second" };
+    let mut figures = vec![(name, sustained)];
+    if let Some(missed) = steps.iter().find(|s| !s.held) {
+        figures.push(("first_not_sustained_per_second", missed.rate));
+    }
+    figures
+}
+
 /// The sweep's report: the rate sustained, the first one not, each step's figures by
 /// rate, and a plot of the delays by rate. A sweep that ended on a step that measured
 /// nothing (`failed`) reports its highest rate sustained only as what it reached, and
@@ -156,14 +170,8 @@ fn summarise(cli: &Cli, steps: &[Step], files: &[String], ended: &str, failed: b
     }
     report.param("sustained_p99_ms", SUSTAINED_P99_MS);
     report.param("ended", ended);
-    // Rates are held up to the first that is not: the sweep stops there.
-    let sustained = steps.iter().take_while(|s| s.held).last().map_or(0, |s| s.rate);
-    report.figure(
-        if failed { "sustained_before_the_failure_per_second" } else { "sustained_per_second" },
-        sustained as f64,
-    );
-    if let Some(missed) = steps.iter().find(|s| !s.held) {
-        report.figure("first_not_sustained_per_second", missed.rate as f64);
+    for (name, rate) in verdict(steps, failed) {
+        report.figure(name, rate as f64);
     }
     for name in KEPT {
         report.series(&format!("{name}_by_rate"), &by_rate(steps, name));
@@ -213,6 +221,20 @@ mod tests {
         assert_eq!(super::ending(&[step(1000, true), step(1500, false)]), "not sustained at 1500/s");
         assert_eq!(super::ending(&[step(1000, false)]), "not sustained at the first rate: the capacity is below it");
         assert_eq!(super::ending(&[step(1000, true)]), "every rate sustained: the capacity is at least the last");
+    }
+
+    #[test]
+    fn a_sweep_that_ended_on_a_failed_step_reports_only_what_it_reached() {
+        let step = |rate, held| super::Step { rate, held, figures: Vec::new() };
+        let steps = [step(1000, true), step(1500, true), step(2000, false)];
+        assert_eq!(
+            super::verdict(&steps, false),
+            vec![("sustained_per_second", 1500), ("first_not_sustained_per_second", 2000)]
+        );
+        // A failure after two rates held: no capacity claimed, no rate not sustained.
+        assert_eq!(super::verdict(&steps[..2], true), vec![("sustained_before_the_failure_per_second", 1500)]);
+        // Nothing held before it.
+        assert_eq!(super::verdict(&[], true), vec![("sustained_before_the_failure_per_second", 0)]);
     }
 
     fn e2e(p99: f64, lost: f64) -> Report {
