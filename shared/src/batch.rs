@@ -113,8 +113,9 @@ const LONGEST_GAP_NANOS: u64 = 100_000_000;
 /// The flow of requests: when the last came (nanoseconds since `start`), the moving
 /// mean of the gaps between them (nanoseconds; each new gap weighs an eighth), the moving
 /// mean of the late requests a wait gathered (in [`ONE_LATE`]s; each wait with time left
-/// weighs an eighth, but for one its batch ended with none late), and the steady requests that found waits not worth it
-/// (each [`PROBE_EVERY`]-th of them waits all the same).
+/// weighs an eighth, but for one its batch ended with none late), and the steady
+/// requests that found waits not worth it (each [`PROBE_EVERY`]-th of them waits all the
+/// same).
 struct Flow {
     start: Instant,
     last: AtomicU64,
@@ -592,6 +593,9 @@ mod tests {
             tokio::task::yield_now().await;
             assert_eq!(batcher.call(i).await.expect("answered"), i);
         }
+        // (The premise: the waits stopped.)
+        let gain = batcher.flow.gain.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(gain < super::LEAST_GAIN, "the waits did not stop: {gain}");
         let before = sizes.lock().expect("lock").len();
 
         // Then seven requests each millisecond from clients that do not wait for their
@@ -609,7 +613,7 @@ mod tests {
         }
 
         // Waits resume: most statements hold eight or more, where without waits each
-        // millisecond's seven went in two (the first alone).
+        // request went in a statement of its own but for the probes' (189 statements).
         let sizes = sizes.lock().expect("lock")[before..].to_vec();
         assert!(sizes.len() < 100, "{} statements for 500 requests: {sizes:?}", sizes.len());
     }
