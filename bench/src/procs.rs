@@ -114,12 +114,12 @@ impl Stack {
 
     /// The first worker's `/metrics`, scraped once; None without a worker.
     pub async fn worker_metrics(&self) -> Option<String> {
-        reqwest::get(self.worker_metrics.as_deref()?).await.ok()?.text().await.ok()
+        scrape(self.worker_metrics.as_deref()?).await
     }
 
     /// The web's `/metrics`, scraped once; None when it does not answer.
     pub async fn web_metrics(&self) -> Option<String> {
-        reqwest::get(&self.web_metrics).await.ok()?.text().await.ok()
+        scrape(&self.web_metrics).await
     }
 
     /// What the stack did about each second until `done` resolves: for each second,
@@ -236,6 +236,11 @@ impl Totals {
         rates.push(("redis_cpu", cpu_between(&before.redis, &self.redis) / span));
         rates
     }
+}
+
+/// The text at `url`; None when it does not answer.
+async fn scrape(url: &str) -> Option<String> {
+    reqwest::get(url).await.ok()?.text().await.ok()
 }
 
 /// A worker's fetches of jobs from its `/metrics` `text`: (those that reached Redis,

@@ -285,9 +285,11 @@ impl<I: Send + 'static, O: Send + 'static> Batcher<I, O> {
                             // its batch ended only if a late request came (a batch filled
                             // at once by clients answered together says nothing of what
                             // a wait gathers; a dense open flow's does).
-                            let gathered = batch.iter().filter(|w| w.came >= late).count();
-                            if came + longest > late && (batch.len() < enough || gathered > 0) {
-                                flow.waited(gathered);
+                            if came + longest > late {
+                                let gathered = batch.iter().filter(|w| w.came >= late).count();
+                                if batch.len() < enough || gathered > 0 {
+                                    flow.waited(gathered);
+                                }
                             }
                             take_waiting(&mut waiting, &mut batch, max_batch);
                         }
@@ -515,6 +517,20 @@ mod tests {
         assert!(elapsed <= (LINGER + Duration::from_millis(1)) * (probes + 20), "{elapsed:?} for 300 rounds");
     }
 
+    /// Sends request `i` from a task of its own.
+    fn spawn_call(batcher: &Batcher<u32, u32>, i: u32) -> tokio::task::JoinHandle<Result<u32, sea_orm::DbErr>> {
+        let batcher = batcher.clone();
+        tokio::spawn(async move { batcher.call(i).await })
+    }
+
+    /// Checks that each of `calls`, sent with requests `first`, `first + 1`, …, got its
+    /// own request back.
+    async fn check_answers(calls: Vec<tokio::task::JoinHandle<Result<u32, sea_orm::DbErr>>>, first: u32) {
+        for (i, call) in (first..).zip(calls) {
+            assert_eq!(call.await.expect("joined").expect("answered"), i);
+        }
+    }
+
     /// Sends a request and then, while a writer waits for the ones behind it, `more`
     /// (on the test's clock, which moves only while a writer waits, no time passes
     /// between them); checks their answers and returns how long they took.
@@ -522,14 +538,11 @@ mod tests {
         let started = tokio::time::Instant::now();
         let mut calls = Vec::new();
         for i in 0..=more {
-            let batcher = batcher.clone();
-            calls.push(tokio::spawn(async move { batcher.call(i).await }));
+            calls.push(spawn_call(batcher, i));
             // Lets a writer take the first and begin its wait.
             tokio::task::yield_now().await;
         }
-        for (i, call) in (0..).zip(calls) {
-            assert_eq!(call.await.expect("joined").expect("answered"), i);
-        }
+        check_answers(calls, 0).await;
         started.elapsed()
     }
 
@@ -563,21 +576,11 @@ mod tests {
 
         // A first request, its writer waiting, then more than enough at once behind it.
         let started = tokio::time::Instant::now();
-        let first = {
-            let batcher = batcher.clone();
-            tokio::spawn(async move { batcher.call(0).await })
-        };
+        let first = spawn_call(&batcher, 0);
         tokio::task::yield_now().await;
-        let rest: Vec<_> = (1..12)
-            .map(|i| {
-                let batcher = batcher.clone();
-                tokio::spawn(async move { batcher.call(i).await })
-            })
-            .collect();
-        assert_eq!(first.await.expect("joined").expect("answered"), 0);
-        for (i, call) in (1..).zip(rest) {
-            assert_eq!(call.await.expect("joined").expect("answered"), i);
-        }
+        let rest: Vec<_> = (1..12).map(|i| spawn_call(&batcher, i)).collect();
+        check_answers(vec![first], 0).await;
+        check_answers(rest, 1).await;
 
         // One statement, at once: the ones past enough do not wait another linger.
         assert!(started.elapsed().is_zero(), "{:?}", started.elapsed());
@@ -605,12 +608,9 @@ mod tests {
             if i % 7 == 0 {
                 tokio::time::sleep(Duration::from_millis(1)).await;
             }
-            let batcher = batcher.clone();
-            calls.push(tokio::spawn(async move { batcher.call(i).await }));
+            calls.push(spawn_call(&batcher, i));
         }
-        for (i, call) in (0..).zip(calls) {
-            assert_eq!(call.await.expect("joined").expect("answered"), i);
-        }
+        check_answers(calls, 0).await;
 
         // Waits resume: most statements hold eight or more, where without waits each
         // request went in a statement of its own but for the probes' (189 statements).
