@@ -231,26 +231,10 @@ async fn dead_letters_can_be_retried_or_discarded() {
     // Arrange: a valid job an older build dead-lettered, and a hopeless one.
     let app = spawn_app_with(Options::default()).await;
     let browser = app.subscribe_browser().await;
-    let submitted = shared::queries::feedback::insert_with_dispatch(
-        &app.db,
-        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", "kept in a dead letter").expect("valid"),
-    )
-    .await
-    .expect("stored");
-    shared::queries::dispatch::mark_enqueued(&app.db, submitted.dispatch_id).await.expect("marked");
+    let (_, good) = stored_fan_out(&app, "kept in a dead letter").await;
     let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
-    let letter = |payload: String| shared::queue::DeadLetter {
-        id: String::new(),
-        queue: FAN_OUT_QUEUE.into(),
-        payload,
-        error: "payload version 2 is newer than the supported version 1".into(),
-        attempt: 1,
-        at: "2026-11-24T10:00:00Z".into(),
-    };
-    let good =
-        serde_json::to_string(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
-    let retry_id = queue.dead_letter(&letter(good)).await.expect("stored");
-    let discard_id = queue.dead_letter(&letter("garbage".into())).await.expect("stored");
+    let retry_id = queue.dead_letter(&dead_letter_of(good)).await.expect("stored");
+    let discard_id = queue.dead_letter(&dead_letter_of("garbage".into())).await.expect("stored");
     assert_eq!(queue.dead_letter_count().await.expect("count"), 2);
 
     // Act
@@ -264,6 +248,77 @@ async fn dead_letters_can_be_retried_or_discarded() {
     assert_eq!(queue.dead_letter_count().await.expect("count"), 0);
     assert!(!queue.retry_dead_letter(&app.db, &retry_id).await.expect("answered"));
     assert!(!queue.discard_dead_letter("no-such-id").await.expect("answered"));
+}
+
+#[tokio::test]
+async fn every_dead_letter_can_be_retried_or_discarded_at_once() {
+    // Arrange: three valid jobs an older build dead-lettered, each with its own message.
+    let app = spawn_app_with(Options::default()).await;
+    let browser = app.subscribe_browser().await;
+    let queue = JobQueue::connect(&app.settings.redis_url, &app.settings.redis_namespace).await.expect("redis");
+    let mut ids = Vec::new();
+    for body in ["first of three", "second of three", "third of three"] {
+        let (_, payload) = stored_fan_out(&app, body).await;
+        ids.push(queue.dead_letter(&dead_letter_of(payload)).await.expect("stored"));
+        // Letters are ordered by the millisecond they were stored in.
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    assert_eq!(queue.dead_letter_ids().await.expect("ids"), ids, "oldest first");
+
+    // Act: an operator retries them all (`worker dead retry --all`).
+    worker::ops::retry_all(&app.settings).await.expect("retried");
+
+    // Assert: each message is pushed once; no letter is left.
+    let received = app.push.wait_for_received(3, Duration::from_secs(15)).await;
+    let mut bodies: Vec<String> =
+        received.iter().map(|push| push.json()["body"].as_str().expect("body").to_owned()).collect();
+    bodies.sort();
+    assert_eq!(bodies, ["first of three", "second of three", "third of three"]);
+    assert!(received.iter().all(|push| push.endpoint == browser.endpoint));
+    assert_eq!(queue.dead_letter_count().await.expect("count"), 0);
+    assert_eq!(queue.retry_all_dead_letters(&app.db).await.expect("none left"), 0);
+
+    // Arrange: two hopeless letters.
+    for _ in 0..2 {
+        queue.dead_letter(&dead_letter_of("garbage".into())).await.expect("stored");
+    }
+
+    // Act: `worker dead discard --all`.
+    worker::ops::discard_all(&app.settings).await.expect("discarded");
+
+    // Assert: none left, nothing more sent; a second call finds nothing.
+    assert_eq!(queue.dead_letter_count().await.expect("count"), 0);
+    assert!(queue.dead_letter_ids().await.expect("ids").is_empty());
+    assert_eq!(queue.discard_all_dead_letters().await.expect("none left"), 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(app.push.received().len(), 3, "each message once");
+}
+
+/// Stores a message by Ann with its dispatch record, marked enqueued as the web marks it;
+/// returns its submission and its fan-out job's payload.
+async fn stored_fan_out(app: &TestApp, content: &str) -> (shared::queries::feedback::Submitted, String) {
+    let submitted = shared::queries::feedback::insert_with_dispatch(
+        &app.db,
+        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", content).expect("valid"),
+    )
+    .await
+    .expect("stored");
+    shared::queries::dispatch::mark_enqueued(&app.db, submitted.dispatch_id).await.expect("marked");
+    let payload =
+        serde_json::to_string(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
+    (submitted, payload)
+}
+
+/// A dead letter of the fan-out queue holding `payload`.
+fn dead_letter_of(payload: String) -> shared::queue::DeadLetter {
+    shared::queue::DeadLetter {
+        id: String::new(),
+        queue: FAN_OUT_QUEUE.into(),
+        payload,
+        error: "payload version 2 is newer than the supported version 1".into(),
+        attempt: 1,
+        at: "2026-11-24T10:00:00Z".into(),
+    }
 }
 
 #[tokio::test]
@@ -570,9 +625,9 @@ async fn a_waiting_job_can_be_listed_and_revoked() {
     assert!(worker::ops::cancel(&app.settings, &id).await.is_err());
 }
 
-/// Stores a message with its dispatch record, marked enqueued as the web marks it, and
-/// queues its fan-out as a job already started POISON_AFTER (3) times without ever
-/// finishing, as when each run crashed its worker; returns the message's submission.
+/// Stores a message with its dispatch record ([`stored_fan_out`]) and queues its fan-out
+/// as a job already started POISON_AFTER (3) times without ever finishing, as when each
+/// run crashed its worker; returns the message's submission.
 async fn queue_poisoned_fan_out(app: &TestApp, content: &str) -> shared::queries::feedback::Submitted {
     let task_id = "01HX0000000000000000000001";
     let mut conn =
@@ -581,16 +636,10 @@ async fn queue_poisoned_fan_out(app: &TestApp, content: &str) -> shared::queries
         redis::AsyncCommands::set(&mut conn, format!("{}:job-starts:{task_id}", app.settings.redis_namespace), 3)
             .await
             .expect("set");
-    let submitted = shared::queries::feedback::insert_with_dispatch(
-        &app.db,
-        &shared::domain::NewFeedback::parse("Ann", "ann@example.com", content).expect("valid"),
-    )
-    .await
-    .expect("stored");
-    shared::queries::dispatch::mark_enqueued(&app.db, submitted.dispatch_id).await.expect("marked");
-    let payload =
-        serde_json::to_vec(&shared::jobs::FanOut::new(submitted.feedback_id, submitted.dispatch_id)).expect("json");
-    let task = TaskBuilder::new(payload).task_id(apalis_core::task::task_id::TaskId::from_string(task_id)).build();
+    let (submitted, payload) = stored_fan_out(app, content).await;
+    let task = TaskBuilder::new(payload.into_bytes())
+        .task_id(apalis_core::task::task_id::TaskId::from_string(task_id))
+        .build();
     let config = config_for_queue(&app.settings.redis_namespace, FAN_OUT_QUEUE);
     apalis_redis::queries::push_tasks(&mut conn, &config, &[task]).await.expect("pushed");
     let _: i64 = redis::AsyncCommands::publish(&mut conn, wake_channel(&app.settings.redis_namespace), "x")

@@ -66,15 +66,23 @@ enum DeadCommand {
         #[arg(long, default_value_t = 20)]
         limit: isize,
     },
-    /// Put a dead letter's job back on its queue.
+    /// Put a dead letter's job back on its queue, or every letter's with `--all`.
     Retry {
         /// The letter's id (from `worker dead list`).
-        id: String,
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Every dead letter, oldest first.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
     },
-    /// Delete a dead letter.
+    /// Delete a dead letter, or every one with `--all`.
     Discard {
         /// The letter's id (from `worker dead list`).
-        id: String,
+        #[arg(required_unless_present = "all")]
+        id: Option<String>,
+        /// Every dead letter.
+        #[arg(long, conflicts_with = "id")]
+        all: bool,
     },
 }
 
@@ -107,9 +115,48 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             crate::ops::ping(&settings, std::time::Duration::from_secs(timeout_secs)).await
         }
         Command::Dead { command: DeadCommand::List { limit } } => crate::ops::list(&settings, limit).await,
-        Command::Dead { command: DeadCommand::Retry { id } } => crate::ops::retry(&settings, &id).await,
-        Command::Dead { command: DeadCommand::Discard { id } } => crate::ops::discard(&settings, &id).await,
+        Command::Dead { command: DeadCommand::Retry { id: Some(id), .. } } => crate::ops::retry(&settings, &id).await,
+        Command::Dead { command: DeadCommand::Retry { id: None, .. } } => crate::ops::retry_all(&settings).await,
+        Command::Dead { command: DeadCommand::Discard { id: Some(id), .. } } => {
+            crate::ops::discard(&settings, &id).await
+        }
+        Command::Dead { command: DeadCommand::Discard { id: None, .. } } => crate::ops::discard_all(&settings).await,
         Command::Jobs { command: JobsCommand::List { limit } } => crate::ops::list_jobs(&settings, limit).await,
         Command::Jobs { command: JobsCommand::Cancel { id } } => crate::ops::cancel(&settings, &id).await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dead(args: &[&str]) -> Result<DeadCommand, clap::Error> {
+        let cli = Cli::try_parse_from(["worker", "dead"].iter().chain(args))?;
+        match cli.command {
+            Command::Dead { command } => Ok(command),
+            _ => unreachable!("a dead command"),
+        }
+    }
+
+    #[test]
+    fn dead_retry_and_discard_take_one_id_or_all_and_not_both() {
+        assert!(
+            matches!(dead(&["retry", "42-1"]), Ok(DeadCommand::Retry { id: Some(id), all: false }) if id == "42-1")
+        );
+        assert!(matches!(dead(&["retry", "--all"]), Ok(DeadCommand::Retry { id: None, all: true })));
+        assert!(
+            matches!(dead(&["discard", "7-0"]), Ok(DeadCommand::Discard { id: Some(id), all: false }) if id == "7-0")
+        );
+        assert!(matches!(dead(&["discard", "--all"]), Ok(DeadCommand::Discard { id: None, all: true })));
+        for refused in [&["retry"][..], &["retry", "42-1", "--all"], &["discard"], &["discard", "7-0", "--all"]] {
+            let error = dead(refused).err().unwrap_or_else(|| panic!("{refused:?} was accepted"));
+            assert!(
+                matches!(
+                    error.kind(),
+                    clap::error::ErrorKind::MissingRequiredArgument | clap::error::ErrorKind::ArgumentConflict
+                ),
+                "{refused:?}: {error}"
+            );
+        }
     }
 }

@@ -30,6 +30,27 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Puts every dead letter back on its queue (one connection to the database for all).
+pub async fn retry_all(settings: &Settings) -> anyhow::Result<()> {
+    let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
+    let db = shared::db::connect(&settings.database_url).await?;
+    let retried = queue.retry_all_dead_letters(&db).await?;
+    println!("{retried} {} queued again", letters(retried));
+    Ok(())
+}
+
+/// Deletes every dead letter.
+pub async fn discard_all(settings: &Settings) -> anyhow::Result<()> {
+    let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
+    let discarded = queue.discard_all_dead_letters().await?;
+    println!("{discarded} {} discarded", letters(discarded));
+    Ok(())
+}
+
+fn letters(n: u64) -> &'static str {
+    if n == 1 { "dead letter" } else { "dead letters" }
+}
+
 /// Deletes dead letter `id`.
 pub async fn discard(settings: &Settings, id: &str) -> anyhow::Result<()> {
     let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
