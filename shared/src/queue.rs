@@ -603,20 +603,6 @@ impl JobQueue {
         Ok(conn.zrange(dead_letter_index(&self.namespace), 0, -1).await?)
     }
 
-    /// Puts every dead letter stored when it is called back on its queue, oldest first,
-    /// each as [`Self::retry_dead_letter`] does; letters stored meanwhile wait for the next
-    /// call. Returns how many went back; on an error, the letters not yet retried stay.
-    pub async fn retry_all_dead_letters<C: sea_orm::ConnectionTrait>(&self, db: &C) -> Result<u64, QueueError> {
-        let mut retried = 0;
-        for id in self.dead_letter_ids().await? {
-            // Another operator may have settled it meanwhile: not counted.
-            if self.retry_dead_letter(db, &id).await? {
-                retried += 1;
-            }
-        }
-        Ok(retried)
-    }
-
     /// Deletes every dead letter stored when it is called, in one round trip; letters
     /// stored meanwhile stay. Returns how many were deleted.
     pub async fn discard_all_dead_letters(&self) -> Result<u64, QueueError> {

@@ -116,11 +116,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Dead { command: DeadCommand::List { limit } } => crate::ops::list(&settings, limit).await,
         Command::Dead { command: DeadCommand::Retry { id: Some(id), .. } } => crate::ops::retry(&settings, &id).await,
-        Command::Dead { command: DeadCommand::Retry { id: None, .. } } => crate::ops::retry_all(&settings).await,
+        // Without an id clap has required `--all`.
+        Command::Dead { command: DeadCommand::Retry { id: None, .. } } => {
+            crate::ops::retry_all(&settings).await.map(drop)
+        }
         Command::Dead { command: DeadCommand::Discard { id: Some(id), .. } } => {
             crate::ops::discard(&settings, &id).await
         }
-        Command::Dead { command: DeadCommand::Discard { id: None, .. } } => crate::ops::discard_all(&settings).await,
+        Command::Dead { command: DeadCommand::Discard { id: None, .. } } => {
+            crate::ops::discard_all(&settings).await.map(drop)
+        }
         Command::Jobs { command: JobsCommand::List { limit } } => crate::ops::list_jobs(&settings, limit).await,
         Command::Jobs { command: JobsCommand::Cancel { id } } => crate::ops::cancel(&settings, &id).await,
     }

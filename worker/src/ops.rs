@@ -30,24 +30,39 @@ pub async fn retry(settings: &Settings, id: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Puts every dead letter back on its queue (one connection to the database for all).
-pub async fn retry_all(settings: &Settings) -> anyhow::Result<()> {
+/// Puts every dead letter stored when it starts back on its queue, oldest first, each as
+/// [`retry`] does, over one database pool; returns how many went back. Letters stored
+/// meanwhile wait for the next call. On an error the letters not yet retried stay, and
+/// the error says how many went back before it.
+pub async fn retry_all(settings: &Settings) -> anyhow::Result<u64> {
     let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
     let db = shared::db::connect(&settings.database_url).await?;
-    let retried = queue.retry_all_dead_letters(&db).await?;
-    println!("{retried} {} queued again", letters(retried));
-    Ok(())
+    let mut retried = 0;
+    for id in queue.dead_letter_ids().await? {
+        match queue.retry_dead_letter(&db, &id).await {
+            Ok(true) => retried += 1,
+            // Settled by someone else since the list was read: not counted.
+            Ok(false) => {}
+            Err(e) => {
+                return Err(anyhow::Error::new(e)
+                    .context(format!("{retried} {} queued again before", dead_letters_noun(retried))));
+            }
+        }
+    }
+    println!("{retried} {} queued again", dead_letters_noun(retried));
+    Ok(retried)
 }
 
-/// Deletes every dead letter.
-pub async fn discard_all(settings: &Settings) -> anyhow::Result<()> {
+/// Deletes every dead letter stored when it starts, in one round trip; returns how many.
+pub async fn discard_all(settings: &Settings) -> anyhow::Result<u64> {
     let queue = JobQueue::connect(&settings.redis_url, &settings.redis_namespace).await?;
     let discarded = queue.discard_all_dead_letters().await?;
-    println!("{discarded} {} discarded", letters(discarded));
-    Ok(())
+    println!("{discarded} {} discarded", dead_letters_noun(discarded));
+    Ok(discarded)
 }
 
-fn letters(n: u64) -> &'static str {
+/// "dead letter" or "dead letters", as `n` asks.
+fn dead_letters_noun(n: u64) -> &'static str {
     if n == 1 { "dead letter" } else { "dead letters" }
 }
 
