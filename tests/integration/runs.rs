@@ -430,6 +430,79 @@ async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message_on_sqli
     a_group_claims_again_what_is_due_for_its_first_run_of_a_message(Backend::Sqlite).await;
 }
 
+async fn claims_given_back_are_owed_at_once_and_claimed_again_uncounted(backend: Backend) {
+    use sea_orm::ActiveValue::Set;
+    // Arrange: two subscriptions; a message with a delivery waiting for its second attempt,
+    // due. A run that may not go on (its job's lock is another worker's) opened first and
+    // claimed both; the run that holds the lock opened after it and claimed nothing.
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    app.subscribe_browser().await;
+    app.subscribe_browser().await;
+    let mut subscriptions: Vec<i64> =
+        push_subscription::Entity::find().all(&app.db).await.expect("query").iter().map(|s| s.id).collect();
+    subscriptions.sort_unstable();
+    let submitted = submit(&app, 0).await;
+    let message = submitted.feedback_id;
+    let past = shared::queries::now() - chrono::Duration::seconds(5);
+    let retry = shared::entities::delivery::ActiveModel {
+        feedback_id: Set(message),
+        subscription_id: Set(subscriptions[0]),
+        status: Set(shared::entities::delivery::RETRY.into()),
+        attempts: Set(1),
+        claim_token: Set(None),
+        lease_until: Set(None),
+        next_attempt_at: Set(Some(past)),
+        last_error: Set(Some("503".into())),
+        sent_at: Set(None),
+        updated_at: Set(past),
+    };
+    shared::entities::delivery::Entity::insert(retry).exec(&app.db).await.expect("stored");
+    let refused = delivery::open_run(&app.db, message, 64, "refused", lease(), Coalescing::OFF).await.expect("opened");
+    let holder = delivery::open_run(&app.db, message, 64, "holder", lease(), Coalescing::OFF).await.expect("opened");
+    assert_eq!(claimed(&refused), Ok(subscriptions.clone()));
+    assert_eq!(claimed(&holder), Ok(vec![]));
+
+    // Act: the refused run gives its claims back; the holder closes, having sent nothing.
+    let given = delivery::give_back(&app.db, message, "refused").await.expect("given back");
+    let due = delivery::close_run(&app.db, message, submitted.dispatch_id, &[], "holder").await.expect("closed");
+
+    // Assert: both are owed now, their attempts as before the refused run claimed them;
+    // the holder's close wrote a dispatch record due now, for the relay.
+    assert_eq!(given, 2);
+    let now = shared::queries::now();
+    let mut rows = delivery::of_feedback(&app.db, message).await.expect("query");
+    rows.sort_unstable_by_key(|row| row.subscription_id);
+    let attempts: Vec<i32> = rows.iter().map(|row| row.attempts).collect();
+    assert_eq!(attempts, [1, 0]);
+    for row in &rows {
+        assert_eq!(row.status, "sending", "{row:?}");
+        assert!(row.lease_until.is_some_and(|until| until <= now), "lapsed: {row:?}");
+    }
+    assert!(due.is_some_and(|due| due <= now), "owed now: {due:?}");
+    assert!(dispatches_of(&app, message).await.iter().any(|d| d.completed_at.is_none() && d.due_at <= now));
+
+    // Act: the next run opens.
+    let next = delivery::open_run(&app.db, message, 64, "next", lease(), Coalescing::OFF).await.expect("opened");
+
+    // Assert: it claims both, each at the attempt it was due for.
+    assert_eq!(claimed(&next), Ok(subscriptions));
+    let mut rows = delivery::of_feedback(&app.db, message).await.expect("query");
+    rows.sort_unstable_by_key(|row| row.subscription_id);
+    let claims: Vec<(&str, i32)> =
+        rows.iter().map(|row| (row.claim_token.as_deref().unwrap_or("-"), row.attempts)).collect();
+    assert_eq!(claims, [("next", 2), ("next", 1)]);
+}
+
+#[tokio::test]
+async fn claims_given_back_are_owed_at_once_and_claimed_again_uncounted_on_postgres() {
+    claims_given_back_are_owed_at_once_and_claimed_again_uncounted(Backend::Postgres).await;
+}
+
+#[tokio::test]
+async fn claims_given_back_are_owed_at_once_and_claimed_again_uncounted_on_sqlite() {
+    claims_given_back_are_owed_at_once_and_claimed_again_uncounted(Backend::Sqlite).await;
+}
+
 async fn a_group_closes_each_run_with_its_own_successes(backend: Backend) {
     // Arrange: three subscriptions; four messages, each run alone claiming all three.
     let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
