@@ -707,8 +707,13 @@ async fn run_job(
         // copy waits its turn (deferred a second, its attempt not counted).
         // The start is counted (poison jobs, below) in the lock's round trip.
         let starts_key = starts_key(&ctx, &task_id);
-        // A job runs from its admission (a fan-out's open overlaps it).
+        // A job runs from its admission (a fan-out's open overlaps it), and waited until
+        // then since it was due.
         let started = std::time::Instant::now();
+        let waited = meta
+            .get(queue_meta::DUE_AT_MS)
+            .and_then(|v| v.parse::<i64>().ok())
+            .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
         let admission = admit(&ctx, parsed.as_ref().ok().and_then(QueuedJob::unique_key), &starts_key);
         // A fan-out opens its run (claims its first page) while it is admitted, so its first
         // pushes leave a round trip sooner; a run not admitted gives its claims back.
@@ -727,10 +732,6 @@ async fn run_job(
             }
         };
         let result = async {
-            let waited = meta
-                .get(queue_meta::DUE_AT_MS)
-                .and_then(|v| v.parse::<i64>().ok())
-                .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
             ctx.metrics.counter("tidings_jobs_started_total", "Jobs started, by kind.", &[("kind", kind)]).inc();
             if let Some(waited) = waited {
                 ctx.metrics
