@@ -655,17 +655,13 @@ async fn a_job_that_keeps_killing_its_worker_is_dead_lettered() {
     // Arrange: a fan-out already started POISON_AFTER (3) times without ever finishing.
     let app = spawn_app_with(Options::default()).await;
     app.subscribe_browser().await;
-    let submitted = queue_poisoned_fan_out(&app, "poison").await;
+    queue_poisoned_fan_out(&app, "poison").await;
 
-    // Assert: its fourth start sets it aside instead of running it; what its run claimed
-    // while the start was counted is given back (owed, its attempt uncounted).
+    // Assert: its fourth start sets it aside instead of running it.
     assert!(wait_until(|| async { !dead_letters(&app).await.is_empty() }).await, "the poison job was dead-lettered");
     let letter = dead_letters(&app).await.remove(0);
     assert!(letter.error.contains("started 4 times without finishing"), "{}", letter.error);
     assert!(app.push.attempts().is_empty(), "it did not run");
-    let now = shared::queries::now();
-    let rows = shared::queries::delivery::of_feedback(&app.db, submitted.feedback_id).await.expect("query");
-    assert!(rows.iter().all(|row| row.attempts == 0 && row.lease_until.is_some_and(|until| until <= now)), "{rows:?}");
 }
 
 #[tokio::test]

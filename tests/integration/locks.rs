@@ -78,65 +78,6 @@ async fn two_copies_of_a_fan_out_never_run_at_the_same_time() {
 }
 
 #[tokio::test]
-async fn a_fan_out_refused_its_lock_gives_back_what_it_claimed_and_runs_once_the_lock_is_free() {
-    // Arrange: another worker holds the lock of a message's fan-out (as if it ran the
-    // job's other copy); this worker opens the run while it asks for the lock.
-    let mut app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
-    let browser = app.subscribe_browser().await;
-    app.submit_valid_feedback("Ann", "claimed, then given back").await;
-    let dispatch = shared::entities::dispatch::Entity::find().one(&app.db).await.expect("query").expect("dispatch");
-    let mut conn = queue(&app).await.connection();
-    let lock = shared::lock::lock_key(&app.settings.redis_namespace, &format!("job:fan_out:{}", dispatch.feedback_id));
-    let _: () = redis::cmd("SET")
-        .arg(&lock)
-        .arg("another-worker")
-        .arg("PX")
-        .arg(60_000)
-        .query_async(&mut conn)
-        .await
-        .expect("set");
-
-    // Act
-    app.start_worker().await;
-
-    // Assert: the job was put back and its claim given back: owed now, its attempt
-    // uncounted, nothing sent.
-    let metrics = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("metrics"));
-    let deferred = wait_until(|| async {
-        let text = reqwest::get(&metrics).await.expect("metrics").text().await.expect("text");
-        text.contains("tidings_jobs_deferred_total{kind=\"fan_out\"}")
-    })
-    .await;
-    assert!(deferred, "the job waited for the lock");
-    let given_back = wait_until(|| async {
-        let rows = shared::queries::delivery::of_feedback(&app.db, dispatch.feedback_id).await.expect("query");
-        let now = shared::queries::now();
-        rows.len() == 1 && rows.iter().all(|row| row.attempts == 0 && row.lease_until.is_some_and(|until| until <= now))
-    })
-    .await;
-    let rows = shared::queries::delivery::of_feedback(&app.db, dispatch.feedback_id).await.expect("query");
-    assert!(given_back, "{rows:?}");
-    assert!(app.push.attempts().is_empty(), "nothing sent while another worker held the lock");
-
-    // Act: the other worker is done.
-    let _: () = redis::AsyncCommands::del(&mut conn, &lock).await.expect("del");
-
-    // Assert: the deferred copy ran and sent the message once, as its first attempt.
-    let received = app.push.wait_for_received(1, Duration::from_secs(10)).await;
-    assert_eq!(received.len(), 1);
-    assert_eq!(received[0].endpoint, browser.endpoint);
-    let sent = wait_until(|| async {
-        let rows = shared::queries::delivery::of_feedback(&app.db, dispatch.feedback_id).await.expect("query");
-        rows.iter().all(|row| row.status == "sent" && row.attempts == 1)
-    })
-    .await;
-    let rows = shared::queries::delivery::of_feedback(&app.db, dispatch.feedback_id).await.expect("query");
-    assert!(sent, "{rows:?}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(app.push.received().len(), 1, "and only once");
-}
-
-#[tokio::test]
 async fn a_periodic_run_that_outlasts_its_interval_never_overlaps_the_next() {
     let app = spawn_app_with(Options { worker: false, ..Options::default() }).await;
     let conn = queue(&app).await.connection();

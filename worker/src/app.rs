@@ -707,31 +707,33 @@ async fn run_job(
         // copy waits its turn (deferred a second, its attempt not counted).
         // The start is counted (poison jobs, below) in the lock's round trip.
         let starts_key = starts_key(&ctx, &task_id);
-        // A job runs from its admission (a fan-out's open overlaps it), and waited until
-        // then since it was due.
-        let started = std::time::Instant::now();
-        let waited = meta
-            .get(queue_meta::DUE_AT_MS)
-            .and_then(|v| v.parse::<i64>().ok())
-            .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
-        let admission = admit(&ctx, parsed.as_ref().ok().and_then(QueuedJob::unique_key), &starts_key);
-        // A fan-out opens its run (claims its first page) while it is admitted, so its first
-        // pushes leave a round trip sooner; a run not admitted gives its claims back.
-        let (admission, mut opened) = match &parsed {
-            Ok(QueuedJob::FanOut(fan_out)) => {
-                let (admission, opened) = tokio::join!(admission, crate::jobs::fan_out::open(*fan_out, &ctx));
-                (admission, Some(opened))
-            }
-            _ => (admission.await, None),
-        };
-        let (mut lock, starts) = match admission {
-            Admission::Admitted { lock, starts } => (lock, starts),
-            Admission::Locked(key) => {
-                give_back(&ctx, opened).await;
-                return defer_locked(&ctx, job.0, attempt, &task_id, &meta, kind, &key).await;
-            }
+        let (mut lock, starts) = match parsed.as_ref().ok().and_then(QueuedJob::unique_key) {
+            Some(key) => match shared::lock::try_acquire_with::<u64>(
+                &ctx.queue.connection(),
+                ctx.queue.namespace(),
+                &key,
+                job_lock_ttl(&ctx),
+                |pipe| {
+                    pipe.incr(&starts_key, 1).expire(&starts_key, START_COUNT_TTL_SECS).ignore();
+                },
+            )
+            .await
+            {
+                Ok((Some(guard), starts)) => (Some(guard), starts),
+                Ok((None, _)) => return defer_locked(&ctx, job.0, attempt, &task_id, &meta, kind, &key).await,
+                Err(e) => {
+                    // Redis is failing us; the job is idempotent, so run it unlocked.
+                    tracing::warn!(lock = %key, error = %e, "job.lock_failed");
+                    (None, 0)
+                }
+            },
+            None => (None, count_start(&ctx, &starts_key).await),
         };
         let result = async {
+            let waited = meta
+                .get(queue_meta::DUE_AT_MS)
+                .and_then(|v| v.parse::<i64>().ok())
+                .map(|due_ms| std::time::Duration::from_millis(millis_since(due_ms)));
             ctx.metrics.counter("tidings_jobs_started_total", "Jobs started, by kind.", &[("kind", kind)]).inc();
             if let Some(waited) = waited {
                 ctx.metrics
@@ -747,15 +749,11 @@ async fn run_job(
             if starts > ctx.settings.worker.poison_after {
                 let reason = format!("started {starts} times without finishing: it may be crashing its worker");
                 tracing::error!(starts, "job.poison");
-                give_back(&ctx, opened.take()).await;
                 account(&ctx, &task_id, &mut lock, kind, "dead", std::time::Duration::ZERO, waited).await;
                 return dead_letter(&ctx, job.0, reason, attempt).await;
             }
-            let result = match opened {
-                Some(Ok(opened)) => crate::jobs::fan_out::deliver(opened, &ctx).await,
-                Some(Err(e)) => Err(e),
-                None => crate::jobs::run(parsed, &ctx).await,
-            };
+            let started = std::time::Instant::now();
+            let result = crate::jobs::run(parsed, &ctx).await;
             let took = started.elapsed();
             match result {
                 Ok(()) => {
@@ -817,49 +815,6 @@ async fn run_job(
     }
     .instrument(span)
     .await
-}
-
-/// Whether a job may run: admitted (with its lock, when it has a unique key and Redis
-/// answered, and its start count, 0 when Redis did not), or not while another worker
-/// holds the lock of its key.
-enum Admission {
-    Admitted { lock: Option<shared::lock::LockGuard>, starts: u64 },
-    Locked(String),
-}
-
-/// Takes the lock of `unique` (the job's unique key, if any) and counts the job's start at
-/// `starts_key`, in one round trip.
-async fn admit(ctx: &Process, unique: Option<String>, starts_key: &str) -> Admission {
-    let Some(key) = unique else {
-        return Admission::Admitted { lock: None, starts: count_start(ctx, starts_key).await };
-    };
-    let acquired = shared::lock::try_acquire_with::<u64>(
-        &ctx.queue.connection(),
-        ctx.queue.namespace(),
-        &key,
-        job_lock_ttl(ctx),
-        |pipe| {
-            pipe.incr(starts_key, 1).expire(starts_key, START_COUNT_TTL_SECS).ignore();
-        },
-    )
-    .await;
-    match acquired {
-        Ok((Some(guard), starts)) => Admission::Admitted { lock: Some(guard), starts },
-        Ok((None, _)) => Admission::Locked(key),
-        Err(e) => {
-            // Redis is failing us; the job is idempotent, so run it unlocked.
-            tracing::warn!(lock = %key, error = %e, "job.lock_failed");
-            Admission::Admitted { lock: None, starts: 0 }
-        }
-    }
-}
-
-/// Gives back the claims of a fan-out run that opened while its job was being admitted
-/// and does not go on.
-async fn give_back(ctx: &Process, opened: Option<Result<crate::jobs::fan_out::Opened, JobError>>) {
-    if let Some(Ok(opened)) = opened {
-        crate::jobs::fan_out::give_back(opened, ctx).await;
-    }
 }
 
 /// How long a job's lock outlives a worker that died holding it: half the recovery

@@ -361,26 +361,6 @@ pub async fn renew_claims<C: ConnectionTrait>(
     Ok(renewed.rows_affected)
 }
 
-/// Gives back the claims `token` holds on deliveries of `feedback_id` still being sent,
-/// as if they had lapsed unsent: the next run claims them at once (a run's first page
-/// takes claims whose lease expired), their attempt uncounted, and a close meanwhile
-/// sees them owed now (it writes a dispatch record due now, which the relay enqueues).
-/// For a run that opened but may not go on (another worker runs its job, or the job is
-/// set aside). Returns how many.
-pub async fn give_back<C: ConnectionTrait>(db: &C, feedback_id: i64, token: &str) -> Result<u64, DbErr> {
-    let now = super::now();
-    let given = Entity::update_many()
-        .col_expr(Column::LeaseUntil, Expr::value(now))
-        .col_expr(Column::Attempts, Expr::col(Column::Attempts).sub(1))
-        .col_expr(Column::UpdatedAt, Expr::value(now))
-        .filter(Column::FeedbackId.eq(feedback_id))
-        .filter(Column::ClaimToken.eq(token))
-        .filter(Column::Status.eq(SENDING))
-        .exec(db)
-        .await?;
-    Ok(given.rows_affected)
-}
-
 /// Records pushes of `feedback_id` to `subscription_ids` as sent (those the claim `token`
 /// still holds) and their subscriptions' success, atomically.
 ///

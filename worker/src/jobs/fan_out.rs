@@ -27,26 +27,8 @@ const PAGE: u64 = 500;
 /// The first page: small, so that the first pushes do not wait for 500 claims.
 pub const FIRST_PAGE: u64 = 64;
 
-/// Runs one fan-out job: [`open`], then [`deliver`].
+/// Runs one fan-out job.
 pub async fn run(job: FanOut, ctx: &WorkerContext) -> Result<(), JobError> {
-    deliver(open(job, ctx).await?, ctx).await
-}
-
-/// A fan-out run that has opened ([`open`]): its first page claimed, or found folded or
-/// missing. Nothing has been sent or recorded as done yet: [`deliver`] goes on with it,
-/// [`give_back`] undoes its claims.
-pub struct Opened {
-    job: FanOut,
-    token: String,
-    opening: Opening,
-}
-
-/// Opens a run of `job`: claims its first page (with the deliveries due again), and
-/// drops what the read cache shows of its message meanwhile. It writes nothing but the
-/// claims, so a worker may open a run while it checks that it may run the job at all
-/// (the job's lock, its start count), a round trip sooner, and give the claims back
-/// if not.
-pub async fn open(job: FanOut, ctx: &WorkerContext) -> Result<Opened, JobError> {
     job.check_version().map_err(|e| JobError::Permanent(e.to_string()))?;
     let token = uuid::Uuid::new_v4().simple().to_string();
     // A new message changes the inbox's first page and counts: drop them (while the run
@@ -57,27 +39,7 @@ pub async fn open(job: FanOut, ctx: &WorkerContext) -> Result<Opened, JobError> 
     if let Err(e) = invalidated {
         tracing::warn!(feedback_id = job.feedback_id, error = %e, "cache.invalidate_failed");
     }
-    Ok(Opened { opening: opened?, job, token })
-}
-
-/// Gives back the claims of a run that opened and does not go on
-/// (`shared::queries::delivery::give_back`): the next run takes them at once. Should that
-/// fail, they lapse after their hold, as a dead worker's do.
-pub async fn give_back(opened: Opened, ctx: &WorkerContext) {
-    let Opening::Claimed { page, .. } = &opened.opening else { return };
-    if page.targets.is_empty() {
-        return;
-    }
-    let feedback_id = opened.job.feedback_id;
-    match delivery::give_back(&ctx.db, feedback_id, &opened.token).await {
-        Ok(given) => tracing::info!(feedback_id, given, "fan_out.claims_given_back"),
-        Err(e) => tracing::warn!(feedback_id, error = %e, "fan_out.give_back_failed; the claims lapse instead"),
-    }
-}
-
-/// Sends the run [`open`] opened, records what came of it and closes it.
-pub async fn deliver(opened: Opened, ctx: &WorkerContext) -> Result<(), JobError> {
-    let Opened { job, token, opening: mut opened } = opened;
+    let mut opened = opened?;
     if let Opening::Folded { message, .. } = &opened
         && uncounted_by_a_digest_that_read(message, ctx).await?
     {
