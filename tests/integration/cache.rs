@@ -48,8 +48,7 @@ async fn web_metric(app: &TestApp, line_start: &str) -> u64 {
 
 /// A counter of the in-process worker's `/metrics` (0 when absent).
 async fn worker_metric(app: &TestApp, line_start: &str) -> u64 {
-    let url = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("worker metrics on"));
-    let text = reqwest::get(url).await.expect("metrics").text().await.expect("text");
+    let text = app.worker_metrics().await;
     text.lines()
         .find_map(|l| l.strip_prefix(line_start).and_then(|rest| rest.trim().parse::<f64>().ok()))
         .map_or(0, |v| v as u64)

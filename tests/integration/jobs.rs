@@ -384,8 +384,7 @@ async fn a_worker_idle_for_longer_than_a_heartbeat_still_picks_a_job_up_at_once(
 
 /// The worker's `tidings_queue_fetches_total{result}`.
 async fn fetches(app: &TestApp, result: &str) -> u64 {
-    let url = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("worker metrics on"));
-    let text = reqwest::get(&url).await.expect("worker metrics").text().await.expect("text");
+    let text = app.worker_metrics().await;
     let series = format!("tidings_queue_fetches_total{{result=\"{result}\"}}");
     metric_value(&text, &series).map_or(0, |n| n as u64)
 }

@@ -63,13 +63,11 @@ async fn two_copies_of_a_fan_out_never_run_at_the_same_time() {
 
     // Assert: the second copy was put back while the first ran, then both finished,
     // and the browser got one push.
-    let metrics = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("metrics"));
     let both_done = wait_until(|| async {
-        let text = reqwest::get(&metrics).await.expect("metrics").text().await.expect("text");
-        text.contains("tidings_jobs_total{kind=\"fan_out\",outcome=\"succeeded\"} 2")
+        app.worker_metrics().await.contains("tidings_jobs_total{kind=\"fan_out\",outcome=\"succeeded\"} 2")
     })
     .await;
-    let text = reqwest::get(&metrics).await.expect("metrics").text().await.expect("text");
+    let text = app.worker_metrics().await;
     assert!(both_done, "{text}");
     assert!(text.contains("tidings_jobs_deferred_total{kind=\"fan_out\"}"), "the copy waited its turn: {text}");
     let received = app.push.received();

@@ -17,15 +17,12 @@ async fn web_and_worker_count_submissions_jobs_and_pushes_by_outcome() {
     app.submit_valid_feedback("Ann", "counted").await;
     app.post_api_feedback(&serde_json::json!({"submitter_name": "", "submitter_email": "x", "content": ""})).await;
     app.push.wait_for_received(1, Duration::from_secs(15)).await;
-    let worker_url = format!("http://127.0.0.1:{}/metrics", app.worker_metrics_port.expect("worker metrics on"));
-
     let worker_counted = wait_until(|| async {
-        let text = reqwest::get(&worker_url).await.expect("worker metrics").text().await.expect("text");
-        text.contains("tidings_jobs_total{kind=\"fan_out\",outcome=\"succeeded\"} 1")
+        app.worker_metrics().await.contains("tidings_jobs_total{kind=\"fan_out\",outcome=\"succeeded\"} 1")
     })
     .await;
     assert!(worker_counted);
-    let worker = reqwest::get(&worker_url).await.expect("worker metrics").text().await.expect("text");
+    let worker = app.worker_metrics().await;
     assert!(worker.contains("tidings_pushes_total{outcome=\"delivered\"} 1"), "{worker}");
     assert!(worker.contains("tidings_pushes_total{outcome=\"gone\"} 1"), "{worker}");
     assert!(worker.contains("# TYPE tidings_push_duration_seconds histogram"), "{worker}");

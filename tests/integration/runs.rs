@@ -21,6 +21,18 @@ fn lease() -> chrono::DateTime<chrono::Utc> {
     shared::queries::now() + chrono::Duration::seconds(30)
 }
 
+/// An app on `backend` without a worker, with `n` browsers subscribed; their ids, in order.
+async fn with_subscriptions(backend: Backend, n: usize) -> (TestApp, Vec<i64>) {
+    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
+    for _ in 0..n {
+        app.subscribe_browser().await;
+    }
+    let mut subscriptions: Vec<i64> =
+        push_subscription::Entity::find().all(&app.db).await.expect("query").iter().map(|s| s.id).collect();
+    subscriptions.sort_unstable();
+    (app, subscriptions)
+}
+
 /// The claimed subscriptions of an opening, or what it was instead.
 fn claimed(opening: &Opening) -> Result<Vec<i64>, String> {
     match opening {
@@ -371,12 +383,7 @@ async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message(backend
     use sea_orm::ActiveValue::Set;
     // Arrange: two subscriptions; a message with one delivery waiting for a retry that is
     // due and one claimed by a run whose lease lapsed; a second message nothing went out for.
-    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
-    app.subscribe_browser().await;
-    app.subscribe_browser().await;
-    let mut subscriptions: Vec<i64> =
-        push_subscription::Entity::find().all(&app.db).await.expect("query").iter().map(|s| s.id).collect();
-    subscriptions.sort_unstable();
+    let (app, subscriptions) = with_subscriptions(backend, 2).await;
     let (retried, fresh) = (submit(&app, 0).await.feedback_id, submit(&app, 1).await.feedback_id);
     let past = shared::queries::now() - chrono::Duration::seconds(5);
     for (subscription_id, status, token) in
@@ -432,13 +439,7 @@ async fn a_group_claims_again_what_is_due_for_its_first_run_of_a_message_on_sqli
 
 async fn a_group_closes_each_run_with_its_own_successes(backend: Backend) {
     // Arrange: three subscriptions; four messages, each run alone claiming all three.
-    let app = spawn_app_with(Options { backend, worker: false, ..Options::default() }).await;
-    for _ in 0..3 {
-        app.subscribe_browser().await;
-    }
-    let mut subs: Vec<i64> =
-        push_subscription::Entity::find().all(&app.db).await.expect("query").iter().map(|s| s.id).collect();
-    subs.sort_unstable();
+    let (app, subs) = with_subscriptions(backend, 3).await;
     let mut messages = Vec::new();
     for n in 0..4 {
         let submitted = submit(&app, n).await;

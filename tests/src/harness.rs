@@ -280,6 +280,12 @@ impl TestApp {
         self.client.post(format!("{}/feedback", self.address)).form(&form).send().await.expect("POST /feedback")
     }
 
+    /// The in-process worker's `/metrics` exposition (its metrics port must be on).
+    pub async fn worker_metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.worker_metrics_port.expect("worker metrics on"));
+        reqwest::get(url).await.expect("worker metrics").text().await.expect("text")
+    }
+
     /// Posts valid feedback through the form.
     pub async fn submit_valid_feedback(&self, name: &str, content: &str) -> reqwest::Response {
         self.post_feedback(&[("submitter_name", name), ("submitter_email", "ann@example.com"), ("content", content)])
