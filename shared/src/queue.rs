@@ -566,14 +566,19 @@ impl JobQueue {
 
     /// Deletes dead letter `id`; false if there is none.
     pub async fn discard_dead_letter(&self, id: &str) -> Result<bool, QueueError> {
+        Ok(self.discard_dead_letters(&[id]).await? > 0)
+    }
+
+    /// Deletes the dead letters `ids` in one round trip; returns how many there were.
+    async fn discard_dead_letters(&self, ids: &[&str]) -> Result<u64, QueueError> {
         let mut conn = self.conn.clone();
         let (removed, _): (u64, u64) = redis::pipe()
             .atomic()
-            .hdel(dead_letter_hash(&self.namespace), id)
-            .zrem(dead_letter_index(&self.namespace), id)
+            .hdel(dead_letter_hash(&self.namespace), ids)
+            .zrem(dead_letter_index(&self.namespace), ids)
             .query_async(&mut conn)
             .await?;
-        Ok(removed > 0)
+        Ok(removed)
     }
 
     /// Puts dead letter `id`'s payload back on the queue as a new job and deletes the
@@ -610,14 +615,7 @@ impl JobQueue {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut conn = self.conn.clone();
-        let (removed, _): (u64, u64) = redis::pipe()
-            .atomic()
-            .hdel(dead_letter_hash(&self.namespace), &ids)
-            .zrem(dead_letter_index(&self.namespace), &ids)
-            .query_async(&mut conn)
-            .await?;
-        Ok(removed)
+        self.discard_dead_letters(&ids.iter().map(String::as_str).collect::<Vec<_>>()).await
     }
 
     /// Jobs waiting to run (due and pending first, then scheduled ones soonest first), at
